@@ -1,0 +1,1 @@
+"""Subcommands of the ``thinkdiff`` command line (see ``thinkdiff.cli``)."""
