@@ -22,6 +22,7 @@ Shapes: B batch, L feature tokens, H VLM width, M memory tokens, T target tokens
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ from transformers import PreTrainedTokenizerBase
 
 from thinkdiff.models.aligner import Aligner
 from thinkdiff.models.proxy_decoder import ProxyT5Decoder
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SPLIT = 128
 DEFAULT_MAX_TARGET_TOKENS = 128
@@ -151,6 +154,12 @@ class LVLMSplitCollator:
         for sample in samples:
             token_ids = torch.as_tensor(sample["token_ids"])
             length = int(sample["feature_mask"].sum()) if "feature_mask" in sample else token_ids.shape[0]
+            if self.split and self.features == "generated" and length < 2:
+                # Generation stopped at once: nothing to split. Rare; dropped rather than crash a run.
+                logger.warning(
+                    "dropping sample %r: %d generated token(s) cannot be split", sample["key"], length
+                )
+                continue
             cut = self.cut(sample["key"], length, sample.get("epoch", 0))
             if self.features == "prompt":
                 memory = sample["prompt_features"]
@@ -164,6 +173,8 @@ class LVLMSplitCollator:
             targets.append(self.lvlm_tokenizer.decode(target_ids.tolist(), skip_special_tokens=True))
             keys.append(sample["key"])
             cuts.append(cut)
+        if not memories:
+            raise ValueError(f"no usable sample in batch {[s['key'] for s in samples]}")
         features_BLH, mask_BL = pad_features(memories)
         labels_BT = t5_target_ids(self.t5_tokenizer, targets, self.max_target_tokens)
         return LVLMBatch(features_BLH, mask_BL, labels_BT, targets, keys, cuts)
@@ -239,13 +250,21 @@ class CLIPCaptionCollator:
         self.seed = seed
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> CLIPBatch:
-        firsts, seconds = [], []
+        firsts, seconds, kept = [], [], []
         for sample in samples:
+            caption = clean_caption(sample["caption"])
+            if len(caption.split()) < 2:
+                logger.warning("dropping sample %r: caption %r is too short to split", sample["key"], caption)
+                continue
             first, second = split_caption(
-                clean_caption(sample["caption"]), sample_rng(self.seed, sample.get("epoch", 0), sample["key"])
+                caption, sample_rng(self.seed, sample.get("epoch", 0), sample["key"])
             )
             firsts.append(first)
             seconds.append(second)
+            kept.append(sample)
+        if not kept:
+            raise ValueError(f"no usable caption in batch {[s['key'] for s in samples]}")
+        samples = kept
         enc = self.t5_tokenizer(
             firsts, max_length=self.max_text_tokens, truncation=True, padding=True, return_tensors="pt"
         )

@@ -1,1 +1,1 @@
-"""evaluation."""
+"""Benchmark harnesses. ``thinkdiff.evaluation.cobsat``: the CoBSAT in-context generation benchmark."""

@@ -1,15 +1,45 @@
 """Finding model folders and choosing dtypes: shared by every loader in the package.
 
-A model is named by a local folder or a hub id. Folders are used as they are; hub ids go through
-``huggingface_hub`` (which honours ``HF_HUB_OFFLINE`` and the local cache), so the same code path
-loads the offline tiny kit and real checkpoints.
+A model is named by a local folder, a hub id, or ``tiny:<component>`` for the offline tiny random
+kit (built once into ``$THINKDIFF_TINY_DIR``, default ``~/.cache/thinkdiff/tiny-models``). Folders
+are used as they are; hub ids go through ``huggingface_hub`` (which honours ``HF_HUB_OFFLINE`` and
+the local cache). Every name goes through the same ``from_pretrained`` code afterwards.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 import torch
+
+TINY_PREFIX = "tiny:"
+
+
+def tiny_models_dir() -> Path:
+    """Where ``tiny:<component>`` names are built and found."""
+    default = Path.home() / ".cache" / "thinkdiff" / "tiny-models"
+    return Path(os.environ.get("THINKDIFF_TINY_DIR", default)).expanduser()
+
+
+def resolve_tiny(name: str) -> Path:
+    """The folder of tiny component ``name`` (``tiny:t5`` -> ``.../tiny-models/t5``), built if missing."""
+    from thinkdiff.tiny import COMPONENTS, make_tiny_models
+
+    component = name.removeprefix(TINY_PREFIX)
+    if component not in COMPONENTS:
+        raise ValueError(
+            f"unknown tiny component {name!r}; known: {', '.join(TINY_PREFIX + c for c in COMPONENTS)}"
+        )
+    root = tiny_models_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    # Several ranks may ask at once: one builds, the others wait for it.
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "manifest.json").is_file():
+            make_tiny_models(root)
+    return root / component
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -17,11 +47,19 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def resolve_model_dir(name_or_path: str | Path, kind: str = "model") -> Path:
+TOKENIZER_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+"""Hub files enough to build a tokenizer or processor, for when the weights are not needed."""
+
+
+def resolve_model_dir(name_or_path: str | Path, kind: str = "model", files: list[str] | None = None) -> Path:
     """Return a local folder for ``name_or_path``: the folder itself, or a hub snapshot.
+
+    ``files`` limits a hub download to matching file names (e.g. :data:`TOKENIZER_FILES`).
 
     Raises ``FileNotFoundError`` naming the model when it is neither a folder nor reachable on the hub.
     """
+    if str(name_or_path).startswith(TINY_PREFIX):
+        return resolve_tiny(str(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "model_index.json").is_file():
@@ -35,6 +73,8 @@ def resolve_model_dir(name_or_path: str | Path, kind: str = "model") -> Path:
     from huggingface_hub import snapshot_download
 
     try:
+        if files is not None:
+            return Path(snapshot_download(text, allow_patterns=files))
         return Path(snapshot_download(text, ignore_patterns=_unneeded_files(text)))
     except Exception as exc:  # the hub client raises many types; the user needs one message
         raise FileNotFoundError(

@@ -1,0 +1,349 @@
+"""``thinkdiff eval cobsat ...``: the CoBSAT benchmark (prompts, generation, judging, results).
+
+Subcommands (``thinkdiff eval cobsat SUBCOMMAND --help`` for each):
+
+- ``prompts``: print or export the built k-shot prompts as JSONL.
+- ``check-dataset``: check an unpacked ``datasets/`` folder or ``datasets.zip``.
+- ``generate``: generate images with one of our inference modes (wiring to the pipeline pending).
+- ``score``: judge a folder of images from any system that follows the file-name scheme, then
+  write the results.
+- ``report``: rebuild the results from the judge logs (e.g. after several GPUs judged shards).
+- ``compare``: put several runs' results side by side (ablations, text-bridge vs lvlm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from thinkdiff.evaluation.cobsat import CobsatResults, ImageGenerator
+
+DEFAULT_SHOTS = [2, 4]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    # ``eval`` is a group so other benchmarks can join it as ``thinkdiff eval NAME``.
+    eval_parser = subparsers.add_parser(
+        "eval", help="run a benchmark", description="Run a benchmark. See `thinkdiff eval cobsat --help`."
+    )
+    eval_parser.set_defaults(func=lambda args: _print_help(eval_parser))
+    benchmarks = eval_parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    cobsat = benchmarks.add_parser(
+        "cobsat",
+        help="CoBSAT in-context text-to-image benchmark",
+        description=__doc__.split("\n\n", 1)[1].replace("``", "'"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cobsat.set_defaults(func=lambda args: _print_help(cobsat))
+    sub = cobsat.add_subparsers(dest="cobsat_command", metavar="SUBCOMMAND")
+
+    p = sub.add_parser(
+        "prompts", help="print/export the built prompts as JSONL", description=run_prompts.__doc__
+    )
+    _add_selection(p)
+    p.add_argument(
+        "--dataset", type=Path, help="dataset folder or zip: checked, and image paths made absolute"
+    )
+    p.add_argument(
+        "--format",
+        choices=["benchmark", "thinkdiff"],
+        default="benchmark",
+        help="benchmark: the record with text_inputs/image_inputs; thinkdiff: adds the interleaved "
+        "sequence ThinkDiff's LVLM gets (instruction + 'Word i: x, ' items)",
+    )
+    p.add_argument("--out", type=Path, help="write JSONL here instead of stdout")
+    p.set_defaults(func=run_prompts)
+
+    p = sub.add_parser("check-dataset", help="check the 500 images", description=run_check_dataset.__doc__)
+    p.add_argument("dataset", type=Path, help="unpacked datasets/ folder (or its parent) or datasets.zip")
+    p.set_defaults(func=run_check_dataset)
+
+    p = sub.add_parser(
+        "generate", help="generate images with a ThinkDiff mode", description=run_generate.__doc__
+    )
+    _add_selection(p)
+    p.add_argument("--mode", choices=["lvlm", "clip", "text-bridge"], required=True, help="inference mode")
+    p.add_argument("--model", type=Path, required=True, help="trained ThinkDiff model folder")
+    p.add_argument("--dataset", type=Path, required=True, help="dataset folder or datasets.zip")
+    p.add_argument("--out", type=Path, required=True, help="images folder (shot_{k}/task_{id}/...)")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per generator call")
+    p.add_argument("--seed", type=int, default=123, help="seed, reset for every sample (protocol: 123)")
+    p.add_argument("--device", help="torch device (default: cuda if available)")
+    p.set_defaults(func=run_generate)
+
+    p = sub.add_parser(
+        "score", help="judge a folder of images and write results", description=run_score.__doc__
+    )
+    _add_selection(p)
+    _add_judge_args(p)
+    p.add_argument("--images", type=Path, required=True, help="images folder following the file-name scheme")
+    p.add_argument("--dataset", type=Path, help="dataset folder or zip (optional: only checked)")
+    p.add_argument("--out", type=Path, help="results folder (default: IMAGES/eval-JUDGE)")
+    p.add_argument("--shard", help="name of this process's judge log (default: built from the selection)")
+    p.add_argument("--label", default="this run", help="row label of this run in the tables")
+    p.add_argument("--no-report", action="store_true", help="judge only (e.g. one shard of several)")
+    p.set_defaults(func=run_score)
+
+    p = sub.add_parser("report", help="rebuild results from judge logs", description=run_report.__doc__)
+    _add_selection(p)
+    p.add_argument("--results", type=Path, required=True, help="results folder holding judgements/")
+    p.add_argument("--images", type=Path, help="images folder (to tell missing images from unjudged ones)")
+    p.add_argument("--judge", help="judge name or slug, when several judged into this folder")
+    p.add_argument("--label", default="this run", help="row label of this run in the tables")
+    p.set_defaults(func=run_report)
+
+    p = sub.add_parser("compare", help="side-by-side table of several runs", description=run_compare.__doc__)
+    p.add_argument("results", type=Path, nargs="+", help="cobsat-results.json files")
+    p.add_argument("--labels", nargs="+", help="row labels, one per file (default: each run's label)")
+    p.add_argument("--out", type=Path, required=True, help="folder for cobsat-compare.{md,csv,json,png}")
+    p.add_argument("--no-published", action="store_true", help="leave out the published rows")
+    p.set_defaults(func=run_compare)
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _add_selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tasks", nargs="+", default=None, help="task ids 1..10 or names like Color-I (default: all)"
+    )
+    p.add_argument("--shots", type=int, nargs="+", default=DEFAULT_SHOTS, help="shots (default: 2 4)")
+    p.add_argument(
+        "--num-prompts", type=int, default=None, help="first N of the 1000 prompts (default: 1000)"
+    )
+    p.add_argument("--prompt-range", help="prompt indices START:STOP, e.g. 0:500 (for sharding)")
+
+
+def _add_judge_args(p: argparse.ArgumentParser) -> None:
+    from thinkdiff.evaluation.cobsat.judge import DEFAULT_CLIP, DEFAULT_JUDGE
+
+    p.add_argument(
+        "--judge", default=DEFAULT_JUDGE, help=f"judge hub id or folder (default: {DEFAULT_JUDGE})"
+    )
+    p.add_argument(
+        "--judge-kind",
+        choices=["llava", "chat-vlm", "qwen2-vl"],
+        help="llava (the benchmark's) or chat-vlm/qwen2-vl (default: from the folder's config, else llava)",
+    )
+    p.add_argument("--no-judge", action="store_true", help="skip the VLM judge (e.g. only --clip)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per judge call")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="judge reply limit (protocol: 512)")
+    p.add_argument("--device", help="torch device (default: cuda if available)")
+    p.add_argument(
+        "--dtype", choices=["float16", "bfloat16", "float32"], help="default: fp16 on GPU, fp32 on CPU"
+    )
+    p.add_argument(
+        "--clip",
+        nargs="?",
+        const=DEFAULT_CLIP,
+        help=f"also run the secondary CLIP metric (model id or folder; bare flag: {DEFAULT_CLIP})",
+    )
+
+
+def _selection(args: argparse.Namespace) -> tuple[list[int], list[int], list[int]]:
+    """(tasks, shots, prompt indices) from the common options; ValueError on bad values."""
+    from thinkdiff.evaluation.cobsat.protocol import NUM_PROMPTS, TASKS
+
+    by_name = {t.name.lower(): t.task_id for t in TASKS.values()}
+    tasks: list[int] = []
+    for raw in args.tasks or [str(t) for t in TASKS]:
+        if raw.isdigit() and int(raw) in TASKS:
+            tasks.append(int(raw))
+        elif raw.lower() in by_name:
+            tasks.append(by_name[raw.lower()])
+        else:
+            raise ValueError(f"--tasks {raw!r} is not a task id 1..10 or name like Color-I")
+    for shot in args.shots:
+        if not 1 <= shot <= 8:
+            raise ValueError(f"--shots {shot} is outside 1..8")
+    if args.prompt_range:
+        try:
+            start, stop = (int(x) for x in args.prompt_range.split(":"))
+        except ValueError:
+            raise ValueError(f"--prompt-range {args.prompt_range!r} is not START:STOP") from None
+    else:
+        start, stop = 0, NUM_PROMPTS if args.num_prompts is None else args.num_prompts
+        if args.num_prompts is not None and args.num_prompts < 1:
+            raise ValueError(f"--num-prompts {args.num_prompts} must be >= 1")
+    if not 0 <= start < stop <= NUM_PROMPTS:
+        raise ValueError(f"prompt range {start}:{stop} is not within 0:{NUM_PROMPTS}")
+    return list(dict.fromkeys(tasks)), list(dict.fromkeys(args.shots)), list(range(start, stop))
+
+
+def run_prompts(args: argparse.Namespace) -> int:
+    """Print (or write with --out) one JSON line per built prompt, in (shot, task, index) order."""
+    from thinkdiff.evaluation.cobsat import CobsatDataset, build_prompts
+
+    tasks, shots, indices = _selection(args)
+    root = CobsatDataset.load(args.dataset).root if args.dataset else None
+    lines = []
+    for p in build_prompts(tasks, shots, indices):
+        record = p.to_dict()
+        if root is not None:
+            record["image_inputs"] = [str(root / rel) for rel in p.image_inputs]
+        if args.format == "thinkdiff":
+            record["items"] = [
+                {"image": str(it)} if isinstance(it, Path) else {"text": it} for it in p.thinkdiff_items(root)
+            ]
+        lines.append(json.dumps(record) + "\n")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("".join(lines), encoding="utf-8")
+    else:
+        sys.stdout.writelines(lines)
+    return 0
+
+
+def run_check_dataset(args: argparse.Namespace) -> int:
+    """Check that the 500 CoBSAT images are all there; list what is missing otherwise."""
+    from thinkdiff.evaluation.cobsat import CobsatDataset
+
+    dataset = CobsatDataset.load(args.dataset)
+    print(f"CoBSAT dataset OK: 500 images under {dataset.root}")
+    return 0
+
+
+def _load_generator(mode: str, model: Path, device: str | None) -> ImageGenerator:
+    # ------------------------------------------------------------------------------------------
+    # TODO(lead): wire the inference pipeline here. Return an object satisfying
+    # thinkdiff.evaluation.cobsat.ImageGenerator (``__call__(items, seed) -> PIL.Image``) and,
+    # ideally, BatchImageGenerator (``generate_batch(batch, seeds) -> list[PIL.Image]``), built
+    # from ``model`` for ``mode`` in {"lvlm", "clip", "text-bridge"}. Protocol: FLUX.1-dev,
+    # 28 steps, guidance 3.5, 512 px, seed 123 reset per sample. Heavy imports stay inside.
+    # ------------------------------------------------------------------------------------------
+    raise ValueError(
+        f"--mode {mode}: the inference pipeline is not wired into `eval cobsat generate` yet; "
+        "generate images with your own script under the file-name scheme and use `eval cobsat score`"
+    )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Generate the selected prompts' images into --out (resumable: existing images are kept).
+
+    Files: OUT/shot_{k}/task_{id}/{index}_{theta}_{x_0}_..._{x_k}.jpg plus a .json sidecar.
+    Split work over GPUs with --tasks, --shots and --prompt-range; every process may share OUT.
+    """
+    from thinkdiff.evaluation.cobsat import CobsatDataset, generate_cobsat
+
+    tasks, shots, indices = _selection(args)
+    dataset = CobsatDataset.load(args.dataset)
+    generator = _load_generator(args.mode, args.model, args.device)
+    report = generate_cobsat(
+        generator,
+        dataset,
+        args.out,
+        tasks=tasks,
+        shots=shots,
+        indices=indices,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        metadata={"mode": args.mode, "model": str(args.model)},
+    )
+    print(
+        f"generated {report.written}, kept {report.skipped} existing, of {report.total} ({report.seconds:.0f} s)"
+    )
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """Judge every selected image in --images (resumable, batched), then write the results.
+
+    Each question and reply goes to OUT/judgements/JUDGE/SHARD.jsonl; results go to
+    OUT/cobsat-results.{md,csv,json,png}. A missing image counts as wrong.
+    """
+    from thinkdiff.evaluation.cobsat import (
+        ClipScorer,
+        CobsatDataset,
+        judge_cobsat,
+        judge_slug,
+        load_judge,
+        load_results,
+        write_results,
+    )
+
+    tasks, shots, indices = _selection(args)
+    if not args.images.is_dir():
+        raise FileNotFoundError(f"--images folder not found: {args.images}")
+    if args.dataset:
+        CobsatDataset.load(args.dataset)
+    if args.no_judge and not args.clip:
+        raise ValueError("--no-judge needs --clip (nothing to do otherwise)")
+    out = args.out or args.images / f"eval-{judge_slug(args.clip if args.no_judge else args.judge)}"
+    judge = None
+    if not args.no_judge:
+        judge = load_judge(
+            args.judge,
+            kind=args.judge_kind,
+            device=args.device,
+            dtype=args.dtype,
+            max_new_tokens=args.max_new_tokens,
+        )
+    clip = ClipScorer.from_pretrained(args.clip, device=args.device) if args.clip else None
+    report = judge_cobsat(
+        judge,
+        args.images,
+        out,
+        tasks=tasks,
+        shots=shots,
+        indices=indices,
+        batch_size=args.batch_size,
+        clip=clip,
+        shard=args.shard,
+    )
+    print(
+        f"{report.prompts} prompts: {report.missing_images} images missing, {report.asked} questions asked, "
+        f"{report.reused} reused, {report.clip_scored} CLIP-scored ({report.seconds:.0f} s)"
+    )
+    if args.no_report or judge is None:
+        return 0
+    results = load_results(
+        out, args.images, args.label, tasks=tasks, shots=shots, indices=indices, judge_name=judge.info.name
+    )
+    _print_summary(results, write_results(results, out))
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Merge every judge log under --results into cobsat-results.{md,csv,json,png} there."""
+    from thinkdiff.evaluation.cobsat import load_results, write_results
+
+    tasks, shots, indices = _selection(args)
+    if not args.results.is_dir():
+        raise FileNotFoundError(f"--results folder not found: {args.results}")
+    results = load_results(
+        args.results,
+        args.images,
+        args.label,
+        tasks=tasks,
+        shots=shots,
+        indices=indices,
+        judge_name=args.judge,
+    )
+    _print_summary(results, write_results(results, args.results))
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Write cobsat-compare.{md,csv,json,png}: several runs' results side by side."""
+    from thinkdiff.evaluation.cobsat import compare_results
+
+    paths = compare_results(args.results, args.out, labels=args.labels, with_published=not args.no_published)
+    for path in paths.values():
+        print(path)
+    return 0
+
+
+def _print_summary(results: CobsatResults, paths: dict[str, Path]) -> None:
+    for shot in results.shots:
+        mean, lo, hi, n = results.average(shot)
+        print(f"{shot}-shot avg accuracy {mean:.3f} [95% CI {lo:.3f}, {hi:.3f}] over {n} prompts")
+    for note in results.notes()[1:]:
+        print(f"note: {note}")
+    for path in paths.values():
+        print(path)

@@ -1,0 +1,542 @@
+"""Pre-computing ThinkDiff-LVLM training data: the LVLM describes each image, its token features are saved.
+
+For every image of a source, one of the paper's 16 description prompts is chosen (seeded by the
+sample key), the LVLM samples an answer, and the post-final-norm features of the answer's tokens
+are written to feature shards (:mod:`thinkdiff.data.feature_shards`), one output shard per input
+shard. Two engines produce the same kind of output:
+
+- ``hf``: transformers ``generate``; the features are either recomputed by one teacher-forced pass
+  (``features="recompute"``, the default: ``generate`` then keeps no hidden states) or read out of
+  ``generate`` (``features="generate"``);
+- ``vllm``: stock vLLM samples the tokens, then the same teacher-forced pass computes the features.
+
+The work is split by input shard across ranks, and a rerun skips the shards that are complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from thinkdiff.data.feature_shards import (
+    FeatureShardWriter,
+    read_shard_records,
+    shard_name,
+    write_index,
+    write_json_atomic,
+)
+from thinkdiff.data.sharding import rank_and_world_size
+from thinkdiff.data.sources import (
+    ImageCaptionSample,
+    SkipLog,
+    SourceShard,
+    SourceSpec,
+    iter_samples,
+    list_source_shards,
+)
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from thinkdiff.models.lvlm import LVLMFeatureExtractor, LVLMOutput
+
+__all__ = [
+    "DESCRIPTION_PROMPTS",
+    "ENGINES",
+    "ExtractionSettings",
+    "ExtractionSummary",
+    "FeatureEngine",
+    "Generated",
+    "HFEngine",
+    "VLLMEngine",
+    "extract_features",
+    "make_engine",
+    "merge",
+    "write_report",
+]
+
+logger = logging.getLogger(__name__)
+
+# The paper's instruction prompts (appendix B), some adapted from LLaVA; one is drawn per image.
+# "photo's" has a straight apostrophe as in LLaVA's list (the PDF typesets it curly).
+DESCRIPTION_PROMPTS: tuple[str, ...] = (
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.",
+    "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
+    "Present a compact description of the photo's key features.",
+    "Relay a brief, clear account of the picture shown.",
+    "Render a clear and concise summary of the photo.",
+    "Write a terse but informative summary of the picture.",
+    "Create a compact narrative representing the image presented.",
+    "Generate a prompt that can recreate the image in a 2D diffusion model.",
+    "Provide a descriptive prompt to reproduce the given image using a diffusion model.",
+    "Create a prompt suitable for a 2D diffusion model to generate the same image.",
+    "Summarize the visual details as a prompt for a 2D diffusion model.",
+    "Write a clear prompt to guide a 2D diffusion model in recreating the image.",
+)
+
+ENGINES: tuple[str, ...] = ("hf", "vllm")
+SETTINGS_NAME = "extraction.json"
+REPORT_NAME = "report.json"
+SKIPPED_NAME = "skipped.jsonl"
+
+
+@dataclass
+class ExtractionSettings:
+    """What decides the content of the feature shards (a rerun must use the same values)."""
+
+    prompts: tuple[str, ...] = DESCRIPTION_PROMPTS
+    """Instruction prompts; one is drawn per image, seeded by ``seed`` and the sample key."""
+    temperature: float = 0.6
+    """Sampling temperature (the released pre-processing)."""
+    top_p: float = 0.9
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 64
+    """Most tokens generated per image (64 in the paper)."""
+    seed: int = 0
+    """Seed of the prompt choice and of the sampling (per input shard and batch)."""
+    prompt_features: bool = False
+    """Also store the prompt tokens' features (the paper's input-tokens ablation)."""
+    samples_per_shard: int = 1000
+    """Slice size for folder and manifest sources (a tar file is always one shard)."""
+
+    def __post_init__(self) -> None:
+        self.prompts = tuple(self.prompts)
+        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+            raise ValueError("prompts must be a non-empty list of non-empty strings")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+
+    def prompt_for(self, key: str) -> str:
+        """The prompt of one sample: fixed by ``seed`` and the key, whatever the order or rank."""
+        return random.Random(f"{self.seed}:{key}").choice(self.prompts)
+
+    def batch_seed(self, shard_index: int, batch_index: int) -> int:
+        """Sampling seed of one batch: a redone shard samples exactly the same tokens."""
+        return random.Random(f"{self.seed}:{shard_index}:{batch_index}").getrandbits(62)
+
+
+# ---- engines -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Generated:
+    """One sample's answer: N token ids (EOS included if produced), N features, and the text."""
+
+    token_ids_N: torch.Tensor
+    features_NH: torch.Tensor
+    text: str
+    prompt_features_PH: torch.Tensor | None = None
+
+
+class FeatureEngine(Protocol):
+    """Generates answers for (image, prompt) pairs and returns their token features."""
+
+    name: str
+    model: str
+
+    def run(self, images: Sequence[Image.Image], prompts: Sequence[str], seed: int) -> list[Generated]: ...
+
+
+def _split_output(out: LVLMOutput) -> list[Generated]:
+    """Per-sample tensors from a padded batch output (valid positions are a prefix of each row)."""
+    results = []
+    for b, text in enumerate(out.texts):
+        n = int(out.feature_mask[b].sum())
+        prompt = None
+        if out.prompt_features is not None and out.prompt_mask is not None:
+            prompt = out.prompt_features[b, : int(out.prompt_mask[b].sum())].cpu()
+        results.append(Generated(out.token_ids[b, :n].cpu(), out.features[b, :n].cpu(), text, prompt))
+    return results
+
+
+class HFEngine:
+    """transformers ``generate``, then the features (recomputed, or read out of ``generate``)."""
+
+    name = "hf"
+
+    def __init__(
+        self,
+        extractor: LVLMFeatureExtractor,
+        settings: ExtractionSettings,
+        *,
+        features: str = "recompute",
+        model: str = "",
+    ) -> None:
+        if features not in ("recompute", "generate"):
+            raise ValueError(f"features must be 'recompute' or 'generate', got {features!r}")
+        self.extractor = extractor
+        self.settings = settings
+        self.features = features
+        self.model = model
+
+    def run(self, images: Sequence[Image.Image], prompts: Sequence[str], seed: int) -> list[Generated]:
+        from thinkdiff.models.lvlm import SamplingSettings
+
+        sampling = SamplingSettings(
+            max_new_tokens=self.settings.max_new_tokens,
+            temperature=self.settings.temperature,
+            top_p=self.settings.top_p,
+            seed=seed,
+        )
+        out = self.extractor.generate(
+            [[image, prompt] for image, prompt in zip(images, prompts)],
+            sampling,
+            teacher_forced=self.features == "recompute",
+            return_prompt_features=self.settings.prompt_features,
+        )
+        return _split_output(out)
+
+
+class VLLMEngine:
+    """Stock vLLM samples the tokens; one teacher-forced pass of the HF model computes the features.
+
+    Both models sit on the same GPU: vLLM gets ``gpu_memory_utilization`` of it (weights + KV
+    cache), the HF model and its single forward pass the rest.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        extractor: LVLMFeatureExtractor,
+        settings: ExtractionSettings,
+        *,
+        model: str,
+        model_dir: str,
+        gpu_memory_utilization: float = 0.5,
+    ) -> None:
+        vllm = _import_vllm()
+        self.extractor = extractor
+        self.settings = settings
+        self.model = model
+        self._sampling_params = vllm.SamplingParams
+        self.llm = vllm.LLM(
+            model=model_dir,
+            dtype="bfloat16",
+            seed=settings.seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            limit_mm_per_prompt={"image": 1},
+        )
+
+    def run(self, images: Sequence[Image.Image], prompts: Sequence[str], seed: int) -> list[Generated]:
+        items = [[image, prompt] for image, prompt in zip(images, prompts)]
+        # The same chat text the HF processor builds; vLLM expands the image placeholder itself.
+        requests = [
+            {"prompt": self.extractor.chat_text(item), "multi_modal_data": {"image": image}}
+            for item, image in zip(items, images)
+        ]
+        params = [
+            self._sampling_params(
+                temperature=self.settings.temperature,
+                top_p=self.settings.top_p,
+                max_tokens=self.settings.max_new_tokens,
+                seed=seed + i,
+            )
+            for i in range(len(items))
+        ]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        token_ids = [list(o.outputs[0].token_ids) or [self.extractor.eos_token_ids[0]] for o in outputs]
+        inputs = self.extractor.prepare_inputs(items)
+        out = self.extractor.features_from_tokens(
+            inputs, token_ids, return_prompt_features=self.settings.prompt_features
+        )
+        return _split_output(out)
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ValueError(
+            "the vllm engine needs vLLM, which is not installed here; on a CUDA machine run "
+            "pip install 'thinkdiff[vllm]', or use --engine hf"
+        ) from exc
+    return vllm
+
+
+def make_engine(
+    engine: str,
+    model: str,
+    settings: ExtractionSettings,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    hf_features: str = "recompute",
+    max_pixels: int | None = None,
+    gpu_memory_utilization: float = 0.5,
+) -> FeatureEngine:
+    """Load the LVLM (hub id or folder) behind the named engine (``"hf"`` or ``"vllm"``)."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    if engine == "vllm":
+        _import_vllm()  # fail before loading anything
+    from thinkdiff.models.loading import resolve_model_dir
+    from thinkdiff.models.lvlm import LVLMFeatureExtractor
+
+    folder = resolve_model_dir(model, kind="LVLM")
+    # A local folder is recorded by its absolute path, so that a resume from elsewhere matches.
+    name = str(Path(model).expanduser().resolve()) if Path(model).expanduser().is_dir() else str(model)
+    extractor = LVLMFeatureExtractor.from_pretrained(
+        folder, device=device, dtype=dtype, max_pixels=max_pixels
+    )
+    if engine == "vllm":
+        return VLLMEngine(
+            extractor,
+            settings,
+            model=name,
+            model_dir=str(folder),
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
+    return HFEngine(extractor, settings, features=hf_features, model=name)
+
+
+# ---- the extraction loop -------------------------------------------------------------------------
+
+
+@dataclass
+class ExtractionSummary:
+    """What one process did."""
+
+    rank: int
+    world_size: int
+    shards_assigned: int
+    shards_done_before: int = 0
+    shards_written: int = 0
+    samples_written: int = 0
+    bytes_written: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples_written / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def bytes_per_sample(self) -> float:
+        return self.bytes_written / self.samples_written if self.samples_written else 0.0
+
+    def __str__(self) -> str:
+        skipped = ", ".join(f"{k} {v}" for k, v in self.skipped.items()) or "none"
+        return (
+            f"rank {self.rank}/{self.world_size}: {self.shards_written} shards written, "
+            f"{self.shards_done_before} already complete (of {self.shards_assigned}); "
+            f"{self.samples_written} samples, skipped: {skipped}; "
+            f"{self.bytes_per_sample / 1024:.1f} KiB/sample; "
+            f"{self.samples_per_second:.2f} samples/s over {self.seconds:.1f} s"
+        )
+
+
+def _check_settings(out_dir: Path, current: dict[str, Any]) -> None:
+    """Write the run's settings, or check that a rerun into the same folder uses the same ones."""
+    path = out_dir / SETTINGS_NAME
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        changed = sorted(k for k in current if saved.get(k) != current[k])
+        if changed:
+            raise ValueError(
+                f"{out_dir} was written with other settings ({', '.join(changed)} differ); "
+                "use the same settings to resume, or a new output folder"
+            )
+        return
+    write_json_atomic(path, current)
+
+
+def _batches(samples: Iterator[ImageCaptionSample], size: int) -> Iterator[list[ImageCaptionSample]]:
+    batch: list[ImageCaptionSample] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _expected_samples(shard: SourceShard) -> int | None:
+    """Samples in a shard when known without reading it (slices; img2dataset's ``*_stats.json``)."""
+    if shard.stop is not None:
+        return shard.stop - shard.start
+    stats = Path(shard.url).with_name(Path(shard.url).stem + "_stats.json")
+    try:
+        with open(stats, encoding="utf-8") as f:
+            return int(json.load(f)["successes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _extract_shard(
+    shard: SourceShard,
+    out_dir: Path,
+    engine: FeatureEngine,
+    settings: ExtractionSettings,
+    batch_size: int,
+    bar: Any,
+) -> dict[str, Any]:
+    for stale in out_dir.glob(f"{shard_name(shard.index)}.*.tmp"):
+        stale.unlink()  # left by a killed run
+    skips = SkipLog()
+    started = time.perf_counter()
+    with FeatureShardWriter(out_dir, shard.index, prompt_features=settings.prompt_features) as writer:
+        for batch_index, batch in enumerate(_batches(iter_samples(shard, skips), batch_size)):
+            prompts = [settings.prompt_for(s.key) for s in batch]
+            results = engine.run(
+                [s.image for s in batch], prompts, settings.batch_seed(shard.index, batch_index)
+            )
+            for sample, prompt, result in zip(batch, prompts, results):
+                writer.add(
+                    sample.key,
+                    result.token_ids_N,
+                    result.features_NH,
+                    prompt=prompt,
+                    text=result.text,
+                    prompt_features_PH=result.prompt_features_PH,
+                    caption=sample.caption,
+                )
+            bar.update(len(batch))
+        return writer.finish(
+            {
+                "source": shard.name,
+                "engine": engine.name,
+                "seconds": round(time.perf_counter() - started, 3),
+                "skipped": skips.counts(),
+                "skipped_samples": [s.to_json() for s in skips.skips],
+            }
+        )
+
+
+def extract_features(
+    source: SourceSpec,
+    out_dir: str | Path,
+    engine: FeatureEngine,
+    settings: ExtractionSettings | None = None,
+    *,
+    batch_size: int = 8,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+) -> ExtractionSummary:
+    """Write the feature shards of this rank's input shards into ``out_dir``; skip complete ones.
+
+    Input shard ``i`` becomes output shard ``shard-{i:06d}``; rank ``r`` of ``w`` takes shards
+    ``r, r + w, ...`` (``rank``/``world_size`` default to the environment, see
+    :func:`thinkdiff.data.sharding.rank_and_world_size`). Ends by merging every complete shard into
+    ``index.json`` and writing ``report.json`` / ``skipped.jsonl``.
+    """
+    from tqdm.auto import tqdm
+
+    settings = settings or ExtractionSettings()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rank, world_size = rank_and_world_size(rank, world_size)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = list_source_shards(source, samples_per_shard=settings.samples_per_shard)
+    _check_settings(
+        out_dir,
+        {
+            "model": engine.model,
+            "source_shards": [s.name for s in shards],
+            **asdict(settings),
+            "prompts": list(settings.prompts),
+        },
+    )
+    mine = shards[rank::world_size]
+    done = {r["name"] for r in read_shard_records(out_dir)}
+    todo = [s for s in mine if shard_name(s.index) not in done]
+    summary = ExtractionSummary(rank, world_size, len(mine), shards_done_before=len(mine) - len(todo))
+    logger.info(
+        "rank %d/%d: %d of %d input shards to do (%d already complete)",
+        rank, world_size, len(todo), len(mine), summary.shards_done_before,
+    )  # fmt: skip
+
+    expected = [_expected_samples(s) for s in todo]
+    started = time.perf_counter()
+    counts: Counter[str] = Counter()
+    with tqdm(
+        total=sum(e for e in expected if e is not None) or None,
+        unit="sample",
+        desc=f"rank {rank}" if world_size > 1 else "extract",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
+        for i, shard in enumerate(todo):
+            record = _extract_shard(shard, out_dir, engine, settings, batch_size, bar)
+            summary.shards_written += 1
+            summary.samples_written += record["num_samples"]
+            summary.bytes_written += sum(f["bytes"] for f in record["files"].values())
+            counts.update(record["skipped"])
+            # Shards of unknown size (tars without stats): assume the mean of those done so far.
+            if expected[i] is None:
+                mean = summary.samples_written / summary.shards_written
+                bar.total = int(bar.n + mean * sum(1 for e in expected[i + 1 :] if e is None))
+                bar.refresh()
+    summary.seconds = time.perf_counter() - started
+    summary.skipped = dict(sorted(counts.items()))
+    merge(out_dir)
+    return summary
+
+
+def merge(out_dir: str | Path) -> dict[str, Any]:
+    """Rebuild ``index.json``, ``report.json`` and ``skipped.jsonl`` from the complete shards.
+
+    Each rank does this when it finishes; run it once more after all ranks of a multi-node run
+    are done (``thinkdiff extract-features --merge-only``). Returns the report.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / SETTINGS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{out_dir} holds no {SETTINGS_NAME}: not an extract-features output folder")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    index = write_index(out_dir, num_source_shards=len(saved["source_shards"]), model=saved["model"])
+    return write_report(out_dir, index)
+
+
+def write_report(out_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
+    """Write ``report.json`` (totals, skips per reason, bytes per sample) and ``skipped.jsonl``
+    (one line per skipped sample: key, shard, reason, detail) from the complete shards."""
+    out_dir = Path(out_dir)
+    records = read_shard_records(out_dir)
+    tmp = out_dir / f"{SKIPPED_NAME}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            for skip in record.get("skipped_samples", []):
+                f.write(json.dumps(skip, ensure_ascii=False) + "\n")
+    tmp.replace(out_dir / SKIPPED_NAME)
+    total_bytes = sum(f["bytes"] for r in records for f in r["files"].values())
+    feature_bytes = sum(r["files"]["features"]["bytes"] for r in records)
+    samples = index["num_samples"]
+    report = {
+        "complete": index["complete"],
+        "num_shards": index["num_shards"],
+        "num_source_shards": index["num_source_shards"],
+        "num_samples": samples,
+        "num_tokens": index["num_tokens"],
+        "skipped": index["skipped"],
+        "bytes_per_sample": total_bytes / samples if samples else None,
+        "feature_bytes_per_sample": feature_bytes / samples if samples else None,
+        "extraction_seconds": sum(r.get("seconds", 0.0) for r in records),
+    }
+    write_json_atomic(out_dir / REPORT_NAME, report)
+    return report

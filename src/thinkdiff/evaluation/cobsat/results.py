@@ -1,0 +1,570 @@
+"""CoBSAT results: accuracy per task and shot with 95% Wilson intervals, tables beside the papers.
+
+Accuracy of a (task, shot) cell is ``correct / n`` over the *selected* prompts: an image is
+correct when both judge answers are right, and a prompt without an image (or not yet judged)
+counts as wrong, as in the benchmark. The interval is the Wilson score interval at 95%
+(z = 1.959964), which stays inside [0, 1] and behaves at 0 and n; ``n`` is always reported.
+The average is the mean of the task accuracies (the papers' ``avg``); its interval pools the
+prompts of all tasks (equal ``n`` per task makes the two the same estimate).
+
+Files written by :func:`write_results` (all carry the judge and, for the llava-hf port, the port
+sentence): ``cobsat-results.md``, ``.csv``, ``.json`` (everything needed to redo the table,
+including which prompts were correct) and ``.png`` (bar chart).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from thinkdiff.evaluation.cobsat.generate import find_output
+from thinkdiff.evaluation.cobsat.judge import JudgeInfo, read_judgements
+from thinkdiff.evaluation.cobsat.protocol import NUM_PROMPTS, TASK_COLUMN_ORDER, TASKS, build_prompts
+
+__all__ = [
+    "PUBLISHED",
+    "CellResult",
+    "CobsatResults",
+    "compare_results",
+    "load_results",
+    "score_records",
+    "wilson_interval",
+    "write_results",
+]
+
+Z_95 = 1.959963984540054
+
+# Published accuracies (LLaVA judge), each in the papers' column order
+# (C-I B-I S-I A-I T-I | C-II B-II S-II A-II T-II), and the published average.
+_P = tuple[tuple[float, ...] | None, float]
+PUBLISHED: dict[int, dict[str, _P]] = {
+    2: {
+        "SEED-LLaMA": ((0.680, 0.348, 0.203, 0.182, 0.196, 0.287, 0.467, 0.297, 0.261, 0.163), 0.308),
+        "Emu": ((0.065, 0.051, 0.057, 0.052, 0.078, 0.062, 0.109, 0.081, 0.092, 0.074), 0.072),
+        "GILL": ((0.171, 0.054, 0.069, 0.063, 0.074, 0.010, 0.043, 0.024, 0.022, 0.040), 0.057),
+        "ThinkDiff-LVLM": ((0.622, 0.349, 0.237, 0.459, 0.290, 0.511, 0.534, 0.340, 0.534, 0.292), 0.417),
+        "ThinkDiff w/o masked training": (
+            (0.548, 0.215, 0.105, 0.256, 0.187, 0.510, 0.338, 0.156, 0.325, 0.228),
+            0.287,
+        ),
+        "ThinkDiff using input-token features": (
+            (0.024, 0.004, 0.030, 0.011, 0.032, 0.007, 0.008, 0.012, 0.019, 0.011),
+            0.016,
+        ),
+        "Text bridge, Qwen2-VL + FLUX.1-dev 256px (2026 follow-up; avg only)": (None, 0.537),
+    },
+    4: {
+        "SEED-LLaMA": ((0.482, 0.211, 0.141, 0.053, 0.122, 0.252, 0.076, 0.268, 0.207, 0.105), 0.192),
+        "Emu": ((0.063, 0.018, 0.045, 0.048, 0.097, 0.037, 0.122, 0.109, 0.077, 0.088), 0.070),
+        "GILL": ((0.106, 0.044, 0.041, 0.073, 0.087, 0.022, 0.059, 0.044, 0.032, 0.067), 0.058),
+        "ThinkDiff-LVLM": ((0.638, 0.362, 0.254, 0.434, 0.317, 0.610, 0.590, 0.432, 0.664, 0.332), 0.463),
+        "Text bridge, Qwen2-VL + FLUX.1-dev 256px (2026 follow-up; avg only)": (None, 0.614),
+    },
+}
+"""Published CoBSAT accuracies by shot and method: (ten task values in column order, or None; avg)."""
+
+
+def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval for ``correct`` successes in ``n`` trials (95% by default).
+
+    ``n = 0`` gives the uninformative ``(0.0, 1.0)``.
+    """
+    if not 0 <= correct <= n:
+        raise ValueError(f"need 0 <= correct <= n, got correct={correct}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # At 0 and n the bound is exactly 0 or 1; rounding would leave 1e-17 or 0.9999999999999999.
+    lo = 0.0 if correct == 0 else max(0.0, centre - half)
+    hi = 1.0 if correct == n else min(1.0, centre + half)
+    return lo, hi
+
+
+@dataclass
+class CellResult:
+    """Accuracy of one (task, shot) cell over the selected prompts."""
+
+    task_id: int
+    shot: int
+    n: int
+    """Selected prompts (the denominator)."""
+    correct: int
+    judged: int
+    """Prompts whose image was judged (both questions answered)."""
+    missing: int
+    """Prompts without an image: wrong."""
+    pending: int
+    """Prompts with an image but no complete judgement: wrong, and the results say incomplete."""
+    detail_correct: int
+    obj_correct: int
+    correct_indices: list[int] = field(default_factory=list)
+    """Prompt indices judged correct (to redo the table or compare runs prompt by prompt)."""
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else float("nan")
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(self.correct, self.n)
+
+    def to_dict(self) -> dict[str, Any]:
+        lo, hi = self.interval
+        return {**asdict(self), "task": TASKS[self.task_id].name, "accuracy": self.accuracy, "ci95": [lo, hi]}
+
+
+@dataclass
+class CobsatResults:
+    """Every cell of one evaluated run, with who judged it."""
+
+    label: str
+    judge: JudgeInfo
+    cells: dict[tuple[int, int], CellResult]
+    """Keyed by ``(shot, task_id)``."""
+    indices: list[int]
+    clip: dict[tuple[int, int], CellResult] | None = None
+    """The CLIP metric's cells, when it was run."""
+
+    @property
+    def shots(self) -> list[int]:
+        return sorted({s for s, _ in self.cells})
+
+    def tasks(self, shot: int) -> list[int]:
+        """Tasks of ``shot`` in the papers' column order."""
+        return [t for t in TASK_COLUMN_ORDER if (shot, t) in self.cells]
+
+    def average(
+        self, shot: int, cells: dict[tuple[int, int], CellResult] | None = None
+    ) -> tuple[float, float, float, int]:
+        """``(mean task accuracy, ci_low, ci_high, pooled n)`` for ``shot``."""
+        cells = self.cells if cells is None else cells
+        chosen = [cells[(shot, t)] for t in self.tasks(shot) if (shot, t) in cells]
+        n = sum(c.n for c in chosen)
+        lo, hi = wilson_interval(sum(c.correct for c in chosen), n)
+        mean = sum(c.accuracy for c in chosen) / len(chosen) if chosen else float("nan")
+        return mean, lo, hi, n
+
+    @property
+    def complete(self) -> bool:
+        return all(c.pending == 0 for c in self.cells.values())
+
+    def notes(self) -> list[str]:
+        """The sentences every results file carries."""
+        out = [
+            f"Judge: {self.judge.name} ({self.judge.kind}, greedy, max_new_tokens={self.judge.max_new_tokens}, "
+            f"{self.judge.dtype})."
+        ]
+        out += self.judge.notes
+        out.append(
+            "Accuracy = images with both judge answers right / selected prompts; a missing image counts as "
+            "wrong. Intervals: 95% Wilson score interval; n = prompts per cell."
+        )
+        n_sel = len(self.indices)
+        if n_sel != NUM_PROMPTS:
+            out.append(
+                f"Subset: {n_sel} of the {NUM_PROMPTS} prompts per task and shot (indices "
+                f"{self.indices[0]}..{self.indices[-1]}); the papers use all {NUM_PROMPTS}."
+            )
+        for shot in self.shots:
+            if len(self.tasks(shot)) != len(TASKS):
+                out.append(
+                    f"{shot}-shot: only {len(self.tasks(shot))} of 10 tasks; its avg is not the papers' avg."
+                )
+        pending = sum(c.pending for c in self.cells.values())
+        if pending:
+            out.append(f"INCOMPLETE: {pending} images were not judged yet and count as wrong.")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        shots = {}
+        for shot in self.shots:
+            mean, lo, hi, n = self.average(shot)
+            shots[str(shot)] = {"average": mean, "average_ci95": [lo, hi], "n": n}
+            if self.clip:
+                shots[str(shot)]["clip_average"] = self.average(shot, self.clip)[0]
+        return {
+            "benchmark": "CoBSAT",
+            "label": self.label,
+            "judge": self.judge.to_dict(),
+            "notes": self.notes(),
+            "prompt_indices": self.indices,
+            "column_order": [TASKS[t].name for t in TASK_COLUMN_ORDER],
+            "summary": shots,
+            "cells": [self.cells[k].to_dict() for k in sorted(self.cells)],
+            "clip_cells": [self.clip[k].to_dict() for k in sorted(self.clip)] if self.clip else None,
+            "published": {
+                str(s): {m: {"tasks": list(v) if v else None, "average": a} for m, (v, a) in rows.items()}
+                for s, rows in PUBLISHED.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CobsatResults:
+        """Rebuild from the JSON file (for tables comparing several runs)."""
+
+        def cells(rows: list[dict[str, Any]]) -> dict[tuple[int, int], CellResult]:
+            keep = {f for f in CellResult.__dataclass_fields__}
+            return {(r["shot"], r["task_id"]): CellResult(**{k: r[k] for k in keep}) for r in rows}
+
+        return cls(
+            label=d["label"],
+            judge=JudgeInfo.from_dict(d["judge"]),
+            cells=cells(d["cells"]),
+            indices=list(d["prompt_indices"]),
+            clip=cells(d["clip_cells"]) if d.get("clip_cells") else None,
+        )
+
+
+def score_records(
+    records: dict[tuple[int, int, int, str], dict[str, Any]],
+    images_dir: str | Path | None,
+    *,
+    tasks: Iterable[int] = tuple(TASKS),
+    shots: Iterable[int] = (2, 4),
+    indices: Iterable[int] = range(NUM_PROMPTS),
+    kinds: Sequence[str] = ("detail", "obj"),
+) -> dict[tuple[int, int], CellResult]:
+    """Cells from judge records keyed like :func:`~thinkdiff.evaluation.cobsat.judge.read_judgements`.
+
+    With ``images_dir``, a prompt whose image is absent is *missing* (and a stale record for it is
+    ignored) and one whose image exists without a full set of records is *pending*; without it
+    (``None``), every prompt lacking records is missing. Both count as wrong. ``kinds=("clip",)``
+    scores the CLIP metric's records.
+    """
+    cells: dict[tuple[int, int], CellResult] = {}
+    for p in build_prompts(list(tasks), list(shots), list(indices)):
+        cell = cells.setdefault((p.shot, p.task_id), CellResult(p.task_id, p.shot, 0, 0, 0, 0, 0, 0, 0))
+        cell.n += 1
+        has_image = images_dir is None or find_output(images_dir, p) is not None
+        recs = [records.get((p.shot, p.task_id, p.index, k)) for k in kinds]
+        if not has_image:
+            cell.missing += 1
+            continue
+        if any(r is None for r in recs):
+            if images_dir is None:
+                cell.missing += 1
+            else:
+                cell.pending += 1
+            continue
+        cell.judged += 1
+        if kinds == ("clip",):
+            ok_detail, ok_obj = recs[0]["check_detail"], recs[0]["check_obj"]  # type: ignore[index]
+        else:
+            ok_detail, ok_obj = recs[0]["check"], recs[1]["check"]  # type: ignore[index]
+        cell.detail_correct += bool(ok_detail)
+        cell.obj_correct += bool(ok_obj)
+        if ok_detail and ok_obj:
+            cell.correct += 1
+            cell.correct_indices.append(p.index)
+    return cells
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.3f}"
+
+
+def _markdown(results: Sequence[CobsatResults], with_published: bool = True) -> str:
+    lines = ["# CoBSAT results", ""]
+    for r in results:
+        lines += [f"**{r.label}**:", ""] + [f"- {note}" for note in r.notes()] + [""]
+    shots = sorted({s for r in results for s in r.shots})
+    header = "| method | " + " | ".join(TASKS[t].name for t in TASK_COLUMN_ORDER) + " | avg |"
+    rule = "|---|" + "---:|" * (len(TASK_COLUMN_ORDER) + 1)
+    for shot in shots:
+        lines += [f"## {shot}-shot accuracy", "", header, rule]
+        for r in results:
+            if shot not in r.shots:
+                continue
+            vals = [
+                _fmt(r.cells[(shot, t)].accuracy) if (shot, t) in r.cells else "-" for t in TASK_COLUMN_ORDER
+            ]
+            lines.append(f"| **{r.label}** | " + " | ".join(vals) + f" | **{_fmt(r.average(shot)[0])}** |")
+        if with_published:
+            for method, (vals, avg) in PUBLISHED.get(shot, {}).items():
+                cells = [_fmt(v) for v in vals] if vals else ["-"] * len(TASK_COLUMN_ORDER)
+                lines.append(f"| {method} (published) | " + " | ".join(cells) + f" | {_fmt(avg)} |")
+        lines.append("")
+        for r in results:
+            if shot not in r.shots:
+                continue
+            lines += [
+                f"{shot}-shot, {r.label}: details",
+                "",
+                "| task | accuracy | 95% CI | n | judged | missing | pending | detail right | object right |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for t in r.tasks(shot):
+                c = r.cells[(shot, t)]
+                lo, hi = c.interval
+                lines.append(
+                    f"| {TASKS[t].name} | {_fmt(c.accuracy)} | [{lo:.3f}, {hi:.3f}] | {c.n} | {c.judged} | "
+                    f"{c.missing} | {c.pending} | {c.detail_correct} | {c.obj_correct} |"
+                )
+            mean, lo, hi, n = r.average(shot)
+            lines.append(f"| avg | {_fmt(mean)} | [{lo:.3f}, {hi:.3f}] | {n} | | | | | |")
+            if r.clip:
+                lines.append(
+                    f"| CLIP metric avg (secondary) | {_fmt(r.average(shot, r.clip)[0])} | | | | | | | |"
+                )
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _csv_rows(results: Sequence[CobsatResults], with_published: bool = True) -> list[list[Any]]:
+    rows: list[list[Any]] = [
+        [
+            "method",
+            "source",
+            "shot",
+            "task_id",
+            "task",
+            "accuracy",
+            "ci95_low",
+            "ci95_high",
+            "n",
+            "judged",
+            "missing",
+            "pending",
+            "judge",
+            "note",
+        ]
+    ]
+    for r in results:
+        note = " ".join(r.notes())
+        for shot in r.shots:
+            for t in r.tasks(shot):
+                c = r.cells[(shot, t)]
+                lo, hi = c.interval
+                rows.append(
+                    [
+                        r.label,
+                        "this evaluation",
+                        shot,
+                        t,
+                        TASKS[t].name,
+                        f"{c.accuracy:.4f}",
+                        f"{lo:.4f}",
+                        f"{hi:.4f}",
+                        c.n,
+                        c.judged,
+                        c.missing,
+                        c.pending,
+                        r.judge.name,
+                        note,
+                    ]
+                )
+            mean, lo, hi, n = r.average(shot)
+            rows.append(
+                [
+                    r.label,
+                    "this evaluation",
+                    shot,
+                    "",
+                    "avg",
+                    f"{mean:.4f}",
+                    f"{lo:.4f}",
+                    f"{hi:.4f}",
+                    n,
+                    "",
+                    "",
+                    "",
+                    r.judge.name,
+                    note,
+                ]
+            )
+    if with_published:
+        for shot, methods in PUBLISHED.items():
+            for method, (vals, avg) in methods.items():
+                for t, v in zip(TASK_COLUMN_ORDER, vals or ()):
+                    rows.append(
+                        [
+                            method,
+                            "published",
+                            shot,
+                            t,
+                            TASKS[t].name,
+                            v,
+                            "",
+                            "",
+                            1000,
+                            "",
+                            "",
+                            "",
+                            "LLaVA-1.5-13B (original code)",
+                            "",
+                        ]
+                    )
+                rows.append(
+                    [
+                        method,
+                        "published",
+                        shot,
+                        "",
+                        "avg",
+                        avg,
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "LLaVA-1.5-13B (original code)",
+                        "",
+                    ]
+                )
+    return rows
+
+
+def _plot(results: Sequence[CobsatResults], path: Path, with_published: bool = True) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    shots = sorted({s for r in results for s in r.shots})
+    fig, axes = plt.subplots(len(shots), 1, figsize=(13, 4.2 * len(shots)), squeeze=False)
+    names = [TASKS[t].name for t in TASK_COLUMN_ORDER] + ["avg"]
+    x = np.arange(len(names))
+    for ax, shot in zip(axes[:, 0], shots):
+        series: list[tuple[str, list[float], list[list[float]] | None]] = []
+        for r in results:
+            if shot not in r.shots:
+                continue
+            vals, errs = [], [[], []]
+            for t in TASK_COLUMN_ORDER:
+                c = r.cells.get((shot, t))
+                acc = c.accuracy if c else float("nan")
+                lo, hi = c.interval if c else (acc, acc)
+                vals.append(acc)
+                errs[0].append(max(acc - lo, 0) if c else 0)
+                errs[1].append(max(hi - acc, 0) if c else 0)
+            mean, lo, hi, _ = r.average(shot)
+            vals.append(mean)
+            errs[0].append(max(mean - lo, 0))
+            errs[1].append(max(hi - mean, 0))
+            series.append((r.label, vals, errs))
+        if with_published:
+            for method, (pv, avg) in PUBLISHED.get(shot, {}).items():
+                if pv is not None:
+                    series.append((f"{method} (published)", [*pv, avg], None))
+        width = 0.8 / max(len(series), 1)
+        for i, (label, vals, errs) in enumerate(series):
+            ax.bar(x - 0.4 + (i + 0.5) * width, vals, width, label=label, yerr=errs, capsize=2 if errs else 0)
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"CoBSAT {shot}-shot (error bars: 95% Wilson)")
+        ax.legend(fontsize=7, ncol=2)
+    judges = "; ".join(sorted({f"{r.label}: judge {r.judge.name}" for r in results}))
+    port = any(r.judge.kind == "llava" for r in results)
+    footer = judges + (
+        "\nLLaVA-1.5 judged through the transformers port (llava-hf), not the original LLaVA code: "
+        "answers may shift slightly."
+        if port
+        else ""
+    )
+    fig.text(0.01, 0.005, footer, fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(
+    results: CobsatResults | Sequence[CobsatResults],
+    out_dir: str | Path,
+    stem: str = "cobsat-results",
+    with_published: bool = True,
+    plot: bool = True,
+) -> dict[str, Path]:
+    """Write ``{stem}.md``, ``.csv``, ``.json`` (first run only when several) and ``.png`` into ``out_dir``."""
+    runs = [results] if isinstance(results, CobsatResults) else list(results)
+    if not runs:
+        raise ValueError("no results to write")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv", "json": out_dir / f"{stem}.json"}
+    paths["md"].write_text(_markdown(runs, with_published) + "\n")
+    with open(paths["csv"], "w", newline="") as f:
+        csv.writer(f).writerows(_csv_rows(runs, with_published))
+    payload: Any = runs[0].to_dict() if len(runs) == 1 else {"runs": [r.to_dict() for r in runs]}
+    paths["json"].write_text(json.dumps(payload, indent=1) + "\n")
+    if plot:
+        paths["png"] = out_dir / f"{stem}.png"
+        _plot(runs, paths["png"], with_published)
+    return paths
+
+
+def load_results(
+    results_dir: str | Path,
+    images_dir: str | Path | None,
+    label: str,
+    *,
+    tasks: Iterable[int] = tuple(TASKS),
+    shots: Iterable[int] = (2, 4),
+    indices: Iterable[int] = range(NUM_PROMPTS),
+    judge_name: str | None = None,
+) -> CobsatResults:
+    """Build results from the judge logs under ``{results_dir}/judgements/`` (all shards merged).
+
+    ``judge_name`` picks one judge's folder when several judged this run (by slug or name).
+    """
+    from thinkdiff.evaluation.cobsat.judge import judge_slug
+
+    base = Path(results_dir) / "judgements"
+    folders = [
+        d for d in sorted(base.glob("*")) if (d / "judge.json").is_file() and not d.name.startswith("clip--")
+    ]
+    if judge_name is not None:
+        folders = [d for d in folders if d.name in (judge_name, judge_slug(judge_name))]
+    if len(folders) != 1:
+        found = ", ".join(d.name for d in folders) or "none"
+        raise FileNotFoundError(
+            f"need exactly one judge log folder under {base} (found: {found}); pass the judge name"
+        )
+    info = JudgeInfo.from_dict(json.loads((folders[0] / "judge.json").read_text()))
+    tasks, shots, indices = list(tasks), list(shots), list(indices)
+    cells = score_records(read_judgements(folders[0]), images_dir, tasks=tasks, shots=shots, indices=indices)
+    clip_dirs = sorted(base.glob("clip--*"))
+    clip = (
+        score_records(
+            read_judgements(clip_dirs[0]),
+            images_dir,
+            tasks=tasks,
+            shots=shots,
+            indices=indices,
+            kinds=("clip",),
+        )
+        if clip_dirs
+        else None
+    )
+    return CobsatResults(label=label, judge=info, cells=cells, indices=indices, clip=clip)
+
+
+def compare_results(
+    json_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    labels: Sequence[str] | None = None,
+    with_published: bool = True,
+) -> dict[str, Path]:
+    """Side-by-side tables of several runs' ``cobsat-results.json`` (ablations, text-bridge vs lvlm)."""
+    if labels and len(labels) != len(json_paths):
+        raise ValueError(f"{len(labels)} labels for {len(json_paths)} results files")
+    runs = []
+    for i, p in enumerate(json_paths):
+        p = Path(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"results file not found: {p}")
+        r = CobsatResults.from_dict(json.loads(p.read_text()))
+        if labels:
+            r.label = labels[i]
+        runs.append(r)
+    return write_results(runs, out_dir, stem="cobsat-compare", with_published=with_published)

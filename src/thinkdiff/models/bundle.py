@@ -1,0 +1,85 @@
+"""A trained ThinkDiff model folder: the aligner plus ``thinkdiff.json`` saying what it connects.
+
+Layout (what ``thinkdiff train`` exports and ``thinkdiff generate --model`` reads)::
+
+    model/
+      config.json                            aligner config (diffusers ConfigMixin)
+      diffusion_pytorch_model.safetensors    aligner weights
+      thinkdiff.json                         variant, source model, proxy T5, decoder, dims
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from thinkdiff.models.aligner import Aligner
+from thinkdiff.utils import atomic_path, atomic_write_text
+
+INFO_FILE = "thinkdiff.json"
+
+
+@dataclass
+class ThinkDiffInfo:
+    """What a trained aligner connects; stored as ``thinkdiff.json`` beside the weights."""
+
+    variant: str
+    """'lvlm' or 'clip'."""
+    source_model: str
+    """The LVLM (lvlm) or BLIP-2 vision model (clip) whose features the aligner reads."""
+    proxy_t5: str
+    """The T5 whose decoder supervised training."""
+    diffusion_decoder: str
+    """The decoder the aligner was meant for (its T5 prompt width must equal the aligner output)."""
+    in_dim: int
+    out_dim: int
+    features: str = "generated"
+    """'generated' token features, or 'prompt' for the input-token ablation."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance: training steps, config summary, conversion source."""
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("lvlm", "clip"):
+            raise ValueError(f"{INFO_FILE}: variant must be 'lvlm' or 'clip', got {self.variant!r}")
+
+
+def save_model(folder: str | Path, aligner: Aligner, info: ThinkDiffInfo) -> Path:
+    """Write the aligner and its ``thinkdiff.json`` atomically into ``folder``."""
+    if (aligner.in_dim, aligner.out_dim) != (info.in_dim, info.out_dim):
+        raise ValueError(
+            f"aligner dims {aligner.in_dim}->{aligner.out_dim} disagree with info {info.in_dim}->{info.out_dim}"
+        )
+    folder = Path(folder)
+    with atomic_path(folder) as tmp:
+        aligner.save_pretrained(tmp)
+        atomic_write_text(tmp / INFO_FILE, json.dumps(dataclasses.asdict(info), indent=2) + "\n")
+    return folder
+
+
+def load_info(folder: str | Path) -> ThinkDiffInfo:
+    """Read ``thinkdiff.json`` of a model folder, with clear errors for missing or bad files."""
+    path = Path(folder) / INFO_FILE
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"ThinkDiff model folder {folder} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a ThinkDiff model folder: it has no {INFO_FILE}")
+    try:
+        values = json.loads(path.read_text())
+        return ThinkDiffInfo(**values)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"{path} is not a valid ThinkDiff model description: {exc}") from exc
+
+
+def load_model(folder: str | Path) -> tuple[Aligner, ThinkDiffInfo]:
+    """Load the aligner (fp32, eval mode) and its description from a model folder."""
+    info = load_info(folder)
+    aligner = Aligner.from_pretrained(folder).eval()
+    if (aligner.in_dim, aligner.out_dim) != (info.in_dim, info.out_dim):
+        raise ValueError(
+            f"{folder}: aligner weights are {aligner.in_dim}->{aligner.out_dim} but {INFO_FILE} says "
+            f"{info.in_dim}->{info.out_dim}"
+        )
+    return aligner, info

@@ -1,0 +1,457 @@
+"""The training loop: only the aligner learns, against the frozen proxy T5 decoder.
+
+Runs unchanged on CPU, one GPU, several GPUs (DDP) and several nodes: ``accelerate launch`` or
+``torchrun`` start the processes, accelerate wraps only the aligner, and every rank reads its own
+slice of the data. One optimiser step = ``accumulation`` micro-batches per process, so the global
+batch is reached on fewer GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from thinkdiff.models.aligner import Aligner
+from thinkdiff.models.bundle import ThinkDiffInfo, save_model
+from thinkdiff.models.proxy_decoder import ProxyT5Decoder
+from thinkdiff.objectives import CLIPBatch, LVLMBatch, clip_decode, clip_loss, lvlm_decode, lvlm_loss
+from thinkdiff.training.checkpoint import (
+    checkpoint_dirs,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from thinkdiff.training.config import TrainConfig
+from thinkdiff.training.data import StepData, build_step_data, feature_width
+from thinkdiff.training.schedule import build_optimizer, lr_at, set_lr
+from thinkdiff.utils import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps); the last good checkpoint is intact."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run leaves behind."""
+
+    output_dir: Path
+    step: int
+    losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    model_dir: Path | None = None
+
+
+class Trainer:
+    """Builds the models and data for a config and runs the loop (see :meth:`fit`)."""
+
+    def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None) -> None:
+        if accelerator is None:
+            mixed = config.mixed_precision
+            if mixed == "auto":
+                mixed = "bf16" if torch.cuda.is_available() else "no"
+            # cpu=True is what makes accelerate start gloo DDP under torchrun on a machine without GPUs.
+            accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator
+        config.validate(accelerator.num_processes)
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.accumulation = config.accumulation_steps(accelerator.num_processes)
+        self.micro_batch = config.global_batch_size // accelerator.num_processes // self.accumulation
+        set_seed(config.seed, device_specific=False)
+
+        device = accelerator.device
+        frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.proxy = ProxyT5Decoder.from_pretrained(
+            config.proxy_t5,
+            with_encoder=config.variant == "clip",
+            dropout=config.proxy_dropout,
+            dtype=frozen_dtype,
+            device=device,
+        )
+        if config.activation_checkpointing:
+            self.proxy.enable_activation_checkpointing()
+        self.vision = None
+        if config.variant == "clip":
+            from thinkdiff.models.clip_vision import CLIPVisionFeatures
+
+            self.vision = CLIPVisionFeatures.from_pretrained(
+                config.vision_model, dtype=frozen_dtype, device=device
+            )
+        self.in_dim = self.vision.hidden_size if self.vision is not None else feature_width(config)
+
+        aligner = Aligner(
+            self.in_dim, self.proxy.d_model, hidden_dim=config.aligner_hidden_dim, norm=config.aligner_norm
+        )
+        if config.aligner_norm == "t5":
+            aligner.init_norm_from_t5(self.proxy)
+        optimizer = build_optimizer(aligner, config)
+        self.aligner, self.optimizer = accelerator.prepare(aligner, optimizer)
+        self.data: StepData = build_step_data(
+            config,
+            self.proxy.tokenizer,
+            accelerator.process_index,
+            accelerator.num_processes,
+            self.micro_batch,
+            self.accumulation,
+        )
+        self.val_data: StepData | None = None
+        if config.val_data:
+            self.val_data = build_step_data(
+                config,
+                self.proxy.tokenizer,
+                accelerator.process_index,
+                accelerator.num_processes,
+                self.micro_batch,
+                1,
+                validation=True,
+            )
+        self.step = 0
+        self.skipped_steps = 0
+        self.consecutive_bad = 0
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def unwrapped_aligner(self) -> Aligner:
+        return self.accelerator.unwrap_model(self.aligner)
+
+    def loss_of(self, batch: LVLMBatch | CLIPBatch) -> torch.Tensor:
+        batch = batch.to(self.accelerator.device)
+        if isinstance(batch, CLIPBatch):
+            return clip_loss(self.vision(batch.pixel_values_BCHW), self.aligner, self.proxy, batch)
+        return lvlm_loss(self.aligner, self.proxy, batch)
+
+    def decode(self, batch: LVLMBatch | CLIPBatch, n: int) -> list[dict[str, str]]:
+        aligner = self.unwrapped_aligner()
+        batch = batch.to(self.accelerator.device)
+        with self.accelerator.autocast():
+            if isinstance(batch, CLIPBatch):
+                texts = clip_decode(self.vision(batch.pixel_values_BCHW), aligner, self.proxy, batch)
+                inputs = batch.inputs
+            else:
+                texts = lvlm_decode(aligner, self.proxy, batch)
+                inputs = [""] * len(texts)
+        return [
+            {"key": k, "input": i, "target": t, "decoded": d}
+            for k, i, t, d in list(zip(batch.keys, inputs, batch.target_texts, texts))[:n]
+        ]
+
+    def train_step(self, micro_batches: list[Any]) -> tuple[float, float, bool]:
+        """One optimiser step over this rank's micro-batches: (mean loss, grad norm, applied)."""
+        self.aligner.train()
+        losses = []
+        for i, batch in enumerate(micro_batches):
+            # Gradients are all-reduced once per step, on the last micro-batch.
+            sync = i == len(micro_batches) - 1
+            context = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.aligner)
+            with context, self.accelerator.autocast():
+                loss = self.loss_of(batch)
+                self.accelerator.backward(loss / len(micro_batches))
+            losses.append(loss.detach().float())
+        mean_loss = torch.stack(losses).mean()
+        max_norm = self.config.grad_clip if self.config.grad_clip is not None else math.inf
+        grad_norm = self.accelerator.clip_grad_norm_(self.aligner.parameters(), max_norm)
+        # Every rank must agree on skipping, or DDP would diverge.
+        finite = torch.isfinite(mean_loss) & torch.isfinite(
+            torch.as_tensor(grad_norm, device=mean_loss.device)
+        )
+        finite = bool(
+            self.accelerator.reduce(finite.float().reshape(1), reduction="sum").item()
+            == self.accelerator.num_processes
+        )
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(mean_loss), float(grad_norm), finite
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        assert self.val_data is not None
+        self.aligner.eval()
+        self.val_data.load_state_dict({})  # the same held-out batches every time
+        losses = []
+        for _ in range(self.config.val_batches):
+            batches = self.val_data.next_step()
+            if batches is None:
+                break
+            with self.accelerator.autocast():
+                losses.append(self.loss_of(batches[0]).float())
+        if not losses:
+            return math.nan
+        mean = torch.stack(losses).mean().reshape(1)
+        return float(self.accelerator.reduce(mean, reduction="mean").item())
+
+    # -------------------------------------------------------------- checkpoints
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+            "data": self.data.state_dict(),
+            "world_size": self.accelerator.num_processes,
+            "config": self.config.to_dict(),
+        }
+
+    def save(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            save_checkpoint(
+                self.output_dir,
+                self.step,
+                self.unwrapped_aligner(),
+                self.trainer_state(),
+                self.config.keep_last,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def resume(self, checkpoint: str | Path | None = "auto") -> bool:
+        """Continue from ``checkpoint`` (a folder) or, with ``"auto"``, the run's newest one."""
+        if checkpoint in (None, "never"):
+            return False
+        if checkpoint == "auto":
+            found = checkpoint_dirs(self.output_dir)
+            if not found:
+                return False
+            checkpoint = found[-1]
+        state = load_checkpoint(Path(checkpoint), self.unwrapped_aligner())
+        if state["world_size"] != self.accelerator.num_processes:
+            raise ValueError(
+                f"checkpoint {checkpoint} was written by {state['world_size']} processes; resume with the same number "
+                f"(this run has {self.accelerator.num_processes}) so every rank continues its own data"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.skipped_steps = state["skipped_steps"]
+        self.data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        logger.info("resumed from %s at step %d", checkpoint, self.step)
+        return True
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self, resume: str | Path | None = "auto", stop_after: int | None = None) -> TrainResult:
+        """Train to ``max_steps`` (or until ``stop_after`` steps, to simulate an interruption)."""
+        config = self.config
+        self.resume(resume)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            config.save(self.output_dir / "config.json")
+        log = RunLog(self.output_dir, enabled=self.is_main, start_step=self.step)
+        progress = _progress(self.is_main, config.max_steps, self.step)
+        losses: list[float] = []
+        samples_per_step = config.global_batch_size
+        window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+        while self.step < config.max_steps and (stop_after is None or self.step < stop_after):
+            set_lr(self.optimizer, lr_at(self.step, config))
+            wait_start = time.perf_counter()
+            micro_batches = self.data.next_step()
+            window_wait += time.perf_counter() - wait_start
+            if micro_batches is None:
+                raise TrainingError(f"training data ran out at step {self.step}")
+            loss, grad_norm, applied = self.train_step(micro_batches)
+            self.step += 1
+            window_steps += 1
+            losses.append(loss)
+            if applied:
+                self.consecutive_bad = 0
+            else:
+                self.skipped_steps += 1
+                self.consecutive_bad += 1
+                logger.warning(
+                    "step %d: non-finite loss or gradient (loss=%s, grad norm=%s); step skipped",
+                    self.step,
+                    loss,
+                    grad_norm,
+                )
+                if self.consecutive_bad >= config.max_bad_steps:
+                    last = checkpoint_dirs(self.output_dir)
+                    raise TrainingError(
+                        f"{self.consecutive_bad} non-finite steps in a row at step {self.step}; stopping. "
+                        f"Last good checkpoint: {last[-1] if last else 'none'}"
+                    )
+            if self.step % config.log_every == 0 or self.step == config.max_steps:
+                elapsed = time.perf_counter() - window_start
+                mean_loss = float(
+                    self.accelerator.reduce(
+                        torch.tensor([loss], device=self.accelerator.device), reduction="mean"
+                    ).item()
+                )
+                padding = sum(
+                    b.padding_fraction() for b in micro_batches if hasattr(b, "padding_fraction")
+                ) / len(micro_batches)
+                log.scalars(
+                    self.step,
+                    loss=mean_loss,
+                    lr=lr_at(self.step - 1, config),
+                    grad_norm=grad_norm,
+                    samples_per_s=samples_per_step * window_steps / max(elapsed, 1e-9),
+                    data_wait_fraction=window_wait / max(elapsed, 1e-9),
+                    padding_fraction=padding,
+                    skipped_steps=self.skipped_steps,
+                )
+                progress.set_postfix(
+                    loss=f"{mean_loss:.4f}",
+                    lr=f"{lr_at(self.step - 1, config):.2e}",
+                    sps=f"{samples_per_step * window_steps / max(elapsed, 1e-9):.1f}",
+                )
+                window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+            progress.update(1)
+            if self.val_data is not None and config.val_every and self.step % config.val_every == 0:
+                log.scalars(self.step, val_loss=self.validate())
+            if (
+                self.val_data is not None
+                and config.decode_every
+                and self.step % config.decode_every == 0
+                and self.is_main
+            ):
+                self.val_data.load_state_dict({})
+                batches = self.val_data.next_step()
+                if batches:
+                    log.samples(self.step, self.decode(batches[0], config.decode_samples))
+            if self.step % config.save_every == 0 or self.step == config.max_steps:
+                self.save()
+        progress.close()
+        result = TrainResult(self.output_dir, self.step, losses, self.skipped_steps)
+        if self.step >= config.max_steps:
+            result.model_dir = self.export()
+            if self.is_main:
+                log.plot(self.output_dir / "loss.png")
+        log.close()
+        return result
+
+    def export(self) -> Path:
+        """Write the finished aligner as a model folder that ``thinkdiff generate`` loads."""
+        target = self.output_dir / "model"
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            config = self.config
+            info = ThinkDiffInfo(
+                variant=config.variant,
+                source_model=config.lvlm if config.variant == "lvlm" else config.vision_model,
+                proxy_t5=config.proxy_t5,
+                diffusion_decoder=config.diffusion_decoder,
+                in_dim=self.in_dim,
+                out_dim=self.proxy.d_model,
+                features=config.features,
+                extra={
+                    "steps": self.step,
+                    "global_batch_size": config.global_batch_size,
+                    "aligner_norm": config.aligner_norm,
+                    "split": config.split,
+                },
+            )
+            save_model(target, self.unwrapped_aligner(), info)
+        self.accelerator.wait_for_everyone()
+        return target
+
+
+def train(
+    config: TrainConfig, resume: str | Path | None = "auto", stop_after: int | None = None
+) -> TrainResult:
+    """Build a :class:`Trainer` for ``config`` and run it; the process group is closed at the end."""
+    trainer = Trainer(config)
+    try:
+        return trainer.fit(resume=resume, stop_after=stop_after)
+    finally:
+        trainer.accelerator.end_training()
+
+
+# ---------------------------------------------------------------------------- logging
+class RunLog:
+    """Metrics to ``metrics.jsonl`` and TensorBoard, decoded samples to ``samples.jsonl`` (main rank only)."""
+
+    def __init__(self, output_dir: Path, enabled: bool, start_step: int) -> None:
+        self.enabled = enabled
+        self.output_dir = output_dir
+        self.metrics_path = output_dir / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        # After a resume, drop lines logged after the checkpoint so the record has no duplicate steps.
+        if self.metrics_path.is_file():
+            kept = [
+                line
+                for line in self.metrics_path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= start_step
+            ]
+            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
+        except ImportError:  # tensorboard is a core dependency, but a trimmed install still trains
+            logger.warning("tensorboard is not installed; scalars go to metrics.jsonl only")
+
+    def scalars(self, step: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(
+                    f"train/{name}" if not name.startswith("val") else f"val/{name}", value, step
+                )
+
+    def samples(self, step: int, rows: list[dict[str, str]]) -> None:
+        if not self.enabled:
+            return
+        with (self.output_dir / "samples.jsonl").open("a") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}) + "\n")
+        for row in rows:
+            logger.info("step %d  target: %r\n%s decoded: %r", step, row["target"], " " * 8, row["decoded"])
+        if self.writer is not None:
+            text = "\n\n".join(f"**target** {r['target']}  \n**decoded** {r['decoded']}" for r in rows)
+            self.writer.add_text("val/decoded", text, step)
+
+    def plot(self, path: Path) -> None:
+        """A loss-curve PNG of everything logged so far."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key, label in (("loss", "train"), ("val_loss", "validation")):
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("proxy T5 cross-entropy")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(path)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True
+    )
