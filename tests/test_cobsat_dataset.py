@@ -45,7 +45,7 @@ def test_load_zip(synthetic: Path, tmp_path: Path) -> None:
             zf.write(path, f"datasets/{path.relative_to(synthetic)}")
         zf.writestr("__MACOSX/datasets/._junk", b"")
     ds = CobsatDataset.load(archive)
-    assert ds.root == tmp_path / "datasets" / "datasets"
+    assert ds.root == tmp_path / "datasets-unpacked" / "datasets"
     assert ds.image("color_car/red_car.jpg").is_file()
     # Second load reuses the extraction.
     assert CobsatDataset.load(archive).root == ds.root

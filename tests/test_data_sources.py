@@ -139,10 +139,12 @@ def test_rank_and_world_size(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_worker_slots_partition_a_stream() -> None:
     items = list(range(23))
     parts = [list(select_worker_slots(items, batch_size=4, worker_id=w, num_workers=3)) for w in range(3)]
-    assert sorted(sum(parts, [])) == items
+    assert sorted(x for part in parts for x in part) == items
     assert parts[0][:4] == [0, 1, 2, 3] and parts[1][:4] == [4, 5, 6, 7]
-    resumed = [list(select_worker_slots(items, batch_size=4, worker_id=w, num_workers=3, skip=10)) for w in range(3)]
-    assert sorted(sum(resumed, [])) == items[10:]
+    resumed = [
+        list(select_worker_slots(items, batch_size=4, worker_id=w, num_workers=3, skip=10)) for w in range(3)
+    ]
+    assert sorted(x for part in resumed for x in part) == items[10:]
     assert resumed[0][:4] == [10, 11, 12, 13]
 
 
@@ -156,7 +158,10 @@ def test_shuffle_buffer_is_a_seeded_permutation() -> None:
 
 def _loader_keys(dataset, num_workers: int) -> list[str]:
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=dataset.batch_size, num_workers=num_workers, collate_fn=lambda b: [s["key"] for s in b]
+        dataset,
+        batch_size=dataset.batch_size,
+        num_workers=num_workers,
+        collate_fn=lambda b: [s["key"] for s in b],
     )
     return [key for batch in loader for key in batch]
 
@@ -197,3 +202,11 @@ def test_a_non_image_member_beside_an_image_is_ignored(tmp_path: Path) -> None:
             tar.addfile(info, io.BytesIO(data))
     keys, log = _read_all(tmp_path / "x.tar")
     assert keys == ["a"] and not log.skips
+
+
+def test_image_caption_dataset_with_fewer_shards_than_ranks(tmp_path: Path) -> None:
+    write_tar_shards(tmp_path, num_shards=1, samples_per_shard=5, bad=False, image_size=16)
+    parts = [
+        _loader_keys(ImageCaptionDataset(tmp_path, rank=r, world_size=3), num_workers=0) for r in range(3)
+    ]
+    assert sorted(k for part in parts for k in part) == [f"00000{i:04d}" for i in range(5)]

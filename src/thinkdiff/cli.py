@@ -21,6 +21,8 @@ COMMAND_MODULES: list[str] = [
     "thinkdiff.commands.extract_features",
     "thinkdiff.commands.train",
     "thinkdiff.commands.eval_cobsat",
+    "thinkdiff.commands.generate",
+    "thinkdiff.commands.convert_official",
 ]
 
 

@@ -113,7 +113,7 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tasks", nargs="+", default=None, help="task ids 1..10 or names like Color-I (default: all)"
     )
-    p.add_argument("--shots", type=int, nargs="+", default=DEFAULT_SHOTS, help="shots (default: 2 4)")
+    p.add_argument("--shots", type=int, nargs="+", default=None, help="shots (default: 2 4)")
     p.add_argument(
         "--num-prompts", type=int, default=None, help="first N of the 1000 prompts (default: 1000)"
     )
@@ -150,6 +150,7 @@ def _selection(args: argparse.Namespace) -> tuple[list[int], list[int], list[int
     """(tasks, shots, prompt indices) from the common options; ValueError on bad values."""
     from thinkdiff.evaluation.cobsat.protocol import NUM_PROMPTS, TASKS
 
+    shots_given = args.shots or DEFAULT_SHOTS
     by_name = {t.name.lower(): t.task_id for t in TASKS.values()}
     tasks: list[int] = []
     for raw in args.tasks or [str(t) for t in TASKS]:
@@ -159,7 +160,7 @@ def _selection(args: argparse.Namespace) -> tuple[list[int], list[int], list[int
             tasks.append(by_name[raw.lower()])
         else:
             raise ValueError(f"--tasks {raw!r} is not a task id 1..10 or name like Color-I")
-    for shot in args.shots:
+    for shot in shots_given:
         if not 1 <= shot <= 8:
             raise ValueError(f"--shots {shot} is outside 1..8")
     if args.prompt_range:
@@ -173,7 +174,7 @@ def _selection(args: argparse.Namespace) -> tuple[list[int], list[int], list[int
             raise ValueError(f"--num-prompts {args.num_prompts} must be >= 1")
     if not 0 <= start < stop <= NUM_PROMPTS:
         raise ValueError(f"prompt range {start}:{stop} is not within 0:{NUM_PROMPTS}")
-    return list(dict.fromkeys(tasks)), list(dict.fromkeys(args.shots)), list(range(start, stop))
+    return list(dict.fromkeys(tasks)), list(dict.fromkeys(shots_given)), list(range(start, stop))
 
 
 def run_prompts(args: argparse.Namespace) -> int:
@@ -310,19 +311,24 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    """Merge every judge log under --results into cobsat-results.{md,csv,json,png} there."""
+    """Merge every judge log under --results into cobsat-results.{md,csv,json,png} there.
+
+    Selection options left out default to the union of what the judging processes covered.
+    """
     from thinkdiff.evaluation.cobsat import load_results, write_results
 
     tasks, shots, indices = _selection(args)
     if not args.results.is_dir():
         raise FileNotFoundError(f"--results folder not found: {args.results}")
+    # Options left out default to what the judging processes recorded they covered.
+    prompts_given = args.num_prompts is not None or args.prompt_range is not None
     results = load_results(
         args.results,
         args.images,
         args.label,
-        tasks=tasks,
-        shots=shots,
-        indices=indices,
+        tasks=tasks if args.tasks else None,
+        shots=shots if args.shots else None,
+        indices=indices if prompts_given else None,
         judge_name=args.judge,
     )
     _print_summary(results, write_results(results, args.results))

@@ -38,6 +38,7 @@ from thinkdiff.data.feature_shards import (
 from thinkdiff.data.sharding import rank_and_world_size
 from thinkdiff.data.sources import (
     ImageCaptionSample,
+    Skip,
     SkipLog,
     SourceShard,
     SourceSpec,
@@ -224,8 +225,11 @@ class VLLMEngine:
         model: str,
         model_dir: str,
         gpu_memory_utilization: float = 0.5,
+        max_pixels: int | None = None,
+        feature_batch_size: int = 16,
     ) -> None:
         vllm = _import_vllm()
+        self.feature_batch_size = feature_batch_size
         self.extractor = extractor
         self.settings = settings
         self.model = model
@@ -236,6 +240,8 @@ class VLLMEngine:
             seed=settings.seed,
             gpu_memory_utilization=gpu_memory_utilization,
             limit_mm_per_prompt={"image": 1},
+            # The feature pass must see the image tokens vLLM generated from: same resolution cap.
+            mm_processor_kwargs={"max_pixels": max_pixels} if max_pixels else None,
         )
 
     def run(self, images: Sequence[Image.Image], prompts: Sequence[str], seed: int) -> list[Generated]:
@@ -256,11 +262,17 @@ class VLLMEngine:
         ]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         token_ids = [list(o.outputs[0].token_ids) or [self.extractor.eos_token_ids[0]] for o in outputs]
-        inputs = self.extractor.prepare_inputs(items)
-        out = self.extractor.features_from_tokens(
-            inputs, token_ids, return_prompt_features=self.settings.prompt_features
-        )
-        return _split_output(out)
+        # vLLM wants large batches; the feature pass holds every position's activations at once, so
+        # it runs on slices of the batch.
+        results: list[Generated] = []
+        for start in range(0, len(items), self.feature_batch_size):
+            stop = start + self.feature_batch_size
+            inputs = self.extractor.prepare_inputs(items[start:stop])
+            out = self.extractor.features_from_tokens(
+                inputs, token_ids[start:stop], return_prompt_features=self.settings.prompt_features
+            )
+            results.extend(_split_output(out))
+        return results
 
 
 def _import_vllm() -> Any:
@@ -285,7 +297,10 @@ def make_engine(
     max_pixels: int | None = None,
     gpu_memory_utilization: float = 0.5,
 ) -> FeatureEngine:
-    """Load the LVLM (hub id or folder) behind the named engine (``"hf"`` or ``"vllm"``)."""
+    """Load the LVLM (hub id or folder) behind the named engine (``"hf"`` or ``"vllm"``).
+
+    ``device`` defaults to ``cuda:$LOCAL_RANK`` when a GPU is present, else the CPU.
+    """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
     if engine == "vllm":
@@ -293,6 +308,9 @@ def make_engine(
     from thinkdiff.models.loading import resolve_model_dir
     from thinkdiff.models.lvlm import LVLMFeatureExtractor
 
+    if device is None and torch.cuda.is_available():
+        # One process per GPU under torchrun / accelerate: each takes its local GPU, not all cuda:0.
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     folder = resolve_model_dir(model, kind="LVLM")
     # A local folder is recorded by its absolute path, so that a resume from elsewhere matches.
     name = str(Path(model).expanduser().resolve()) if Path(model).expanduser().is_dir() else str(model)
@@ -306,6 +324,7 @@ def make_engine(
             model=name,
             model_dir=str(folder),
             gpu_memory_utilization=gpu_memory_utilization,
+            max_pixels=max_pixels,
         )
     return HFEngine(extractor, settings, features=hf_features, model=name)
 
@@ -385,6 +404,27 @@ def _expected_samples(shard: SourceShard) -> int | None:
         return None
 
 
+def _run_engine(
+    engine: FeatureEngine, batch: list[ImageCaptionSample], prompts: list[str], seed: int, skips: SkipLog
+) -> list[Generated | None]:
+    """Run a batch; if it fails, run its samples one by one and skip those that fail alone.
+
+    An image the LVLM cannot take (an extreme aspect ratio the processor rejects, one so large it
+    runs out of memory) must cost that sample, not the run.
+    """
+    try:
+        return list(engine.run([s.image for s in batch], prompts, seed))
+    except (ValueError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if len(batch) == 1:
+            skips(Skip(batch[0].key, batch[0].shard, "lvlm_error", f"{type(exc).__name__}: {exc}"[:500]))
+            return [None]
+        logger.warning("a batch failed (%s: %s); retrying its samples one by one", type(exc).__name__, exc)
+    results: list[Generated | None] = []
+    for i, (sample, prompt) in enumerate(zip(batch, prompts)):
+        results.extend(_run_engine(engine, [sample], [prompt], seed + 1 + i, skips))
+    return results
+
+
 def _extract_shard(
     shard: SourceShard,
     out_dir: Path,
@@ -400,10 +440,11 @@ def _extract_shard(
     with FeatureShardWriter(out_dir, shard.index, prompt_features=settings.prompt_features) as writer:
         for batch_index, batch in enumerate(_batches(iter_samples(shard, skips), batch_size)):
             prompts = [settings.prompt_for(s.key) for s in batch]
-            results = engine.run(
-                [s.image for s in batch], prompts, settings.batch_seed(shard.index, batch_index)
-            )
+            seed = settings.batch_seed(shard.index, batch_index)
+            results = _run_engine(engine, batch, prompts, seed, skips)
             for sample, prompt, result in zip(batch, prompts, results):
+                if result is None:
+                    continue
                 writer.add(
                     sample.key,
                     result.token_ids_N,
@@ -414,6 +455,13 @@ def _extract_shard(
                     caption=sample.caption,
                 )
             bar.update(len(batch))
+        # A few samples the LVLM rejects are data; most of a shard failing is a bug or a broken setup,
+        # and must not be recorded as a complete shard (a rerun would never redo it).
+        failed = [s for s in skips.skips if s.reason == "lvlm_error"]
+        if len(failed) >= 2 and 2 * len(failed) > len(failed) + writer.num_samples:
+            raise RuntimeError(
+                f"{len(failed)} samples of {shard.name} failed in the LVLM, e.g. {failed[0].detail}"
+            )
         return writer.finish(
             {
                 "source": shard.name,
@@ -486,11 +534,12 @@ def extract_features(
             summary.samples_written += record["num_samples"]
             summary.bytes_written += sum(f["bytes"] for f in record["files"].values())
             counts.update(record["skipped"])
-            # Shards of unknown size (tars without stats): assume the mean of those done so far.
-            if expected[i] is None:
-                mean = summary.samples_written / summary.shards_written
-                bar.total = int(bar.n + mean * sum(1 for e in expected[i + 1 :] if e is None))
-                bar.refresh()
+            # Re-estimate the total for the ETA; shards of unknown size (tars without img2dataset's
+            # stats) count as the mean of the shards done so far.
+            mean = summary.samples_written / summary.shards_written
+            rest = expected[i + 1 :]
+            bar.total = bar.n + int(sum(e if e is not None else mean for e in rest))
+            bar.refresh()
     summary.seconds = time.perf_counter() - started
     summary.skipped = dict(sorted(counts.items()))
     merge(out_dir)

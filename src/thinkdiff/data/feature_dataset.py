@@ -37,8 +37,8 @@ def padding_fraction(batches: Iterable[Sequence[int]]) -> float:
 
 
 class FeatureShardDataset(IterableDataset):
-    """Samples of a feature folder as ``{"key", "features" [N, H] bf16, "token_ids" [N] long, "text"}``
-    (plus ``"prompt_features"`` [P, H] with ``prompt_features=True``).
+    """Samples of a feature folder as ``{"key", "features" [N, H] bf16, "token_ids" [N] long, "text",
+    "epoch"}`` (plus ``"prompt_features"`` [P, H] with ``prompt_features=True``).
 
     Args:
         root: the output folder of ``thinkdiff extract-features``.
@@ -183,4 +183,5 @@ class FeatureShardDataset(IterableDataset):
             num_workers=num_workers,
             skip=skip,
         ):
-            yield self.shards.get(shard, row)
+            # The epoch lets a collator draw different random cuts of the same sample each epoch.
+            yield {**self.shards.get(shard, row), "epoch": epoch}

@@ -1,7 +1,8 @@
 """Streaming raw image-caption data for ThinkDiff-CLIP, with BLIP-2's image preprocessing.
 
 Ranks split the input shards (``shards[rank::world_size]`` of a seeded per-epoch shard order, so
-no two ranks read the same shard). Inside a rank every worker reads the rank's shards (cheap: only
+no two ranks read the same shard; with fewer shards than ranks, each rank reads them all and keeps
+every ``world_size``-th sample). Inside a rank every worker reads the rank's shards (cheap: only
 bytes), the undecoded samples pass a seeded shuffle buffer, and workers take whole batch slots in
 turn (see :mod:`thinkdiff.data.sharding`); a worker decodes and preprocesses only its own samples.
 The order then depends on ``(seed, epoch, rank, world_size, batch_size)`` and not on
@@ -9,8 +10,8 @@ The order then depends on ``(seed, epoch, rank, world_size, batch_size)`` and no
 
 Resume is exact when no image fails to decode; each undecodable image before the checkpoint moves
 the resume point by one sample (it is only found out when decoding, which skipping avoids).
-Ranks may get different numbers of samples (whole shards); stop an epoch after a fixed number of
-steps when training with DDP.
+Ranks may get different numbers of samples (whole shards): train for a number of steps, with each
+rank starting its next epoch when its stream ends, rather than waiting for the others.
 """
 
 from __future__ import annotations
@@ -85,10 +86,6 @@ class ImageCaptionDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.rank, self.world_size = rank_and_world_size(rank, world_size)
-        if len(self.source_shards) < self.world_size:
-            raise ValueError(
-                f"{len(self.source_shards)} source shards cannot feed {self.world_size} ranks; use smaller shards"
-            )
         self.epoch = 0
         self._iterations = 0
         self._resume: tuple[int, int] | None = None
@@ -120,12 +117,18 @@ class ImageCaptionDataset(IterableDataset):
         self.set_epoch(state["epoch"])
         self._resume = (state["epoch"], state["samples_seen"])
 
+    @property
+    def split_by_sample(self) -> bool:
+        """Fewer shards than ranks (a small validation set): every rank reads all shards and keeps
+        every ``world_size``-th sample, instead of taking whole shards."""
+        return len(self.source_shards) < self.world_size
+
     def rank_shards(self, epoch: int) -> list[int]:
         """Indices of the source shards this rank reads in ``epoch``, in reading order."""
         order = list(range(len(self.source_shards)))
         if self.shuffle_buffer > 1:
             random.Random(f"{self.seed}:{epoch}").shuffle(order)  # the same on every rank
-        return order[self.rank :: self.world_size]
+        return order if self.split_by_sample else order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch + self._iterations
@@ -140,6 +143,8 @@ class ImageCaptionDataset(IterableDataset):
             for i in self.rank_shards(epoch)
             for sample in iter_raw_samples(self.source_shards[i], self._skip)
         )
+        if self.split_by_sample:
+            raw = (sample for n, sample in enumerate(raw) if n % self.world_size == self.rank)
         shuffled = shuffle_buffer(raw, self.shuffle_buffer, random.Random(f"{self.seed}:{epoch}:{self.rank}"))
         for item in select_worker_slots(
             shuffled, batch_size=self.batch_size, worker_id=worker_id, num_workers=num_workers, skip=skip

@@ -160,7 +160,9 @@ def list_source_shards(spec: SourceSpec, samples_per_shard: int = 1000) -> list[
         if path.suffix.lower() in (".jsonl", ".csv"):
             if not path.is_file():
                 raise FileNotFoundError(f"manifest {path} does not exist")
-            return _slices("manifest", str(path.resolve()), len(_read_manifest(path.resolve())), samples_per_shard)
+            return _slices(
+                "manifest", str(path.resolve()), len(_read_manifest(path.resolve())), samples_per_shard
+            )
         urls = _expand_tar_spec(text)
     else:
         urls = [os.fspath(s) for s in spec]

@@ -35,6 +35,7 @@ from thinkdiff.evaluation.cobsat.judge import (
     judge_slug,
     load_judge,
     read_judgements,
+    recorded_selection,
 )
 from thinkdiff.evaluation.cobsat.protocol import (
     COBSAT_INSTRUCTION,
@@ -109,6 +110,7 @@ __all__ = [
     "parse_answer",
     "prompts_list",
     "read_judgements",
+    "recorded_selection",
     "score_records",
     "shown",
     "wilson_interval",

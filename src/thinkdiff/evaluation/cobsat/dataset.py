@@ -70,7 +70,7 @@ class CobsatDataset:
     def load(cls, path: str | Path, extract_dir: str | Path | None = None) -> CobsatDataset:
         """Open and check the dataset at ``path``: the unpacked folder (or its parent) or ``datasets.zip``.
 
-        A zip is extracted once to ``extract_dir`` (default: beside the zip, named after it).
+        A zip is extracted once to ``extract_dir`` (default: ``{zip stem}-unpacked`` beside it).
         Raises ``FileNotFoundError`` naming every missing theme folder and file (first few).
         """
         path = Path(path)
@@ -79,7 +79,9 @@ class CobsatDataset:
         if path.is_file():
             if not zipfile.is_zipfile(path):
                 raise ValueError(f"{path} is neither a folder nor a zip archive")
-            root = _extract_zip(path, Path(extract_dir) if extract_dir else path.with_suffix(""))
+            root = _extract_zip(
+                path, Path(extract_dir) if extract_dir else path.with_name(f"{path.stem}-unpacked")
+            )
         else:
             root = _find_root(path)
         dataset = cls(root=root)

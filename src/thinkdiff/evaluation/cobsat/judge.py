@@ -63,6 +63,7 @@ __all__ = [
     "judge_slug",
     "load_judge",
     "read_judgements",
+    "recorded_selection",
 ]
 
 logger = logging.getLogger(__name__)
@@ -142,14 +143,11 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         # The benchmark ran its judge in fp16; CPUs lack fast fp16 kernels.
         return torch.float16 if device.startswith("cuda") else torch.float32
     if isinstance(dtype, str):
-        return {
-            "float16": torch.float16,
-            "fp16": torch.float16,
-            "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16,
-            "float32": torch.float32,
-            "fp32": torch.float32,
-        }[dtype]
+        names = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16}
+        names |= {"bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+        if dtype not in names:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(names)}")
+        return names[dtype]
     return dtype
 
 
@@ -427,6 +425,23 @@ def read_judgements(folder: str | Path) -> dict[tuple[int, int, int, str], dict[
     return records
 
 
+def recorded_selection(folder: str | Path) -> tuple[list[int], list[int], list[int]] | None:
+    """Union of the (tasks, shots, prompt indices) that the shards judging into ``folder`` covered.
+
+    ``None`` when no shard recorded its selection.
+    """
+    tasks: set[int] = set()
+    shots: set[int] = set()
+    indices: set[int] = set()
+    files = sorted(Path(folder).glob("*.selection.json"))
+    for path in files:
+        sel = json.loads(path.read_text())
+        tasks.update(sel["tasks"])
+        shots.update(sel["shots"])
+        indices.update(sel["indices"])
+    return (sorted(tasks), sorted(shots), sorted(indices)) if files else None
+
+
 def _default_shard(tasks: Sequence[int], shots: Sequence[int], indices: Sequence[int]) -> str:
     def span(xs: Sequence[int]) -> str:
         xs = sorted(xs)
@@ -477,6 +492,9 @@ def judge_cobsat(
         log_dir = results_dir / "judgements" / judge_slug(judge.info.name)
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "judge.json").write_text(json.dumps(judge.info.to_dict(), indent=2) + "\n")
+        # What this shard was asked to cover, so a report can default to the union of all shards.
+        selection = {"tasks": tasks, "shots": shots, "indices": indices}
+        (log_dir / f"{shard}.selection.json").write_text(json.dumps(selection) + "\n")
         done = read_judgements(log_dir)
         pending: list[tuple[CobsatPrompt, Path, str, str, str]] = []
         for p, path, digest in found:

@@ -147,10 +147,12 @@ class CobsatTask:
 
     @property
     def x_items(self) -> tuple[str, ...]:
+        """The ten possible text words (items), in option order."""
         return ITEMS[self.x_category]
 
     @property
     def theta_items(self) -> tuple[str, ...]:
+        """The ten possible latent attributes (items), in option order."""
         return ITEMS[self.theta_category]
 
 

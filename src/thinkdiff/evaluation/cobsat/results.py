@@ -508,16 +508,18 @@ def load_results(
     images_dir: str | Path | None,
     label: str,
     *,
-    tasks: Iterable[int] = tuple(TASKS),
-    shots: Iterable[int] = (2, 4),
-    indices: Iterable[int] = range(NUM_PROMPTS),
+    tasks: Iterable[int] | None = None,
+    shots: Iterable[int] | None = None,
+    indices: Iterable[int] | None = None,
     judge_name: str | None = None,
 ) -> CobsatResults:
     """Build results from the judge logs under ``{results_dir}/judgements/`` (all shards merged).
 
-    ``judge_name`` picks one judge's folder when several judged this run (by slug or name).
+    ``tasks``, ``shots`` and ``indices`` left ``None`` default to what the shards recorded they
+    covered (their union), else to the full run. ``judge_name`` picks one judge's folder when
+    several judged this run (by slug or name).
     """
-    from thinkdiff.evaluation.cobsat.judge import judge_slug
+    from thinkdiff.evaluation.cobsat.judge import judge_slug, recorded_selection
 
     base = Path(results_dir) / "judgements"
     folders = [
@@ -531,7 +533,10 @@ def load_results(
             f"need exactly one judge log folder under {base} (found: {found}); pass the judge name"
         )
     info = JudgeInfo.from_dict(json.loads((folders[0] / "judge.json").read_text()))
-    tasks, shots, indices = list(tasks), list(shots), list(indices)
+    recorded = recorded_selection(folders[0]) or (list(TASKS), [2, 4], list(range(NUM_PROMPTS)))
+    tasks = recorded[0] if tasks is None else list(tasks)
+    shots = recorded[1] if shots is None else list(shots)
+    indices = recorded[2] if indices is None else list(indices)
     cells = score_records(read_judgements(folders[0]), images_dir, tasks=tasks, shots=shots, indices=indices)
     clip_dirs = sorted(base.glob("clip--*"))
     clip = (

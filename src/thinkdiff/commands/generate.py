@@ -1,0 +1,407 @@
+"""``thinkdiff generate``: images (FLUX.1) or videos (CogVideoX) from interleaved images and text.
+
+Inputs are given once on the command line (``--image``/``--text``, repeated, in order), as one job
+(``--job FILE.json``) or as many (``--jobs FILE.jsonl``, batched). Each output gets a JSON sidecar
+with its inputs, mode, seed, the LVLM's text, the component ids and the stage timings. Every input
+is checked before any model loads, and files are written atomically, so bad input leaves nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from thinkdiff.pipelines import Request, ThinkDiffOutput, ThinkDiffPipeline
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+VIDEO_SUFFIXES = (".mp4",)
+JOB_KEYS = ("items", "seed", "extra_text", "steps", "guidance", "height", "width", "num_frames", "out")
+
+JOBS_HELP = """\
+Job files: --job holds one JSON object, --jobs one object per line:
+  {"items": [{"text": "Word 1: white, "}, {"image": "cars/white.jpg"}, {"text": "Word 2: blue, "}],
+   "seed": 0, "extra_text": null, "steps": 28, "guidance": 3.5, "height": 512, "width": 512,
+   "num_frames": 49, "out": "white-blue.png"}
+Only "items" is required ({"text": ...} or {"image": PATH}; a bare string is text); the other
+fields default to the command-line values. Relative image paths are relative to the job file.
+Other keys (e.g. those of `thinkdiff eval cobsat prompts --format thinkdiff`) are copied into the
+sidecar. With --jobs, --out is a folder and a job's "out" is a name inside it (default 00000.png).
+
+Examples:
+  thinkdiff generate --model runs/lvlm/model --text "Word 1: white, " --image white.jpg \\
+      --text "\\n\\nWord 2: blue, " --image blue.jpg --text "\\n\\nWord 3: red, " --seed 0 --out red.png
+  thinkdiff generate --mode text-bridge --lvlm Qwen/Qwen2-VL-7B-Instruct --jobs cobsat.jsonl --out out/
+  thinkdiff generate --model runs/clip/model --decoder THUDM/CogVideoX-5b --image cat.jpg \\
+      --text "running on the beach" --out cat.mp4
+"""
+
+
+class _AppendItem(argparse.Action):
+    """--image and --text append to one shared list, so their order is the interleaved order."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = list(getattr(namespace, "items", None) or [])
+        items.append(("image" if option_string == "--image" else "text", values))
+        namespace.items = items
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from thinkdiff.pipelines.constants import MODES, OFFLOAD_MODES
+
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate an image or video from interleaved images and text",
+        description="Generate images (FLUX.1) or videos (CogVideoX) from interleaved images and text.\n\n"
+        + JOBS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inputs = parser.add_argument_group("inputs (one of: --image/--text items, --job, --jobs)")
+    inputs.add_argument("--image", action=_AppendItem, metavar="PATH", help="an image (repeatable, ordered)")
+    inputs.add_argument("--text", action=_AppendItem, metavar="STR", help="a text (repeatable, ordered)")
+    inputs.add_argument("--job", type=Path, metavar="FILE.json", help="one job as a JSON object")
+    inputs.add_argument("--jobs", type=Path, metavar="FILE.jsonl", help="many jobs, one JSON object a line")
+    inputs.add_argument(
+        "--extra-text", help="lvlm: appended as decoder-T5 tokens; clip/text-bridge: to the text"
+    )
+
+    models = parser.add_argument_group("models")
+    models.add_argument(
+        "--model", type=Path, help="trained ThinkDiff model folder (not needed for text-bridge)"
+    )
+    models.add_argument(
+        "--mode", choices=MODES, help="default: the model folder's variant, text-bridge without --model"
+    )
+    models.add_argument(
+        "--decoder", help="FLUX.1 or CogVideoX folder or hub id (default: the model's decoder)"
+    )
+    models.add_argument(
+        "--lvlm", help="LVLM for lvlm/text-bridge (default: the model's; Qwen/Qwen2-VL-7B-Instruct)"
+    )
+    models.add_argument("--vision", help="BLIP-2 vision model for clip mode (default: the model's)")
+
+    decoding = parser.add_argument_group("decoder settings (default: the decoder's own)")
+    decoding.add_argument(
+        "--seed", type=int, default=0, help="seeds the LVLM sampling and the noise (default 0)"
+    )
+    decoding.add_argument(
+        "--steps", type=int, help="denoising steps (FLUX.1-dev 28, schnell 4, CogVideoX 50)"
+    )
+    decoding.add_argument("--guidance", type=float, help="guidance scale (FLUX.1-dev 3.5, CogVideoX 6)")
+    decoding.add_argument("--height", type=int, help="pixels (FLUX: 1024 by default)")
+    decoding.add_argument("--width", type=int, help="pixels (FLUX: 1024 by default)")
+    decoding.add_argument("--num-frames", type=int, help="video frames (CogVideoX)")
+    decoding.add_argument(
+        "--fps", type=int, default=8, help="frames per second of written videos (default 8)"
+    )
+
+    conditioning = parser.add_argument_group("conditioning")
+    conditioning.add_argument("--instruction", help="instruction before the items (default: the CoBSAT one)")
+    conditioning.add_argument("--no-instruction", action="store_true", help="send the items alone")
+    conditioning.add_argument("--num-tokens", type=int, default=128, help="LVLM tokens (default 128)")
+    conditioning.add_argument("--temperature", type=float, default=0.6, help="LVLM sampling (default 0.6)")
+    conditioning.add_argument("--top-p", type=float, default=0.9, help="LVLM nucleus mass (default 0.9)")
+    conditioning.add_argument(
+        "--text-max-length", type=int, default=128, help="T5 tokens of text (default 128)"
+    )
+    conditioning.add_argument("--max-images", type=int, default=16, help="most images per input (default 16)")
+    conditioning.add_argument("--max-pixels", type=int, help="cap on the LVLM's image resolution")
+
+    running = parser.add_argument_group("running")
+    running.add_argument("--out", type=Path, help="output file (a folder with --jobs)")
+    running.add_argument("--device", help="torch device (default: cuda if available)")
+    running.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="frozen models' dtype (auto: bfloat16 on GPU, float32 on CPU)",
+    )
+    running.add_argument("--offload", choices=OFFLOAD_MODES, default="none", help="decoder CPU offload")
+    running.add_argument("--batch-size", type=int, default=1, help="requests per decoder call")
+    running.add_argument(
+        "--lvlm-batch-size",
+        type=int,
+        default=1,
+        help="requests per LVLM call (above 1 a request's sampled text depends on its batch)",
+    )
+    running.add_argument("--chunk-size", type=int, default=64, help="jobs per pass through all stages")
+    parser.set_defaults(func=run, items=None)
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+
+def _parse_item(item: Any, base: Path, where: str) -> Any:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict) and len(item) == 1 and "text" in item and isinstance(item["text"], str):
+        return item["text"]
+    if isinstance(item, dict) and len(item) == 1 and "image" in item and isinstance(item["image"], str):
+        path = Path(item["image"]).expanduser()
+        return path if path.is_absolute() else base / path
+    raise ValueError(f'{where}: each item must be {{"text": STR}} or {{"image": PATH}}, got {item!r}')
+
+
+def _job_request(job: Any, base: Path, where: str, args: argparse.Namespace, unknown: set[str]) -> Request:
+    from thinkdiff.pipelines import Request
+
+    if not isinstance(job, dict):
+        raise ValueError(f"{where}: a job must be a JSON object, got {type(job).__name__}")
+    if not isinstance(job.get("items"), list):
+        raise ValueError(f'{where}: a job needs "items", a list of texts and images')
+    unknown.update(k for k in job if k not in JOB_KEYS)
+
+    def pick(key: str, default: Any, kind: type | tuple[type, ...]) -> Any:
+        value = job.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{where}: {key} must be a {getattr(kind, '__name__', 'number')}, got {value!r}")
+        return value
+
+    return Request(
+        items=[_parse_item(item, base, where) for item in job["items"]],
+        seed=pick("seed", args.seed, int),
+        extra_text=pick("extra_text", args.extra_text, str),
+        height=pick("height", args.height, int),
+        width=pick("width", args.width, int),
+        num_inference_steps=pick("steps", args.steps, int),
+        guidance_scale=pick("guidance", args.guidance, (int, float)),
+        num_frames=pick("num_frames", args.num_frames, int),
+        metadata={"out": job.get("out"), "job": {k: v for k, v in job.items() if k not in JOB_KEYS}},
+    )
+
+
+def _read_requests(args: argparse.Namespace) -> list[Request]:
+    """The requests of the command line or job files; every format error is a ValueError."""
+    from thinkdiff.pipelines import Request
+
+    given = [
+        name
+        for name, value in (("--image/--text", args.items), ("--job", args.job), ("--jobs", args.jobs))
+        if value
+    ]
+    if not given:
+        raise ValueError("no inputs: give --image/--text (repeatable), --job FILE.json or --jobs FILE.jsonl")
+    if len(given) > 1:
+        raise ValueError(f"give only one of {', '.join(given)}")
+    if args.items:
+        items = [Path(value).expanduser() if kind == "image" else value for kind, value in args.items]
+        return [
+            Request(
+                items=items,
+                seed=args.seed,
+                extra_text=args.extra_text,
+                height=args.height,
+                width=args.width,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                num_frames=args.num_frames,
+            )
+        ]
+    path: Path = args.job or args.jobs
+    if not path.is_file():
+        raise FileNotFoundError(f"job file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    unknown: set[str] = set()
+    try:
+        if args.job:
+            requests = [_job_request(json.loads(text), path.parent, str(path), args, unknown)]
+        else:
+            requests = [
+                _job_request(json.loads(line), path.parent, f"{path} line {n}", args, unknown)
+                for n, line in enumerate(text.splitlines(), 1)
+                if line.strip()
+            ]
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not requests:
+        raise ValueError(f"{path} holds no jobs")
+    if unknown:
+        logger.warning("job keys %s are not settings; they are copied into the sidecars", sorted(unknown))
+    return requests
+
+
+def _output_paths(args: argparse.Namespace, requests: list[Request], kind: str, mode: str) -> list[Path]:
+    suffixes = VIDEO_SUFFIXES if kind == "video" else IMAGE_SUFFIXES
+    default_suffix = suffixes[0]
+    if args.jobs:
+        folder = args.out or Path("thinkdiff-output")
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--out {folder} must be a folder with --jobs")
+        names = [r.metadata.get("out") or f"{i:05d}{default_suffix}" for i, r in enumerate(requests)]
+        paths = [folder / name for name in names]
+    else:
+        out = requests[0].metadata.get("out") if args.job else None
+        paths = [
+            args.out or (Path(out) if out else Path(f"thinkdiff-{mode}-{requests[0].seed}{default_suffix}"))
+        ]
+    for path in paths:
+        if path.suffix.lower() not in suffixes:
+            article = "an" if kind == "image" else "a"
+            raise ValueError(f"output {path}: {article} {kind} decoder writes {' or '.join(suffixes)} files")
+    duplicates = sorted({str(p) for p in paths if paths.count(p) > 1})
+    if duplicates:
+        raise ValueError(f"several jobs write the same output: {', '.join(duplicates)}")
+    return paths
+
+
+# ---- outputs ----------------------------------------------------------------------------------
+
+
+def _write_image(image: Image.Image, path: Path) -> None:
+    from thinkdiff.utils import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+    image.convert("RGB").save(buffer, format=fmt)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _write_video(frames: list[Image.Image], path: Path, fps: int) -> dict[str, Any]:
+    """MP4 through diffusers' ``export_to_video``; PNG frames + a GIF if no video writer works."""
+    from diffusers.utils import export_to_video
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The writer picks its format from the suffix, so the temporary name keeps ".mp4".
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        export_to_video(frames, str(tmp), fps=fps)
+        os.replace(tmp, path)
+        return {}
+    except (ImportError, OSError, RuntimeError, ValueError) as error:
+        tmp.unlink(missing_ok=True)
+        logger.warning("could not write %s (%s); writing PNG frames and a GIF instead", path, error)
+        reason = f"{type(error).__name__}: {error}"
+    frames_dir = path.with_name(f"{path.stem}_frames")
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames):
+        _write_image(frame, frames_dir / f"{i:04d}.png")
+    gif = path.with_suffix(".gif")
+    buffer = io.BytesIO()
+    from thinkdiff.utils import atomic_write_bytes
+
+    frames[0].save(
+        buffer, format="GIF", save_all=True, append_images=frames[1:], duration=1000 // fps, loop=0
+    )
+    atomic_write_bytes(gif, buffer.getvalue())
+    return {"video_fallback": {"frames": str(frames_dir), "gif": str(gif), "reason": reason}}
+
+
+def _jsonable_items(items: Sequence[Any]) -> list[dict[str, str]]:
+    return [{"text": it} if isinstance(it, str) else {"image": os.fspath(it)} for it in items]
+
+
+def _sidecar(
+    pipe: ThinkDiffPipeline,
+    request: Request,
+    index: int,
+    output: ThinkDiffOutput,
+    path: Path,
+    batch_size: int,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    import dataclasses
+
+    from thinkdiff import __version__
+
+    record = {
+        "output": path.name,
+        "inputs": {"items": _jsonable_items(request.items), "extra_text": request.extra_text},
+        "mode": pipe.mode,
+        "seed": request.seed,
+        "lvlm_text": output.lvlm_texts[index],
+        "settings": output.settings[index],
+        "conditioning": dataclasses.asdict(pipe.settings),
+        "components": pipe.components,
+        "device": str(pipe.device),
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "offload": pipe.decoder.offload,
+        # Stages run once for a whole batch of requests: these are the batch's times.
+        "timings": {k: round(v, 4) for k, v in output.timings.items()},
+        "timings_cover_requests": batch_size,
+        "thinkdiff_version": __version__,
+        **extra,
+    }
+    if output.peak_memory:
+        record["peak_memory_bytes"] = output.peak_memory
+    if request.metadata.get("job"):
+        record["job"] = request.metadata["job"]
+    return record
+
+
+# ---- command ----------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check everything, then generate in chunks and write each output with its sidecar."""
+    import torch
+
+    from thinkdiff.pipelines import InferenceSettings, ThinkDiffPipeline
+    from thinkdiff.utils import atomic_write_text
+
+    # 1. Inputs and settings: parsed and checked before any model loads.
+    requests = _read_requests(args)
+    if args.no_instruction and args.instruction is not None:
+        raise ValueError("give --instruction or --no-instruction, not both")
+    for name in ("batch_size", "lvlm_batch_size", "chunk_size", "fps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    settings = InferenceSettings(
+        num_tokens=args.num_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        text_max_length=args.text_max_length,
+        max_images=args.max_images,
+        max_pixels=args.max_pixels,
+        encoder_batch_size=args.lvlm_batch_size,
+        decoder_batch_size=args.batch_size,
+    )
+    if args.no_instruction:
+        settings.instruction = None
+    elif args.instruction is not None:
+        settings.instruction = args.instruction
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+
+    # 2. The pipeline reads the model folder (aligner only) and the decoder's configs: mode,
+    #    variant and widths are checked here; then every image is opened.
+    pipe = ThinkDiffPipeline.from_pretrained(
+        args.model,
+        decoder=args.decoder,
+        mode=args.mode,
+        lvlm=args.lvlm,
+        vision=args.vision,
+        device=args.device,
+        dtype=dtype,
+        offload=args.offload,
+        settings=settings,
+    )
+    paths = _output_paths(args, requests, pipe.decoder_spec.kind, pipe.mode)
+    pipe.check(requests)
+
+    # 3. Generate and write, a chunk of jobs at a time (each chunk runs every stage once).
+    for start in range(0, len(requests), args.chunk_size):
+        chunk = requests[start : start + args.chunk_size]
+        output = pipe(chunk)
+        results = output.videos if pipe.decoder_spec.kind == "video" else output.images
+        for offset, (request, result) in enumerate(zip(chunk, results)):
+            path = paths[start + offset]
+            if pipe.decoder_spec.kind == "video":
+                extra = _write_video(result, path, args.fps)
+            else:
+                _write_image(result, path)
+                extra = {}
+            record = _sidecar(pipe, request, offset, output, path, len(chunk), extra)
+            atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+            print(path)
+    return 0

@@ -1,0 +1,32 @@
+"""Names and defaults of the inference pipeline, importable without torch (the CLI's --help uses them)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Mode = Literal["lvlm", "clip", "text-bridge"]
+MODES: tuple[str, ...] = ("lvlm", "clip", "text-bridge")
+"""ThinkDiff-LVLM, ThinkDiff-CLIP, and the baseline where the LVLM writes a text prompt."""
+
+Offload = Literal["none", "model", "sequential"]
+OFFLOAD_MODES: tuple[str, ...] = ("none", "model", "sequential")
+"""``none``: every loaded component on the device; ``model``: diffusers' ``enable_model_cpu_offload``
+(one whole model on the device at a time); ``sequential``: ``enable_sequential_cpu_offload``
+(one submodule at a time: least memory, slowest)."""
+
+DEFAULT_DECODER = "black-forest-labs/FLUX.1-dev"
+"""The decoder of the paper, used when neither the model folder nor the caller names one."""
+
+DEFAULT_LVLM = "Qwen/Qwen2-VL-7B-Instruct"
+"""The LVLM of the paper's release; text-bridge uses it when no model folder names another."""
+
+DEFAULT_INSTRUCTION = (
+    "I give you several words and pictures. First, please analyse what the next picture is. "
+    "Then give me a detailed diffusion prompt to describe the next picture. Please only provide "
+    "me the detailed prompt and start the answer with 'Create an image'."
+)
+"""The instruction the released code put before CoBSAT-style inputs (lvlm and text-bridge modes).
+
+Kept equal to :data:`thinkdiff.evaluation.cobsat.protocol.COBSAT_INSTRUCTION` (a test checks it);
+defined here so that inference does not depend on the evaluation package.
+"""

@@ -1,0 +1,807 @@
+"""ThinkDiff inference: interleaved images and text -> prompt embeddings -> a stock diffusion decoder.
+
+The pattern is diffusers' ``FluxPriorReduxPipeline``: this pipeline computes ``prompt_embeds``
+(+ a mask) and FLUX's ``pooled_prompt_embeds`` and hands them to an unmodified ``FluxPipeline`` or
+``CogVideoXPipeline``. Three modes:
+
+- ``lvlm`` (ThinkDiff-LVLM, paper 3.3): the LVLM reads the instruction and the interleaved items and
+  generates exactly ``num_tokens`` tokens (EOS suppressed); the final-norm states of those tokens go
+  through the aligner and become the prompt embeddings. FLUX's pooled vector is its CLIP text
+  encoder applied to ``""``. Extra text, if any, is encoded by the decoder's T5 and appended.
+- ``clip`` (ThinkDiff-CLIP, paper 3.4): each image gives 65 aligned EVA-CLIP tokens, in order,
+  followed by the decoder's own T5 embeddings of the text; the pooled vector is CLIP of the text.
+- ``text-bridge`` (the baseline): the LVLM writes a prompt (same instruction, inputs and seed as
+  ``lvlm``) and the decoder's own text encoders encode it.
+
+Execution is staged so that peak memory is the largest stage, not the sum: (1) the LVLM or vision
+tower + aligner, (2) the decoder's text encoders, (3) the decoder's transformer + VAE. Each stage's
+models are released before the next loads unless ``keep_loaded=True`` (faster repeated calls when
+everything fits).
+
+Shapes: B requests, N LVLM tokens, H LVLM / vision width, L prompt tokens, S T5 text tokens,
+D prompt width (the decoder's T5 d_model), P pooled width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from thinkdiff.models.loading import default_dtype, resolve_model_dir
+from thinkdiff.pipelines.constants import DEFAULT_DECODER, DEFAULT_INSTRUCTION, DEFAULT_LVLM, MODES, Offload
+from thinkdiff.pipelines.decoders import DecoderSpec, DiffusionDecoder, load_decoder, release
+from thinkdiff.pipelines.requests import Item, PreparedRequest, Request, prepare_requests
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from thinkdiff.models.aligner import Aligner
+    from thinkdiff.models.bundle import ThinkDiffInfo
+
+__all__ = [
+    "DEFAULT_LVLM",
+    "InferenceSettings",
+    "SeededImageGenerator",
+    "ThinkDiffEmbeddings",
+    "ThinkDiffOutput",
+    "ThinkDiffPipeline",
+]
+
+logger = logging.getLogger(__name__)
+
+_SETTING_NAMES = ("height", "width", "num_inference_steps", "guidance_scale", "num_frames")
+
+
+@dataclass
+class InferenceSettings:
+    """How the conditioning is computed (decoder settings are arguments of the call)."""
+
+    instruction: str | None = DEFAULT_INSTRUCTION
+    """Put before the items in lvlm and text-bridge modes (``None``: no instruction). Not added again
+    when the items already start with it; dropped from the items in clip mode."""
+    num_tokens: int = 128
+    """lvlm: exactly this many tokens are generated (EOS ignored); text-bridge: at most this many."""
+    temperature: float = 0.6
+    """LVLM sampling temperature."""
+    top_p: float = 0.9
+    """LVLM nucleus sampling mass."""
+    text_max_length: int = 128
+    """T5 tokens for the text of clip mode and the extra text of lvlm mode (FLUX). CogVideoX gets
+    whatever is left of its fixed prompt length after the aligned tokens."""
+    max_images: int = 16
+    """Most images per request."""
+    max_pixels: int | None = None
+    """Caps the LVLM's image resolution (``None``: the checkpoint's own setting)."""
+    encoder_batch_size: int = 1
+    """Requests per LVLM ``generate`` call (images per vision-tower call in clip mode). Above 1 the
+    LVLM samples a batch from one RNG stream, so a request's text then depends on its batch
+    companions; 1 keeps every request reproducible on its own."""
+    decoder_batch_size: int = 1
+    """Requests per decoder call. Each row has its own ``torch.Generator``, so batching does not
+    change the noise; only requests with equal settings and prompt length are batched."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_tokens",
+            "text_max_length",
+            "max_images",
+            "encoder_batch_size",
+            "decoder_batch_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class ThinkDiffEmbeddings:
+    """What a stock decoder takes, for B requests (rows right-padded to the longest)."""
+
+    prompt_embeds: torch.Tensor
+    """[B, L, D] aligned tokens first, then any T5 text tokens; zero after ``prompt_attention_mask``."""
+    prompt_attention_mask: torch.Tensor
+    """[B, L] bool: True for real tokens. FLUX and CogVideoX take no mask: pass only the real rows."""
+    pooled_prompt_embeds: torch.Tensor | None
+    """[B, P]: FLUX's pooled CLIP text vector; ``None`` for CogVideoX."""
+    negative_prompt_embeds: torch.Tensor | None
+    """[B, L, D]: CogVideoX's guidance negative (T5 of ``""``); ``None`` for FLUX."""
+    num_aligned_tokens: list[int]
+    """How many leading tokens of each row came from the aligner (0 in text-bridge mode)."""
+    lvlm_texts: list[str | None]
+    """The LVLM's generated text per request (``None`` in clip mode)."""
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def decoder_kwargs(self, index: int) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the stock pipeline for request ``index`` (batch of one, unpadded).
+
+        FLUX: ``pipe(**emb.decoder_kwargs(0), generator=...)`` with ``prompt_embeds`` [1, L, D] and
+        ``pooled_prompt_embeds`` [1, P]; CogVideoX: ``prompt_embeds`` and ``negative_prompt_embeds``.
+        """
+        length = int(self.prompt_attention_mask[index].sum())
+        kwargs = {"prompt_embeds": self.prompt_embeds[index : index + 1, :length]}
+        if self.pooled_prompt_embeds is not None:
+            kwargs["pooled_prompt_embeds"] = self.pooled_prompt_embeds[index : index + 1]
+        if self.negative_prompt_embeds is not None:
+            kwargs["negative_prompt_embeds"] = self.negative_prompt_embeds[index : index + 1, :length]
+        return kwargs
+
+
+@dataclass
+class ThinkDiffOutput:
+    """Results of :meth:`ThinkDiffPipeline.__call__`, in request order."""
+
+    images: list[Image.Image]
+    """One image per request (image decoders); empty for video decoders."""
+    videos: list[list[Image.Image]]
+    """One list of frames per request (video decoders); empty for image decoders."""
+    embeddings: ThinkDiffEmbeddings
+    settings: list[dict[str, Any]]
+    """The decoder settings each request ran with (height, width, steps, guidance, frames)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage for the whole call (loads are their own ``load_*`` stages)."""
+    peak_memory: dict[str, int] = field(default_factory=dict)
+    """Peak allocated GPU bytes per stage (CUDA only)."""
+
+    @property
+    def lvlm_texts(self) -> list[str | None]:
+        return self.embeddings.lvlm_texts
+
+
+class ThinkDiffPipeline:
+    """Interleaved images + text -> prompt embeddings for a stock FLUX.1 / CogVideoX pipeline.
+
+    Build it with :meth:`from_pretrained`. :meth:`encode` returns the embeddings only;
+    calling the pipeline also runs the decoder and returns images or video frames.
+
+    Args:
+        mode: ``"lvlm"``, ``"clip"`` or ``"text-bridge"``.
+        decoder: the decoder (see :class:`DecoderSpec`).
+        aligner, info: the trained model (required for lvlm and clip).
+        source_model: the LVLM (lvlm, text-bridge) or BLIP-2 vision model (clip).
+        device: where the models run (default: CUDA when available).
+        dtype: of the frozen models (default: bf16 on GPU, fp32 on CPU); the aligner stays fp32.
+        offload: decoder offload mode (``none``, ``model``, ``sequential``); needs a GPU.
+        keep_loaded: keep every stage's models between calls instead of releasing them.
+        settings: see :class:`InferenceSettings`.
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        decoder: DecoderSpec,
+        *,
+        aligner: Aligner | None = None,
+        info: ThinkDiffInfo | None = None,
+        source_model: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        offload: Offload = "none",
+        keep_loaded: bool = False,
+        settings: InferenceSettings | None = None,
+        model_path: str | Path | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode in ("lvlm", "clip"):
+            if aligner is None or info is None:
+                raise ValueError(f"mode {mode} needs a trained ThinkDiff model folder (--model)")
+            if info.variant != mode:
+                where = f"model folder {model_path}" if model_path is not None else "the model"
+                raise ValueError(
+                    f"{where} is a ThinkDiff-{info.variant.upper()} model; mode {mode} needs a {mode} model "
+                    f"(use mode {info.variant})"
+                )
+            if aligner.out_dim != decoder.prompt_width:
+                raise ValueError(
+                    f"the aligner writes {aligner.out_dim}-wide prompt embeddings but decoder {decoder.name} "
+                    f"takes {decoder.prompt_width}-wide ones: the model was trained for another decoder "
+                    f"({info.diffusion_decoder})"
+                )
+        self.mode = mode
+        self.decoder_spec = decoder
+        self.aligner = aligner
+        self.info = info
+        self.model_path = None if model_path is None else str(model_path)
+        self.source_model = source_model or _default_source(mode, info)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or default_dtype(self.device)
+        self.settings = settings or InferenceSettings()
+        self.keep_loaded = keep_loaded
+        self.decoder: DiffusionDecoder = load_decoder(decoder, self.device, self.dtype, offload)
+        if self.aligner is not None:
+            # fp32 like the released code: the aligner is small and its norm needs the precision.
+            # It sits on the CPU between calls and joins stage 1 on the device.
+            self.aligner = self.aligner.float().eval().requires_grad_(False)
+        self._loaded: dict[str, Any] = {}
+        self._decoder_components: set[str] = set()  # what the kept decoder pipeline holds
+        self._empty: dict[str, torch.Tensor] | None = None  # decoder conditioning for "" (constant)
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path | None = None,
+        *,
+        decoder: str | Path | None = None,
+        mode: str | None = None,
+        lvlm: str | Path | None = None,
+        vision: str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        offload: Offload = "none",
+        keep_loaded: bool = False,
+        settings: InferenceSettings | None = None,
+    ) -> ThinkDiffPipeline:
+        """Read a model folder and the decoder's configs; load only the aligner (small).
+
+        ``mode`` defaults to the folder's variant (``text-bridge`` without a folder); ``decoder``
+        to the decoder the model was trained for (FLUX.1-dev without a folder); ``lvlm`` /
+        ``vision`` to the folder's source model (``Qwen/Qwen2-VL-7B-Instruct`` for text-bridge
+        without a folder). Every mismatch is a ``ValueError`` raised here, before heavy loads.
+        """
+        from thinkdiff.models.bundle import load_model
+
+        aligner = info = None
+        if model is not None:
+            aligner, info = load_model(model)
+        mode = mode or (info.variant if info is not None else "text-bridge")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "clip" and lvlm is not None:
+            raise ValueError("mode clip uses no LVLM: --lvlm applies to lvlm and text-bridge (use --vision)")
+        if mode != "clip" and vision is not None:
+            raise ValueError(f"mode {mode} uses no vision tower: --vision applies to clip mode")
+        spec = DecoderSpec.inspect(
+            decoder or (info.diffusion_decoder if info is not None else DEFAULT_DECODER)
+        )
+        source = lvlm if mode != "clip" else vision
+        if source is None and mode == "text-bridge" and info is not None and info.variant == "lvlm":
+            source = info.source_model  # compare the bridge with the LVLM the aligner was trained on
+        pipe = cls(
+            mode,
+            spec,
+            aligner=aligner if mode != "text-bridge" else None,
+            info=info if mode != "text-bridge" else None,
+            source_model=None if source is None else str(source),
+            device=device,
+            dtype=dtype,
+            offload=offload,
+            keep_loaded=keep_loaded,
+            settings=settings,
+            model_path=model,
+        )
+        pipe._check_source_width()
+        return pipe
+
+    def _check_source_width(self) -> None:
+        """The LVLM / vision width must equal the aligner input (read from its config only)."""
+        if self.aligner is None:
+            return
+        folder = resolve_model_dir(self.source_model, kind="source model", files=["config.json"])
+        config = json.loads((folder / "config.json").read_text())
+        if self.mode == "clip":
+            width = config.get("vision_config", config).get("hidden_size")
+        else:
+            width = config.get("text_config", config).get("hidden_size")
+        if width is not None and width != self.aligner.in_dim:
+            raise ValueError(
+                f"{self.source_model} gives {width}-wide features but the aligner reads {self.aligner.in_dim}-wide "
+                "ones: pass the model the aligner was trained on"
+            )
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The ids of everything this pipeline uses (for output metadata)."""
+        out: dict[str, Any] = {
+            "mode": self.mode,
+            "model": self.model_path,
+            "lvlm" if self.mode != "clip" else "vision": self.source_model,
+            "decoder": self.decoder_spec.name,
+            "decoder_class": self.decoder_spec.pipeline_class,
+        }
+        if self.info is not None:
+            out["aligner"] = {
+                "variant": self.info.variant,
+                "in_dim": self.info.in_dim,
+                "out_dim": self.info.out_dim,
+                "proxy_t5": self.info.proxy_t5,
+                "trained_for": self.info.diffusion_decoder,
+            }
+        return out
+
+    # ---- checks ------------------------------------------------------------------------------
+
+    def check(self, requests: Request | Sequence[Request]) -> list[PreparedRequest]:
+        """Load the images and check every request against this pipeline; no model loads.
+
+        Raises ``FileNotFoundError`` / ``ValueError`` naming the bad request.
+        """
+        prepared = prepare_requests(
+            [requests] if isinstance(requests, Request) else list(requests), self.settings.max_images
+        )
+        required = self.decoder_spec.required_length
+        if self.mode == "clip" and required is not None and self.aligner is not None:
+            per_image = self._clip_tokens_per_image()
+            for index, p in enumerate(prepared):
+                if len(p.images) * per_image >= required:
+                    raise ValueError(
+                        f"request {index}: {len(p.images)} images give {len(p.images) * per_image} image tokens, "
+                        f"more than decoder {self.decoder_spec.name} takes ({required}, text included)"
+                    )
+        for index, p in enumerate(prepared):
+            request = p.request
+            for name in ("height", "width", "num_inference_steps", "num_frames"):
+                value = getattr(request, name)
+                if value is not None and value < 1:
+                    raise ValueError(f"request {index}: {name} must be >= 1, got {value}")
+            if request.num_frames is not None and self.decoder_spec.kind != "video":
+                raise ValueError(f"request {index}: num_frames applies to video decoders only")
+        return prepared
+
+    def _clip_tokens_per_image(self) -> int:
+        folder = resolve_model_dir(self.source_model, kind="BLIP-2 vision model", files=["config.json"])
+        config = json.loads((folder / "config.json").read_text())
+        vision = config.get("vision_config", config)
+        grid = vision.get("image_size", 224) // vision.get("patch_size", 14)
+        return 1 + (grid // 2) ** 2  # CLS + the patch grid halved (see models.clip_vision)
+
+    # ---- stage plumbing ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _stage(self, name: str, timings: dict[str, float], memory: dict[str, int]) -> Iterator[None]:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            memory[name] = max(memory.get(name, 0), torch.cuda.max_memory_allocated(self.device))
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+    def _get(self, key: str, load: Any, timings: dict[str, float], memory: dict[str, int]) -> Any:
+        """A cached component, loaded (and timed as ``load_<key>``) on first use."""
+        if key not in self._loaded:
+            with self._stage(f"load_{key}", timings, memory):
+                self._loaded[key] = load()
+        return self._loaded[key]
+
+    def _drop(self, *keys: str) -> None:
+        """Release stage models unless ``keep_loaded``; the next stage then has their memory."""
+        if self.keep_loaded:
+            return
+        if "aligner" in keys:
+            self._aligner_to(torch.device("cpu"))  # 0.12 GiB at real size: not kept on the GPU
+        dropped = [self._loaded.pop(key) for key in keys if key in self._loaded]
+        release(*dropped)
+
+    def _aligner_to(self, device: torch.device) -> None:
+        if self.aligner is not None and self.aligner.fc1.weight.device != device:
+            self.aligner.to(device)
+
+    def release(self) -> None:
+        """Release every cached model (also those kept with ``keep_loaded``)."""
+        dropped = list(self._loaded.values())
+        self._loaded.clear()
+        release(*dropped)
+
+    def _load_lvlm(self) -> Any:
+        from thinkdiff.models.lvlm import LVLMFeatureExtractor
+
+        return LVLMFeatureExtractor.from_pretrained(
+            resolve_model_dir(self.source_model, kind="LVLM"),
+            device=self.device,
+            dtype=self.dtype,
+            max_images=self.settings.max_images,
+            max_pixels=self.settings.max_pixels,
+        )
+
+    def _load_vision(self) -> Any:
+        from thinkdiff.models.clip_vision import CLIPVisionFeatures
+
+        return CLIPVisionFeatures.from_pretrained(self.source_model, dtype=self.dtype, device=self.device)
+
+    def _decoder_pipe(
+        self, stage: str, roles: Sequence[str], timings: dict, memory: dict
+    ) -> DiffusionPipeline:
+        """The stock pipeline for ``stage`` ('text' or 'denoise').
+
+        Staged: only that stage's components. With ``keep_loaded``: one pipeline with every
+        component the mode uses, shared by both stages (no weights held twice).
+        """
+        if self.keep_loaded:
+            needed = {*self.decoder.components_for(roles), *self.decoder.denoise_components}
+            if not needed <= self._decoder_components:
+                # A later call needs an encoder the kept pipeline lacks (e.g. T5 for extra text):
+                # reload once with the union rather than hold two copies of the transformer.
+                self._decoder_components |= needed
+                release(self._loaded.pop("decoder", None))
+            components = sorted(self._decoder_components)
+            return self._get("decoder", lambda: self.decoder.load(components), timings, memory)
+        if stage == "text":
+            return self._get(
+                "text_encoders",
+                lambda: self.decoder.load(self.decoder.components_for(roles)),
+                timings,
+                memory,
+            )
+        return self._get(
+            "decoder", lambda: self.decoder.load(self.decoder.denoise_components), timings, memory
+        )
+
+    def _text_roles(self, needs_t5: bool) -> list[str]:
+        """Decoder text encoders a call needs ('pooled': FLUX's CLIP, 't5')."""
+        if self.decoder_spec.family == "flux":
+            return ["pooled", "t5"] if needs_t5 else ["pooled"]
+        return ["t5"]
+
+    # ---- encoding ----------------------------------------------------------------------------
+
+    def _lvlm_items(self, items: list[str | Image.Image]) -> list[Item]:
+        instruction = self.settings.instruction
+        if instruction is None or (items and items[0] == instruction):
+            return list(items)
+        return [instruction, *items]
+
+    def _clip_text(self, p: PreparedRequest) -> str:
+        texts = p.texts
+        if texts and texts[0] == self.settings.instruction:
+            texts = texts[1:]  # the LVLM instruction means nothing to a CLIP-conditioned decoder
+        parts = [t.strip() for t in texts if t.strip()]
+        if p.request.extra_text:
+            parts.append(p.request.extra_text.strip())
+        return " ".join(parts)
+
+    @torch.no_grad()
+    def _run_lvlm(
+        self, prepared: list[PreparedRequest], timings: dict, memory: dict
+    ) -> tuple[list[torch.Tensor | None], list[str]]:
+        """Stage 1 for lvlm / text-bridge: aligned tokens [N_i, D] per request (lvlm) and texts."""
+        from thinkdiff.models.lvlm import SamplingSettings
+
+        extractor = self._get("lvlm", self._load_lvlm, timings, memory)
+        self._aligner_to(self.device)
+        use_prompt = self.info is not None and self.info.features == "prompt"
+        aligned: list[torch.Tensor | None] = [None] * len(prepared)
+        texts: list[str] = [""] * len(prepared)
+        # One generate call draws one RNG stream for its whole batch: only requests with the same
+        # seed may share a call, and a call is seeded with that seed.
+        by_seed: dict[int, list[int]] = {}
+        for index, p in enumerate(prepared):
+            by_seed.setdefault(p.request.seed, []).append(index)
+        size = self.settings.encoder_batch_size
+        for seed, indices in by_seed.items():
+            for start in range(0, len(indices), size):
+                chunk = indices[start : start + size]
+                prompts = [self._lvlm_items(prepared[i].items) for i in chunk]
+                s = self.settings
+                if self.mode == "lvlm":
+                    sampling = SamplingSettings.exactly(
+                        s.num_tokens, temperature=s.temperature, top_p=s.top_p, seed=seed
+                    )
+                else:  # the LVLM writes a prompt and stops at its end-of-sequence token
+                    sampling = SamplingSettings(
+                        max_new_tokens=s.num_tokens, temperature=s.temperature, top_p=s.top_p, seed=seed
+                    )
+                with self._stage("lvlm", timings, memory):
+                    out = extractor.generate(prompts, sampling, return_prompt_features=use_prompt)
+                for row, i in enumerate(chunk):
+                    texts[i] = out.texts[row]
+                if self.mode != "lvlm":
+                    continue
+                features_BNH, mask_BN = (
+                    (out.prompt_features, out.prompt_mask) if use_prompt else (out.features, out.feature_mask)
+                )
+                with self._stage("aligner", timings, memory):
+                    tokens_BND = self.aligner(features_BNH.to(self.device)).to("cpu", self.dtype)
+                for row, i in enumerate(chunk):
+                    aligned[i] = tokens_BND[row, : int(mask_BN[row].sum())]
+        self._drop("lvlm", "aligner")
+        return aligned, texts
+
+    @torch.no_grad()
+    def _run_vision(self, prepared: list[PreparedRequest], timings: dict, memory: dict) -> list[torch.Tensor]:
+        """Stage 1 for clip: [65 * images_i, D] aligned image tokens per request, images in order."""
+        from thinkdiff.data.image_caption import blip2_preprocess
+
+        vision = self._get("vision", self._load_vision, timings, memory)
+        self._aligner_to(self.device)
+        images = [(i, image) for i, p in enumerate(prepared) for image in p.images]
+        per_request: list[list[torch.Tensor]] = [[] for _ in prepared]
+        size = self.settings.encoder_batch_size
+        for start in range(0, len(images), size):
+            chunk = images[start : start + size]
+            pixels_B3HW = torch.stack([blip2_preprocess(image, size=vision.image_size) for _, image in chunk])
+            with self._stage("vision", timings, memory):
+                tokens_BTH = vision(pixels_B3HW)
+            with self._stage("aligner", timings, memory):
+                tokens_BTD = self.aligner(tokens_BTH.to(self.device)).to("cpu", self.dtype)
+            for row, (i, _) in enumerate(chunk):
+                per_request[i].append(tokens_BTD[row])
+        self._drop("vision", "aligner")
+        width = self.decoder_spec.prompt_width
+        return [torch.cat(t) if t else torch.zeros(0, width, dtype=self.dtype) for t in per_request]
+
+    @torch.no_grad()
+    def _encode_texts(
+        self, jobs: list[tuple[int, str, int]], roles: list[str], timings: dict, memory: dict
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Stage 2: the decoder's own text encoders. ``jobs`` are (request, text, T5 length)."""
+        need_empty = self._empty is None
+        results: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        if not jobs and not need_empty:
+            return results
+        pipe = self._decoder_pipe("text", roles, timings, memory)
+        with self._stage("text_encoders", timings, memory):
+            if need_empty:
+                self._empty = {
+                    k: v.to("cpu", self.dtype) for k, v in self.decoder.empty_conditioning(pipe).items()
+                }
+            # Texts padded to the same length batch without changing any row (T5 and CLIP both
+            # pad to a fixed max_length as the decoder does itself).
+            by_length: dict[int, list[tuple[int, str]]] = {}
+            for index, text, length in jobs:
+                by_length.setdefault(length, []).append((index, text))
+            for length, group in by_length.items():
+                for start in range(0, len(group), 16):
+                    chunk = group[start : start + 16]
+                    t5_BSD, pooled_BP = self.decoder.encode_text(pipe, [text for _, text in chunk], length)
+                    for row, (index, _) in enumerate(chunk):
+                        pooled = None if pooled_BP is None else pooled_BP[row].to("cpu", self.dtype)
+                        results[index] = (t5_BSD[row].to("cpu", self.dtype), pooled)
+        self._drop("text_encoders")
+        return results
+
+    def encode(self, requests: Request | Sequence[Request]) -> ThinkDiffEmbeddings:
+        """Compute the decoder's prompt embeddings for a batch of requests (stages 1 and 2).
+
+        Returns :class:`ThinkDiffEmbeddings`: ``prompt_embeds`` [B, L, D] with its mask,
+        ``pooled_prompt_embeds`` [B, P] (FLUX) or ``negative_prompt_embeds`` (CogVideoX), and the
+        LVLM's texts. ``embeddings.decoder_kwargs(i)`` feeds a stock pipeline directly.
+        """
+        return self._encode(self.check(requests), {}, {})
+
+    def _encode(
+        self, prepared: list[PreparedRequest], timings: dict[str, float], memory: dict[str, int]
+    ) -> ThinkDiffEmbeddings:
+        spec, s = self.decoder_spec, self.settings
+        required = spec.required_length
+
+        # Stage 1: the LVLM or the vision tower, then the aligner.
+        aligned: list[torch.Tensor | None] = [None] * len(prepared)
+        lvlm_texts: list[str | None] = [None] * len(prepared)
+        if self.mode in ("lvlm", "text-bridge"):
+            aligned, generated = self._run_lvlm(prepared, timings, memory)
+            lvlm_texts = list(generated)
+        else:
+            aligned = list(self._run_vision(prepared, timings, memory))
+
+        # Stage 2: what the decoder's own text encoders must encode, as (request, text, length).
+        jobs: list[tuple[int, str, int]] = []
+        for i, p in enumerate(prepared):
+            extra = (p.request.extra_text or "").strip()
+            n_aligned = 0 if aligned[i] is None else aligned[i].shape[0]
+            if self.mode == "text-bridge":
+                text = " ".join(t for t in (lvlm_texts[i] or "", extra) if t)
+                jobs.append((i, text, self.decoder.text_bridge_length()))
+            elif self.mode == "clip":
+                jobs.append(
+                    (i, self._clip_text(p), s.text_max_length if required is None else required - n_aligned)
+                )
+            elif required is not None:
+                # CogVideoX: its T5 fills the fixed length after the aligned tokens, encoding the
+                # extra text (or "") exactly as it pads its own prompts.
+                if n_aligned < required:
+                    jobs.append((i, extra, required - n_aligned))
+            elif extra:
+                jobs.append((i, extra, s.text_max_length))
+        # FLUX lvlm without extra text needs only CLIP (for the pooled vector of ""), not T5-XXL.
+        roles = self._text_roles(needs_t5=bool(jobs))
+        text_out = self._encode_texts(jobs, roles, timings, memory)
+        assert self._empty is not None
+
+        # Assemble each request's prompt: aligned tokens, then T5 text tokens; fit CogVideoX's length.
+        rows: list[torch.Tensor] = []
+        pooled_rows: list[torch.Tensor] = []
+        num_aligned: list[int] = []
+        for i in range(len(prepared)):
+            parts = [] if aligned[i] is None else [aligned[i]]
+            t5_SD, pooled_P = text_out.get(i, (None, None))
+            if t5_SD is not None:
+                parts.append(t5_SD)
+            prompt_LD = torch.cat(parts) if parts else torch.zeros(0, spec.prompt_width, dtype=self.dtype)
+            if required is not None and prompt_LD.shape[0] > required:
+                logger.warning(
+                    "request %d: %d prompt tokens cut to the %d that %s takes",
+                    i,
+                    prompt_LD.shape[0],
+                    required,
+                    spec.name,
+                )
+                prompt_LD = prompt_LD[:required]
+            rows.append(prompt_LD)
+            num_aligned.append(min(0 if aligned[i] is None else aligned[i].shape[0], prompt_LD.shape[0]))
+            if spec.family == "flux":
+                # lvlm: CLIP("") as released, even with extra text (the aligned tokens carry the
+                # content); clip and text-bridge: CLIP of the text they encode.
+                text_pooled = pooled_P is not None and self.mode != "lvlm"
+                pooled_rows.append(pooled_P if text_pooled else self._empty["pooled_prompt_embeds"][0])
+
+        length = max(r.shape[0] for r in rows)
+        prompt_BLD = torch.zeros(len(rows), length, spec.prompt_width, dtype=self.dtype)
+        mask_BL = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            prompt_BLD[i, : r.shape[0]] = r
+            mask_BL[i, : r.shape[0]] = True
+        negative = None
+        if "negative_prompt_embeds" in self._empty:
+            negative = self._empty["negative_prompt_embeds"].expand(len(rows), -1, -1)[:, :length].clone()
+        return ThinkDiffEmbeddings(
+            prompt_embeds=prompt_BLD,
+            prompt_attention_mask=mask_BL,
+            pooled_prompt_embeds=torch.stack(pooled_rows) if pooled_rows else None,
+            negative_prompt_embeds=negative,
+            num_aligned_tokens=num_aligned,
+            lvlm_texts=lvlm_texts,
+        )
+
+    # ---- generation --------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        requests: Request | Sequence[Request],
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_frames: int | None = None,
+    ) -> ThinkDiffOutput:
+        """Generate one image (FLUX) or video (CogVideoX) per request.
+
+        Settings left ``None`` here and in the request fall back to the stock pipeline's defaults
+        (FLUX.1-dev: 1024 px, 28 steps, guidance 3.5; schnell: 4 steps, no guidance; CogVideoX: its
+        configured size and frames, 50 steps, guidance 6). The same request and seed always give
+        the same result.
+        """
+        timings: dict[str, float] = {}
+        memory: dict[str, int] = {}
+        # 1. Check inputs: images opened, counts and settings checked, before any model loads.
+        if num_frames is not None and self.decoder_spec.kind != "video":
+            raise ValueError("num_frames applies to video decoders only")
+        prepared = self.check(requests)
+        call = {
+            "height": height,
+            "width": width,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "num_frames": num_frames,
+        }
+        defaults = {**self.decoder.default_settings(), **{k: v for k, v in call.items() if v is not None}}
+
+        # 2.-3. Conditioning (LVLM / vision tower + aligner), then the decoder's text encoders.
+        embeddings = self._encode(prepared, timings, memory)
+
+        # 4. Denoise: requests with equal settings and prompt length share a stock pipeline call;
+        #    one CPU generator per request makes its noise independent of batching and device.
+        pipe = self._decoder_pipe("denoise", [], timings, memory)
+        resolved = [self._resolve(pipe, p.request, defaults) for p in prepared]
+        lengths = embeddings.prompt_attention_mask.sum(1).tolist()
+        groups: dict[tuple, list[int]] = {}
+        for i, settings in enumerate(resolved):
+            groups.setdefault((tuple(sorted(settings.items())), lengths[i]), []).append(i)
+        results: list[Any] = [None] * len(prepared)
+        size = self.settings.decoder_batch_size
+        for (_, length), indices in groups.items():
+            for start in range(0, len(indices), size):
+                chunk = indices[start : start + size]
+                batch = {"prompt_embeds": embeddings.prompt_embeds[chunk, :length]}
+                if embeddings.pooled_prompt_embeds is not None:
+                    batch["pooled_prompt_embeds"] = embeddings.pooled_prompt_embeds[chunk]
+                if embeddings.negative_prompt_embeds is not None:
+                    batch["negative_prompt_embeds"] = embeddings.negative_prompt_embeds[chunk, :length]
+                generators = [torch.Generator("cpu").manual_seed(prepared[i].request.seed) for i in chunk]
+                with self._stage("decoder", timings, memory):
+                    outputs = self.decoder.generate(pipe, batch, generators, resolved[chunk[0]])
+                for i, output in zip(chunk, outputs):
+                    results[i] = output
+        self._drop("decoder")
+
+        video = self.decoder_spec.kind == "video"
+        return ThinkDiffOutput(
+            images=[] if video else results,
+            videos=results if video else [],
+            embeddings=embeddings,
+            settings=resolved,
+            timings=timings,
+            peak_memory=memory,
+        )
+
+    def _resolve(self, pipe: DiffusionPipeline, request: Request, defaults: dict[str, Any]) -> dict[str, Any]:
+        """Concrete decoder settings for a request: request > call > decoder default > stock default."""
+        stock = _call_defaults(type(pipe))
+        settings: dict[str, Any] = {}
+        for name in _SETTING_NAMES:
+            if name == "num_frames" and self.decoder_spec.kind != "video":
+                continue
+            value = getattr(request, name)
+            if value is None:
+                value = defaults.get(name)
+            if value is None:
+                value = self._stock_default(pipe, name, stock)
+            settings[name] = value
+        return settings
+
+    def _stock_default(self, pipe: DiffusionPipeline, name: str, stock: Any) -> Any:
+        # Sizes the stock __call__ derives from its configs when given None (see its first lines).
+        if self.decoder_spec.family == "flux" and name in ("height", "width"):
+            return pipe.default_sample_size * pipe.vae_scale_factor
+        if self.decoder_spec.family == "cogvideox":
+            config = pipe.transformer.config
+            if name == "height":
+                return config.sample_height * pipe.vae_scale_factor_spatial
+            if name == "width":
+                return config.sample_width * pipe.vae_scale_factor_spatial
+            if name == "num_frames":
+                return config.sample_frames
+        parameter = stock.get(name)
+        return None if parameter is None else parameter.default
+
+
+@functools.lru_cache(maxsize=8)
+def _call_defaults(pipeline_cls: type) -> Mapping[str, inspect.Parameter]:
+    """The stock ``__call__``'s parameters (their defaults are the stock settings)."""
+    return inspect.signature(pipeline_cls.__call__).parameters
+
+
+def _default_source(mode: str, info: ThinkDiffInfo | None) -> str:
+    if info is not None:
+        return info.source_model
+    if mode == "clip":
+        raise ValueError("mode clip needs a trained ThinkDiff-CLIP model folder (--model)")
+    return DEFAULT_LVLM
+
+
+class SeededImageGenerator:
+    """``items, seed -> image`` on top of a :class:`ThinkDiffPipeline` (what evaluation harnesses call).
+
+    ``generate_batch`` gives each sequence the decoder noise it would get alone; see
+    :attr:`InferenceSettings.encoder_batch_size` for the LVLM. ``call_kwargs`` (height, steps, ...)
+    are passed to every pipeline call.
+    """
+
+    def __init__(self, pipeline: ThinkDiffPipeline, **call_kwargs: Any) -> None:
+        self.pipeline = pipeline
+        self.call_kwargs = call_kwargs
+        self.last_output: ThinkDiffOutput | None = None
+
+    def __call__(self, items: Sequence[Item], seed: int) -> Image.Image:
+        return self.generate_batch([items], [seed])[0]
+
+    def generate_batch(self, batch: Sequence[Sequence[Item]], seeds: Sequence[int]) -> list[Image.Image]:
+        if len(batch) != len(seeds):
+            raise ValueError(f"{len(batch)} inputs but {len(seeds)} seeds")
+        if self.pipeline.decoder_spec.kind != "image":
+            raise ValueError(f"{self.pipeline.decoder_spec.name} makes videos; an image generator needs FLUX")
+        # Harnesses pass image paths as ``pathlib.Path`` (os.PathLike) and texts as ``str``.
+        requests = [Request(items=list(items), seed=seed) for items, seed in zip(batch, seeds)]
+        self.last_output = self.pipeline(requests, **self.call_kwargs)
+        return self.last_output.images

@@ -1,0 +1,146 @@
+"""Generation requests: the interleaved inputs, checked and loaded before any model is.
+
+A request is an ordered list of items (``str`` text, PIL images, or image paths), a seed, optional
+extra text and optional per-request decoder settings. :func:`prepare_requests` opens every image
+and checks counts up front, so that bad input fails with one clear message before minutes of model
+loading, and no output file is ever started for it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from thinkdiff.pipelines.constants import DEFAULT_INSTRUCTION, MODES, Mode
+
+__all__ = [
+    "DEFAULT_INSTRUCTION",
+    "MODES",
+    "Item",
+    "Mode",
+    "PreparedRequest",
+    "Request",
+    "cobsat_items",
+    "prepare_requests",
+]
+
+Item = str | Image.Image | os.PathLike
+"""One piece of an interleaved input: ``str`` is text; a PIL image or a path (``os.PathLike``) is an image."""
+
+
+@dataclass
+class Request:
+    """One generation: interleaved inputs, a seed, and optional overrides of the call's settings.
+
+    ``None`` settings fall back to the pipeline call's values, then to the stock decoder's defaults.
+    """
+
+    items: Sequence[Item]
+    """Texts and images in order, e.g. ``["Word 1: white, ", img1, "\\n\\nWord 2: blue, ", img2]``."""
+    seed: int = 0
+    """Seeds both the LVLM's sampling and the decoder's initial noise (a CPU ``torch.Generator``)."""
+    extra_text: str | None = None
+    """lvlm: encoded by the decoder's T5 and appended after the aligned tokens; clip: appended to
+    the text part; text-bridge: appended to the prompt the LVLM wrote."""
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    num_frames: int | None = None
+    """Video decoders only."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Free-form data carried through to the output (the CLI copies it into the sidecar)."""
+
+
+@dataclass
+class PreparedRequest:
+    """A :class:`Request` whose images are loaded (RGB) and counted; what the stages consume."""
+
+    request: Request
+    items: list[str | Image.Image]
+    """The request's items with every image loaded; the instruction is not added here."""
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [item for item in self.items if isinstance(item, Image.Image)]
+
+    @property
+    def texts(self) -> list[str]:
+        return [item for item in self.items if isinstance(item, str)]
+
+
+def _load_image(path: os.PathLike, where: str) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: image file not found: {path}")
+    try:
+        with Image.open(path) as opened:
+            # load() decodes the whole file: a truncated image fails here, not in stage 1.
+            opened.load()
+            return opened.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{where}: cannot read image {path}: {error}") from error
+
+
+def prepare_requests(requests: Sequence[Request], max_images: int | None = None) -> list[PreparedRequest]:
+    """Load every image and check every request; raise on the first bad one.
+
+    Raises ``FileNotFoundError`` for a missing image file and ``ValueError`` for an unreadable
+    image, an item that is neither text nor image, a request with no inputs, or more than
+    ``max_images`` images.
+    """
+    if isinstance(requests, Request):
+        requests = [requests]
+    if len(requests) == 0:
+        raise ValueError("no requests given")
+    prepared = []
+    for index, request in enumerate(requests):
+        where = f"request {index}" if len(requests) > 1 else "input"
+        items = request.items
+        if isinstance(items, str | Image.Image | os.PathLike):
+            raise ValueError(
+                f"{where}: items must be a list of texts and images, got one {type(items).__name__}"
+            )
+        loaded: list[str | Image.Image] = []
+        for item in items:
+            if isinstance(item, str):
+                loaded.append(item)
+            elif isinstance(item, Image.Image):
+                loaded.append(item.convert("RGB"))
+            elif isinstance(item, os.PathLike):
+                loaded.append(_load_image(item, where))
+            else:
+                raise ValueError(
+                    f"{where}: items must be str (text), PIL images or image paths, got {type(item).__name__}"
+                )
+        ready = PreparedRequest(request, loaded)
+        if not ready.images and not any(text.strip() for text in ready.texts):
+            raise ValueError(f"{where}: no inputs: give at least one image or non-empty text")
+        if max_images is not None and len(ready.images) > max_images:
+            raise ValueError(f"{where}: {len(ready.images)} images, more than the {max_images} accepted")
+        prepared.append(ready)
+    return prepared
+
+
+def cobsat_items(words: Sequence[str], images: Sequence[Item], instruction: str | None = None) -> list[Item]:
+    """Interleave words and images the way the released code formatted CoBSAT prompts.
+
+    ``cobsat_items(["white", "blue", "red"], [img1, img2])`` gives
+    ``["Word 1: white, ", img1, "\\n\\nWord 2: blue, ", img2, "\\n\\nWord 3: red, "]``: one image
+    after each of the first ``len(images)`` words. With ``instruction`` it is the first item (the
+    pipeline adds :data:`DEFAULT_INSTRUCTION` itself when the items do not start with it).
+    """
+    if len(images) > len(words):
+        raise ValueError(f"{len(images)} images but only {len(words)} words: each image follows a word")
+    items: list[Item] = [] if instruction is None else [instruction]
+    for i, word in enumerate(words):
+        separator = "" if i == 0 else "\n\n"
+        items.append(f"{separator}Word {i + 1}: {word}, ")
+        if i < len(images):
+            items.append(images[i])
+    return items

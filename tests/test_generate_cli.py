@@ -1,0 +1,218 @@
+"""``thinkdiff generate``: outputs, sidecars, job files, video, and bad input that writes nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from thinkdiff.cli import main
+from thinkdiff.pipelines import DEFAULT_INSTRUCTION
+
+FAST = ["--height", "64", "--width", "64", "--steps", "2"]
+
+
+def make_model(
+    folder: Path, variant: str, out_dim: int = 32, decoder: str = "tiny:flux", seed: int = 0
+) -> Path:
+    """A model folder holding a random aligner between tiny components (as ``thinkdiff train`` writes)."""
+    import torch
+
+    from thinkdiff.models.aligner import Aligner
+    from thinkdiff.models.bundle import ThinkDiffInfo, save_model
+
+    in_dim, source = (64, "tiny:qwen2-vl") if variant == "lvlm" else (48, "tiny:blip2-vision")
+    torch.manual_seed(seed)
+    info = ThinkDiffInfo(variant, source, "tiny:t5", decoder, in_dim=in_dim, out_dim=out_dim)
+    return save_model(folder, Aligner(in_dim, out_dim), info)
+
+
+@pytest.fixture(scope="module")
+def files(tiny_env: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    paths = {"lvlm": make_model(root / "lvlm", "lvlm"), "clip": make_model(root / "clip", "clip", seed=1)}
+    for name, color in (("white", (230, 230, 230)), ("blue", (20, 20, 220)), ("green", (20, 200, 20))):
+        paths[name] = root / f"{name}.png"
+        Image.new("RGB", (56, 56), color).save(paths[name])
+    return paths
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(["generate", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_single_lvlm_run_writes_png_and_sidecar(files, tmp_path, capsys) -> None:
+    out = tmp_path / "red.png"
+    args = ["--model", str(files["lvlm"]), "--text", "Word 1: white, ", "--image", str(files["white"])]
+    args += ["--text", "\n\nWord 2: blue, ", "--image", str(files["blue"]), "--text", "\n\nWord 3: red, "]
+    code, stdout, _ = run_cli([*args, "--seed", "3", "--out", str(out), *FAST], capsys)
+    assert code == 0 and str(out) in stdout
+    assert Image.open(out).size == (64, 64)
+
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["inputs"]["items"] == [
+        {"text": "Word 1: white, "},
+        {"image": str(files["white"])},
+        {"text": "\n\nWord 2: blue, "},
+        {"image": str(files["blue"])},
+        {"text": "\n\nWord 3: red, "},
+    ]
+    assert (sidecar["mode"], sidecar["seed"], sidecar["output"]) == ("lvlm", 3, "red.png")
+    assert isinstance(sidecar["lvlm_text"], str) and sidecar["lvlm_text"]
+    assert sidecar["settings"] == {"height": 64, "width": 64, "num_inference_steps": 2, "guidance_scale": 3.5}
+    assert sidecar["components"]["lvlm"] == "tiny:qwen2-vl"
+    assert sidecar["components"]["decoder"] == "tiny:flux"
+    assert sidecar["components"]["aligner"]["variant"] == "lvlm"
+    assert sidecar["conditioning"]["instruction"] == DEFAULT_INSTRUCTION
+    assert sidecar["conditioning"]["num_tokens"] == 128
+    assert {"load_lvlm", "lvlm", "aligner", "text_encoders", "load_decoder", "decoder"} <= set(
+        sidecar["timings"]
+    )
+
+    # Same inputs and seed through the CLI again: the same image.
+    again = tmp_path / "again.png"
+    assert run_cli([*args, "--seed", "3", "--out", str(again), *FAST], capsys)[0] == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+
+
+def test_jobs_file_batches_and_names_outputs(files, tmp_path, capsys) -> None:
+    jobs = tmp_path / "jobs" / "jobs.jsonl"
+    jobs.parent.mkdir()
+    (jobs.parent / "img").mkdir()
+    Image.open(files["green"]).save(jobs.parent / "img" / "green.png")
+    lines = [
+        {"items": [{"image": "img/green.png"}, {"text": "a green square"}], "seed": 1, "out": "green.png"},
+        {"items": ["a blue square", {"image": str(files["blue"])}], "seed": 2, "steps": 1, "theta": "blue"},
+        {"items": [{"text": "just text"}], "height": 32, "width": 32},
+    ]
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    args = ["--model", str(files["clip"]), "--jobs", str(jobs), "--out", str(out), "--batch-size", "4", *FAST]
+    code, _, _ = run_cli(args, capsys)
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "00001.json",
+        "00001.png",
+        "00002.json",
+        "00002.png",
+        "green.json",
+        "green.png",
+    ]
+    first = json.loads((out / "green.json").read_text())
+    assert first["inputs"]["items"][0] == {"image": str(jobs.parent / "img" / "green.png")}
+    assert (first["mode"], first["seed"], first["lvlm_text"]) == ("clip", 1, None)
+    assert first["timings_cover_requests"] == 3
+    second = json.loads((out / "00001.json").read_text())
+    assert second["settings"]["num_inference_steps"] == 1 and second["job"] == {"theta": "blue"}
+    assert Image.open(out / "00002.png").size == (32, 32)
+
+
+def test_text_bridge_needs_no_model_folder(files, tmp_path, capsys) -> None:
+    out = tmp_path / "bridge.png"
+    args = ["--mode", "text-bridge", "--lvlm", "tiny:qwen2-vl", "--decoder", "tiny:flux"]
+    code, _, _ = run_cli(
+        [*args, "--image", str(files["white"]), "--text", "next?", "--out", str(out), *FAST], capsys
+    )
+    assert code == 0 and out.is_file()
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["components"]["model"] is None and sidecar["components"]["lvlm"] == "tiny:qwen2-vl"
+
+
+def test_video_decoder_writes_mp4(files, tmp_path, capsys) -> None:
+    model = make_model(tmp_path / "clip-cog", "clip", decoder="tiny:cogvideox")
+    out = tmp_path / "clip.mp4"
+    args = ["--model", str(model), "--image", str(files["white"]), "--text", "a white cat", "--out", str(out)]
+    code, _, _ = run_cli(
+        [*args, "--height", "16", "--width", "16", "--num-frames", "9", "--steps", "2"], capsys
+    )
+    assert code == 0
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["settings"]["num_frames"] == 9
+    if "video_fallback" in sidecar:  # no working video writer: frames + GIF instead
+        assert Path(sidecar["video_fallback"]["gif"]).is_file()
+    else:
+        assert out.stat().st_size > 0 and out.read_bytes()[4:8] == b"ftyp"
+
+
+# ---- bad input: a message, exit status 2, nothing written, no model loaded ----------------------
+
+
+@pytest.fixture
+def no_heavy_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import DiffusionPipeline
+
+    from thinkdiff.models.clip_vision import CLIPVisionFeatures
+    from thinkdiff.models.lvlm import LVLMFeatureExtractor
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    for cls in (LVLMFeatureExtractor, CLIPVisionFeatures, DiffusionPipeline):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing image", "image file not found"),
+        ("unreadable image", "cannot read image"),
+        ("no inputs", "no inputs"),
+        ("empty text only", "no inputs: give at least one image or non-empty text"),
+        ("too many images", "2 images, more than the 1 accepted"),
+        ("width mismatch", "16-wide prompt embeddings but decoder tiny:flux takes 32-wide"),
+        ("variant mismatch", "ThinkDiff-LVLM model; mode clip needs a clip model"),
+        ("lvlm without model", "mode lvlm needs a trained ThinkDiff model folder"),
+        ("wrong suffix", "an image decoder writes .png or .jpg or .jpeg or .webp files"),
+        ("offload on cpu", "it needs a GPU"),
+        ("bad job", 'each item must be {"text": STR} or {"image": PATH}'),
+        ("bad json", "is not valid JSON"),
+        ("two input kinds", "give only one of --image/--text, --jobs"),
+    ],
+)
+def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, capsys, no_heavy_loads) -> None:
+    out_dir = tmp_path / "out"
+    out = out_dir / "x.png"
+    model, image = str(files["lvlm"]), str(files["white"])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"items": [{"video": "a.mp4"}]}\n' if case == "bad job" else "{not json\n")
+    args = {
+        "missing image": ["--model", model, "--image", str(tmp_path / "nope.png")],
+        "unreadable image": ["--model", model, "--text", "a", "--image", str(broken)],
+        "no inputs": ["--model", model],
+        "empty text only": ["--model", model, "--text", " "],
+        "too many images": ["--model", model, "--image", image, "--image", image, "--max-images", "1"],
+        "width mismatch": [
+            "--model",
+            str(make_model(tmp_path / "narrow", "lvlm", out_dim=16)),
+            "--image",
+            image,
+        ],
+        "variant mismatch": ["--model", model, "--mode", "clip", "--image", image],
+        "lvlm without model": ["--mode", "lvlm", "--decoder", "tiny:flux", "--image", image],
+        "wrong suffix": ["--model", model, "--image", image, "--out", str(out_dir / "x.mp4")],
+        "offload on cpu": ["--model", model, "--image", image, "--device", "cpu", "--offload", "model"],
+        "bad job": ["--model", model, "--jobs", str(jobs)],
+        "bad json": ["--model", model, "--jobs", str(jobs)],
+        "two input kinds": ["--model", model, "--image", image, "--jobs", str(jobs)],
+    }[case]
+    if "--out" not in args:
+        args += ["--out", str(out_dir if "--jobs" in args else out)]
+    code, _, stderr = run_cli([*args, *FAST], capsys)
+    assert code == 2
+    assert stderr.startswith("thinkdiff generate: error: ") and message in stderr
+    assert len(stderr.strip().splitlines()) == 1  # one clear line, no traceback
+    assert not out_dir.exists()
+
+
+def test_unknown_mode_is_a_usage_error(files, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", str(files["lvlm"]), "--mode", "dream", "--text", "a"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'dream'" in capsys.readouterr().err

@@ -1,0 +1,389 @@
+"""The ThinkDiff inference pipeline on the tiny kit: every mode, both decoders, by-hand equality."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from thinkdiff.models.aligner import Aligner
+from thinkdiff.models.bundle import ThinkDiffInfo, load_model, save_model
+from thinkdiff.pipelines import (
+    DEFAULT_INSTRUCTION,
+    InferenceSettings,
+    Request,
+    SeededImageGenerator,
+    ThinkDiffPipeline,
+    cobsat_items,
+)
+
+FLUX_FAST = {"height": 64, "width": 64, "num_inference_steps": 2}
+COG_FAST = {"height": 16, "width": 16, "num_frames": 9, "num_inference_steps": 2}
+
+
+def make_model(
+    folder: Path, variant: str, out_dim: int = 32, decoder: str = "tiny:flux", seed: int = 0
+) -> Path:
+    """A trained-looking model folder: a random aligner between tiny components."""
+    in_dim, source = (64, "tiny:qwen2-vl") if variant == "lvlm" else (48, "tiny:blip2-vision")
+    torch.manual_seed(seed)
+    info = ThinkDiffInfo(
+        variant=variant,
+        source_model=source,
+        proxy_t5="tiny:t5",
+        diffusion_decoder=decoder,
+        in_dim=in_dim,
+        out_dim=out_dim,
+    )
+    return save_model(folder, Aligner(in_dim, out_dim), info)
+
+
+def image(color: tuple[int, int, int], size: int = 56) -> Image.Image:
+    # 56 px = 4 visual tokens in the tiny Qwen2-VL: keeps the LVLM stage fast.
+    rng = np.random.default_rng(sum(color))
+    noise = rng.integers(0, 40, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(np.clip(np.array(color, dtype=np.uint8) + noise, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def models(tiny_env: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipeline-models")
+    return {
+        "lvlm": make_model(root / "lvlm", "lvlm"),
+        "clip": make_model(root / "clip", "clip", seed=1),
+    }
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    """CoBSAT-style input, one image as a file path (as the CLI passes them), one as PIL."""
+    path = tmp_path_factory.mktemp("images") / "white.png"
+    image((230, 230, 230)).save(path)
+    return cobsat_items(["white", "blue", "red"], [path, image((20, 20, 220))])
+
+
+@pytest.fixture(scope="module")
+def flux(tiny_env: Path):
+    from diffusers import FluxPipeline
+
+    from thinkdiff.models.loading import resolve_model_dir
+
+    pipe = FluxPipeline.from_pretrained(resolve_model_dir("tiny:flux"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def cogvideox(tiny_env: Path):
+    from diffusers import CogVideoXPipeline
+
+    from thinkdiff.models.loading import resolve_model_dir
+
+    pipe = CogVideoXPipeline.from_pretrained(resolve_model_dir("tiny:cogvideox"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch):
+    """Records the keyword arguments every stock FluxPipeline / CogVideoXPipeline call receives."""
+    from diffusers import CogVideoXPipeline, FluxPipeline
+
+    calls: list[dict[str, Any]] = []
+    for cls in (FluxPipeline, CogVideoXPipeline):
+        original = cls.__call__
+
+        @functools.wraps(original)  # keeps the signature the pipeline reads its defaults from
+        def recording(self, *args, _original=original, **kwargs):
+            calls.append(kwargs)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__call__", recording)
+    return calls
+
+
+def pixels(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+def lvlm_by_hand(items: list[Any], seed: int, exactly: bool = True):
+    from thinkdiff.models.loading import resolve_model_dir
+    from thinkdiff.models.lvlm import LVLMFeatureExtractor, SamplingSettings
+
+    extractor = LVLMFeatureExtractor.from_pretrained(resolve_model_dir("tiny:qwen2-vl"), device="cpu")
+    if exactly:
+        sampling = SamplingSettings.exactly(128, temperature=0.6, top_p=0.9, seed=seed)
+    else:
+        sampling = SamplingSettings(max_new_tokens=128, temperature=0.6, top_p=0.9, seed=seed)
+    return extractor.generate([[DEFAULT_INSTRUCTION, *items]], sampling)
+
+
+# ---- the three modes, checked against the same computation done step by step -----------------
+
+
+@torch.no_grad()
+def test_lvlm_mode_hands_flux_the_hand_computed_embeddings(models, items, flux, spy) -> None:
+    pipe = ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu")
+    assert (pipe.mode, pipe.decoder_spec.family, pipe.source_model) == ("lvlm", "flux", "tiny:qwen2-vl")
+    out = pipe([Request(items, seed=3), Request(items, seed=3, extra_text="a red car")], **FLUX_FAST)
+
+    # By hand: LVLM (instruction + items, exactly 128 tokens) -> aligner; pooled = CLIP("").
+    lvlm = lvlm_by_hand(items, seed=3)
+    aligner, _ = load_model(models["lvlm"])
+    aligned = aligner(lvlm.features)  # [1, 128, 32]
+    _, pooled_empty, _ = flux.encode_prompt(prompt="", max_sequence_length=128)
+    extra_t5, _, _ = flux.encode_prompt(prompt="a red car", max_sequence_length=128)
+
+    assert out.lvlm_texts == [lvlm.texts[0], lvlm.texts[0]]
+    assert [c["prompt_embeds"].shape[1] for c in spy] == [128, 256]  # different lengths: two calls
+    torch.testing.assert_close(spy[0]["prompt_embeds"], aligned, rtol=0, atol=0)
+    torch.testing.assert_close(spy[0]["pooled_prompt_embeds"], pooled_empty, rtol=0, atol=0)
+    torch.testing.assert_close(spy[1]["prompt_embeds"], torch.cat([aligned, extra_t5], dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(spy[1]["pooled_prompt_embeds"], pooled_empty, rtol=0, atol=0)
+    assert out.embeddings.num_aligned_tokens == [128, 128]
+    assert out.embeddings.prompt_attention_mask.sum(1).tolist() == [128, 256]
+
+    # The image is the stock pipeline's for those embeddings and the request's seed.
+    generator = torch.Generator().manual_seed(3)
+    stock = flux(**out.embeddings.decoder_kwargs(0), generator=generator, **FLUX_FAST).images[0]
+    assert out.images[0].size == (64, 64)
+    np.testing.assert_array_equal(pixels(out.images[0]), pixels(stock))
+    assert out.settings[0] == {**FLUX_FAST, "guidance_scale": 3.5}
+    assert {"load_lvlm", "lvlm", "aligner", "text_encoders", "decoder"} <= set(out.timings)
+
+
+@torch.no_grad()
+def test_clip_mode_hands_flux_image_tokens_then_its_own_t5(models, items, flux, spy) -> None:
+    from thinkdiff.data.image_caption import blip2_preprocess
+    from thinkdiff.models.clip_vision import CLIPVisionFeatures
+
+    pipe = ThinkDiffPipeline.from_pretrained(models["clip"], device="cpu")
+    out = pipe(Request([DEFAULT_INSTRUCTION, *items], seed=1), **FLUX_FAST)
+
+    vision = CLIPVisionFeatures.from_pretrained("tiny:blip2-vision", device="cpu")
+    aligner, _ = load_model(models["clip"])
+    images = [Image.open(items[1]).convert("RGB"), items[3]]
+    tokens = aligner(vision(torch.stack([blip2_preprocess(im) for im in images])))  # [2, 65, 32]
+    # The instruction is dropped; texts are stripped and joined with spaces.
+    text = "Word 1: white, Word 2: blue, Word 3: red,"
+    t5, pooled, _ = flux.encode_prompt(prompt=text, max_sequence_length=128)
+    expected = torch.cat([tokens[0], tokens[1], t5[0]])[None]
+
+    assert out.lvlm_texts == [None]
+    assert spy[0]["prompt_embeds"].shape == (1, 65 * 2 + 128, 32)
+    torch.testing.assert_close(spy[0]["prompt_embeds"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(spy[0]["pooled_prompt_embeds"], pooled, rtol=0, atol=0)
+    assert out.embeddings.num_aligned_tokens == [130]
+    assert out.images[0].size == (64, 64)
+    # encode() alone gives the same embeddings, ready for a stock pipeline.
+    alone = pipe.encode(Request([DEFAULT_INSTRUCTION, *items], seed=1)).decoder_kwargs(0)
+    torch.testing.assert_close(alone["prompt_embeds"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(alone["pooled_prompt_embeds"], pooled, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_text_bridge_encodes_the_lvlm_prompt_with_the_decoders_encoders(models, items, flux, spy) -> None:
+    pipe = ThinkDiffPipeline.from_pretrained(None, decoder="tiny:flux", lvlm="tiny:qwen2-vl", device="cpu")
+    assert pipe.mode == "text-bridge" and pipe.aligner is None
+    # With an lvlm model folder the bridge uses that folder's LVLM and decoder: a fair comparison.
+    paired = ThinkDiffPipeline.from_pretrained(models["lvlm"], mode="text-bridge", device="cpu")
+    assert (paired.source_model, paired.decoder_spec.name, paired.aligner) == (
+        "tiny:qwen2-vl",
+        "tiny:flux",
+        None,
+    )
+    out = pipe(Request(items, seed=4), **FLUX_FAST)
+
+    lvlm = lvlm_by_hand(items, seed=4, exactly=False)  # may stop at EOS, like any prompt writer
+    t5, pooled, _ = flux.encode_prompt(prompt=lvlm.texts[0], max_sequence_length=512)
+    assert out.lvlm_texts == lvlm.texts
+    torch.testing.assert_close(spy[0]["prompt_embeds"], t5, rtol=0, atol=0)
+    torch.testing.assert_close(spy[0]["pooled_prompt_embeds"], pooled, rtol=0, atol=0)
+    assert out.embeddings.num_aligned_tokens == [0]
+    assert out.images[0].size == (64, 64)
+
+
+# ---- CogVideoX -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_cogvideox_lvlm_mode_fills_its_fixed_prompt_length(models, items, cogvideox, spy, tmp_path) -> None:
+    model = make_model(tmp_path / "lvlm-cog", "lvlm", decoder="tiny:cogvideox")
+    pipe = ThinkDiffPipeline.from_pretrained(model, device="cpu")
+    assert pipe.decoder_spec.kind == "video" and pipe.decoder_spec.required_length == 226
+    out = pipe(Request(items, seed=2, extra_text="a red car"), **COG_FAST)
+
+    assert out.images == [] and len(out.videos) == 1
+    frames = out.videos[0]
+    assert len(frames) == 9 and frames[0].size == (16, 16)
+    lvlm = lvlm_by_hand(items, seed=2)
+    aligner, _ = load_model(model)
+    # 128 aligned tokens, then CogVideoX's own T5 of the extra text filling 226 - 128 = 98.
+    tail, _ = cogvideox.encode_prompt(
+        prompt="a red car", do_classifier_free_guidance=False, max_sequence_length=98
+    )
+    negative, _ = cogvideox.encode_prompt(
+        prompt="", do_classifier_free_guidance=False, max_sequence_length=226
+    )
+    torch.testing.assert_close(spy[0]["prompt_embeds"], torch.cat([aligner(lvlm.features), tail], dim=1))
+    torch.testing.assert_close(spy[0]["negative_prompt_embeds"], negative, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_cogvideox_clip_mode_frames_and_length(models, items, tmp_path) -> None:
+    model = make_model(tmp_path / "clip-cog", "clip", decoder="tiny:cogvideox")
+    pipe = ThinkDiffPipeline.from_pretrained(model, device="cpu")
+    out = pipe(Request(items, seed=0), **COG_FAST)
+    assert out.embeddings.prompt_embeds.shape == (1, 226, 32)  # 130 image tokens + 96 T5 tokens
+    assert out.embeddings.num_aligned_tokens == [130]
+    assert len(out.videos[0]) == 9
+    assert out.settings[0] == {**COG_FAST, "guidance_scale": 6}
+
+
+# ---- determinism, batching, reuse --------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_same_seed_same_image_and_batching_changes_nothing(models, items) -> None:
+    settings = InferenceSettings(decoder_batch_size=4, encoder_batch_size=4)
+    pipe = ThinkDiffPipeline.from_pretrained(models["clip"], device="cpu", settings=settings)
+    alone = [pipe(Request(items, seed=s), **FLUX_FAST).images[0] for s in (5, 5, 6)]
+    np.testing.assert_array_equal(pixels(alone[0]), pixels(alone[1]))
+    assert np.abs(pixels(alone[0]) - pixels(alone[2])).max() > 0
+
+    # One decoder call for three requests (one generator each) gives the same images.
+    batched = pipe([Request(items, seed=s) for s in (5, 6, 5)], **FLUX_FAST)
+    for got, want in zip(batched.images, [alone[0], alone[2], alone[0]]):
+        np.testing.assert_allclose(pixels(got), pixels(want), atol=1)
+
+    # The LVLM stage is seeded too: same request, same seed, same text and image.
+    lvlm = ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu")
+    first, second = (lvlm(Request(items, seed=7), **FLUX_FAST) for _ in range(2))
+    assert first.lvlm_texts == second.lvlm_texts
+    np.testing.assert_array_equal(pixels(first.images[0]), pixels(second.images[0]))
+
+
+@torch.no_grad()
+def test_keep_loaded_loads_once_and_matches_staged(models, items) -> None:
+    staged = ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu")
+    kept = ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu", keep_loaded=True)
+    reference = staged(Request(items, seed=9), **FLUX_FAST)
+    assert staged._loaded == {}  # every stage released its models
+    first = kept(Request(items, seed=9), **FLUX_FAST)
+    second = kept(Request(items, seed=9, extra_text="blue"), **FLUX_FAST)  # now needs T5 too
+    third = kept(Request(items, seed=9), **FLUX_FAST)
+    assert not any(k.startswith("load_") for k in third.timings)
+    assert "load_decoder" in second.timings  # reloaded once with the T5 encoder added
+    for out in (first, third):
+        np.testing.assert_array_equal(pixels(out.images[0]), pixels(reference.images[0]))
+    kept.release()
+    assert kept._loaded == {}
+
+
+@torch.no_grad()
+def test_seeded_image_generator_for_evaluation_harnesses(models, items) -> None:
+    pipe = ThinkDiffPipeline.from_pretrained(models["clip"], device="cpu", keep_loaded=True)
+    generator = SeededImageGenerator(pipe, **FLUX_FAST)
+    one = generator(items, seed=123)
+    batch = generator.generate_batch([items, items], [123, 124])
+    assert isinstance(one, Image.Image) and len(batch) == 2
+    np.testing.assert_allclose(pixels(batch[0]), pixels(one), atol=1)
+
+
+# ---- inputs and formatting ---------------------------------------------------------------------
+
+
+def test_cobsat_items_match_the_evaluation_protocol() -> None:
+    from thinkdiff.evaluation.cobsat.protocol import COBSAT_INSTRUCTION, build_prompt, shown
+
+    assert DEFAULT_INSTRUCTION == COBSAT_INSTRUCTION
+    prompt = build_prompt(1, 2, 0, [0, 1, 2], [0, 1, 2, 3])
+    images = [Path("/data") / rel for rel in prompt.image_inputs]
+    ours = cobsat_items([shown(x) for x in prompt.x_items], images, instruction=DEFAULT_INSTRUCTION)
+    assert ours == prompt.thinkdiff_items("/data")
+    assert cobsat_items(["white", "blue", "red"], ["A", "B"]) == [
+        "Word 1: white, ",
+        "A",
+        "\n\nWord 2: blue, ",
+        "B",
+        "\n\nWord 3: red, ",
+    ]
+
+
+def test_instruction_is_added_once(models) -> None:
+    pipe = ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu")
+    assert pipe._lvlm_items(["Word 1: a, "]) == [DEFAULT_INSTRUCTION, "Word 1: a, "]
+    assert pipe._lvlm_items([DEFAULT_INSTRUCTION, "Word 1: a, "]) == [DEFAULT_INSTRUCTION, "Word 1: a, "]
+    pipe.settings.instruction = None
+    assert pipe._lvlm_items(["Word 1: a, "]) == ["Word 1: a, "]
+
+
+# ---- bad input: clear errors before anything heavy loads ---------------------------------------
+
+
+@pytest.fixture
+def no_heavy_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import DiffusionPipeline
+
+    from thinkdiff.models.clip_vision import CLIPVisionFeatures
+    from thinkdiff.models.lvlm import LVLMFeatureExtractor
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    for cls in (LVLMFeatureExtractor, CLIPVisionFeatures, DiffusionPipeline):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+
+
+def test_bad_inputs_fail_before_models_load(models, items, tmp_path, no_heavy_loads) -> None:
+    pipe = ThinkDiffPipeline.from_pretrained(
+        models["lvlm"], device="cpu", settings=InferenceSettings(max_images=2)
+    )
+    with pytest.raises(ValueError, match="no inputs"):
+        pipe(Request([]))
+    with pytest.raises(ValueError, match="no inputs"):
+        pipe(Request(["  "]))
+    with pytest.raises(FileNotFoundError, match=r"image file not found: .*missing.png"):
+        pipe(Request(["x", tmp_path / "missing.png"]))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match=r"cannot read image .*broken.png"):
+        pipe(Request(["x", broken]))
+    with pytest.raises(ValueError, match="request 1: 3 images, more than the 2 accepted"):
+        pipe([Request(items), Request([*items, image((1, 2, 3))])])
+    with pytest.raises(ValueError, match="items must be str"):
+        pipe(Request(["x", 3]))
+    with pytest.raises(ValueError, match="num_frames applies to video decoders"):
+        pipe(Request(items), num_frames=9)
+
+    cog_clip = make_model(tmp_path / "clip-cog", "clip", decoder="tiny:cogvideox")
+    four = [image((i * 50, 0, 0)) for i in range(4)]
+    with pytest.raises(ValueError, match="4 images give 260 image tokens, more than decoder tiny:cogvideox"):
+        ThinkDiffPipeline.from_pretrained(cog_clip, device="cpu")(Request(four))
+
+
+def test_bad_models_and_modes_fail_before_models_load(models, tmp_path, no_heavy_loads) -> None:
+    with pytest.raises(ValueError, match="ThinkDiff-LVLM model; mode clip needs a clip model"):
+        ThinkDiffPipeline.from_pretrained(models["lvlm"], mode="clip")
+    with pytest.raises(ValueError, match="ThinkDiff-CLIP model; mode lvlm needs a lvlm model"):
+        ThinkDiffPipeline.from_pretrained(models["clip"], mode="lvlm")
+    with pytest.raises(ValueError, match="unknown mode 'dream'"):
+        ThinkDiffPipeline.from_pretrained(models["lvlm"], mode="dream")
+    with pytest.raises(ValueError, match="mode lvlm needs a trained ThinkDiff model folder"):
+        ThinkDiffPipeline.from_pretrained(None, mode="lvlm", decoder="tiny:flux")
+    narrow = make_model(tmp_path / "narrow", "lvlm", out_dim=16)
+    with pytest.raises(ValueError, match="16-wide prompt embeddings but decoder tiny:flux takes 32-wide"):
+        ThinkDiffPipeline.from_pretrained(narrow)
+    with pytest.raises(ValueError, match="it needs a GPU"):
+        ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu", offload="model")
+    with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
+        ThinkDiffPipeline.from_pretrained(models["lvlm"], decoder="tiny:qwen2-vl")
+    with pytest.raises(ValueError, match="gives 48-wide features but the aligner reads 64-wide"):
+        ThinkDiffPipeline.from_pretrained(models["lvlm"], lvlm="tiny:blip2-vision")
+    with pytest.raises(FileNotFoundError, match=r"ThinkDiff model folder .* does not exist"):
+        ThinkDiffPipeline.from_pretrained(tmp_path / "nowhere")
