@@ -250,7 +250,7 @@ def test_cli_prompts_and_errors(
         str(dataset.root),
     ]
     assert main([*argv, "--out", str(tmp_path / "gen")]) == 2
-    assert "not wired" in capsys.readouterr().err
+    assert "not a ThinkDiff model folder" in capsys.readouterr().err
 
 
 def test_judge_pads_images_to_square_like_llava() -> None:

@@ -216,3 +216,31 @@ def test_unknown_mode_is_a_usage_error(files, capsys) -> None:
         main(["generate", "--model", str(files["lvlm"]), "--mode", "dream", "--text", "a"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'dream'" in capsys.readouterr().err
+
+
+def test_single_job_file_and_instruction_flags(files, tmp_path, capsys) -> None:
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"items": [{"image": str(files["blue"])}, "a blue square"], "seed": 4}))
+    out = tmp_path / "job.webp"
+    args = ["--model", str(files["clip"]), "--job", str(job), "--out", str(out), "--no-instruction", *FAST]
+    assert run_cli(args, capsys)[0] == 0
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert (sidecar["seed"], sidecar["conditioning"]["instruction"]) == (4, None)
+    assert Image.open(out).format == "WEBP"
+
+
+def test_video_falls_back_to_frames_and_gif(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffusers.utils
+
+    from thinkdiff.commands.generate import _write_video
+
+    def broken_writer(*args, **kwargs):
+        raise RuntimeError("no ffmpeg here")
+
+    monkeypatch.setattr(diffusers.utils, "export_to_video", broken_writer)
+    frames = [Image.new("RGB", (16, 16), (i * 60, 0, 0)) for i in range(3)]
+    extra = _write_video(frames, tmp_path / "v.mp4", fps=8)
+    assert "no ffmpeg here" in extra["video_fallback"]["reason"]
+    assert not (tmp_path / "v.mp4").exists()
+    assert sorted(p.name for p in (tmp_path / "v_frames").iterdir()) == ["0000.png", "0001.png", "0002.png"]
+    assert Image.open(tmp_path / "v.gif").n_frames == 3

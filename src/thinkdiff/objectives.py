@@ -49,6 +49,35 @@ def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{key}")
 
 
+def random_cut(seed: int, epoch: int, key: str, length: int, max_split: int) -> int:
+    """The released code's cut ``randint(1, min(length - 1, max_split))``, drawn per sample."""
+    if length < 2:
+        raise ValueError(f"sample {key!r} has {length} generated token(s); the random split needs at least 2")
+    return sample_rng(seed, epoch, key).randint(1, min(length - 1, max_split))
+
+
+@dataclass(frozen=True)
+class CutLength:
+    """Bucketing key for feature batches: a sample's memory length under the random split.
+
+    Memory = ``features[:cut]`` and target = ``tokens[cut:]``, so samples of similar cut also have
+    similar targets: batching them together removes most padding on both sides.
+    """
+
+    seed: int
+    max_split: int
+    split: bool = True
+
+    @property
+    def fingerprint(self) -> str:
+        return f"cut:{self.seed}:{self.max_split}:{self.split}"
+
+    def __call__(self, key: str, length: int, epoch: int) -> int:
+        if not self.split or length < 2:
+            return length
+        return random_cut(self.seed, epoch, key, length, self.max_split)
+
+
 def t5_target_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> torch.Tensor:
     """T5 label ids ``[B, T]``: EOS appended by the tokenizer, truncated, padding set to -100."""
     enc = tokenizer(list(texts), max_length=max_length, truncation=True, padding=True, return_tensors="pt")
@@ -99,8 +128,9 @@ class LVLMBatch:
         )
 
     def padding_fraction(self) -> float:
-        """Share of memory positions that are padding (compute spent on nothing)."""
-        return 1.0 - self.mask_BL.float().mean().item()
+        """Share of memory and target positions that are padding (compute spent on nothing)."""
+        real = self.mask_BL.sum().item() + (self.labels_BT != -100).sum().item()
+        return 1.0 - real / (self.mask_BL.numel() + self.labels_BT.numel())
 
 
 class LVLMSplitCollator:
@@ -148,11 +178,7 @@ class LVLMSplitCollator:
         """Where sample ``key`` of ``length`` valid tokens is cut: memory ``[:cut]``, target ``[cut:]``."""
         if not self.split or self.features == "prompt":
             return length
-        if length < 2:
-            raise ValueError(
-                f"sample {key!r} has {length} generated token(s); the random split needs at least 2"
-            )
-        return sample_rng(self.seed, epoch, key).randint(1, min(length - 1, self.max_split))
+        return random_cut(self.seed, epoch, key, length, self.max_split)
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> LVLMBatch:
         memories, targets, keys, cuts = [], [], [], []

@@ -67,7 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_selection(p)
     p.add_argument("--mode", choices=["lvlm", "clip", "text-bridge"], required=True, help="inference mode")
-    p.add_argument("--model", type=Path, required=True, help="trained ThinkDiff model folder")
+    p.add_argument("--model", type=Path, help="trained ThinkDiff model folder (not needed for text-bridge)")
+    p.add_argument("--decoder", help="FLUX folder or hub id (default: the model folder's decoder)")
+    p.add_argument("--lvlm", help="LVLM for text-bridge without --model (default Qwen/Qwen2-VL-7B-Instruct)")
+    p.add_argument("--steps", type=int, default=28, help="denoising steps (protocol: 28)")
+    p.add_argument("--guidance", type=float, default=3.5, help="FLUX guidance (protocol: 3.5)")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels (protocol: 512)")
     p.add_argument("--dataset", type=Path, required=True, help="dataset folder or datasets.zip")
     p.add_argument("--out", type=Path, required=True, help="images folder (shot_{k}/task_{id}/...)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per generator call")
@@ -210,17 +215,21 @@ def run_check_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_generator(mode: str, model: Path, device: str | None) -> ImageGenerator:
-    # ------------------------------------------------------------------------------------------
-    # TODO(lead): wire the inference pipeline here. Return an object satisfying
-    # thinkdiff.evaluation.cobsat.ImageGenerator (``__call__(items, seed) -> PIL.Image``) and,
-    # ideally, BatchImageGenerator (``generate_batch(batch, seeds) -> list[PIL.Image]``), built
-    # from ``model`` for ``mode`` in {"lvlm", "clip", "text-bridge"}. Protocol: FLUX.1-dev,
-    # 28 steps, guidance 3.5, 512 px, seed 123 reset per sample. Heavy imports stay inside.
-    # ------------------------------------------------------------------------------------------
-    raise ValueError(
-        f"--mode {mode}: the inference pipeline is not wired into `eval cobsat generate` yet; "
-        "generate images with your own script under the file-name scheme and use `eval cobsat score`"
+def _load_generator(args: argparse.Namespace) -> ImageGenerator:
+    """The ThinkDiff pipeline for ``--mode``, kept loaded across batches (protocol: 28 steps, 3.5, 512 px)."""
+    from thinkdiff.pipelines import SeededImageGenerator, ThinkDiffPipeline
+
+    if args.model is None and args.mode != "text-bridge":
+        raise ValueError(f"--mode {args.mode} needs --model (a trained ThinkDiff model folder)")
+    pipeline = ThinkDiffPipeline.from_pretrained(
+        args.model, decoder=args.decoder, mode=args.mode, lvlm=args.lvlm, device=args.device, keep_loaded=True
+    )
+    return SeededImageGenerator(
+        pipeline,
+        height=args.size,
+        width=args.size,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
     )
 
 
@@ -234,7 +243,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     tasks, shots, indices = _selection(args)
     dataset = CobsatDataset.load(args.dataset)
-    generator = _load_generator(args.mode, args.model, args.device)
+    generator = _load_generator(args)
     report = generate_cobsat(
         generator,
         dataset,
@@ -244,7 +253,7 @@ def run_generate(args: argparse.Namespace) -> int:
         indices=indices,
         seed=args.seed,
         batch_size=args.batch_size,
-        metadata={"mode": args.mode, "model": str(args.model)},
+        metadata={"mode": args.mode, "model": str(args.model), "decoder": args.decoder, "steps": args.steps},
     )
     print(
         f"generated {report.written}, kept {report.skipped} existing, of {report.total} ({report.seconds:.0f} s)"

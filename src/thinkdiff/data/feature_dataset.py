@@ -14,7 +14,7 @@ call :meth:`FeatureShardDataset.set_epoch` before each epoch, as with ``Distribu
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,9 @@ class FeatureShardDataset(IterableDataset):
             accelerate) or ``(0, 1)``.
         bucket_batches: if > 0, sort windows of ``bucket_batches * batch_size`` planned samples by
             length and cut them into batches (shuffled), so that a batch holds similar lengths.
+        bucket_key: what to sort by instead of the length: ``f(key, length, epoch) -> int``, e.g.
+            the random cut of the LVLM objective (:class:`thinkdiff.objectives.CutLength`), which
+            sets both the memory and the target length of a sample. Must be picklable.
         prompt_features: also return the prompt-token features (the input-tokens ablation).
         even_ranks: give every rank ``len // world_size`` samples (dropping at most
             ``world_size - 1`` per epoch), so that DDP ranks run the same number of steps.
@@ -65,6 +68,7 @@ class FeatureShardDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         bucket_batches: int = 0,
+        bucket_key: Callable[[str, int, int], int] | None = None,
         prompt_features: bool = False,
         even_ranks: bool = True,
     ) -> None:
@@ -79,6 +83,7 @@ class FeatureShardDataset(IterableDataset):
         self.seed = seed
         self.rank, self.world_size = rank_and_world_size(rank, world_size)
         self.bucket_batches = bucket_batches
+        self.bucket_key = bucket_key
         self.even_ranks = even_ranks
         self.epoch = 0
         self._iterations = 0  # __iter__ calls since set_epoch: persistent workers never see set_epoch
@@ -106,6 +111,7 @@ class FeatureShardDataset(IterableDataset):
             "batch_size": self.batch_size,
             "shuffle_buffer": self.shuffle_buffer,
             "bucket_batches": self.bucket_batches,
+            "bucket_key": getattr(self.bucket_key, "fingerprint", None),
         }
 
     def state_dict(self, samples_seen: int) -> dict[str, Any]:
@@ -140,15 +146,25 @@ class FeatureShardDataset(IterableDataset):
         planned = list(shuffle_buffer(mine, self.shuffle_buffer, rank_rng))
         planned = planned[: len(self)]
         if self.bucket_batches > 0:
-            planned = self._bucket(planned, rank_rng)
+            planned = self._bucket(planned, rank_rng, epoch)
         return planned
 
-    def _bucket(self, planned: list[tuple[int, int]], rng: random.Random) -> list[tuple[int, int]]:
+    def _sort_key(self, planned: list[tuple[int, int]], epoch: int) -> Callable[[tuple[int, int]], int]:
         lengths = {s: self.shards.lengths(s) for s in {s for s, _ in planned}}
+        if self.bucket_key is None:
+            return lambda item: lengths[item[0]][item[1]]
+        keys = {s: [m["key"] for m in self.shards.metadata(s)] for s in lengths}
+        bucket_key = self.bucket_key
+        return lambda item: bucket_key(keys[item[0]][item[1]], lengths[item[0]][item[1]], epoch)
+
+    def _bucket(
+        self, planned: list[tuple[int, int]], rng: random.Random, epoch: int
+    ) -> list[tuple[int, int]]:
+        sort_key = self._sort_key(planned, epoch)
         window = self.bucket_batches * self.batch_size
         bucketed: list[tuple[int, int]] = []
         for start in range(0, len(planned), window):
-            chunk = sorted(planned[start : start + window], key=lambda item: lengths[item[0]][item[1]])
+            chunk = sorted(planned[start : start + window], key=sort_key)
             batches = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
             # A window's last batch may be short; keep it last so that only the epoch's final batch
             # can be short (every earlier window is full).

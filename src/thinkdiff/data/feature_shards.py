@@ -151,6 +151,7 @@ class FeatureShardWriter:
 
     def __init__(self, out_dir: Path, index: int, *, prompt_features: bool = False) -> None:
         self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.name = shard_name(index)
         self.with_prompt_features = prompt_features
         self._final = {

@@ -11,8 +11,10 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 TINY_PREFIX = "tiny:"
 
@@ -44,6 +46,8 @@ def resolve_tiny(name: str) -> Path:
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 on GPU (the released code's choice for frozen towers), fp32 on CPU."""
+    import torch
+
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 

@@ -87,6 +87,11 @@ class TrainConfig:
     seed: int = _help("base seed (data order, random cuts, init)", default=42)
     num_workers: int = _help("data-loader worker processes per rank", default=4)
     shuffle_buffer: int = _help("samples in the shuffle buffer", default=2000)
+    bucket_batches: int = _help(
+        "lvlm: sort windows of this many micro-batches by the random cut, so a batch holds similar memory "
+        "and target lengths (little padding); 0 keeps the released order",
+        default=4,
+    )
 
     log_every: int = _help("steps between console/TensorBoard logs", default=10)
     val_every: int = _help("steps between validation losses (0: never)", default=500)
@@ -120,8 +125,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.num_workers < 0:
-            problems.append("warmup_steps and num_workers must be >= 0")
+        if self.warmup_steps < 0 or self.num_workers < 0 or self.bucket_batches < 0:
+            problems.append("warmup_steps, num_workers and bucket_batches must be >= 0")
         if not self.data:
             problems.append("no training data given (data)")
         for path in [*self.data, *self.val_data]:

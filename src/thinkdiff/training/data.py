@@ -120,8 +120,9 @@ def build_step_data(
     workers = 0 if validation else config.num_workers
     if config.variant == "lvlm":
         from thinkdiff.data.feature_dataset import FeatureShardDataset
-        from thinkdiff.objectives import LVLMSplitCollator
+        from thinkdiff.objectives import CutLength, LVLMSplitCollator
 
+        generated = config.features == "generated"
         dataset = FeatureShardDataset(
             _single_feature_root(sources),
             batch_size=micro_batch,
@@ -129,7 +130,10 @@ def build_step_data(
             seed=config.seed,
             rank=rank,
             world_size=world_size,
-            prompt_features=config.features == "prompt",
+            bucket_batches=0 if validation else config.bucket_batches,
+            # The random cut sets both lengths of a sample; the prompt ablation pads prompt features.
+            bucket_key=CutLength(config.seed, config.max_split, config.split) if generated else None,
+            prompt_features=not generated,
         )
         collate = LVLMSplitCollator(
             load_lvlm_tokenizer(config.lvlm),

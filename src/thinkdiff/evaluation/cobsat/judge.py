@@ -43,6 +43,7 @@ from thinkdiff.evaluation.cobsat.protocol import (
     judge_questions,
     parse_answer,
 )
+from thinkdiff.models.loading import TINY_PREFIX, resolve_tiny
 
 if TYPE_CHECKING:
     import torch
@@ -323,6 +324,8 @@ def load_judge(
 
     Without a local config (a hub id) the kind defaults to ``llava``, the benchmark's judge.
     """
+    if str(name_or_path).startswith(TINY_PREFIX):  # the offline kit's tiny LLaVA, for tests and demos
+        name_or_path = resolve_tiny(str(name_or_path))
     if kind is None:
         config = Path(name_or_path) / "config.json"
         model_type = json.loads(config.read_text()).get("model_type", "") if config.is_file() else "llava"
