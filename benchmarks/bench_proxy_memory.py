@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128}
+from common import XXL, scaled_t5_config
 
 
 def t5_params(d_model: int, d_ff: int, num_layers: int, vocab_size: int, inner: int) -> dict[str, int]:
@@ -56,6 +56,8 @@ else:
     model = T5ForConditionalGeneration(T5Config.from_pretrained(folder))
     model.load_state_dict(state, strict=False)
     del state, model.encoder
+import time
+time.sleep(0.3)  # hold the loaded model while the parent takes its last samples
 print("done", flush=True)
 """
 
@@ -111,23 +113,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import T5ForConditionalGeneration
 
     from thinkdiff.tiny.t5 import save_tiny_t5
 
-    s = args.scale
-    config = T5Config(
-        d_model=XXL["d_model"] // s,
-        d_ff=XXL["d_ff"] // s,
-        d_kv=XXL["d_kv"],
-        num_heads=XXL["num_heads"] // s,
-        num_layers=XXL["num_layers"],
-        num_decoder_layers=XXL["num_layers"],
-        vocab_size=XXL["vocab_size"],
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        decoder_start_token_id=0,
-    )
+    config = scaled_t5_config(args.scale)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "t5"
         save_tiny_t5(folder)  # tokenizer files; the weights are replaced below

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128}
-QWEN2VL_7B_HIDDEN = 3584
+from common import QWEN2VL_7B_HIDDEN, XXL, scaled_t5_config
+
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
@@ -52,29 +52,14 @@ def cpu_matmul_flops(size: int = 1024, repeats: int = 10) -> float:
 
 
 def write_scaled_t5(folder: Path, scale: int) -> dict[str, int]:
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import T5ForConditionalGeneration
 
     from thinkdiff.tiny.tokenizers import save_t5_tokenizer
 
-    dims = dict(
-        XXL, d_model=XXL["d_model"] // scale, d_ff=XXL["d_ff"] // scale, num_heads=XXL["num_heads"] // scale
-    )
-    config = T5Config(
-        d_model=dims["d_model"],
-        d_ff=dims["d_ff"],
-        d_kv=dims["d_kv"],
-        num_heads=dims["num_heads"],
-        num_layers=dims["num_layers"],
-        num_decoder_layers=dims["num_layers"],
-        vocab_size=dims["vocab_size"],
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        decoder_start_token_id=0,
-        dropout_rate=0.1,
-    )
+    config = scaled_t5_config(scale, dropout_rate=0.1)
     T5ForConditionalGeneration(config).save_pretrained(folder)
     save_t5_tokenizer(folder)
-    return dims
+    return dict(XXL, d_model=config.d_model, d_ff=config.d_ff, num_heads=config.num_heads)
 
 
 def write_features(folder: Path, tokenizer, width: int, samples: int, tokens: int = 64) -> None:

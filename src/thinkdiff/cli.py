@@ -17,6 +17,7 @@ from thinkdiff import __version__
 
 # Order is the order shown in --help.
 COMMAND_MODULES: list[str] = [
+    "thinkdiff.commands.demo",
     "thinkdiff.commands.make_tiny_models",
     "thinkdiff.commands.extract_features",
     "thinkdiff.commands.train",

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from thinkdiff.evaluation.cobsat.protocol import ITEMS, shown
+
 __all__ = [
     "T5_EOS_ID",
     "T5_PAD_ID",
@@ -33,36 +35,11 @@ T5_SPM_VOCAB_SIZE = 224
 """Pieces of the tiny sentencepiece model; the tokenizer adds 100 ``<extra_id_N>`` (324 tokens).
 As large as the small corpus allows (sentencepiece refuses more than ~245)."""
 
-# CoBSAT's vocabulary (colours, objects, animals, styles, actions, backgrounds, textures).
-COLORS = ["yellow", "white", "red", "purple", "pink", "orange", "green", "brown", "blue", "black"]
-OBJECTS = ["leaf", "hat", "cup", "chair", "car", "box", "book", "ball", "bag", "apple"]
-ANIMALS = ["zebra", "tiger", "sheep", "pig", "monkey", "lion", "dog", "cow", "cat", "bird"]
-STYLES = [
-    "watercolor",
-    "sketch",
-    "pixel",
-    "origami",
-    "lego",
-    "icon",
-    "graffiti",
-    "futuristic",
-    "wireframe",
-    "old",
-]
-ACTIONS = ["swim", "sleep", "sing", "run", "read", "fly", "eat", "drink", "cry", "angry"]
-BACKGROUNDS = [
-    "beach",
-    "desert",
-    "glacier",
-    "volcano",
-    "amusement park",
-    "gym",
-    "waterfall",
-    "space",
-    "cave",
-    "seafloor",
-]
-TEXTURES = ["wood", "wicker", "sequined", "plastic", "paper", "metal", "leather", "lace", "denim", "ceramic"]
+# CoBSAT's vocabulary (colours, objects, animals, styles, actions, backgrounds, textures), as shown in text.
+COLORS, OBJECTS, ANIMALS, STYLES, ACTIONS, BACKGROUNDS, TEXTURES = (
+    [shown(word) for word in ITEMS[theme]]
+    for theme in ("color", "object", "animal", "style", "action", "background", "texture")
+)
 
 _OPENERS = ["a photo of", "an image of", "a picture of", "create an image of", "describe"]
 _ACTION_VERBS = {
