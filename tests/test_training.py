@@ -160,3 +160,27 @@ def test_schedule_and_decay_groups() -> None:
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.05 and all(p.ndim == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3  # two biases and the norm
+
+
+def test_debug_clip_trains_on_image_caption_shards(tiny_env, tmp_path) -> None:
+    from thinkdiff.data.synthetic import write_tar_shards
+    from thinkdiff.training.config import debug_clip
+
+    write_tar_shards(tmp_path / "tars", num_shards=2, samples_per_shard=8)  # shard 0 holds bad samples too
+    config = debug_clip().updated(
+        data=[str(tmp_path / "tars")],
+        val_data=[str(tmp_path / "tars")],
+        output_dir=str(tmp_path / "run"),
+        global_batch_size=4,
+        max_steps=80,
+        log_every=10,
+        val_every=40,
+        decode_every=40,
+        save_every=40,
+    )
+    result = train(config, resume="never")
+    assert sum(result.losses[-10:]) / 10 < 0.8 * sum(result.losses[:10]) / 10, result.losses
+    _, info = load_model(tmp_path / "run" / "model")
+    assert info.variant == "clip" and info.in_dim == 48 and info.source_model == "tiny:blip2-vision"
+    decoded = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert decoded and all(row["input"] and row["target"] for row in decoded)
