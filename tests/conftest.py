@@ -30,7 +30,13 @@ CAPTIONS = [
 
 
 def write_feature_folder(
-    root: Path, tokenizer, width: int = 64, shards: int = 2, per_shard: int = 24, seed: int = 0
+    root: Path,
+    tokenizer,
+    width: int = 64,
+    shards: int = 2,
+    per_shard: int = 24,
+    seed: int = 0,
+    prompt_features: bool = False,
 ) -> Path:
     """Feature shards whose features are a fixed function of the generated tokens (learnable)."""
     from thinkdiff.data.feature_shards import FeatureShardWriter, write_index
@@ -38,12 +44,15 @@ def write_feature_folder(
     gen = torch.Generator().manual_seed(seed)
     table = torch.randn(len(tokenizer), width, generator=gen)
     for s in range(shards):
-        with FeatureShardWriter(root, s) as writer:
+        with FeatureShardWriter(root, s, prompt_features=prompt_features) as writer:
             for i in range(per_shard):
                 text = CAPTIONS[(s * per_shard + i) % len(CAPTIONS)]
                 ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
                 features = table[ids] + 0.1 * torch.randn(len(ids), width, generator=gen)
-                writer.add(f"s{s}-{i:03d}", ids, features, prompt="Describe the image.", text=text)
+                extra = (
+                    {"prompt_features_PH": torch.randn(7, width, generator=gen)} if prompt_features else {}
+                )
+                writer.add(f"s{s}-{i:03d}", ids, features, prompt="Describe the image.", text=text, **extra)
             writer.finish()
     write_index(root, num_source_shards=shards, model="tiny:qwen2-vl")
     return root

@@ -101,6 +101,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--label", default="this run", help="row label of this run in the tables")
     p.set_defaults(func=run_report)
 
+    from thinkdiff.commands import ablation
+
+    ablation.add_parser(sub)
+
     p = sub.add_parser("compare", help="side-by-side table of several runs", description=run_compare.__doc__)
     p.add_argument("results", type=Path, nargs="+", help="cobsat-results.json files")
     p.add_argument("--labels", nargs="+", help="row labels, one per file (default: each run's label)")

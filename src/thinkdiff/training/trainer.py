@@ -423,26 +423,14 @@ class RunLog:
 
     def plot(self, path: Path) -> None:
         """A loss-curve PNG of everything logged so far."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from thinkdiff.plotting import plot_curves
 
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key, label in (("loss", "train"), ("val_loss", "validation")):
-            points = [(r["step"], r[key]) for r in rows if key in r]
-            if points:
-                ax.plot(*zip(*points), label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel("proxy T5 cross-entropy")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        tmp.replace(path)
+        curves = {
+            label: [(r["step"], r[key]) for r in rows if key in r]
+            for key, label in (("loss", "train"), ("val_loss", "validation"))
+        }
+        plot_curves(curves, path, xlabel="step", ylabel="proxy T5 cross-entropy")
 
     def close(self) -> None:
         if self.writer is not None:

@@ -1,0 +1,40 @@
+"""`thinkdiff eval cobsat ablation`: every stage runs, outputs land where documented, reruns reuse work."""
+
+from __future__ import annotations
+
+import json
+
+from transformers import AutoTokenizer
+
+from thinkdiff.cli import main
+from thinkdiff.evaluation.cobsat import write_synthetic_dataset
+
+from .conftest import write_feature_folder
+
+
+def test_input_tokens_then_text_bridge(tiny_env, tmp_path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_env / "qwen2-vl")
+    features = write_feature_folder(tmp_path / "features", tokenizer, per_shard=8, prompt_features=True)
+    dataset = write_synthetic_dataset(tmp_path / "datasets")
+    out = tmp_path / "ablation"
+    common = [
+        "--features", str(features), "--preset", "debug-lvlm", "--dataset", str(dataset), "--out", str(out),
+        "--train-args", "--max-steps 4 --val-every 0 --decode-every 0",
+        "--tasks", "2", "--shots", "2", "--num-prompts", "2", "--steps", "2", "--size", "64",
+        "--judge", "tiny:llava", "--max-new-tokens", "2",
+    ]  # fmt: skip
+    assert main(["eval", "cobsat", "ablation", "input-tokens", *common]) == 0
+    info = json.loads((out / "runs" / "input-tokens" / "model" / "thinkdiff.json").read_text())
+    assert info["features"] == "prompt"
+    for variant in ("lvlm", "input-tokens"):
+        assert len(list((out / "images" / variant).rglob("*.jpg"))) == 2
+        assert (out / "results" / variant / "cobsat-results.json").is_file()
+    compare = json.loads((out / "compare" / "cobsat-compare.json").read_text())
+    assert "input-tokens" in json.dumps(compare)
+    assert (out / "loss-curves.png").is_file()
+
+    trained_at = (out / "runs" / "lvlm" / "model" / "thinkdiff.json").stat().st_mtime_ns
+    assert main(["eval", "cobsat", "ablation", "text-bridge", *common]) == 0
+    assert (out / "runs" / "lvlm" / "model" / "thinkdiff.json").stat().st_mtime_ns == trained_at  # reused
+    sidecar = json.loads(next((out / "images" / "text-bridge").rglob("*.json")).read_text())
+    assert sidecar["generator"]["mode"] == "text-bridge"
