@@ -38,6 +38,7 @@ def test_generate_then_score(tiny_env, tmp_path) -> None:
     assert len(written) == 2
     sidecar = json.loads(written[0].with_suffix(".json").read_text())
     assert sidecar["generator"]["mode"] == "lvlm" and sidecar["seed"] == 123
+    assert isinstance(sidecar["output"]["lvlm_text"], str) and sidecar["output"]["height"] == 64
 
     score = [
         "eval",

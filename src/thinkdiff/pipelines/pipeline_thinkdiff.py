@@ -805,3 +805,10 @@ class SeededImageGenerator:
         requests = [Request(items=list(items), seed=seed) for items, seed in zip(batch, seeds)]
         self.last_output = self.pipeline(requests, **self.call_kwargs)
         return self.last_output.images
+
+    def details(self) -> list[dict[str, Any]]:
+        """Per image of the last call: what a sidecar should record (the LVLM's text, the settings)."""
+        if self.last_output is None:
+            return []
+        out = self.last_output
+        return [{"lvlm_text": text, **settings} for text, settings in zip(out.lvlm_texts, out.settings)]

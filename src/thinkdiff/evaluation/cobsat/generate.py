@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from thinkdiff.evaluation.cobsat.dataset import CobsatDataset
 from thinkdiff.evaluation.cobsat.protocol import NUM_PROMPTS, PROMPT_SEED, TASKS, CobsatPrompt, build_prompts
+from thinkdiff.utils import atomic_write_bytes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -105,18 +105,12 @@ class GenerationReport:
     seconds: float
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _save_image(image: Image.Image, path: Path) -> None:
     import io
 
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="JPEG", quality=_JPEG_QUALITY)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _jsonable_items(items: Sequence[str | Path]) -> list[dict[str, str]]:
@@ -177,7 +171,10 @@ def generate_cobsat(
         else:
             images = [generator(inputs[0], seed)]  # type: ignore[operator]
         per_image = (time.perf_counter() - t0) / len(chunk)
-        for prompt, items, image in zip(chunk, inputs, images):
+        # A generator may say more about each image (e.g. the LVLM's text); it goes in the sidecar.
+        details = generator.details() if callable(getattr(generator, "details", None)) else []
+        details = details if len(details) == len(chunk) else [{}] * len(chunk)
+        for prompt, items, image, detail in zip(chunk, inputs, images, details):
             image_path = output_path(out_dir, prompt)
             image_path.parent.mkdir(parents=True, exist_ok=True)
             sidecar = {
@@ -186,10 +183,11 @@ def generate_cobsat(
                 "seed": seed,
                 "time": per_image,
                 "generator": metadata or {},
+                "output": detail,
                 "thinkdiff_version": __version__,
             }
             # Sidecar first: an image on disk always has its metadata beside it.
-            _atomic_write_bytes(output_path(out_dir, prompt, ".json"), json.dumps(sidecar, indent=2).encode())
+            atomic_write_bytes(output_path(out_dir, prompt, ".json"), json.dumps(sidecar, indent=2).encode())
             _save_image(image, image_path)
             written += 1
         if written % 50 < step or b + step >= len(pending):
