@@ -109,3 +109,27 @@ def test_unknown_model_is_clear(tmp_path, tiny_models) -> None:
         ProxyT5Decoder.from_pretrained(tmp_path / "missing")
     with pytest.raises(ValueError, match="not a T5 encoder-decoder"):
         ProxyT5Decoder.from_pretrained(tiny_models / "blip2-vision")
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_models) -> None:
+    torch.manual_seed(0)
+    memory = torch.randn(2, 5, 32)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    labels = torch.tensor([[5, 6, 7, 1], [8, 9, 1, -100]])
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        proxy = ProxyT5Decoder.from_pretrained(tiny_models / "t5")
+        if checkpointing:
+            proxy.enable_activation_checkpointing()
+        proxy.train()
+        assert proxy.t5.training == checkpointing  # HF checkpoints only in training mode; dropout is p=0
+        count = [0]
+        proxy.t5.decoder.block[0].layer[0].register_forward_hook(
+            lambda *_, count=count: count.__setitem__(0, count[0] + 1)
+        )
+        leaf = memory.clone().requires_grad_(True)
+        proxy.loss(leaf, mask, labels).backward()
+        grads.append(leaf.grad)
+        calls.append(count[0])
+    torch.testing.assert_close(grads[0], grads[1])
+    assert calls == [1, 2]  # with checkpointing the block runs again in the backward pass
