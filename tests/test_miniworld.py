@@ -42,7 +42,10 @@ def test_held_out_cells_are_never_sampled_by_default():
     for theme, cells in HELD_OUT.items():  # one per detail and one per shape
         assert len({d for d, _ in cells}) == 10 and len({s for _, s in cells}) == 10, theme
     rng = scene_rng("held", 0)
-    assert not any(is_held_out(s.shape, s.color, s.background, s.texture) for s in (sample_scene(rng) for _ in range(2000)))
+    assert not any(
+        is_held_out(s.shape, s.color, s.background, s.texture)
+        for s in (sample_scene(rng) for _ in range(2000))
+    )
     detail, shape = sorted(HELD_OUT["texture_shape"])[0]
     with pytest.raises(ValueError, match="held-out"):
         sample_scene(rng, shape=shape, texture=detail)
@@ -86,7 +89,10 @@ def test_mini_cobsat_follows_the_benchmark_rule():
                 assert scene.value(task.theta_category) == prompt.theta
             assert prompt.target[task.x_category] == prompt.x_items[-1]
             items = prompt.items()
-            assert items[1] == f"Word 1: {prompt.x_items[0]}, " and items[-1] == f"\n\nWord {shot + 1}: {prompt.x_items[-1]}, "
+            assert (
+                items[1] == f"Word 1: {prompt.x_items[0]}, "
+                and items[-1] == f"\n\nWord {shot + 1}: {prompt.x_items[-1]}, "
+            )
             assert sum(not isinstance(i, str) for i in items) == shot
     # Color-I and Background-I share their words: only the images differ.
     a, b = build_prompt(1, 2, 0, *plist[0]), build_prompt(3, 2, 0, *plist[0])

@@ -29,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r = sub.add_parser("report", help="measure components and claims; write Markdown, JSON and PNGs")
     r.add_argument("models_dir", type=Path, help="a folder written by `thinkdiff miniworld build`")
     r.add_argument("out_dir", type=Path, help="report folder to write")
-    r.add_argument("--num-prompts", type=int, default=100, help="first N prompts per task and shot (max 1000)")
+    r.add_argument(
+        "--num-prompts", type=int, default=100, help="first N prompts per task and shot (max 1000)"
+    )
     r.add_argument("--shots", type=int, nargs="+", default=[2, 4], help="shot settings")
     r.add_argument("--steps", type=int, default=20, help="Euler steps of the mini FLUX sampler")
     r.add_argument("--cfg", type=float, default=2.0, help="true classifier-free guidance scale")
@@ -40,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=run_report)
 
-    d = sub.add_parser("demo", help="one mini-CoBSAT prompt in, the generated image and the judge's verdict out")
+    d = sub.add_parser(
+        "demo", help="one mini-CoBSAT prompt in, the generated image and the judge's verdict out"
+    )
     d.add_argument("--models", type=Path, default=None, help="models folder (default: the committed weights)")
     d.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for demo.png")
     d.add_argument("--task", default="Color-II", help="mini-CoBSAT task name, e.g. Color-I, Texture-II")
@@ -59,7 +63,9 @@ def run_build(args: argparse.Namespace) -> int:
     for name, seconds in record["seconds"].items():
         print(f"{name:16s} {seconds:8.1f} s")
     judge = record["results"]["judge_fresh_renders"]
-    print(f"judge on fresh renders: shape {judge['shape']:.3f} texture {judge['texture']:.3f} all {judge['all']:.3f}")
+    print(
+        f"judge on fresh renders: shape {judge['shape']:.3f} texture {judge['texture']:.3f} all {judge['all']:.3f}"
+    )
     return 0
 
 
