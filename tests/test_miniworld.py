@@ -100,3 +100,15 @@ def test_mini_cobsat_follows_the_benchmark_rule():
     assert a.context_scenes[0].color == a.x_items[0] and b.context_scenes[0].background == b.x_items[0]
     assert len(list(build_prompts([1, 2], [2, 4], range(3)))) == 12
     assert cell_scene("color_shape", "red", "star") == cell_scene("color_shape", "red", "star")
+
+
+def test_paired_test_counts_discordant_prompts():
+    from thinkdiff.miniworld.stats import cell, paired_test
+
+    a = [True] * 30 + [False] * 10
+    b = [False] * 25 + [True] * 5 + [False] * 10
+    test = paired_test(a, b)
+    assert (test.a_only, test.b_only) == (25, 0) and test.p_value < 1e-6
+    assert paired_test(a, a).p_value == 1.0
+    c = cell(a)
+    assert (c.correct, c.n) == (30, 40) and c.interval[0] < 0.75 < c.interval[1]

@@ -1,14 +1,19 @@
-"""``thinkdiff demo``: the whole method end to end on the built-in default, with no downloads.
+"""``thinkdiff demo``: the method on the built-in defaults, with no downloads.
 
-It runs the project's own commands one after another, exactly as a user would:
+Part 1, the miniature world (``thinkdiff miniworld demo``): a mini-CoBSAT prompt (words and images)
+goes through the committed mini VLM, the trained aligner and the stock FluxPipeline with the mini
+FLUX.1 decoder; the generated image is shown next to the judge's verdict. These models were trained
+from scratch on CPU by ``thinkdiff miniworld build``, so the pictures mean something.
+
+Part 2, the pipeline walk-through on the offline tiny random kit (``tiny:*``), running the
+project's own commands one after another, exactly as a user would:
 
 1. draw a small image-caption set (coloured shapes, captions in a folder);
 2. ``extract-features``: the LVLM describes each image; its generated-token features are stored;
 3. ``train``: the aligner learns against the frozen proxy T5 decoder (decoded samples are shown);
 4. ``generate``: interleaved images and words in, an image out through a stock FluxPipeline.
 
-The default models are the offline tiny random kit (``tiny:*``), so the demo shows that every
-stage works, not that the pictures are good.
+The tiny models are random, so part 2 shows that every stage works, not that pictures are good.
 """
 
 from __future__ import annotations
@@ -77,6 +82,13 @@ def run(args: argparse.Namespace) -> int:
         if main(argv) != 0:
             raise SystemExit(f"demo stage {name!r} failed")
         timings[name] = time.perf_counter() - start
+
+    from thinkdiff.miniworld.models import default_weights_dir
+
+    if (default_weights_dir() / "build.json").is_file():
+        stage("miniworld", ["miniworld", "demo", "--out", str(out / "miniworld")])
+    else:
+        print(f"(no miniature-world weights in {default_weights_dir()}: run `thinkdiff miniworld build` for part 1)")
 
     images = draw_images(out / "images")
     stage(

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--shots", type=int, nargs="+", default=[2, 4], help="shot settings")
     r.add_argument("--steps", type=int, default=20, help="Euler steps of the mini FLUX sampler")
-    r.add_argument("--cfg", type=float, default=2.0, help="true classifier-free guidance scale")
+    r.add_argument("--cfg", type=float, default=3.0, help="true classifier-free guidance scale")
     r.add_argument("--fidelity-n", type=int, default=300, help="samples per fidelity measurement")
     r.add_argument("--clip-n", type=int, default=200, help="renders for the ThinkDiff-CLIP checks")
     r.add_argument("--no-retrain", action="store_true", help="skip training the ablation aligners")

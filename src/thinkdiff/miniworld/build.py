@@ -1,0 +1,240 @@
+"""``thinkdiff miniworld build``: train every component of the miniature world from scratch.
+
+One seed decides everything (scenes, initialisations, data order). The steps, in order:
+
+1. render a pool of training scenes (none from a held-out cell);
+2. the judge (CNN for shape and texture; colours are read by pixel statistics);
+3. the mini T5 (caption autoencoder + continuation);
+4. the mini FLUX.1 (flow matching on the pool, conditioned on the frozen T5 encoder);
+5. the mini Qwen2-VL (describe + mini-CoBSAT answers);
+6. the mini EVA ViT (contrastive against captions);
+7. ThinkDiff-LVLM: the VLM describes fresh images through the project's ``extract_features``, and
+   the project's trainer fits the aligner against the frozen T5 decoder;
+8. ThinkDiff-CLIP: the project's trainer fits the aligner on an image-caption folder.
+
+Models go to ``OUT_DIR/{judge,t5,flux,vlm,vision,thinkdiff/lvlm,thinkdiff/clip}`` (safetensors,
+configs, tokenizers: what ``make demo`` needs); intermediate data (feature shards, renders,
+training runs) to ``OUT_DIR/work``, which a ``.gitignore`` keeps out of version control.
+``build.json`` records the configuration, each step's wall time and the judge's accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thinkdiff.utils import atomic_write_text
+
+__all__ = ["BuildConfig", "build", "full_config", "quick_config"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildConfig:
+    """Budgets of one build (see :func:`full_config` and :func:`quick_config`)."""
+
+    seed: int = 0
+    threads: int = 2
+    """torch CPU threads (the machine's cores)."""
+    pool_size: int = 24_000
+    """Rendered training scenes, shared by the decoder, the VLM and the vision encoder."""
+    judge_train: int = 20_000
+    judge_steps: int = 600
+    judge_test: int = 3000
+    t5_steps: int = 1500
+    flux_steps: int = 2400
+    flux_batch: int = 64
+    vlm_vision_steps: int = 800
+    """Stage 1 of the VLM: its vision tower learns the attributes (see ``pretrain_vision_tower``)."""
+    vlm_steps: int = 1600
+    vlm_batch: int = 32
+    vlm_pool: int = 24_000
+    """Pool images the VLM trains on (the first ``vlm_pool`` of the pool)."""
+    vision_steps: int = 500
+    vision_batch: int = 128
+    lvlm_train: int = 3000
+    """Images the VLM describes for ThinkDiff-LVLM's training features."""
+    lvlm_val: int = 200
+    aligner_steps: int = 800
+    aligner_batch: int = 64
+    aligner_lr: float = 1e-3
+    clip_train: int = 3000
+    clip_steps: int = 500
+    clip_batch: int = 32
+    note: str = field(default="full", metadata={"help": "preset name"})
+
+    def __post_init__(self) -> None:
+        bad = {
+            k: v for k, v in dataclasses.asdict(self).items() if isinstance(v, int) and v < 1 and k != "seed"
+        }
+        if bad:
+            raise ValueError(f"build budgets must be >= 1, got {bad}")
+        if self.vlm_pool > self.pool_size:
+            raise ValueError(f"vlm_pool={self.vlm_pool} exceeds pool_size={self.pool_size}")
+
+
+def full_config(seed: int = 0) -> BuildConfig:
+    """The committed world: about 20-25 minutes on 2 CPU cores."""
+    return BuildConfig(seed=seed)
+
+
+def quick_config(seed: int = 0) -> BuildConfig:
+    """A reduced world for tests: every step runs, for a few dozen steps each (about a minute)."""
+    return BuildConfig(
+        seed=seed,
+        pool_size=600,
+        judge_train=600,
+        judge_steps=10,
+        judge_test=100,
+        t5_steps=40,
+        flux_steps=30,
+        flux_batch=16,
+        vlm_vision_steps=10,
+        vlm_steps=30,
+        vlm_batch=8,
+        vlm_pool=200,
+        vision_steps=20,
+        vision_batch=16,
+        lvlm_train=48,
+        lvlm_val=16,
+        aligner_steps=20,
+        aligner_batch=8,
+        clip_train=48,
+        clip_steps=10,
+        clip_batch=8,
+        note="quick",
+    )
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _text_to_image(out_dir: Path, config: BuildConfig, pool: Any, progress: bool) -> dict[str, float]:
+    """Branch 1: the mini T5, then the mini FLUX conditioned on it."""
+    from thinkdiff.miniworld.components.flux import train_flux
+    from thinkdiff.miniworld.components.t5 import train_t5
+
+    seconds: dict[str, float] = {}
+    with _Timer("t5", seconds):
+        train_t5(out_dir / "t5", seed=config.seed, steps=config.t5_steps, progress=progress)
+    with _Timer("flux", seconds):
+        train_flux(
+            out_dir / "flux", out_dir / "t5", pool, seed=config.seed, steps=config.flux_steps,
+            batch_size=config.flux_batch, progress=progress,
+        )  # fmt: skip
+    return seconds
+
+
+def _readers(out_dir: Path, config: BuildConfig, pool: Any, progress: bool) -> tuple[dict[str, float], dict]:
+    """Branch 2: everything that reads images: the judge, the mini VLM, the mini EVA ViT."""
+    from thinkdiff.miniworld.components.vision import train_vision
+    from thinkdiff.miniworld.components.vlm import train_vlm
+    from thinkdiff.miniworld.judge import held_out_scenes, judge_accuracy, train_judge
+    from thinkdiff.miniworld.world import sample_scene, scene_rng
+
+    seconds: dict[str, float] = {}
+    results: dict[str, Any] = {}
+    with _Timer("judge", seconds):
+        judge, _ = train_judge(
+            seed=config.seed, num_train=config.judge_train, steps=config.judge_steps, progress=progress
+        )
+        judge.save(out_dir / "judge")
+        rng = scene_rng("judge-test", config.seed)
+        fresh = [sample_scene(rng, allow_held_out=True) for _ in range(config.judge_test)]
+        results["judge_fresh_renders"] = judge_accuracy(judge, fresh)
+        results["judge_held_out_cells"] = judge_accuracy(
+            judge, held_out_scenes(config.judge_test, config.seed + 1)
+        )
+    with _Timer("vlm", seconds):
+        train_vlm(
+            out_dir / "vlm", pool.subset(config.vlm_pool), seed=config.seed, steps=config.vlm_steps,
+            vision_steps=config.vlm_vision_steps, batch_size=config.vlm_batch, progress=progress,
+        )  # fmt: skip
+    with _Timer("vision", seconds):
+        train_vision(
+            out_dir / "vision", pool, seed=config.seed, steps=config.vision_steps,
+            batch_size=config.vision_batch, progress=progress,
+        )  # fmt: skip
+    return seconds, results
+
+
+def _run_branch(fn: Any, threads: int, *args: Any) -> Any:
+    """A branch in a forked process with its own share of the cores."""
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
+def build(out_dir: Path, config: BuildConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train every component into ``out_dir`` (see the module docstring); returns ``build.json``.
+
+    The two independent branches (T5 -> FLUX, and judge -> VLM -> vision encoder) run in two
+    processes of ``threads // 2`` threads each when ``config.threads >= 2``: these models are too
+    small for two threads to speed up one of them, so two processes finish sooner. Each branch
+    seeds itself, so the result does not depend on how the branches are scheduled.
+    """
+    from thinkdiff.miniworld.experiments import train_clip_aligner, train_lvlm_aligner, write_lvlm_features
+    from thinkdiff.miniworld.pool import render_pool
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ".gitignore").write_text("work/\n")
+    work = out_dir / "work"
+    record: dict[str, Any] = {"config": dataclasses.asdict(config), "seconds": {}, "results": {}}
+    started = time.perf_counter()
+
+    with _Timer("render_pool", record["seconds"]):
+        pool = render_pool(config.pool_size, config.seed, progress=progress)
+    with _Timer("components", record["seconds"]):
+        if config.threads >= 2:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            # fork: the children inherit the rendered pool instead of re-rendering it; no torch
+            # op has run in this process yet, so no thread pool is forked mid-state.
+            with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork")) as ex:
+                half = config.threads // 2
+                a = ex.submit(_run_branch, _text_to_image, half, out_dir, config, pool, progress)
+                b = ex.submit(_run_branch, _readers, config.threads - half, out_dir, config, pool, progress)
+                seconds_a, (seconds_b, results) = a.result(), b.result()
+        else:
+            torch.set_num_threads(config.threads)
+            seconds_a = _text_to_image(out_dir, config, pool, progress)
+            seconds_b, results = _readers(out_dir, config, pool, progress)
+    record["seconds"].update(seconds_a | seconds_b)
+    record["results"].update(results)
+    del pool
+    torch.set_num_threads(config.threads)
+    with _Timer("lvlm_features", record["seconds"]):
+        write_lvlm_features(out_dir, work, config, progress=progress)
+    with _Timer("lvlm_aligner", record["seconds"]):
+        train_lvlm_aligner(out_dir, work, config, name="lvlm", target=out_dir / "thinkdiff" / "lvlm")
+    with _Timer("clip_aligner", record["seconds"]):
+        train_clip_aligner(out_dir, work, config, target=out_dir / "thinkdiff" / "clip")
+    record["seconds"]["total"] = round(time.perf_counter() - started, 1)
+    _write_json(out_dir / "build.json", record)
+    logger.info("built the miniature world in %.0f s into %s", record["seconds"]["total"], out_dir)
+    return record
+
+
+class _Timer:
+    """Records the wall time of one build step."""
+
+    def __init__(self, name: str, into: dict[str, float]) -> None:
+        self.name, self.into = name, into
+
+    def __enter__(self) -> _Timer:
+        logger.info("miniworld build: %s", self.name)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.into[self.name] = round(time.perf_counter() - self.start, 1)

@@ -1,0 +1,158 @@
+"""Loading a built miniature world, and the few calls everything downstream makes on it.
+
+A models folder (what ``thinkdiff miniworld build`` writes) holds::
+
+    t5/        the mini T5 (T5ForConditionalGeneration + tokenizer): the proxy decoder
+    flux/      the mini FLUX.1 (a stock FluxPipeline folder, no VAE; text_encoder_2 = the T5 encoder)
+    vlm/       the mini Qwen2-VL (model, tokenizer, image processor)
+    vision/    the mini EVA ViT (Blip2VisionModel + BLIP-2 image processor)
+    judge/     the judge's CNN
+    thinkdiff/lvlm/, thinkdiff/clip/   the trained ThinkDiff aligners (model folders as exported
+               by the project's trainer)
+    build.json what was built, with which seed and budgets, how long it took
+
+:meth:`MiniWorld.images_from_embeds` is the one place where prompt embeddings become images; it
+calls the stock ``FluxPipeline`` with ``prompt_embeds`` as ThinkDiff's inference does.
+
+Shapes: L text tokens, D T5 width.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["DEFAULT_CFG", "DEFAULT_STEPS", "MiniWorld", "default_weights_dir"]
+
+DEFAULT_STEPS = 20
+"""Euler steps of the mini FLUX sampler."""
+DEFAULT_CFG = 3.0
+"""True classifier-free guidance scale (negative = the T5 states of the empty text)."""
+
+
+def default_weights_dir() -> Path:
+    """Where the committed weights live (``src/thinkdiff/miniworld/weights``)."""
+    return Path(__file__).resolve().parent / "weights"
+
+
+@dataclass
+class MiniWorld:
+    """The loaded components of a models folder (each loaded on first use)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self._negatives: dict[int, torch.Tensor] = {}
+        if not (self.root / "t5").is_dir():
+            raise FileNotFoundError(
+                f"{self.root} is not a miniature-world models folder (no t5/); build one with "
+                "`thinkdiff miniworld build DIR`"
+            )
+
+    # ---- components ----------------------------------------------------------------------------
+    @functools.cached_property
+    def t5_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.root / "t5")
+
+    @functools.cached_property
+    def pipe(self):
+        from thinkdiff.miniworld.components.flux import load_pipeline
+
+        return load_pipeline(self.root / "flux")
+
+    @property
+    def t5_encoder(self):
+        return self.pipe.text_encoder_2
+
+    @functools.cached_property
+    def judge(self):
+        from thinkdiff.miniworld.judge import Judge
+
+        return Judge.load(self.root / "judge")
+
+    @functools.cached_property
+    def vlm(self):
+        from thinkdiff.models.lvlm import LVLMFeatureExtractor
+
+        return LVLMFeatureExtractor.from_pretrained(self.root / "vlm", device="cpu", dtype=torch.float32)
+
+    @functools.cached_property
+    def vision(self):
+        from thinkdiff.models.clip_vision import CLIPVisionFeatures
+
+        return CLIPVisionFeatures.from_pretrained(self.root / "vision", device="cpu", dtype=torch.float32)
+
+    def aligner(self, name: str):
+        """A trained ThinkDiff aligner and its info (``thinkdiff/<name>`` or any model folder)."""
+        from thinkdiff.models.bundle import load_model
+
+        folder = Path(name) if Path(name).is_dir() else self.root / "thinkdiff" / name
+        return load_model(folder)
+
+    # ---- text and images -----------------------------------------------------------------------
+    @torch.no_grad()
+    def text_embeds(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """T5 encoder states [L, D] of each text at its own length (no padding)."""
+        from thinkdiff.miniworld.components.flux import t5_states
+
+        return [t5_states(self.t5_encoder, self.t5_tokenizer, [t])[0] for t in texts]
+
+    def negative_embeds(self, length: int) -> torch.Tensor:
+        """The CFG negative [L, D]: T5 states of ``""`` padded to ``length`` (as in training)."""
+        from thinkdiff.miniworld.components.flux import t5_states
+
+        if length not in self._negatives:
+            self._negatives[length] = t5_states(self.t5_encoder, self.t5_tokenizer, [""], length=length)[0]
+        return self._negatives[length]
+
+    @torch.no_grad()
+    def images_from_embeds(
+        self,
+        embeds: Sequence[torch.Tensor],
+        seeds: Sequence[int],
+        *,
+        steps: int = DEFAULT_STEPS,
+        cfg: float = DEFAULT_CFG,
+        batch_size: int = 256,
+    ) -> np.ndarray:
+        """uint8 [B, H, W, 3] images from prompt embeddings [L_i, D] (any lengths; no masks exist in
+        FLUX, so prompts are batched only with others of the same length)."""
+        from thinkdiff.miniworld.components.flux import sample_images
+
+        if len(embeds) != len(seeds):
+            raise ValueError(f"{len(embeds)} prompt embeddings but {len(seeds)} seeds")
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for i, e in enumerate(embeds):
+            if e.ndim != 2 or e.shape[-1] != self.pipe.transformer.config.joint_attention_dim:
+                raise ValueError(
+                    f"prompt embedding {i} has shape {list(e.shape)}, expected "
+                    f"[tokens, {self.pipe.transformer.config.joint_attention_dim}]"
+                )
+            by_length[e.shape[0]].append(i)
+        out: np.ndarray | None = None
+        for length, members in by_length.items():
+            for start in range(0, len(members), batch_size):
+                chunk = members[start : start + batch_size]
+                prompt = torch.stack([embeds[i].float() for i in chunk])
+                negative = self.negative_embeds(length)[None].expand_as(prompt)
+                images = sample_images(
+                    self.pipe, prompt, negative, [seeds[i] for i in chunk], steps=steps, cfg=cfg
+                )
+                if out is None:
+                    out = np.empty((len(embeds), *images.shape[1:]), np.uint8)
+                out[chunk] = images
+        assert out is not None
+        return out
+
+    def images_from_text(self, texts: Sequence[str], seeds: Sequence[int], **kwargs) -> np.ndarray:
+        """Text -> mini T5 -> mini FLUX (the decoder's own text-to-image)."""
+        return self.images_from_embeds(self.text_embeds(texts), seeds, **kwargs)

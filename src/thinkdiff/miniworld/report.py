@@ -1,0 +1,681 @@
+"""``thinkdiff miniworld report``: measure the components and ThinkDiff's claims in the miniature world.
+
+Every number in the report comes from running the evaluation code below on a built models folder;
+nothing is typed in. The report folder gets ``report.md``, ``report.json`` (all numbers, with the
+prompt-level outcomes), and PNGs: component loss curves, the norm ablation (the paper's Figure 7),
+accuracy bars, and grids of example inputs and outputs.
+
+Measured:
+
+1. *Fidelity of each component*: the judge on fresh renders; caption reconstruction by the mini
+   T5; the decoder's images from ground-truth captions (the ceiling for everything downstream);
+   the VLM's captions of single images and its text answers on mini-CoBSAT (the reasoning ceiling);
+   a linear probe of the vision encoder's tokens.
+2. *ThinkDiff-LVLM on mini-CoBSAT*, per task, 2- and 4-shot, for: the ground-truth caption (decoder
+   ceiling), the text bridge (VLM answer -> T5 -> FLUX), ThinkDiff-LVLM, no-split training,
+   input-token features, and an untrained aligner (chance).
+3. *ThinkDiff-CLIP*: attribute preservation, image + text, two-image composition.
+4. *The norm ablation*: training loss of the aligner with the T5-initialised, default and no norm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from thinkdiff.miniworld.minicobsat import MINI_TASKS, TASK_COLUMN_ORDER, build_prompts
+from thinkdiff.miniworld.models import DEFAULT_CFG, DEFAULT_STEPS
+from thinkdiff.miniworld.stats import cell, paired_test
+from thinkdiff.miniworld.world import (
+    ATTRIBUTES,
+    HELD_OUT,
+    THEMES,
+    full_caption,
+    parse_caption,
+    render,
+    sample_scene,
+    scene_rng,
+    theme_caption,
+    to_pil,
+)
+from thinkdiff.utils import atomic_write_text
+
+__all__ = ["ReportConfig", "write_report"]
+
+logger = logging.getLogger(__name__)
+
+METHODS: tuple[str, ...] = (
+    "ground-truth caption",
+    "text bridge",
+    "lvlm",
+    "no split",
+    "input tokens",
+    "untrained",
+)
+"""Rows of the mini-CoBSAT table, in order."""
+
+
+@dataclasses.dataclass
+class ReportConfig:
+    """What the report measures, and how much of it."""
+
+    num_prompts: int = 100
+    """First N prompts of the 1000-prompt list, per task and shot."""
+    shots: tuple[int, ...] = (2, 4)
+    steps: int = DEFAULT_STEPS
+    cfg: float = DEFAULT_CFG
+    fidelity_n: int = 300
+    clip_n: int = 200
+    retrain: bool = True
+    """Train the ablation aligners (no split, input tokens, norm default/none); else skip them."""
+    threads: int = 2
+    progress: bool = True
+
+
+def write_report(models_dir: Path, out_dir: Path, config: ReportConfig) -> dict[str, Any]:
+    """Measure everything (see the module docstring) and write the report folder; returns report.json."""
+    from thinkdiff.miniworld.build import BuildConfig
+    from thinkdiff.miniworld.models import MiniWorld
+
+    torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    models_dir, out_dir = Path(models_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    world = MiniWorld(models_dir)
+    build_record = json.loads((models_dir / "build.json").read_text())
+    build_config = BuildConfig(**build_record["config"])
+    sampling = {"steps": config.steps, "cfg": config.cfg}
+    report: dict[str, Any] = {"config": dataclasses.asdict(config), "build": build_record, "seconds": {}}
+
+    t0 = time.perf_counter()
+    report["fidelity"] = measure_fidelity(world, config, sampling)
+    report["seconds"]["fidelity"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    aligners = ablation_aligners(world, out_dir / "work", build_config, retrain=config.retrain)
+    report["seconds"]["ablation_training"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    lvlm, examples = measure_lvlm(world, aligners, config, sampling)
+    report["lvlm"] = lvlm
+    report["seconds"]["lvlm"] = round(time.perf_counter() - t0, 1)
+    report["fidelity"]["vlm_cobsat_text"] = lvlm["tables"]["vlm text answer"]
+
+    t0 = time.perf_counter()
+    from thinkdiff.miniworld.experiments import score_clip
+
+    clip_aligner, _ = world.aligner("clip")
+    clip = score_clip(world, clip_aligner, config.clip_n, build_config.seed, **sampling)
+    clip_examples = clip.pop("examples")
+    report["clip"] = clip
+    report["seconds"]["clip"] = round(time.perf_counter() - t0, 1)
+
+    report["norm_ablation"] = norm_curves(aligners)
+    report["claims"] = claims(lvlm)
+    report["seconds"]["total"] = round(time.perf_counter() - started, 1)
+
+    _plot_losses(models_dir, out_dir / "component_losses.png")
+    _plot_norm(report["norm_ablation"], out_dir / "norm_ablation.png")
+    _plot_lvlm(lvlm, out_dir / "lvlm_accuracy.png")
+    _plot_examples(examples, out_dir / "examples_lvlm.png")
+    _plot_clip_examples(clip_examples, out_dir / "examples_clip.png")
+    atomic_write_text(out_dir / "report.json", json.dumps(_jsonable(report), indent=1) + "\n")
+    atomic_write_text(out_dir / "report.md", render_markdown(report))
+    return report
+
+
+# ----------------------------------------------------------------------------------- fidelity
+def measure_fidelity(world, config: ReportConfig, sampling: dict[str, Any]) -> dict[str, Any]:
+    from thinkdiff.miniworld.components.t5 import reconstruction_accuracy
+    from thinkdiff.miniworld.judge import held_out_scenes, judge_accuracy
+    from thinkdiff.models.lvlm import SamplingSettings
+
+    n = config.fidelity_n
+    out: dict[str, Any] = {}
+    rng = scene_rng("report-fidelity", 0)
+    fresh = [sample_scene(rng, allow_held_out=True) for _ in range(max(n, 1000))]
+    held = held_out_scenes(n, 99)
+    out["judge"] = {
+        "fresh_renders": judge_accuracy(world.judge, fresh),
+        "held_out_cells": judge_accuracy(world.judge, held),
+    }
+
+    from transformers import T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration.from_pretrained(world.root / "t5").eval()
+    out["t5_reconstruction"] = {
+        "full_captions": reconstruction_accuracy(
+            t5, world.t5_tokenizer, [full_caption(s) for s in fresh[:n]]
+        ),
+        "full_captions_held_out_cells": reconstruction_accuracy(
+            t5, world.t5_tokenizer, [full_caption(s) for s in held]
+        ),
+        "theme_captions": reconstruction_accuracy(
+            t5,
+            world.t5_tokenizer,
+            [
+                theme_caption(THEMES[i % 3], s.shape, s.value(THEMES[i % 3].split("_")[0]))
+                for i, s in enumerate(fresh[:n])
+            ],
+        ),
+        "n": n,
+    }
+
+    # The decoder from ground-truth captions: every cell of every theme, twice.
+    decoder: dict[str, Any] = {}
+    for theme in THEMES:
+        detail = theme.split("_")[0]
+        cells = [(d, s) for d in ATTRIBUTES[detail] for s in ATTRIBUTES["shape"]]
+        texts = [theme_caption(theme, s, d) for d, s in cells] * 2
+        seeds = list(range(len(texts)))
+        images = world.images_from_text(texts, seeds, **sampling)
+        verdicts = world.judge.read(images)
+        targets = [{"shape": s, detail: d} for d, s in cells] * 2
+        ok = [v.matches(t) for v, t in zip(verdicts, targets)]
+        held_mask = [(d, s) in HELD_OUT[theme] for d, s in cells] * 2
+        decoder[theme] = {
+            "all_cells": cell(ok).to_dict(),
+            "held_out_cells": cell([o for o, h in zip(ok, held_mask) if h]).to_dict(),
+            "shape": float(np.mean([v.shape == t["shape"] for v, t in zip(verdicts, targets)])),
+            detail: float(np.mean([v.value(detail) == t[detail] for v, t in zip(verdicts, targets)])),
+        }
+    texts = [full_caption(s) for s in fresh[:n]]
+    verdicts = world.judge.read(world.images_from_text(texts, list(range(n)), **sampling))
+    decoder["full_caption"] = {
+        k: float(np.mean([v.value(k) == s.value(k) for v, s in zip(verdicts, fresh)])) for k in ATTRIBUTES
+    }
+    decoder["full_caption"]["all"] = float(
+        np.mean([all(v.value(k) == s.value(k) for k in ATTRIBUTES) for v, s in zip(verdicts, fresh)])
+    )
+    out["decoder"] = decoder
+
+    # The VLM describing single images (greedy), held-out cells half of them.
+    from thinkdiff.data.extraction import DESCRIPTION_PROMPTS
+    from thinkdiff.miniworld.components.vlm import max_answer_tokens
+
+    scenes = held[: n // 2] + fresh[: n - n // 2]
+    prompts = [
+        [to_pil(render(s)), DESCRIPTION_PROMPTS[i % len(DESCRIPTION_PROMPTS)]] for i, s in enumerate(scenes)
+    ]
+    sampling_vlm = SamplingSettings(
+        max_new_tokens=max_answer_tokens(world.vlm.processor.tokenizer), do_sample=False
+    )
+    texts = []
+    for start in range(0, len(prompts), 64):
+        texts += world.vlm.generate(prompts[start : start + 64], sampling_vlm).texts
+    parsed = [parse_caption(t) for t in texts]
+    out["vlm_describe"] = {
+        k: float(np.mean([p.get(k) == s.value(k) for p, s in zip(parsed, scenes)])) for k in ATTRIBUTES
+    }
+    out["vlm_describe"]["all"] = float(
+        np.mean([all(p.get(k) == s.value(k) for k in ATTRIBUTES) for p, s in zip(parsed, scenes)])
+    )
+    out["vlm_describe"]["n"] = len(scenes)
+
+    from thinkdiff.miniworld.components.vision import probe_accuracy
+    from thinkdiff.miniworld.pool import render_pool
+
+    train = render_pool(5 * n, 1234, progress=False)
+    test = render_pool(2 * n, 4321, allow_held_out=True, progress=False)
+    out["vision_probe"] = probe_accuracy(world.root / "vision", train, test)
+    return out
+
+
+# ----------------------------------------------------------------------------------- aligners
+def ablation_aligners(world, work: Path, build_config, *, retrain: bool) -> dict[str, Path]:
+    """The aligner folders of every method: the build's ThinkDiff-LVLM, and ablations trained now
+    with the same budget on the same features (re-extracted when the build's work folder is gone).
+
+    The T5-norm run is repeated here (same config as the build's) so that the three norm curves
+    come from the same code path.
+    """
+    from thinkdiff.miniworld.experiments import aligner_config, run_training, write_lvlm_features
+
+    out = {"lvlm": world.root / "thinkdiff" / "lvlm"}
+    if not retrain:
+        return out
+    features = world.root / "work"
+    if not (features / "features" / "train" / "index.json").is_file():
+        write_lvlm_features(world.root, work, build_config)
+        features = work
+    runs = {
+        "lvlm (t5 norm)": ("norm-t5", {}),
+        "no split": ("no-split", {"split": False}),
+        "input tokens": ("input-tokens", {"features": "prompt"}),
+        "norm default": ("norm-default", {"aligner_norm": "default"}),
+        "norm none": ("norm-none", {"aligner_norm": "none"}),
+    }
+    for name, (slug, overrides) in runs.items():
+        # The runs write into the report's work folder; the feature folders are only read.
+        train_config = aligner_config(world.root, features, build_config, slug, **overrides)
+        train_config.output_dir = str(work / "runs" / slug)
+        out[name] = run_training(train_config, None)
+    return out
+
+
+def norm_curves(aligners: dict[str, Path]) -> dict[str, list[list[float]]]:
+    """Training loss (step, loss) of the three norm settings, from the runs' metrics.jsonl."""
+    curves = {}
+    for label, name in (("t5", "lvlm (t5 norm)"), ("default", "norm default"), ("none", "norm none")):
+        if name not in aligners:
+            continue
+        metrics = Path(aligners[name]).parent / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        curves[label] = [[r["step"], r["loss"]] for r in rows if "loss" in r]
+    return curves
+
+
+# ----------------------------------------------------------------------------------- ThinkDiff-LVLM
+def measure_lvlm(world, aligners: dict[str, Path], config: ReportConfig, sampling: dict[str, Any]):
+    from thinkdiff.miniworld.experiments import aligner_method, run_vlm, score_lvlm_methods
+    from thinkdiff.models.aligner import Aligner
+    from thinkdiff.models.bundle import load_model
+
+    prompts = list(build_prompts(TASK_COLUMN_ORDER, config.shots, range(config.num_prompts)))
+    runs = run_vlm(world, prompts, progress=config.progress)
+    lvlm_aligner, info = load_model(aligners["lvlm"])
+    torch.manual_seed(0)
+    untrained = Aligner(info.in_dim, info.out_dim, norm="t5").eval()
+    untrained.init_norm_from_t5(world.t5_encoder)
+    text_cache: dict[str, torch.Tensor] = {}
+
+    def text_states(text: str) -> torch.Tensor:
+        if text not in text_cache:
+            text_cache[text] = world.text_embeds([text or " "])[0]
+        return text_cache[text]
+
+    loaded = {"lvlm": lvlm_aligner, "untrained": untrained}
+    if "no split" in aligners:
+        loaded["no split"] = load_model(aligners["no split"])[0]
+    if "input tokens" in aligners:
+        loaded["input tokens"] = load_model(aligners["input tokens"])[0]
+    methods: dict[str, Any] = {
+        "ground-truth caption": lambda r: text_states(r.prompt.target_caption),
+        "text bridge": lambda r: text_states(r.answer),
+        "lvlm": aligner_method(lvlm_aligner),
+    }
+    if "no split" in loaded:
+        methods["no split"] = aligner_method(loaded["no split"])
+    if "input tokens" in loaded:
+        methods["input tokens"] = aligner_method(loaded["input tokens"], use_prompt=True)
+    methods["untrained"] = aligner_method(untrained)
+    with torch.no_grad():
+        correct, images = score_lvlm_methods(world, runs, methods, progress=config.progress, **sampling)
+    correct = {"vlm text answer": [r.text_correct for r in runs], **correct}
+
+    tables: dict[str, Any] = {}
+    for name, outcomes in correct.items():
+        table: dict[str, Any] = {}
+        for shot in config.shots:
+            row = {}
+            for task_id in TASK_COLUMN_ORDER:
+                row[MINI_TASKS[task_id].name] = cell(
+                    [
+                        o
+                        for o, r in zip(outcomes, runs)
+                        if r.prompt.shot == shot and r.prompt.task_id == task_id
+                    ]
+                ).to_dict()
+            row["average"] = cell([o for o, r in zip(outcomes, runs) if r.prompt.shot == shot]).to_dict()
+            row["held-out targets"] = cell(
+                [o for o, r in zip(outcomes, runs) if r.prompt.shot == shot and r.prompt.held_out_target]
+            ).to_dict()
+            table[str(shot)] = row
+        tables[name] = table
+    from thinkdiff.miniworld.experiments import alignment_diagnostics
+
+    result = {
+        "alignment": alignment_diagnostics(world, runs, loaded, use_prompt={"input tokens": True}),
+        "tables": tables,
+        "outcomes": {k: [bool(x) for x in v] for k, v in correct.items()},
+        "prompts": [
+            {"task": r.prompt.task.name, "shot": r.prompt.shot, "index": r.prompt.index} for r in runs
+        ],
+        "answers": [r.answer for r in runs[:50]],
+    }
+    picks = [i for i in range(len(runs)) if runs[i].prompt.index == 0][: 2 * len(TASK_COLUMN_ORDER)]
+    examples = {"runs": [runs[i] for i in picks], "images": {k: v[picks] for k, v in images.items()}}
+    return result, examples
+
+
+def claims(lvlm: dict[str, Any]) -> list[dict[str, Any]]:
+    """The paper's claims, each tested on the same prompts (McNemar's exact test, 5% level)."""
+    outcomes = lvlm["outcomes"]
+    prompts = lvlm["prompts"]
+    out = []
+
+    def compare(a: str, b: str, claim: str, shot: int | None = None) -> None:
+        if a not in outcomes or b not in outcomes:
+            return
+        keep = [i for i, p in enumerate(prompts) if shot is None or p["shot"] == shot]
+        xa, xb = [outcomes[a][i] for i in keep], [outcomes[b][i] for i in keep]
+        test = paired_test(xa, xb)
+        acc_a, acc_b = float(np.mean(xa)), float(np.mean(xb))
+        if test.p_value >= 0.05:
+            verdict = "not separated"
+        else:
+            verdict = "reproduces" if acc_a > acc_b else "reversed"
+        out.append(
+            {"claim": claim, "a": a, "b": b, "shot": shot, "accuracy_a": acc_a, "accuracy_b": acc_b,
+             "a_only": test.a_only, "b_only": test.b_only, "p_value": test.p_value, "verdict": verdict}
+        )  # fmt: skip
+
+    compare("lvlm", "input tokens", "ThinkDiff-LVLM far above input-token features")
+    compare("lvlm", "no split", "ThinkDiff-LVLM above training without the random split")
+    compare("lvlm", "untrained", "ThinkDiff-LVLM above an untrained aligner (chance)")
+    compare("lvlm", "text bridge", "ThinkDiff-LVLM above the text bridge (the follow-up found the reverse)")
+    for shot in (4,):
+        if any(p["shot"] == shot for p in prompts) and any(p["shot"] == 2 for p in prompts):
+            acc4 = float(np.mean([o for o, p in zip(outcomes["lvlm"], prompts) if p["shot"] == 4]))
+            acc2 = float(np.mean([o for o, p in zip(outcomes["lvlm"], prompts) if p["shot"] == 2]))
+            out.append({"claim": "ThinkDiff-LVLM better at 4 shots than at 2", "accuracy_a": acc4, "accuracy_b": acc2,
+                        "verdict": "higher" if acc4 > acc2 else "not higher"})  # fmt: skip
+    ceiling = float(np.mean(outcomes["vlm text answer"]))
+    lv = float(np.mean(outcomes["lvlm"]))
+    out.append(
+        {"claim": "ThinkDiff-LVLM within 80% of the VLM's text-answer ceiling", "accuracy_a": lv, "accuracy_b": ceiling,
+         "ratio": lv / ceiling if ceiling else float("nan"), "verdict": "met" if ceiling and lv >= 0.8 * ceiling else "not met"}
+    )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_losses(models_dir: Path, path: Path) -> None:
+    from thinkdiff.miniworld.components.common import smooth
+
+    plt = _plt()
+    names = ["t5", "flux", "vlm", "vision"]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3))
+    for ax, name in zip(axes, names):
+        record = models_dir / name / "training.json"
+        if record.is_file():
+            losses = json.loads(record.read_text())["losses"]
+            ax.plot(losses, alpha=0.3, lw=0.5)
+            ax.plot(smooth(losses), lw=1.5)
+            ax.set_yscale("log")
+        ax.set_title(f"mini {name}")
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_norm(curves: dict[str, list[list[float]]], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = {"t5": "RMSNorm, T5 init (ours)", "default": "RMSNorm, default init", "none": "no RMSNorm"}
+    for key, points in curves.items():
+        if points:
+            ax.plot(*zip(*points), label=labels[key])
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("proxy T5 cross-entropy")
+    ax.set_title("Aligner norm ablation (paper Fig. 7)")
+    if any(curves.values()):
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_lvlm(lvlm: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    tables = lvlm["tables"]
+    shots = sorted({int(s) for t in tables.values() for s in t})
+    fig, axes = plt.subplots(1, len(shots), figsize=(7 * len(shots), 4), squeeze=False)
+    names = list(tables)
+    for ax, shot in zip(axes[0], shots):
+        cols = [MINI_TASKS[t].name for t in TASK_COLUMN_ORDER] + ["average"]
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            vals = [tables[name][str(shot)][c]["accuracy"] for c in cols]
+            ax.bar(np.arange(len(cols)) + i * width, vals, width, label=name)
+        ax.set_xticks(np.arange(len(cols)) + 0.4 - width / 2)
+        ax.set_xticklabels(cols, rotation=30)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"mini-CoBSAT, {shot}-shot")
+    axes[0][0].set_ylabel("judge accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_examples(examples: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    runs, images = examples["runs"], examples["images"]
+    if not runs:
+        return
+    max_shot = max(r.prompt.shot for r in runs)
+    cols = max_shot + len(images)
+    fig, axes = plt.subplots(len(runs), cols, figsize=(1.3 * cols, 1.45 * len(runs)), squeeze=False)
+    for row, run in enumerate(runs):
+        context = run.prompt.context_images()
+        for c in range(cols):
+            ax = axes[row][c]
+            ax.axis("off")
+            if c < run.prompt.shot:
+                ax.imshow(context[c])
+                ax.set_title(run.prompt.x_items[c], fontsize=6)
+            elif c >= max_shot:
+                name = list(images)[c - max_shot]
+                ax.imshow(images[name][row])
+                ax.set_title(name if row == 0 else "", fontsize=6)
+        axes[row][0].text(
+            -40,
+            16,
+            f"{run.prompt.task.short_name}\n{run.prompt.x_items[-1]}?\n-> {run.prompt.target_caption}",
+            fontsize=5,
+            ha="right",
+            va="center",
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_clip_examples(ex: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    rows = [("input A", ex["inputs_a"]), ("A -> image", ex["image"]), ("A + text", ex["image_text"]),
+            ("input B", ex["inputs_b"]), ("A + B", ex["pairs"])]  # fmt: skip
+    n = len(ex["inputs_a"])
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n, 1.3 * len(rows)), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for c in range(n):
+            axes[r][c].imshow(images[c])
+            axes[r][c].axis("off")
+            if r == 2:
+                axes[r][c].set_title(ex["texts"][c], fontsize=4)
+        axes[r][0].text(-4, 16, label, fontsize=6, ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------- markdown
+def _pct(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown (every number read from ``report``)."""
+    f = report["fidelity"]
+    b = report["build"]
+    lines = ["# ThinkDiff in the miniature world", ""]
+    lines += [
+        f"Models built with seed {b['config']['seed']} ({b['config']['note']} preset) in "
+        f"{b['seconds']['total']:.0f} s; this report took {report['seconds']['total']:.0f} s. "
+        f"Mini-CoBSAT: the first {report['config']['num_prompts']} prompts of the seed-123 list per task and shot; "
+        f"sampler: {report['config']['steps']} Euler steps, true CFG {report['config']['cfg']}.",
+        "",
+        "## Build time per step (s)",
+        "",
+        "| " + " | ".join(b["seconds"]) + " |",
+        "|" + "---|" * len(b["seconds"]),
+        "| " + " | ".join(f"{v:.0f}" for v in b["seconds"].values()) + " |",
+        "",
+        "## Fidelity of each component",
+        "",
+        "| component | measurement | value |",
+        "|---|---|---|",
+    ]
+    j = f["judge"]
+    for key in ("fresh_renders", "held_out_cells"):
+        lines.append(
+            f"| judge | {key.replace('_', ' ')} (n={j[key]['n']}): shape / colour / background / texture / all | "
+            + " / ".join(_pct(j[key][k]) for k in ("shape", "color", "background", "texture", "all"))
+            + " |"
+        )
+    t = f["t5_reconstruction"]
+    lines.append(
+        f"| mini T5 | exact caption reconstruction (n={t['n']}): full / full, held-out cells / theme captions | "
+        f"{_pct(t['full_captions'])} / {_pct(t['full_captions_held_out_cells'])} / {_pct(t['theme_captions'])} |"
+    )
+    for theme in THEMES:
+        d = f["decoder"][theme]
+        lines.append(
+            f"| mini FLUX | {theme} from the ground-truth caption, all 100 cells x 2 seeds / held-out cells | "
+            f"{_pct(d['all_cells']['accuracy'])} / {_pct(d['held_out_cells']['accuracy'])} |"
+        )
+    fc = f["decoder"]["full_caption"]
+    lines.append(
+        "| mini FLUX | full caption: shape / colour / background / texture / all | "
+        + " / ".join(_pct(fc[k]) for k in ("shape", "color", "background", "texture", "all"))
+        + " |"
+    )
+    vd = f["vlm_describe"]
+    lines.append(
+        f"| mini VLM | describe one image (n={vd['n']}, half held-out cells): shape / colour / background / texture / all | "
+        + " / ".join(_pct(vd[k]) for k in ("shape", "color", "background", "texture", "all"))
+        + " |"
+    )
+    for shot, row in f["vlm_cobsat_text"].items():
+        lines.append(
+            f"| mini VLM | mini-CoBSAT text answers, {shot}-shot average (the reasoning ceiling) | {_pct(row['average']['accuracy'])} |"
+        )
+    vp = f["vision_probe"]
+    lines.append(
+        "| mini EVA ViT | linear probe on pooled tokens: shape / colour / background / texture | "
+        + " / ".join(_pct(vp[k]) for k in ("shape", "color", "background", "texture"))
+        + " |"
+    )
+    lines += ["", "## ThinkDiff-LVLM on mini-CoBSAT", ""]
+    tables = report["lvlm"]["tables"]
+    for shot in report["config"]["shots"]:
+        cols = [MINI_TASKS[t].name for t in TASK_COLUMN_ORDER] + ["average", "held-out targets"]
+        lines += [
+            f"### {shot}-shot",
+            "",
+            "| method | " + " | ".join(cols) + " |",
+            "|---|" + "---|" * len(cols),
+        ]
+        for name, table in tables.items():
+            row = table[str(shot)]
+            avg = row["average"]
+            cells = [_pct(row[c]["accuracy"]) for c in cols[:-2]]
+            cells.append(f"**{_pct(avg['accuracy'])}** [{avg['ci95'][0]:.2f}, {avg['ci95'][1]:.2f}]")
+            cells.append(f"{_pct(row['held-out targets']['accuracy'])} (n={row['held-out targets']['n']})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    n_task = next(iter(next(iter(tables.values())).values()))[MINI_TASKS[TASK_COLUMN_ORDER[0]].name]["n"]
+    lines += [f"n = {n_task} prompts per task; averages with 95% Wilson intervals.", ""]
+    lines += [
+        "### Where the aligned features land",
+        "",
+        "The proxy T5 *decoder* reading the aligned features (does its text name the VLM answer's shape "
+        "and detail?), and their cosine to the T5 *encoder* states of the same answer, which are what "
+        "the mini FLUX was trained on.",
+        "",
+        "| features | proxy decoder reads the answer | cosine to T5 encoder states | RMS |",
+        "|---|---|---|---|",
+    ]
+    for name, d in report["lvlm"]["alignment"].items():
+        reads = "-" if d["proxy_reads_answer"] != d["proxy_reads_answer"] else _pct(d["proxy_reads_answer"])
+        lines.append(f"| {name} | {reads} | {d['cosine_to_t5_states']:.3f} | {d['rms']:.3f} |")
+    lines += [
+        "",
+        "## The paper's claims, tested",
+        "",
+    ]
+    lines += ["| claim | accuracies | paired test | verdict |", "|---|---|---|---|"]
+    for c in report["claims"]:
+        acc = f"{_pct(c['accuracy_a'])} vs {_pct(c['accuracy_b'])}"
+        test = (
+            f"{c['a_only']} vs {c['b_only']} discordant, p={c['p_value']:.2g}"
+            if "p_value" in c
+            else (f"ratio {c['ratio']:.2f}" if "ratio" in c else "-")
+        )
+        lines.append(f"| {c['claim']} | {acc} | {test} | {c['verdict']} |")
+    cl = report["clip"]
+    lines += ["", "## ThinkDiff-CLIP", "", f"n = {cl['n']} input renders (half from held-out cells).", ""]
+    lines.append("| image in -> image out | " + " | ".join([*ATTRIBUTES, "all"]) + " |")
+    lines.append("|---|" + "---|" * (len(ATTRIBUTES) + 1))
+    lines.append(
+        "| attribute preserved | " + " | ".join(_pct(cl["image"][k]) for k in [*ATTRIBUTES, "all"]) + " |"
+    )
+    it = cl["image_text"]
+    lines += [
+        "",
+        f'Image + text ("on a {{new colour}} background"): background from the text {_pct(it["background_from_text"])}, '
+        f"shape kept {_pct(it['shape_kept'])}, colour kept {_pct(it['color_kept'])}, all three {_pct(it['all'])}.",
+        "",
+        "| two images in | " + " | ".join(ATTRIBUTES) + " |",
+        "|---|" + "---|" * len(ATTRIBUTES),
+        "| from A | " + " | ".join(_pct(cl["composition"][k]["from_a"]) for k in ATTRIBUTES) + " |",
+        "| from B | " + " | ".join(_pct(cl["composition"][k]["from_b"]) for k in ATTRIBUTES) + " |",
+        "",
+        f"Composed (every attribute from A or B, at least one from each): {_pct(cl['composition']['composed'])}.",
+        "",
+        "## Norm ablation (paper Figure 7)",
+        "",
+    ]
+    for key, points in report["norm_ablation"].items():
+        if points:
+            last = np.mean([p[1] for p in points[-5:]])
+            lines.append(
+                f"- {key}: first logged loss {points[0][1]:.3f}, final (mean of last 5 logs) {last:.3f}"
+            )
+    lines += [
+        "",
+        "![norm ablation](norm_ablation.png)",
+        "",
+        "![mini-CoBSAT accuracy](lvlm_accuracy.png)",
+        "",
+        "![examples](examples_lvlm.png)",
+        "",
+        "![ThinkDiff-CLIP examples](examples_clip.png)",
+        "",
+        "![component losses](component_losses.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.floating | np.integer):
+        return x.item()
+    return x

@@ -1,0 +1,116 @@
+"""The miniature world's two tokenizers, built locally and deterministically.
+
+- The mini T5 gets a word-level sentencepiece (unigram) vocabulary: every caption word is one piece
+  (``▁red``), with single characters as a fallback so that any text still encodes. This is the
+  ``T5TokenizerFast`` layout of the real checkpoints (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, sentinels
+  ``<extra_id_N>`` at the top).
+- The mini Qwen2-VL gets Qwen2's byte-level BPE, trained on the world's captions, prompts and
+  instructions, with Qwen's special tokens and chat template (see :mod:`thinkdiff.tiny.qwen`).
+  The fixed sentences of the protocol (the system prompt, ThinkDiff's CoBSAT instruction, the 16
+  description prompts, ``Picture k: ``, ``Word k: ``) are *added tokens*, one id each, matched in
+  the raw text like any added token: the prompts keep their exact wording while a 4-shot sequence
+  stays under 80 tokens, which is what makes training on a CPU affordable.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from thinkdiff.data.extraction import DESCRIPTION_PROMPTS
+from thinkdiff.evaluation.cobsat.protocol import COBSAT_INSTRUCTION
+from thinkdiff.miniworld.world import COLORS, SHAPES, TEXTURES, caption
+from thinkdiff.tiny.qwen import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
+from thinkdiff.tiny.tokenizers import byte_level_bpe
+
+if TYPE_CHECKING:
+    from transformers import Qwen2Tokenizer, T5TokenizerFast
+
+__all__ = [
+    "CAPTION_WORDS",
+    "PHRASE_TOKENS",
+    "T5_EXTRA_IDS",
+    "VLM_VOCAB_SIZE",
+    "qwen_tokenizer",
+    "t5_tokenizer",
+    "vlm_corpus",
+]
+
+CAPTION_WORDS: tuple[str, ...] = ("a", "an", "on", "background", *COLORS, *SHAPES, *TEXTURES)
+"""Every word a caption of the world can contain."""
+T5_EXTRA_IDS = 8
+"""Sentinels of the mini T5 (the real T5 has 100); ``<extra_id_0>`` masks words in training."""
+VLM_VOCAB_SIZE = 768
+"""Byte-level BPE size asked of the trainer (14 specials + 256 bytes + merges; the small corpus
+runs out of merges before it); the phrase tokens come on top."""
+_FALLBACK_CHARS = string.ascii_lowercase + string.digits + ".,:;!?'\"-()/"
+PHRASE_TOKENS: tuple[str, ...] = (
+    "You are a helpful assistant.",
+    COBSAT_INSTRUCTION,
+    *DESCRIPTION_PROMPTS,
+    *(f"Picture {k}: " for k in range(1, 9)),
+    *(f"Word {k}: " for k in range(1, 10)),
+)
+"""Whole sentences that the mini VLM's tokenizer maps to one id each (see the module docstring)."""
+
+
+def t5_tokenizer() -> T5TokenizerFast:
+    """A T5 tokenizer whose pieces are the caption words (plus a character fallback)."""
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(f"▁{w}", -1.0) for w in CAPTION_WORDS]
+    # Characters cost far more than words, so the unigram model only falls back to them for
+    # words outside the world (e.g. a VLM that misspells).
+    vocab += [("▁", -8.0)] + [(c, -10.0) for c in _FALLBACK_CHARS]
+    vocab += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(T5_EXTRA_IDS))]
+    return T5TokenizerFast(vocab=vocab, extra_ids=T5_EXTRA_IDS, model_max_length=64)
+
+
+def vlm_corpus() -> list[str]:
+    """Text the VLM tokenizer is trained on: captions, instructions, prompts, CoBSAT word items."""
+    lines = [COBSAT_INSTRUCTION] * 20 + list(DESCRIPTION_PROMPTS) * 4 + ["You are a helpful assistant."] * 4
+    for i, shape in enumerate(SHAPES):
+        for j, colour in enumerate(COLORS):
+            texture = TEXTURES[(i + j) % len(TEXTURES)]
+            background = COLORS[(j + 3) % len(COLORS)]
+            lines.append(caption(shape, colour, texture, background))
+            lines.append(caption(shape, colour))
+            lines.append(caption(shape, texture=texture))
+            lines.append(caption(shape, background=background))
+    # After a phrase token a word starts without its space: bare forms need merges too.
+    lines += ["system", "user", "assistant"] * 20
+    for word in (*COLORS, *SHAPES, *TEXTURES):
+        lines += [f"{word}, "] * 4
+    return lines
+
+
+def qwen_tokenizer() -> Qwen2Tokenizer:
+    """Qwen2's tokenizer (byte-level BPE) over a vocabulary trained on :func:`vlm_corpus`."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    trained = json.loads(byte_level_bpe(VLM_VOCAB_SIZE, QWEN_SPECIAL_TOKENS, vlm_corpus()).to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    tokenizer = Qwen2Tokenizer(
+        vocab=trained["vocab"],
+        merges=merges,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        extra_special_tokens=QWEN_SPECIAL_TOKENS[1:],
+        model_max_length=4096,
+    )
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.add_tokens([AddedToken(p, normalized=False, special=False) for p in PHRASE_TOKENS])
+    return tokenizer
+
+
+def save_t5_tokenizer(folder: Path) -> Path:
+    """Write :func:`t5_tokenizer` into ``folder`` (loads with ``AutoTokenizer.from_pretrained``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    t5_tokenizer().save_pretrained(folder)
+    return folder

@@ -1,0 +1,119 @@
+"""A reduced miniature world: the build trains every component, the report measures them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def quick_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    from thinkdiff.miniworld.build import build, quick_config
+
+    root = tmp_path_factory.mktemp("miniworld")
+    config = quick_config(seed=0)
+    config.threads = 1
+    return root, build(root, config, progress=False)
+
+
+def _falls(losses: list[float], k: int = 5) -> bool:
+    return float(np.mean(losses[-k:])) < float(np.mean(losses[:k]))
+
+
+def test_quick_build_trains_every_component(quick_world):
+    root, record = quick_world
+    for name in ("t5", "flux", "vlm", "vision"):
+        losses = json.loads((root / name / "training.json").read_text())["losses"]
+        assert _falls(losses), f"{name} loss did not fall: {losses[:5]} ... {losses[-5:]}"
+    rows = [
+        json.loads(line)
+        for line in (root / "work" / "runs" / "lvlm" / "metrics.jsonl").read_text().splitlines()
+    ]
+    aligner_losses = [r["loss"] for r in rows if "loss" in r]
+    assert _falls(aligner_losses, k=2), aligner_losses
+    assert set(record["seconds"]) >= {
+        "judge",
+        "t5",
+        "flux",
+        "vlm",
+        "vision",
+        "lvlm_aligner",
+        "clip_aligner",
+        "total",
+    }
+    assert (root / ".gitignore").read_text() == "work/\n"
+
+
+def test_built_components_load_with_the_project_loaders(quick_world):
+    import torch
+    from diffusers import FluxPipeline
+
+    from thinkdiff.miniworld.models import MiniWorld
+    from thinkdiff.models.bundle import load_model
+    from thinkdiff.models.clip_vision import CLIPVisionFeatures
+    from thinkdiff.models.lvlm import LVLMFeatureExtractor
+    from thinkdiff.models.proxy_decoder import ProxyT5Decoder
+
+    root, _ = quick_world
+    extractor = LVLMFeatureExtractor.from_pretrained(root / "vlm", device="cpu")
+    proxy = ProxyT5Decoder.from_pretrained(root / "t5", device="cpu")
+    pipe = FluxPipeline.from_pretrained(root / "flux", vae=None)
+    vision = CLIPVisionFeatures.from_pretrained(root / "vision", device="cpu")
+    _, info = load_model(root / "thinkdiff" / "lvlm")
+    assert info.in_dim == extractor.hidden_size and info.out_dim == proxy.d_model
+    assert pipe.transformer.config.joint_attention_dim == proxy.d_model
+    assert vision.num_tokens == 17
+    world = MiniWorld(root)
+    images = world.images_from_text(["a red star", "a striped moon on a blue background"], [0, 1], steps=2)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    # The CLIP stub gives every text the same (zero) pooled embedding, as the decoder was trained.
+    _, pooled, _ = pipe.encode_prompt(prompt=["a red star"], prompt_2=None, max_sequence_length=16)
+    assert torch.count_nonzero(pooled) == 0
+
+
+def test_judge_training_is_deterministic():
+    import torch
+
+    from thinkdiff.miniworld.judge import train_judge
+
+    torch.set_num_threads(1)
+    a, _ = train_judge(seed=3, num_train=64, steps=2, batch_size=16, progress=False)
+    b, _ = train_judge(seed=3, num_train=64, steps=2, batch_size=16, progress=False)
+    for (k, va), vb in zip(a.net.state_dict().items(), b.net.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_report_numbers_come_from_the_evaluation(quick_world, tmp_path, monkeypatch):
+    """Every accuracy is computed from judged outcomes: make the judge accept everything and the
+    image rows read 1.0, while the text answers (parsed, not judged) keep their own value."""
+    from thinkdiff.miniworld.judge import Verdict
+    from thinkdiff.miniworld.report import ReportConfig, write_report
+
+    root, _ = quick_world
+    monkeypatch.setattr(Verdict, "matches", lambda self, target: True)
+    config = ReportConfig(
+        num_prompts=2, shots=(2,), steps=2, fidelity_n=12, clip_n=4, retrain=False, threads=1, progress=False
+    )
+    report = write_report(root, tmp_path, config)
+    tables, outcomes = report["lvlm"]["tables"], report["lvlm"]["outcomes"]
+    for name, table in tables.items():
+        average = table["2"]["average"]
+        assert average["correct"] == sum(outcomes[name]) and average["n"] == len(outcomes[name]) == 12
+    for name in ("ground-truth caption", "text bridge", "lvlm", "untrained"):
+        assert tables[name]["2"]["average"]["accuracy"] == 1.0
+    markdown = (tmp_path / "report.md").read_text()
+    text_avg = tables["vlm text answer"]["2"]["average"]["accuracy"]
+    assert "| vlm text answer |" in markdown and f"{text_avg:.3f}" in markdown
+    for png in (
+        "component_losses.png",
+        "norm_ablation.png",
+        "lvlm_accuracy.png",
+        "examples_lvlm.png",
+        "examples_clip.png",
+    ):
+        assert (tmp_path / png).stat().st_size > 1000, png
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["lvlm"]["tables"] == json.loads(json.dumps(tables))
