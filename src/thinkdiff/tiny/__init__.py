@@ -9,9 +9,6 @@ The widths that must agree across components are listed in :data:`TINY_DIMS`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from thinkdiff.tiny.flux import CLIP_TEXT_HIDDEN, save_tiny_flux
 from thinkdiff.tiny.llava import save_tiny_llava
 from thinkdiff.tiny.t5 import T5_D_MODEL, T5_VOCAB_SIZE, save_tiny_t5
 from thinkdiff.tiny.tokenizers import T5_EOS_ID, T5_PAD_ID, T5_SPM_VOCAB_SIZE, T5_UNK_ID
+from thinkdiff.utils import atomic_path, atomic_write_text
 
 __all__ = [
     "COMPONENTS",
@@ -102,7 +100,10 @@ def make_tiny_models(root: Path, seed: int = 0) -> dict[str, Path]:
     try:
         paths: dict[str, Path] = {}
         for name, build in COMPONENTS.items():
-            paths[name] = _write_atomically(root / name, lambda tmp, build=build: build(tmp, seed))
+            with atomic_path(root / name) as tmp:
+                tmp.mkdir()  # builders write into an existing folder
+                build(tmp, seed)
+            paths[name] = root / name
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
@@ -112,31 +113,8 @@ def make_tiny_models(root: Path, seed: int = 0) -> dict[str, Path]:
         "dims": TINY_DIMS,
         "components": {name: {"path": name, **_describe(path)} for name, path in paths.items()},
     }
-    tmp_manifest = root / f".manifest.json.{os.getpid()}.tmp"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp_manifest, root / "manifest.json")
+    atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return paths
-
-
-def _write_atomically(target: Path, build: Callable[[Path], object]) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent))
-    try:
-        build(tmp)
-        # A builder may replace its folder itself (qwen does its own rename); it must still exist.
-        if not tmp.is_dir():
-            raise RuntimeError(f"builder for {target.name} left no folder at {tmp}")
-        if target.exists():
-            # Swap in two renames so ``target`` is never a mix of old and new files.
-            old = target.with_name(f".{target.name}-{os.getpid()}.old")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 def _read_json(path: Path) -> dict[str, Any]:
