@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,8 +21,6 @@ from typing import TYPE_CHECKING
 from thinkdiff.data.extraction import DESCRIPTION_PROMPTS
 from thinkdiff.evaluation.cobsat.protocol import COBSAT_INSTRUCTION
 from thinkdiff.miniworld.world import COLORS, SHAPES, TEXTURES, caption
-from thinkdiff.tiny.qwen import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
-from thinkdiff.tiny.tokenizers import byte_level_bpe
 
 if TYPE_CHECKING:
     from transformers import Qwen2Tokenizer, T5TokenizerFast
@@ -88,22 +85,13 @@ def vlm_corpus() -> list[str]:
 
 
 def qwen_tokenizer() -> Qwen2Tokenizer:
-    """Qwen2's tokenizer (byte-level BPE) over a vocabulary trained on :func:`vlm_corpus`."""
+    """Qwen2's tokenizer (byte-level BPE) over a vocabulary trained on :func:`vlm_corpus`, plus the
+    protocol's fixed sentences as single added tokens."""
     from tokenizers import AddedToken
-    from transformers import Qwen2Tokenizer
 
-    trained = json.loads(byte_level_bpe(VLM_VOCAB_SIZE, QWEN_SPECIAL_TOKENS, vlm_corpus()).to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
-    tokenizer = Qwen2Tokenizer(
-        vocab=trained["vocab"],
-        merges=merges,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-        extra_special_tokens=QWEN_SPECIAL_TOKENS[1:],
-        model_max_length=4096,
-    )
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    from thinkdiff.tiny.qwen import qwen_tokenizer as build_qwen_tokenizer
+
+    tokenizer = build_qwen_tokenizer(VLM_VOCAB_SIZE, vlm_corpus(), model_max_length=4096)
     tokenizer.add_tokens([AddedToken(p, normalized=False, special=False) for p in PHRASE_TOKENS])
     return tokenizer
 

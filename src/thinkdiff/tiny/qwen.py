@@ -68,11 +68,13 @@ _MIN_PIXELS = 56 * 56  # -> at least 4 visual tokens per image
 _MAX_PIXELS = 112 * 112  # -> at most 16 visual tokens per image
 
 
-def _tokenizer() -> Qwen2Tokenizer:
-    """Qwen2 tokenizer (byte-level BPE) over a vocabulary trained on the tiny corpus."""
+def qwen_tokenizer(
+    vocab_size: int = _VOCAB_SIZE, corpus: list[str] | None = None, model_max_length: int = 32768
+) -> Qwen2Tokenizer:
+    """Qwen2 tokenizer (byte-level BPE trained on ``corpus``, default the tiny corpus) with Qwen's chat template."""
     from transformers import Qwen2Tokenizer
 
-    trained = json.loads(byte_level_bpe(_VOCAB_SIZE, QWEN_SPECIAL_TOKENS).to_str())["model"]
+    trained = json.loads(byte_level_bpe(vocab_size, QWEN_SPECIAL_TOKENS, corpus).to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
     # Instruct checkpoints stop on <|im_end|> and pad with <|endoftext|>.
     tokenizer = Qwen2Tokenizer(
@@ -83,7 +85,7 @@ def _tokenizer() -> Qwen2Tokenizer:
         unk_token=None,
         # Like the real tokenizer: every Qwen token but <|endoftext|> is an "additional special token".
         extra_special_tokens=QWEN_SPECIAL_TOKENS[1:],
-        model_max_length=32768,
+        model_max_length=model_max_length,
     )
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return tokenizer
@@ -177,7 +179,7 @@ def save_tiny_qwen_vl(path: Path, kind: str = "qwen2_vl", seed: int = 0) -> Path
     from transformers import GenerationConfig
 
     path = Path(path)
-    tokenizer = _tokenizer()
+    tokenizer = qwen_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
