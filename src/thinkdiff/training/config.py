@@ -122,6 +122,7 @@ class TrainConfig:
             "keep_last",
             "save_every",
             "max_bad_steps",
+            "val_batches",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")

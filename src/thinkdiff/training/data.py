@@ -56,8 +56,8 @@ class StepData:
                 self.samples_seen = 0
         raise ValueError("the training data yields no batch: is the data folder empty?")
 
-    def next_step(self) -> list[Any] | None:
-        """The next ``accumulation`` micro-batches of this rank."""
+    def next_step(self) -> list[Any]:
+        """The next ``accumulation`` micro-batches of this rank (epochs roll over as needed)."""
         return [self._next_batch() for _ in range(self.accumulation)]
 
     def state_dict(self) -> dict[str, Any]:

@@ -188,12 +188,8 @@ class Trainer:
         losses = []
         for _ in range(self.config.val_batches):
             batches = self.val_data.next_step()
-            if batches is None:
-                break
             with self.accelerator.autocast():
                 losses.append(self.loss_of(batches[0]).float())
-        if not losses:
-            return math.nan
         mean = torch.stack(losses).mean().reshape(1)
         return float(self.accelerator.reduce(mean, reduction="mean").item())
 
@@ -262,8 +258,6 @@ class Trainer:
             wait_start = time.perf_counter()
             micro_batches = self.data.next_step()
             window_wait += time.perf_counter() - wait_start
-            if micro_batches is None:
-                raise TrainingError(f"training data ran out at step {self.step}")
             loss, grad_norm, applied = self.train_step(micro_batches)
             self.step += 1
             window_steps += 1
@@ -322,8 +316,7 @@ class Trainer:
             ):
                 self.val_data.load_state_dict({})
                 batches = self.val_data.next_step()
-                if batches:
-                    log.samples(self.step, self.decode(batches[0], config.decode_samples))
+                log.samples(self.step, self.decode(batches[0], config.decode_samples))
             if self.step % config.save_every == 0 or self.step == config.max_steps:
                 self.save()
         progress.close()
