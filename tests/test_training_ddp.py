@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,19 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def run(cmd: list[str], tmp: Path, env_dir: Path) -> None:
+def run(cmd: list[str], env_dir: Path) -> None:
     env = {**os.environ, "THINKDIFF_TINY_DIR": str(env_dir), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # A session of its own, so a hung rank is killed with its launcher instead of lingering.
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail("DDP run timed out:\n" + output[-3000:])
+    assert proc.returncode == 0, output[-6000:]
 
 
 @pytest.mark.slow
@@ -25,17 +35,10 @@ def test_two_processes_match_one(feature_dir, tiny_env, tmp_path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    run([sys.executable, str(WORKER), str(feature_dir), str(one)], one, tiny_env)
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29561",
-    ]
-    run([*torchrun, str(WORKER), str(feature_dir), str(two)], two, tiny_env)
+    run([sys.executable, str(WORKER), str(feature_dir), str(one)], tiny_env)
+    # --standalone: torchrun picks a free port, so parallel or leftover runs cannot collide.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run([*torchrun, str(WORKER), str(feature_dir), str(two)], tiny_env)
     single = load_file(str(one / "rank0.safetensors"))
     rank0, rank1 = load_file(str(two / "rank0.safetensors")), load_file(str(two / "rank1.safetensors"))
     for name, value in single.items():
