@@ -74,6 +74,28 @@ def test_built_components_load_with_the_project_loaders(quick_world):
     assert torch.count_nonzero(pooled) == 0
 
 
+def _weight_digests(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*.safetensors"))
+        if "work" not in path.relative_to(root).parts
+    }
+
+
+def test_a_second_build_from_the_same_seed_is_identical(quick_world, tmp_path):
+    """Every component's weights, byte for byte (one thread, as the fixture builds)."""
+    from thinkdiff.miniworld.build import build, quick_config
+
+    root, _ = quick_world
+    config = quick_config(seed=0)
+    config.threads = 1
+    build(tmp_path, config, progress=False)
+    first, second = _weight_digests(root), _weight_digests(tmp_path)
+    assert len(first) >= 7 and first == second
+
+
 def test_judge_training_is_deterministic():
     import torch
 
@@ -95,7 +117,16 @@ def test_report_numbers_come_from_the_evaluation(quick_world, tmp_path, monkeypa
     root, _ = quick_world
     monkeypatch.setattr(Verdict, "matches", lambda self, target: True)
     config = ReportConfig(
-        num_prompts=2, shots=(2,), steps=2, fidelity_n=12, clip_n=4, retrain=False, threads=1, progress=False
+        num_prompts=2,
+        shots=(2,),
+        steps=2,
+        fidelity_n=12,
+        clip_n=4,
+        retrain=False,
+        transfer_train=64,
+        transfer_steps=2,
+        threads=1,
+        progress=False,
     )
     report = write_report(root, tmp_path, config)
     tables, outcomes = report["lvlm"]["tables"], report["lvlm"]["outcomes"]
@@ -104,9 +135,16 @@ def test_report_numbers_come_from_the_evaluation(quick_world, tmp_path, monkeypa
         assert average["correct"] == sum(outcomes[name]) and average["n"] == len(outcomes[name]) == 12
     for name in ("ground-truth caption", "text bridge", "lvlm", "untrained"):
         assert tables[name]["2"]["average"]["accuracy"] == 1.0
+    assert report["premise"]["n"] == 4
+    assert set(report["premise"]["rows"]) == {
+        "T5 encoder states (FLUX's own input)",
+        "T5 encoder states",
+        "T5 word embeddings",
+    }
     markdown = (tmp_path / "report.md").read_text()
     text_avg = tables["vlm text answer"]["2"]["average"]["accuracy"]
     assert "| vlm text answer |" in markdown and f"{text_avg:.3f}" in markdown
+    assert "## The premise, tested" in markdown
     for png in (
         "component_losses.png",
         "norm_ablation.png",

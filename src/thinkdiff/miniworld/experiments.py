@@ -13,6 +13,7 @@ Shapes: N generated tokens, P prompt tokens, H VLM width, D T5 width.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from collections.abc import Callable, Sequence
@@ -44,6 +45,8 @@ __all__ = [
     "PromptRun",
     "aligner_config",
     "alignment_diagnostics",
+    "attribute_accuracy",
+    "proxy_transfer",
     "run_training",
     "run_vlm",
     "score_clip",
@@ -290,6 +293,17 @@ def aligner_method(aligner: torch.nn.Module, use_prompt: bool = False) -> Method
     return method
 
 
+def attribute_accuracy(verdicts: Sequence[Any], scenes: Sequence[Scene]) -> dict[str, float]:
+    """Share of images whose judged attribute equals the scene's, per attribute and all at once."""
+    out = {
+        k: float(np.mean([v.value(k) == s.value(k) for v, s in zip(verdicts, scenes)])) for k in ATTRIBUTES
+    }
+    out["all"] = float(
+        np.mean([all(v.value(k) == s.value(k) for k in ATTRIBUTES) for v, s in zip(verdicts, scenes)])
+    )
+    return out
+
+
 # ----------------------------------------------------------------------------------- ThinkDiff-CLIP
 def clip_tokens(world: MiniWorld, images_BHWC: np.ndarray) -> torch.Tensor:
     """The vision encoder's pooled tokens [B, 17, D_vision] (BLIP-2 preprocessing)."""
@@ -333,13 +347,7 @@ def score_clip(
 
     single = world.images_from_embeds(list(tokens_a), seeds, **sampling)
     verdicts = world.judge.read(single)
-    out["image"] = {
-        name: float(np.mean([v.value(name) == s.value(name) for v, s in zip(verdicts, scenes)]))
-        for name in ATTRIBUTES
-    }
-    out["image"]["all"] = float(
-        np.mean([all(v.value(k) == s.value(k) for k in ATTRIBUTES) for v, s in zip(verdicts, scenes)])
-    )
+    out["image"] = attribute_accuracy(verdicts, scenes)
 
     new_bg = [
         rng.choice([c for c in ATTRIBUTES["background"] if c not in (s.background, s.color)]) for s in scenes
@@ -440,7 +448,7 @@ def alignment_diagnostics(
                 reads.append(bool(want) and all(got.get(k) == v for k, v in want.items()))
                 t5 = states[r.answer]
                 n = min(len(t5), len(m))
-                cosines.append(float(torch.nn.functional.cosine_similarity(m[:n], t5[:n], dim=-1).mean()))
+                cosines.append(_cosine(m[:n], t5[:n]))
                 rms.append(float(m.pow(2).mean().sqrt()))
         out[name] = {
             "proxy_reads_answer": float(np.mean(reads)),
@@ -453,3 +461,110 @@ def alignment_diagnostics(
         "rms": float(np.mean([float(s.pow(2).mean().sqrt()) for s in states.values()])),
     }
     return out
+
+
+# ----------------------------------------------------------------------------------- the premise
+TRANSFER_SOURCES: tuple[str, ...] = ("T5 encoder states", "T5 word embeddings")
+"""Oracle source features of :func:`proxy_transfer`: the caption's own T5 encoder states (everything
+FLUX reads, one learnt map away), and the T5 input embeddings of its words (no context)."""
+
+
+def proxy_transfer(
+    world: MiniWorld,
+    *,
+    n_train: int = 3000,
+    n_test: int = 200,
+    train_steps: int = 400,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    **sampling: Any,
+) -> dict[str, Any]:
+    """Does the proxy objective transfer to FLUX when the source features are perfect?
+
+    ThinkDiff's premise is that features the frozen T5 *decoder* reads as a caption are also
+    features FLUX draws that caption from, since both were trained on the T5 encoder's states. Here
+    no VLM is involved: an :class:`~thinkdiff.models.aligner.Aligner` (T5-initialised norm) learns
+    from oracle features of a caption (:data:`TRANSFER_SOURCES`) with the proxy loss of the whole
+    caption (:meth:`~thinkdiff.models.proxy_decoder.ProxyT5Decoder.loss`, no split), then FLUX draws
+    held-out test captions from the aligned features. A loop of its own rather than the trainer:
+    the trainer reads LVLM feature shards, whose tokens are the VLM's, not T5's.
+
+    Returns ``n``, ``steps`` (= ``train_steps``), ``batch_size`` and ``rows``: per source (first the T5 states
+    themselves, the ceiling) the proxy decoder's exact reconstruction of the caption, the mean
+    cosine to the T5 states, and the judge's reading of FLUX's images (per attribute and all four).
+    """
+    import random
+
+    from thinkdiff.models.aligner import Aligner
+    from thinkdiff.models.proxy_decoder import ProxyT5Decoder
+    from thinkdiff.objectives import pad_features
+
+    tokenizer = world.t5_tokenizer
+    proxy = ProxyT5Decoder.from_pretrained(world.root / "t5", device="cpu", dtype=torch.float32)
+    embeddings = proxy.t5.shared.weight.detach()
+    rng = scene_rng("proxy-transfer", seed)
+    train_scenes = [sample_scene(rng) for _ in range(n_train)]
+    test_scenes = clip_test_scenes(n_test, seed + 1)  # half from held-out cells
+    ids = {s: torch.tensor(tokenizer(full_caption(s)).input_ids) for s in train_scenes + test_scenes}
+
+    @functools.cache
+    def states(scene: Scene) -> torch.Tensor:
+        return world.text_embeds([full_caption(scene)])[0]
+
+    sources: dict[str, Callable[[Scene], torch.Tensor]] = {
+        "T5 encoder states": states,
+        "T5 word embeddings": lambda scene: embeddings[ids[scene]],
+    }
+    seeds = [seed * 10_000 + i for i in range(n_test)]
+    targets = [states(s) for s in test_scenes]
+
+    def judged(embeds: list[torch.Tensor]) -> dict[str, float]:
+        return attribute_accuracy(
+            world.judge.read(world.images_from_embeds(embeds, seeds, **sampling)), test_scenes
+        )
+
+    results = {
+        "T5 encoder states (FLUX's own input)": {
+            "proxy_exact": float("nan"),
+            "cosine": 1.0,
+            **judged(targets),
+        }
+    }
+    batch_rng = random.Random(f"proxy-transfer:{seed}")
+    for name, source in sources.items():
+        torch.manual_seed(seed)
+        width = source(train_scenes[0]).shape[-1]
+        aligner = Aligner(width, proxy.d_model, norm="t5")
+        aligner.init_norm_from_t5(proxy)
+        optimizer = torch.optim.AdamW(aligner.parameters(), lr=lr, weight_decay=0.0)
+        losses = []
+        for _ in range(train_steps):
+            batch = batch_rng.sample(train_scenes, batch_size)
+            memory, mask = pad_features([aligner(source(s)) for s in batch])
+            labels = torch.nn.utils.rnn.pad_sequence(
+                [ids[s] for s in batch], batch_first=True, padding_value=-100
+            )
+            loss = proxy.loss(memory, mask, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        aligner.eval()
+        with torch.no_grad():
+            aligned = [aligner(source(s)) for s in test_scenes]
+            memory, mask = pad_features(aligned)
+            texts = proxy.generate_text(memory, mask, max_new_tokens=24)
+        results[name] = {
+            "proxy_exact": float(np.mean([t.strip() == full_caption(s) for t, s in zip(texts, test_scenes)])),
+            "cosine": float(np.mean([_cosine(a, t) for a, t in zip(aligned, targets)])),
+            "final_loss": float(np.mean(losses[-20:])),
+            **judged(aligned),
+        }
+        logger.info("proxy transfer from %s: %s", name, results[name])
+    return {"n": n_test, "steps": train_steps, "batch_size": batch_size, "rows": results}
+
+
+def _cosine(a_LD: torch.Tensor, b_LD: torch.Tensor) -> float:
+    """Mean position-wise cosine of two sequences of the same length."""
+    return float(torch.nn.functional.cosine_similarity(a_LD, b_LD, dim=-1).mean())
