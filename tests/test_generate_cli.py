@@ -64,7 +64,13 @@ def test_single_lvlm_run_writes_png_and_sidecar(files, tmp_path, capsys) -> None
     ]
     assert (sidecar["mode"], sidecar["seed"], sidecar["output"]) == ("lvlm", 3, "red.png")
     assert isinstance(sidecar["lvlm_text"], str) and sidecar["lvlm_text"]
-    assert sidecar["settings"] == {"height": 64, "width": 64, "num_inference_steps": 2, "guidance_scale": 3.5}
+    assert sidecar["settings"] == {
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": 2,
+        "guidance_scale": 3.5,
+        "true_cfg_scale": 1.0,
+    }
     assert sidecar["components"]["lvlm"] == "tiny:qwen2-vl"
     assert sidecar["components"]["decoder"] == "tiny:flux"
     assert sidecar["components"]["aligner"]["variant"] == "lvlm"

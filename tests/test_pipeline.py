@@ -153,7 +153,7 @@ def test_lvlm_mode_hands_flux_the_hand_computed_embeddings(models, items, flux, 
     stock = flux(**out.embeddings.decoder_kwargs(0), generator=generator, **FLUX_FAST).images[0]
     assert out.images[0].size == (64, 64)
     np.testing.assert_array_equal(pixels(out.images[0]), pixels(stock))
-    assert out.settings[0] == {**FLUX_FAST, "guidance_scale": 3.5}
+    assert out.settings[0] == {**FLUX_FAST, "guidance_scale": 3.5, "true_cfg_scale": 1.0}
     assert {"load_lvlm", "lvlm", "aligner", "text_encoders", "decoder"} <= set(out.timings)
 
 
@@ -243,6 +243,101 @@ def test_cogvideox_clip_mode_frames_and_length(models, items, tmp_path) -> None:
     assert out.embeddings.num_aligned_tokens == [130]
     assert len(out.videos[0]) == 9
     assert out.settings[0] == {**COG_FAST, "guidance_scale": 6}
+
+
+# ---- FLUX true classifier-free guidance ---------------------------------------------------------
+
+
+@torch.no_grad()
+def test_true_cfg_scale_one_is_the_plain_call(models, items, spy) -> None:
+    pipe = ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu", keep_loaded=True)
+    plain = pipe(Request(items, seed=3), **FLUX_FAST)
+    one = pipe(Request(items, seed=3), true_cfg_scale=1.0, **FLUX_FAST)
+    assert (
+        one.embeddings.negative_prompt_embeds is None and one.embeddings.negative_pooled_prompt_embeds is None
+    )
+    assert "negative_prompt_embeds" not in spy[1] and spy[1]["true_cfg_scale"] == 1.0
+    np.testing.assert_array_equal(pixels(one.images[0]), pixels(plain.images[0]))
+    assert one.settings == plain.settings
+    assert "text_encoder_2" not in pipe._decoder_components  # without CFG, lvlm mode needs no T5
+
+
+@torch.no_grad()
+def test_true_cfg_negative_is_t5_of_empty_at_the_prompts_length(models, items, flux, spy) -> None:
+    pipe = ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu")
+    requests = [
+        Request(items, seed=3),
+        Request(items, seed=3, extra_text="a red car"),  # 128 + 128 tokens: a second decoder call
+        Request(items, seed=3, true_cfg_scale=1.0),  # the request's own value wins: no CFG
+    ]
+    out = pipe(requests, true_cfg_scale=2.5, **FLUX_FAST)
+    assert [s["true_cfg_scale"] for s in out.settings] == [2.5, 2.5, 1.0]
+
+    _, pooled_empty, _ = flux.encode_prompt(prompt="", max_sequence_length=128)
+    by_length = {c["prompt_embeds"].shape[1]: c for c in spy if c["true_cfg_scale"] > 1}
+    assert sorted(by_length) == [128, 256]
+    for length, call in by_length.items():
+        negative, _, _ = flux.encode_prompt(prompt="", max_sequence_length=length)
+        assert call["negative_prompt_embeds"].shape == call["prompt_embeds"].shape
+        torch.testing.assert_close(call["negative_prompt_embeds"], negative, rtol=0, atol=0)
+        torch.testing.assert_close(call["negative_pooled_prompt_embeds"], pooled_empty, rtol=0, atol=0)
+    assert "negative_prompt_embeds" not in next(c for c in spy if c["true_cfg_scale"] == 1.0)
+
+    # The image is the stock pipeline's true CFG with those embeddings, and differs from no CFG.
+    kwargs = out.embeddings.decoder_kwargs(1)
+    assert kwargs["negative_prompt_embeds"].shape == kwargs["prompt_embeds"].shape == (1, 256, 32)
+    stock = flux(**kwargs, true_cfg_scale=2.5, generator=torch.Generator().manual_seed(3), **FLUX_FAST)
+    np.testing.assert_array_equal(pixels(out.images[1]), pixels(stock.images[0]))
+    assert np.abs(pixels(out.images[0]) - pixels(out.images[2])).max() > 0
+
+    # encode() resolves the scale the same way and returns the negatives for every row.
+    emb = pipe.encode(Request(items, seed=3), true_cfg_scale=2.5)
+    torch.testing.assert_close(emb.negative_prompt_embeds, by_length[128]["negative_prompt_embeds"])
+    assert pipe.encode(Request(items, seed=3)).negative_prompt_embeds is None
+
+
+def test_true_cfg_scale_is_for_flux_only(models, items, tmp_path, no_heavy_loads) -> None:
+    model = make_model(tmp_path / "lvlm-cog", "lvlm", decoder="tiny:cogvideox")
+    pipe = ThinkDiffPipeline.from_pretrained(model, device="cpu")
+    with pytest.raises(ValueError, match="true_cfg_scale applies to FLUX decoders only"):
+        pipe(Request(items), true_cfg_scale=2.0)
+    with pytest.raises(ValueError, match="request 0: true_cfg_scale applies to FLUX"):
+        pipe(Request(items, true_cfg_scale=2.0))
+
+
+# ---- LVLM answer modes -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_lvlm_stop_at_eos_and_greedy(models, items, spy, monkeypatch: pytest.MonkeyPatch) -> None:
+    from thinkdiff.models.loading import resolve_model_dir
+    from thinkdiff.models.lvlm import LVLMFeatureExtractor, SamplingSettings
+
+    asked: list[SamplingSettings] = []
+    original = LVLMFeatureExtractor.generate
+
+    def recording(self, prompts, sampling=None, **kwargs):
+        asked.append(sampling)
+        return original(self, prompts, sampling, **kwargs)
+
+    monkeypatch.setattr(LVLMFeatureExtractor, "generate", recording)
+    settings = InferenceSettings(num_tokens=16, stop_at_eos=True, greedy=True)
+    pipe = ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu", settings=settings)
+    out = pipe([Request(items, seed=3), Request(items, seed=4)], **FLUX_FAST)
+    # EOS is allowed from the first token (the tiny random LVLM happens not to produce it).
+    assert [(a.max_new_tokens, a.min_new_tokens, a.do_sample) for a in asked] == [(16, 0, False)] * 2
+
+    # By hand: at most 16 greedy tokens, stopping at EOS; features up to and including EOS.
+    extractor = LVLMFeatureExtractor.from_pretrained(resolve_model_dir("tiny:qwen2-vl"), device="cpu")
+    lvlm = original(
+        extractor, [[DEFAULT_INSTRUCTION, *items]], SamplingSettings(max_new_tokens=16, do_sample=False)
+    )
+    n = int(lvlm.feature_mask[0].sum())
+    aligner, _ = load_model(models["lvlm"])
+    assert out.lvlm_texts == [lvlm.texts[0], lvlm.texts[0]]  # greedy: the seed does not matter
+    for call in spy:
+        torch.testing.assert_close(call["prompt_embeds"], aligner(lvlm.features[:, :n]))
+    assert out.embeddings.num_aligned_tokens == [n, n]
 
 
 # ---- determinism, batching, reuse --------------------------------------------------------------

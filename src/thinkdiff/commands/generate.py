@@ -26,13 +26,15 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_SUFFIXES = (".mp4",)
-JOB_KEYS = ("items", "seed", "extra_text", "steps", "guidance", "height", "width", "num_frames", "out")
+JOB_KEYS = (
+    "items", "seed", "extra_text", "steps", "guidance", "true_cfg", "height", "width", "num_frames", "out",
+)  # fmt: skip
 
 JOBS_HELP = """\
 Job files: --job holds one JSON object, --jobs one object per line:
   {"items": [{"text": "Word 1: white, "}, {"image": "cars/white.jpg"}, {"text": "Word 2: blue, "}],
-   "seed": 0, "extra_text": null, "steps": 28, "guidance": 3.5, "height": 512, "width": 512,
-   "num_frames": 49, "out": "white-blue.png"}
+   "seed": 0, "extra_text": null, "steps": 28, "guidance": 3.5, "true_cfg": 1.0, "height": 512,
+   "width": 512, "num_frames": 49, "out": "white-blue.png"}
 Only "items" is required ({"text": ...} or {"image": PATH}; a bare string is text); the other
 fields default to the command-line values. Relative image paths are relative to the job file.
 Other keys (e.g. those of `thinkdiff eval cobsat prompts --format thinkdiff`) are copied into the
@@ -44,6 +46,9 @@ Examples:
   thinkdiff generate --mode text-bridge --lvlm Qwen/Qwen2-VL-7B-Instruct --jobs cobsat.jsonl --out out/
   thinkdiff generate --model runs/clip/model --decoder THUDM/CogVideoX-5b --image cat.jpg \\
       --text "running on the beach" --out cat.mp4
+  thinkdiff generate --model src/thinkdiff/miniworld/weights/thinkdiff/lvlm \\
+      --decoder src/thinkdiff/miniworld/weights/flux --lvlm src/thinkdiff/miniworld/weights/vlm \\
+      --stop-at-eos --greedy --num-tokens 17 --text "Word 1: red, " --image red_star.png ... --out mini.png
 """
 
 
@@ -98,8 +103,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--steps", type=int, help="denoising steps (FLUX.1-dev 28, schnell 4, CogVideoX 50)"
     )
     decoding.add_argument("--guidance", type=float, help="guidance scale (FLUX.1-dev 3.5, CogVideoX 6)")
-    decoding.add_argument("--height", type=int, help="pixels (FLUX: 1024 by default)")
-    decoding.add_argument("--width", type=int, help="pixels (FLUX: 1024 by default)")
+    decoding.add_argument(
+        "--true-cfg",
+        type=float,
+        help='FLUX true classifier-free guidance scale; above 1 the negative is the decoder\'s T5 of "" '
+        "(default 1: off, or the decoder folder's thinkdiff_decoder.json)",
+    )
+    decoding.add_argument("--height", type=int, help="pixels (FLUX: 1024 or the folder's sample_size)")
+    decoding.add_argument("--width", type=int, help="pixels (FLUX: 1024 or the folder's sample_size)")
     decoding.add_argument("--num-frames", type=int, help="video frames (CogVideoX)")
     decoding.add_argument(
         "--fps", type=int, default=8, help="frames per second of written videos (default 8)"
@@ -108,7 +119,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     conditioning = parser.add_argument_group("conditioning")
     conditioning.add_argument("--instruction", help="instruction before the items (default: the CoBSAT one)")
     conditioning.add_argument("--no-instruction", action="store_true", help="send the items alone")
-    conditioning.add_argument("--num-tokens", type=int, default=128, help="LVLM tokens (default 128)")
+    conditioning.add_argument(
+        "--num-tokens",
+        type=int,
+        default=128,
+        help="LVLM tokens: exactly, or at most with --stop-at-eos (default 128)",
+    )
+    conditioning.add_argument(
+        "--stop-at-eos",
+        action="store_true",
+        help="lvlm mode: stop at the LVLM's EOS and align the tokens up to it (default: exactly --num-tokens)",
+    )
+    conditioning.add_argument(
+        "--greedy", action="store_true", help="decode the LVLM greedily instead of sampling"
+    )
     conditioning.add_argument("--temperature", type=float, default=0.6, help="LVLM sampling (default 0.6)")
     conditioning.add_argument("--top-p", type=float, default=0.9, help="LVLM nucleus mass (default 0.9)")
     conditioning.add_argument(
@@ -177,6 +201,7 @@ def _job_request(job: Any, base: Path, where: str, args: argparse.Namespace, unk
         width=pick("width", args.width, int),
         num_inference_steps=pick("steps", args.steps, int),
         guidance_scale=pick("guidance", args.guidance, (int, float)),
+        true_cfg_scale=pick("true_cfg", args.true_cfg, (int, float)),
         num_frames=pick("num_frames", args.num_frames, int),
         metadata={"out": job.get("out"), "job": {k: v for k, v in job.items() if k not in JOB_KEYS}},
     )
@@ -206,6 +231,7 @@ def _read_requests(args: argparse.Namespace) -> list[Request]:
                 width=args.width,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance,
+                true_cfg_scale=args.true_cfg,
                 num_frames=args.num_frames,
             )
         ]
@@ -359,6 +385,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     settings = InferenceSettings(
         num_tokens=args.num_tokens,
+        stop_at_eos=args.stop_at_eos,
+        greedy=args.greedy,
         temperature=args.temperature,
         top_p=args.top_p,
         text_max_length=args.text_max_length,

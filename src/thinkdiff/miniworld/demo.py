@@ -1,9 +1,11 @@
 """The miniature world's demo: one mini-CoBSAT prompt in, the generated image out, judged.
 
-Runs from the committed weights in a few seconds on a CPU: the mini VLM reads the prompt (words and
-images) and answers; ThinkDiff-LVLM's aligner maps the answer's token features into the mini
-FLUX's T5 prompt space; the stock FluxPipeline draws; the judge reads the image. The text bridge
-(the answer re-encoded by the T5) is drawn beside it for comparison.
+Runs from the committed weights in a few seconds on a CPU, through the project's general inference
+code (:class:`~thinkdiff.pipelines.ThinkDiffPipeline`, as ``thinkdiff generate`` runs it): the mini
+VLM reads the prompt (words and images) and answers greedily up to its EOS; ThinkDiff-LVLM's
+aligner maps the answer's token features into the mini FLUX's T5 prompt space; the stock
+FluxPipeline draws (the settings come from the FLUX folder's ``thinkdiff_decoder.json``); the judge
+reads the image. The text bridge (the answer re-encoded by the T5) is drawn beside it for comparison.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["run_demo"]
@@ -31,41 +34,64 @@ def run_demo(
     ``models_dir`` defaults to :func:`~thinkdiff.miniworld.models.default_weights_dir`.
     """
     from thinkdiff.evaluation.cobsat.protocol import prompts_list
-    from thinkdiff.miniworld.experiments import prompt_seed, run_vlm
+    from thinkdiff.miniworld.components.vlm import max_answer_tokens
+    from thinkdiff.miniworld.experiments import prompt_seed
     from thinkdiff.miniworld.minicobsat import MINI_TASKS, build_prompt
     from thinkdiff.miniworld.models import MiniWorld, default_weights_dir
+    from thinkdiff.models.lvlm import load_processor
+    from thinkdiff.pipelines import InferenceSettings, Request, ThinkDiffPipeline
 
     started = time.perf_counter()
-    torch.set_num_threads(2)
+    # One thread: the models are too small for a second to help, and on a busy 2-core machine
+    # waiting for a descheduled OpenMP thread made this demo ~10x slower (measured 3.6 s on one
+    # thread, 31-39 s on two, at a load of 4).
+    torch.set_num_threads(1)
     names = {t.name: t.task_id for t in MINI_TASKS.values()}
     if task not in names:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(names)}")
-    world = MiniWorld(models_dir or default_weights_dir())
+    root = Path(models_dir or default_weights_dir())
+    world = MiniWorld(root)
     prompt = build_prompt(names[task], shot, index, *prompts_list()[index])
-    run = run_vlm(world, [prompt], progress=False)[0]
-    aligner, _ = world.aligner("lvlm")
+    # The aligner was trained on greedy, EOS-terminated answers (see the README's divergences).
+    settings = InferenceSettings(
+        num_tokens=max_answer_tokens(load_processor(root / "vlm").tokenizer), stop_at_eos=True, greedy=True
+    )
+    pipe = ThinkDiffPipeline.from_pretrained(
+        root / "thinkdiff" / "lvlm",
+        decoder=root / "flux",
+        lvlm=root / "vlm",
+        device="cpu",
+        keep_loaded=True,
+        settings=settings,
+    )
     seeds = [seed if seed is not None else prompt_seed(prompt)]
+    out = pipe(Request(prompt.items(), seed=seeds[0]))
+    image = np.asarray(out.images[0])
+    answer = (out.lvlm_texts[0] or "").strip()
+    # The bridge stays the world's own text-to-image: the answer's T5 states at its exact length, as
+    # the report's text-bridge row measures it. The pipeline's text-bridge mode pads the T5 to the
+    # descriptor's max_sequence_length (16), the other layout the mini FLUX was trained on, and
+    # would run the VLM a second time.
     with torch.no_grad():
-        image = world.images_from_embeds([aligner(run.features_NH)], seeds)[0]
-        bridge = world.images_from_text([run.answer], seeds)[0]
+        bridge = world.images_from_text([answer], seeds)[0]
     verdict, bridge_verdict = world.judge.read([image, bridge])
     ok = verdict.matches(prompt.target)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "demo.png"
-    _panel(prompt, run.answer, image, bridge, verdict, bridge_verdict, path)
+    _panel(prompt, answer, image, bridge, verdict, bridge_verdict, path)
     words = " ".join(f"[{x}: image]" for x in prompt.x_items[: prompt.shot]) + f" [{prompt.x_items[-1]}: ?]"
     summary = (
         f"{task}, {shot}-shot, prompt {index}: {words}\n"
         f"  target: {prompt.target_caption}\n"
-        f"  VLM answer: {run.answer!r}\n"
+        f"  VLM answer: {answer!r}\n"
         f"  ThinkDiff-LVLM image, judged: {verdict.to_dict()} -> {'CORRECT' if ok else 'WRONG'}\n"
         f"  text-bridge image, judged: {bridge_verdict.to_dict()}\n"
         f"  written to {path} in {time.perf_counter() - started:.1f} s"
     )
     return {
         "prompt": prompt,
-        "answer": run.answer,
+        "answer": answer,
         "verdict": verdict,
         "correct": ok,
         "path": path,

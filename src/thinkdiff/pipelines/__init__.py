@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 _EXPORTS: dict[str, str] = {
+    "DECODER_DESCRIPTOR": "constants",
     "DEFAULT_DECODER": "constants",
     "DEFAULT_INSTRUCTION": "constants",
     "DEFAULT_LVLM": "constants",
@@ -27,6 +28,9 @@ _EXPORTS: dict[str, str] = {
     "DecoderSpec": "decoders",
     "DiffusionDecoder": "decoders",
     "FluxDecoder": "decoders",
+    "latents_to_pixels": "decoders",
+    "pixels_to_latents": "decoders",
+    "write_decoder_descriptor": "decoders",
     "InferenceSettings": "pipeline_thinkdiff",
     "SeededImageGenerator": "pipeline_thinkdiff",
     "ThinkDiffEmbeddings": "pipeline_thinkdiff",

@@ -30,3 +30,7 @@ DEFAULT_INSTRUCTION = (
 Kept equal to :data:`thinkdiff.evaluation.cobsat.protocol.COBSAT_INSTRUCTION` (a test checks it);
 defined here so that inference does not depend on the evaluation package.
 """
+
+DECODER_DESCRIPTOR = "thinkdiff_decoder.json"
+"""Optional file in a decoder folder saying what its configs cannot: e.g. a FLUX trained in pixel
+space without a VAE, its native size and its sampling defaults. See :class:`~thinkdiff.pipelines.DecoderSpec`."""

@@ -13,7 +13,15 @@ parts of a decoder it needs are loaded in stages, each with only the components 
 reported before any weights load. Every size (prompt width, pooled width, required prompt length)
 comes from those configs.
 
-Shapes: B batch, S text tokens, L prompt tokens, D prompt width (T5 d_model), P pooled width.
+A FLUX folder may also hold :data:`DECODER_DESCRIPTOR` (``thinkdiff_decoder.json``) for what its
+configs cannot say. The mini world's FLUX, for one, has no VAE: it denoises pixel-unshuffled images
+directly, and samples with 20 steps and true classifier-free guidance 3.0::
+
+    {"latent_space": "pixels", "pixel_unshuffle": 2, "sample_size": 32, "max_sequence_length": 16,
+     "defaults": {"num_inference_steps": 20, "true_cfg_scale": 3.0}}
+
+Shapes: B batch, S text tokens, L prompt tokens, D prompt width (T5 d_model), P pooled width,
+N packed image tokens, C packed channels, r the pixel-unshuffle factor.
 """
 
 from __future__ import annotations
@@ -21,21 +29,24 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from thinkdiff.models.loading import resolve_model_dir
-from thinkdiff.pipelines.constants import DEFAULT_DECODER, OFFLOAD_MODES, Offload
+from thinkdiff.pipelines.constants import DECODER_DESCRIPTOR, DEFAULT_DECODER, OFFLOAD_MODES, Offload
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
     from PIL import Image
 
 __all__ = [
+    "DECODER_DESCRIPTOR",
     "DEFAULT_DECODER",
     "OFFLOAD_MODES",
     "CogVideoXDecoder",
@@ -43,8 +54,11 @@ __all__ = [
     "DiffusionDecoder",
     "FluxDecoder",
     "Offload",
+    "latents_to_pixels",
     "load_decoder",
+    "pixels_to_latents",
     "release",
+    "write_decoder_descriptor",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,7 +73,15 @@ def _dtype_kwarg() -> str:
 
 
 # Enough of a hub snapshot to read every config without downloading weights.
-_CONFIG_FILES = ["model_index.json", "*/config.json", "scheduler/*.json"]
+_CONFIG_FILES = ["model_index.json", "*/config.json", "scheduler/*.json", DECODER_DESCRIPTOR]
+
+# Sampling settings a descriptor may set, with their types (checked when it is read).
+_DESCRIPTOR_SETTINGS: dict[str, type] = {
+    "num_inference_steps": int,
+    "guidance_scale": float,
+    "true_cfg_scale": float,
+}
+_DESCRIPTOR_KEYS = ("latent_space", "pixel_unshuffle", "sample_size", "max_sequence_length", "defaults")
 
 
 @dataclass(frozen=True)
@@ -81,6 +103,18 @@ class DecoderSpec:
     (FLUX): any length."""
     guidance_embeds: bool
     """FLUX.1-dev style distilled guidance (schnell has none)."""
+    latent_space: Literal["vae", "pixels"] = "vae"
+    """``pixels``: the folder has no VAE; its transformer denoises pixel-unshuffled images (FLUX
+    only, said by the descriptor)."""
+    pixel_unshuffle: int | None = None
+    """Pixel space: r, the factor folding r x r pixel blocks into channels before FLUX's 2x2 packing."""
+    sample_size: int | None = None
+    """The decoder's native image size in pixels, its default height and width (descriptor)."""
+    max_sequence_length: int | None = None
+    """T5 tokens of the decoder's own text prompts, used in text-bridge mode (descriptor)."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Sampling settings of this checkpoint (``num_inference_steps``, ``guidance_scale``,
+    ``true_cfg_scale``) from the descriptor; they override the built-in defaults."""
 
     @property
     def kind(self) -> Literal["image", "video"]:
@@ -91,7 +125,8 @@ class DecoderSpec:
         """Read ``model_index.json`` and the transformer config of a decoder; no weights.
 
         Raises ``FileNotFoundError`` when the decoder cannot be found and ``ValueError`` when it is
-        not a FLUX.1 or CogVideoX text-to-X pipeline.
+        not a FLUX.1 or CogVideoX text-to-X pipeline, when a FLUX folder without a VAE has no
+        descriptor, or when the descriptor holds a bad value.
         """
         folder = resolve_model_dir(name_or_path, kind="diffusion decoder", files=_CONFIG_FILES)
         index_file = folder / "model_index.json"
@@ -117,6 +152,7 @@ class DecoderSpec:
                 pooled_width=int(transformer.get("pooled_projection_dim", 768)),
                 required_length=None,
                 guidance_embeds=bool(transformer.get("guidance_embeds", False)),
+                **_read_descriptor(folder, index, transformer),
             )
         if class_name == "CogVideoXPipeline" and transformer_class == "CogVideoXTransformer3DModel":
             return cls(
@@ -132,6 +168,144 @@ class DecoderSpec:
             f"decoder {name_or_path} is a {class_name or 'unknown'} pipeline; supported: FluxPipeline "
             "(FLUX.1-dev/schnell and compatible) and CogVideoXPipeline (text-to-video)"
         )
+
+
+def _read_descriptor(
+    folder: Path, index: Mapping[str, Any], transformer: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The :class:`DecoderSpec` fields a FLUX folder's descriptor gives, checked against its configs."""
+    path = folder / DECODER_DESCRIPTOR
+    # diffusers writes an absent component as [null, null] in model_index.json.
+    has_vae = any(index.get("vae") or [])
+    if not path.is_file():
+        if not has_vae:
+            raise ValueError(
+                f'FLUX decoder {folder} has no VAE ("vae": [null, null] in model_index.json) and no '
+                f"{DECODER_DESCRIPTOR} saying how its transformer sees images; add one, e.g. "
+                '{"latent_space": "pixels", "pixel_unshuffle": 2, "sample_size": 32}'
+            )
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_DESCRIPTOR_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; known: {', '.join(_DESCRIPTOR_KEYS)}")
+
+    def positive_int(key: str) -> int | None:
+        value = data.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{path}: {key} must be a positive integer, got {value!r}")
+        return value
+
+    latent_space = data.get("latent_space", "vae")
+    if latent_space not in ("vae", "pixels"):
+        raise ValueError(f"{path}: latent_space must be 'vae' or 'pixels', got {latent_space!r}")
+    fields: dict[str, Any] = {
+        "latent_space": latent_space,
+        "pixel_unshuffle": positive_int("pixel_unshuffle"),
+        "sample_size": positive_int("sample_size"),
+        "max_sequence_length": positive_int("max_sequence_length"),
+    }
+    if fields["max_sequence_length"] is not None and fields["max_sequence_length"] > 512:
+        raise ValueError(f"{path}: max_sequence_length must be at most 512 (FluxPipeline's limit)")
+    r, size = fields["pixel_unshuffle"], fields["sample_size"]
+    if latent_space == "vae":
+        if not has_vae:
+            raise ValueError(f"{path}: latent_space 'vae' but {folder} has no VAE")
+        if r is not None:
+            raise ValueError(f"{path}: pixel_unshuffle applies to latent_space 'pixels' only")
+    else:
+        if has_vae:
+            raise ValueError(f"{path}: latent_space 'pixels' but {folder} has a VAE")
+        if r is None or size is None:
+            raise ValueError(f"{path}: latent_space 'pixels' needs pixel_unshuffle and sample_size")
+        # RGB pixels unshuffled by r, then FLUX's 2x2 packing: 4 * 3 * r * r channels per token.
+        channels = int(transformer.get("in_channels", 64))
+        if channels != 12 * r * r:
+            raise ValueError(
+                f"{path}: pixel_unshuffle {r} gives {12 * r * r} packed channels but the transformer "
+                f"takes {channels}"
+            )
+        if size % (2 * r):
+            raise ValueError(
+                f"{path}: sample_size {size} must be a multiple of 2 * pixel_unshuffle = {2 * r}"
+            )
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise ValueError(f"{path}: defaults must be a JSON object, got {defaults!r}")
+    for key, value in defaults.items():
+        kind = _DESCRIPTOR_SETTINGS.get(key)
+        if kind is None:
+            raise ValueError(
+                f"{path}: defaults.{key} is not a setting; known: {', '.join(_DESCRIPTOR_SETTINGS)}"
+            )
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        if kind is int and not (numeric and isinstance(value, int) and value >= 1):
+            raise ValueError(f"{path}: defaults.{key} must be a positive integer, got {value!r}")
+        if kind is float and not (numeric and value >= 0):
+            raise ValueError(f"{path}: defaults.{key} must be a number >= 0, got {value!r}")
+    fields["defaults"] = dict(defaults)
+    return fields
+
+
+def write_decoder_descriptor(
+    folder: str | Path,
+    *,
+    pixel_unshuffle: int,
+    sample_size: int,
+    max_sequence_length: int | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write :data:`DECODER_DESCRIPTOR` for a pixel-space FLUX folder (no VAE); returns its path.
+
+    The folder must already hold the saved pipeline; the result is checked by reading it back.
+    """
+    from thinkdiff.utils import atomic_write_text
+
+    data: dict[str, Any] = {
+        "latent_space": "pixels",
+        "pixel_unshuffle": pixel_unshuffle,
+        "sample_size": sample_size,
+    }
+    if max_sequence_length is not None:
+        data["max_sequence_length"] = max_sequence_length
+    data["defaults"] = dict(defaults or {})
+    path = Path(folder) / DECODER_DESCRIPTOR
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    DecoderSpec.inspect(folder)
+    return path
+
+
+def pixels_to_latents(images_BHWC: np.ndarray | torch.Tensor, pixel_unshuffle: int) -> torch.Tensor:
+    """uint8 images [B, H, W, 3] -> packed pixel-space FLUX latents [B, N, C] in [-1, 1].
+
+    ``N = (H / 2r) * (W / 2r)`` and ``C = 4 * 3 * r * r``: the image is pixel-unshuffled by r, then
+    packed 2x2 exactly as ``FluxPipeline`` packs VAE latents.
+    """
+    from diffusers import FluxPipeline
+
+    x_B3HW = torch.as_tensor(np.asarray(images_BHWC)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    lat = F.pixel_unshuffle(x_B3HW, pixel_unshuffle)  # [B, 3 r r, H / r, W / r]
+    return FluxPipeline._pack_latents(lat, *lat.shape)
+
+
+def latents_to_pixels(packed_BNC: torch.Tensor, height: int, width: int, pixel_unshuffle: int) -> np.ndarray:
+    """Packed latents [B, N, C] (``FluxPipeline(..., output_type="latent")``) -> uint8 images [B, H, W, 3].
+
+    The inverse of :func:`pixels_to_latents`; ``height`` and ``width`` are the image's pixels.
+    """
+    from diffusers import FluxPipeline
+
+    # The stock unpacking, given the unshuffled grid directly (a "VAE scale factor" of 1).
+    lat = FluxPipeline._unpack_latents(
+        packed_BNC.float(), height // pixel_unshuffle, width // pixel_unshuffle, 1
+    )
+    x_B3HW = F.pixel_shuffle(lat, pixel_unshuffle)
+    return ((x_B3HW.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def release(*objects: Any) -> None:
@@ -158,7 +332,6 @@ class DiffusionDecoder:
 
     text_encoder_components: ClassVar[dict[str, tuple[str, ...]]] = {}
     """Encoder role ('pooled', 't5') -> the pipeline components it needs."""
-    denoise_components: ClassVar[tuple[str, ...]] = ("transformer", "vae")
 
     def __init__(
         self,
@@ -185,6 +358,16 @@ class DiffusionDecoder:
         raise NotImplementedError
 
     @property
+    def denoise_components(self) -> tuple[str, ...]:
+        """Components of the denoise stage."""
+        return ("transformer", "vae")
+
+    @property
+    def absent_components(self) -> tuple[str, ...]:
+        """Components the folder does not have (``None`` in ``model_index.json``); always passed as ``None``."""
+        return ()
+
+    @property
     def all_components(self) -> tuple[str, ...]:
         roles = [c for parts in self.text_encoder_components.values() for c in parts]
         return (*dict.fromkeys(roles), *self.denoise_components)
@@ -199,6 +382,7 @@ class DiffusionDecoder:
     def build(self, components: Sequence[str]) -> DiffusionPipeline:
         """The stock pipeline with only ``components`` loaded (on the CPU), in ``dtype``."""
         skipped = {name: None for name in self.all_components if name not in components}
+        skipped.update(dict.fromkeys(self.absent_components))
         folder = resolve_model_dir(self.spec.name, kind="diffusion decoder")
         return self.pipeline_cls.from_pretrained(folder, **{_dtype_kwarg(): self.dtype}, **skipped)
 
@@ -220,6 +404,9 @@ class DiffusionDecoder:
     def default_settings(self) -> dict[str, Any]:
         """Decoder settings that differ from the stock ``__call__`` defaults for this checkpoint."""
         return {}
+
+    def check_size(self, height: int | None, width: int | None, where: str) -> None:
+        """Raise ``ValueError`` for an image size the decoder cannot make (``where`` names the input)."""
 
     def text_bridge_length(self) -> int:
         """T5 tokens for a prompt the LVLM wrote (the decoder's own default)."""
@@ -257,7 +444,12 @@ class DiffusionDecoder:
 
 
 class FluxDecoder(DiffusionDecoder):
-    """FLUX.1-dev / schnell (any ``FluxPipeline``-compatible folder): images."""
+    """FLUX.1-dev / schnell (any ``FluxPipeline``-compatible folder): images.
+
+    In pixel space (``spec.latent_space == "pixels"``) there is no VAE: the stock pipeline runs with
+    ``vae=None`` and ``output_type="latent"``, and :func:`latents_to_pixels` makes the images.
+    Heights and widths are always the image's pixels.
+    """
 
     text_encoder_components: ClassVar[dict[str, tuple[str, ...]]] = {
         "pooled": ("text_encoder", "tokenizer"),
@@ -270,15 +462,47 @@ class FluxDecoder(DiffusionDecoder):
 
         return FluxPipeline
 
+    @property
+    def pixel_space(self) -> bool:
+        return self.spec.latent_space == "pixels"
+
+    @property
+    def denoise_components(self) -> tuple[str, ...]:
+        return ("transformer",) if self.pixel_space else ("transformer", "vae")
+
+    @property
+    def absent_components(self) -> tuple[str, ...]:
+        return ("vae",) if self.pixel_space else ()
+
     def default_settings(self) -> dict[str, Any]:
         # schnell (no guidance embedding) is a 4-step model that ignores guidance; the stock
-        # defaults (28 steps, 3.5) are dev's.
-        if self.spec.guidance_embeds:
-            return {}
-        return {"num_inference_steps": 4, "guidance_scale": 0.0}
+        # defaults (28 steps, 3.5) are dev's. A descriptor knows its checkpoint better.
+        settings: dict[str, Any] = {}
+        if not self.spec.guidance_embeds:
+            settings = {"num_inference_steps": 4, "guidance_scale": 0.0}
+        if self.spec.sample_size is not None:
+            settings.update(height=self.spec.sample_size, width=self.spec.sample_size)
+        settings.update(self.spec.defaults)
+        return settings
+
+    def check_size(self, height: int | None, width: int | None, where: str) -> None:
+        # The stock pipeline silently rounds a VAE FLUX's size; in pixel space every pixel is a
+        # latent value, so the size must fold into whole 2x2-packed tokens.
+        if not self.pixel_space:
+            return
+        assert self.spec.pixel_unshuffle is not None
+        step = 2 * self.spec.pixel_unshuffle
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and value % step:
+                raise ValueError(
+                    f"{where}: {name} {value} is not a multiple of {step} (decoder {self.spec.name} works on "
+                    f"pixels unshuffled by {self.spec.pixel_unshuffle}, then packed 2x2)"
+                )
 
     def text_bridge_length(self) -> int:
         # FluxPipeline's default is 512; schnell was trained with 256 T5 tokens.
+        if self.spec.max_sequence_length is not None:
+            return self.spec.max_sequence_length
         return 512 if self.spec.guidance_embeds else 256
 
     def encode_text(
@@ -302,12 +526,40 @@ class FluxDecoder(DiffusionDecoder):
         settings: dict[str, Any],
     ) -> list[Image.Image]:
         kwargs = {k: v for k, v in settings.items() if k != "num_frames" and v is not None}
-        return pipe(
-            prompt_embeds=self._to_pipe(pipe, embeds["prompt_embeds"]),
-            pooled_prompt_embeds=self._to_pipe(pipe, embeds["pooled_prompt_embeds"]),
-            generator=generators,
+        if kwargs.get("true_cfg_scale", 1.0) > 1:
+            # True CFG: a second transformer pass on the negative, as the stock pipeline does it.
+            if "negative_prompt_embeds" not in embeds or "negative_pooled_prompt_embeds" not in embeds:
+                raise ValueError(
+                    "true_cfg_scale > 1 needs negative_prompt_embeds and negative_pooled_prompt_embeds"
+                )
+            kwargs["negative_prompt_embeds"] = self._to_pipe(pipe, embeds["negative_prompt_embeds"])
+            kwargs["negative_pooled_prompt_embeds"] = self._to_pipe(
+                pipe, embeds["negative_pooled_prompt_embeds"]
+            )
+        conditioning = {
+            "prompt_embeds": self._to_pipe(pipe, embeds["prompt_embeds"]),
+            "pooled_prompt_embeds": self._to_pipe(pipe, embeds["pooled_prompt_embeds"]),
+            "generator": generators,
+        }
+        if not self.pixel_space:
+            return pipe(**conditioning, **kwargs).images
+
+        from PIL import Image
+
+        r = self.spec.pixel_unshuffle
+        assert r is not None
+        height, width = kwargs.pop("height"), kwargs.pop("width")
+        # Without a VAE, FluxPipeline still sizes its latents as height / vae_scale_factor (8), so
+        # it is given the size whose latent grid is the unshuffled image's.
+        scale = pipe.vae_scale_factor
+        latents_BNC = pipe(
+            **conditioning,
+            height=height // r * scale,
+            width=width // r * scale,
+            output_type="latent",
             **kwargs,
         ).images
+        return [Image.fromarray(image) for image in latents_to_pixels(latents_BNC, height, width, r)]
 
 
 class CogVideoXDecoder(DiffusionDecoder):

@@ -5,13 +5,18 @@ The pattern is diffusers' ``FluxPriorReduxPipeline``: this pipeline computes ``p
 ``CogVideoXPipeline``. Three modes:
 
 - ``lvlm`` (ThinkDiff-LVLM, paper 3.3): the LVLM reads the instruction and the interleaved items and
-  generates exactly ``num_tokens`` tokens (EOS suppressed); the final-norm states of those tokens go
-  through the aligner and become the prompt embeddings. FLUX's pooled vector is its CLIP text
-  encoder applied to ``""``. Extra text, if any, is encoded by the decoder's T5 and appended.
+  generates exactly ``num_tokens`` tokens (EOS suppressed; or up to its EOS with
+  ``stop_at_eos``); the final-norm states of those tokens go through the aligner and become the
+  prompt embeddings. FLUX's pooled vector is its CLIP text encoder applied to ``""``. Extra text,
+  if any, is encoded by the decoder's T5 and appended.
 - ``clip`` (ThinkDiff-CLIP, paper 3.4): each image gives 65 aligned EVA-CLIP tokens, in order,
   followed by the decoder's own T5 embeddings of the text; the pooled vector is CLIP of the text.
 - ``text-bridge`` (the baseline): the LVLM writes a prompt (same instruction, inputs and seed as
   ``lvlm``) and the decoder's own text encoders encode it.
+
+With FLUX's true classifier-free guidance (``true_cfg_scale > 1``) the negative prompt is the
+decoder's own T5 encoding of ``""`` padded to the prompt's length (how a FLUX trained with caption
+dropout saw "no caption") and the negative pooled vector CLIP of ``""``.
 
 Execution is staged so that peak memory is the largest stage, not the sum: (1) the LVLM or vision
 tower + aligner, (2) the decoder's text encoders, (3) the decoder's transformer + VAE. Each stage's
@@ -60,7 +65,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_SETTING_NAMES = ("height", "width", "num_inference_steps", "guidance_scale", "num_frames")
+_SETTING_NAMES = ("height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "num_frames")
 
 
 @dataclass
@@ -71,11 +76,18 @@ class InferenceSettings:
     """Put before the items in lvlm and text-bridge modes (``None``: no instruction). Not added again
     when the items already start with it; dropped from the items in clip mode."""
     num_tokens: int = 128
-    """lvlm: exactly this many tokens are generated (EOS ignored); text-bridge: at most this many."""
+    """lvlm: exactly this many tokens are generated (EOS ignored) unless ``stop_at_eos``;
+    text-bridge: at most this many."""
+    stop_at_eos: bool = False
+    """lvlm: generate at most ``num_tokens`` tokens and stop at EOS; the features of the tokens up
+    to and including EOS are aligned. The paper's release generates exactly ``num_tokens``
+    (False); a model whose aligner was trained on EOS-terminated answers needs True."""
+    greedy: bool = False
+    """Decode greedily (lvlm and text-bridge) instead of sampling with ``temperature``/``top_p``."""
     temperature: float = 0.6
-    """LVLM sampling temperature."""
+    """LVLM sampling temperature (unused when ``greedy``)."""
     top_p: float = 0.9
-    """LVLM nucleus sampling mass."""
+    """LVLM nucleus sampling mass (unused when ``greedy``)."""
     text_max_length: int = 128
     """T5 tokens for the text of clip mode and the extra text of lvlm mode (FLUX). CogVideoX gets
     whatever is left of its fixed prompt length after the aligned tokens."""
@@ -118,11 +130,15 @@ class ThinkDiffEmbeddings:
     pooled_prompt_embeds: torch.Tensor | None
     """[B, P]: FLUX's pooled CLIP text vector; ``None`` for CogVideoX."""
     negative_prompt_embeds: torch.Tensor | None
-    """[B, L, D]: CogVideoX's guidance negative (T5 of ``""``); ``None`` for FLUX."""
+    """[B, L, D]: the classifier-free guidance negative, the decoder's T5 of ``""``. CogVideoX:
+    always (its guidance); FLUX: when a request of the batch uses true CFG (``true_cfg_scale > 1``),
+    then for every row, ``""`` padded to that row's length (zero after the mask); else ``None``."""
     num_aligned_tokens: list[int]
     """How many leading tokens of each row came from the aligner (0 in text-bridge mode)."""
     lvlm_texts: list[str | None]
     """The LVLM's generated text per request (``None`` in clip mode)."""
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+    """[B, P]: FLUX's pooled negative, CLIP of ``""``, beside a FLUX ``negative_prompt_embeds``."""
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
@@ -131,7 +147,8 @@ class ThinkDiffEmbeddings:
         """Keyword arguments for the stock pipeline for request ``index`` (batch of one, unpadded).
 
         FLUX: ``pipe(**emb.decoder_kwargs(0), generator=...)`` with ``prompt_embeds`` [1, L, D] and
-        ``pooled_prompt_embeds`` [1, P]; CogVideoX: ``prompt_embeds`` and ``negative_prompt_embeds``.
+        ``pooled_prompt_embeds`` [1, P] (and the negatives when computed: pass ``true_cfg_scale``
+        too); CogVideoX: ``prompt_embeds`` and ``negative_prompt_embeds``.
         """
         length = int(self.prompt_attention_mask[index].sum())
         kwargs = {"prompt_embeds": self.prompt_embeds[index : index + 1, :length]}
@@ -139,6 +156,8 @@ class ThinkDiffEmbeddings:
             kwargs["pooled_prompt_embeds"] = self.pooled_prompt_embeds[index : index + 1]
         if self.negative_prompt_embeds is not None:
             kwargs["negative_prompt_embeds"] = self.negative_prompt_embeds[index : index + 1, :length]
+        if self.negative_pooled_prompt_embeds is not None:
+            kwargs["negative_pooled_prompt_embeds"] = self.negative_pooled_prompt_embeds[index : index + 1]
         return kwargs
 
 
@@ -152,7 +171,8 @@ class ThinkDiffOutput:
     """One list of frames per request (video decoders); empty for image decoders."""
     embeddings: ThinkDiffEmbeddings
     settings: list[dict[str, Any]]
-    """The decoder settings each request ran with (height, width, steps, guidance, frames)."""
+    """The decoder settings each request ran with (height, width, steps, guidance, FLUX's true CFG
+    scale, CogVideoX's frames)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage for the whole call (loads are their own ``load_*`` stages)."""
     peak_memory: dict[str, int] = field(default_factory=dict)
@@ -231,6 +251,7 @@ class ThinkDiffPipeline:
         self._loaded: dict[str, Any] = {}
         self._decoder_components: set[str] = set()  # what the kept decoder pipeline holds
         self._empty: dict[str, torch.Tensor] | None = None  # decoder conditioning for "" (constant)
+        self._negatives: dict[int, torch.Tensor] = {}  # FLUX true CFG: T5("") [L, D] per length L
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -353,6 +374,9 @@ class ThinkDiffPipeline:
                     raise ValueError(f"request {index}: {name} must be >= 1, got {value}")
             if request.num_frames is not None and self.decoder_spec.kind != "video":
                 raise ValueError(f"request {index}: num_frames applies to video decoders only")
+            if request.true_cfg_scale is not None and self.decoder_spec.family != "flux":
+                raise ValueError(f"request {index}: true_cfg_scale applies to FLUX decoders only")
+            self.decoder.check_size(request.height, request.width, f"request {index}")
         return prepared
 
     def _clip_tokens_per_image(self) -> int:
@@ -493,14 +517,13 @@ class ThinkDiffPipeline:
                 chunk = indices[start : start + size]
                 prompts = [self._lvlm_items(prepared[i].items) for i in chunk]
                 s = self.settings
-                if self.mode == "lvlm":
-                    sampling = SamplingSettings.exactly(
-                        s.num_tokens, temperature=s.temperature, top_p=s.top_p, seed=seed
-                    )
-                else:  # the LVLM writes a prompt and stops at its end-of-sequence token
-                    sampling = SamplingSettings(
-                        max_new_tokens=s.num_tokens, temperature=s.temperature, top_p=s.top_p, seed=seed
-                    )
+                decoding: dict[str, Any] = (
+                    {"do_sample": False} if s.greedy else {"temperature": s.temperature, "top_p": s.top_p}
+                )
+                if self.mode == "lvlm" and not s.stop_at_eos:
+                    sampling = SamplingSettings.exactly(s.num_tokens, seed=seed, **decoding)
+                else:  # the LVLM writes its answer and stops at its end-of-sequence token
+                    sampling = SamplingSettings(max_new_tokens=s.num_tokens, seed=seed, **decoding)
                 with self._stage("lvlm", timings, memory):
                     out = extractor.generate(prompts, sampling, return_prompt_features=use_prompt)
                 for row, i in enumerate(chunk):
@@ -542,12 +565,19 @@ class ThinkDiffPipeline:
 
     @torch.no_grad()
     def _encode_texts(
-        self, jobs: list[tuple[int, str, int]], roles: list[str], timings: dict, memory: dict
+        self,
+        jobs: list[tuple[int, str, int]],
+        roles: list[str],
+        timings: dict,
+        memory: dict,
+        negative_lengths: Sequence[int] = (),
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
-        """Stage 2: the decoder's own text encoders. ``jobs`` are (request, text, T5 length)."""
+        """Stage 2: the decoder's own text encoders. ``jobs`` are (request, text, T5 length);
+        ``negative_lengths`` the lengths at which FLUX's true-CFG negative T5("") is needed."""
         need_empty = self._empty is None
+        missing = [length for length in negative_lengths if length not in self._negatives]
         results: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        if not jobs and not need_empty:
+        if not jobs and not need_empty and not missing:
             return results
         pipe = self._decoder_pipe("text", roles, timings, memory)
         with self._stage("text_encoders", timings, memory):
@@ -555,6 +585,10 @@ class ThinkDiffPipeline:
                 self._empty = {
                     k: v.to("cpu", self.dtype) for k, v in self.decoder.empty_conditioning(pipe).items()
                 }
+            for length in missing:
+                # T5 attends to its pad tokens, so "" at length L is not a prefix of "" at L + 1.
+                negative_1LD, _ = self.decoder.encode_text(pipe, [""], length)
+                self._negatives[length] = negative_1LD[0].to("cpu", self.dtype)
             # Texts padded to the same length batch without changing any row (T5 and CLIP both
             # pad to a fixed max_length as the decoder does itself).
             by_length: dict[int, list[tuple[int, str]]] = {}
@@ -570,17 +604,26 @@ class ThinkDiffPipeline:
         self._drop("text_encoders")
         return results
 
-    def encode(self, requests: Request | Sequence[Request]) -> ThinkDiffEmbeddings:
+    def encode(
+        self, requests: Request | Sequence[Request], *, true_cfg_scale: float | None = None
+    ) -> ThinkDiffEmbeddings:
         """Compute the decoder's prompt embeddings for a batch of requests (stages 1 and 2).
 
         Returns :class:`ThinkDiffEmbeddings`: ``prompt_embeds`` [B, L, D] with its mask,
-        ``pooled_prompt_embeds`` [B, P] (FLUX) or ``negative_prompt_embeds`` (CogVideoX), and the
-        LVLM's texts. ``embeddings.decoder_kwargs(i)`` feeds a stock pipeline directly.
+        ``pooled_prompt_embeds`` [B, P] (FLUX), ``negative_prompt_embeds`` (CogVideoX; FLUX when a
+        request's true CFG scale, resolved as in :meth:`__call__`, is above 1), and the LVLM's
+        texts. ``embeddings.decoder_kwargs(i)`` feeds a stock pipeline directly.
         """
-        return self._encode(self.check(requests), {}, {})
+        prepared = self.check(requests)
+        defaults = self._call_settings({"true_cfg_scale": true_cfg_scale})
+        return self._encode(prepared, {}, {}, negatives=self._needs_negatives(prepared, defaults))
 
     def _encode(
-        self, prepared: list[PreparedRequest], timings: dict[str, float], memory: dict[str, int]
+        self,
+        prepared: list[PreparedRequest],
+        timings: dict[str, float],
+        memory: dict[str, int],
+        negatives: bool = False,
     ) -> ThinkDiffEmbeddings:
         spec, s = self.decoder_spec, self.settings
         required = spec.required_length
@@ -613,9 +656,19 @@ class ThinkDiffPipeline:
                     jobs.append((i, extra, required - n_aligned))
             elif extra:
                 jobs.append((i, extra, s.text_max_length))
-        # FLUX lvlm without extra text needs only CLIP (for the pooled vector of ""), not T5-XXL.
-        roles = self._text_roles(needs_t5=bool(jobs))
-        text_out = self._encode_texts(jobs, roles, timings, memory)
+        # FLUX true CFG: the negative is T5("") at each prompt's length (aligned + T5 tokens).
+        negative_lengths: list[int] = []
+        if negatives and spec.family == "flux":
+            t5_lengths = {i: length for i, _, length in jobs}
+            negative_lengths = [
+                (0 if aligned[i] is None else aligned[i].shape[0]) + t5_lengths.get(i, 0)
+                for i in range(len(prepared))
+            ]
+        # FLUX lvlm without extra text or true CFG needs only CLIP (for the pooled vector of ""),
+        # not T5-XXL.
+        needs_t5 = bool(jobs) or any(length not in self._negatives for length in negative_lengths)
+        roles = self._text_roles(needs_t5=needs_t5)
+        text_out = self._encode_texts(jobs, roles, timings, memory, sorted(set(negative_lengths)))
         assert self._empty is not None
 
         # Assemble each request's prompt: aligned tokens, then T5 text tokens; fit CogVideoX's length.
@@ -651,9 +704,15 @@ class ThinkDiffPipeline:
         for i, r in enumerate(rows):
             prompt_BLD[i, : r.shape[0]] = r
             mask_BL[i, : r.shape[0]] = True
-        negative = None
-        if "negative_prompt_embeds" in self._empty:
+        negative = negative_pooled = None
+        if "negative_prompt_embeds" in self._empty:  # CogVideoX
             negative = self._empty["negative_prompt_embeds"].expand(len(rows), -1, -1)[:, :length].clone()
+        elif negative_lengths:  # FLUX with true CFG
+            negative = torch.zeros_like(prompt_BLD)
+            for i, r in enumerate(rows):
+                assert r.shape[0] == negative_lengths[i], "the negative must have the prompt's length"
+                negative[i, : r.shape[0]] = self._negatives[r.shape[0]]
+            negative_pooled = self._empty["pooled_prompt_embeds"].expand(len(rows), -1).clone()
         return ThinkDiffEmbeddings(
             prompt_embeds=prompt_BLD,
             prompt_attention_mask=mask_BL,
@@ -661,6 +720,7 @@ class ThinkDiffPipeline:
             negative_prompt_embeds=negative,
             num_aligned_tokens=num_aligned,
             lvlm_texts=lvlm_texts,
+            negative_pooled_prompt_embeds=negative_pooled,
         )
 
     # ---- generation --------------------------------------------------------------------------
@@ -673,32 +733,44 @@ class ThinkDiffPipeline:
         width: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        true_cfg_scale: float | None = None,
         num_frames: int | None = None,
     ) -> ThinkDiffOutput:
         """Generate one image (FLUX) or video (CogVideoX) per request.
 
-        Settings left ``None`` here and in the request fall back to the stock pipeline's defaults
-        (FLUX.1-dev: 1024 px, 28 steps, guidance 3.5; schnell: 4 steps, no guidance; CogVideoX: its
-        configured size and frames, 50 steps, guidance 6). The same request and seed always give
-        the same result.
+        Settings left ``None`` here and in the request fall back to the decoder folder's
+        descriptor, then to the stock pipeline's defaults (FLUX.1-dev: 1024 px, 28 steps, guidance
+        3.5, no true CFG; schnell: 4 steps, no guidance; CogVideoX: its configured size and
+        frames, 50 steps, guidance 6). ``true_cfg_scale`` > 1 turns on FLUX's true
+        classifier-free guidance (a second transformer pass per step on the negative). The same
+        request and seed always give the same result.
         """
         timings: dict[str, float] = {}
         memory: dict[str, int] = {}
         # 1. Check inputs: images opened, counts and settings checked, before any model loads.
         if num_frames is not None and self.decoder_spec.kind != "video":
             raise ValueError("num_frames applies to video decoders only")
+        if true_cfg_scale is not None and self.decoder_spec.family != "flux":
+            raise ValueError(
+                "true_cfg_scale applies to FLUX decoders only (CogVideoX's guidance is already CFG)"
+            )
+        self.decoder.check_size(height, width, "call")
         prepared = self.check(requests)
-        call = {
-            "height": height,
-            "width": width,
-            "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale,
-            "num_frames": num_frames,
-        }
-        defaults = {**self.decoder.default_settings(), **{k: v for k, v in call.items() if v is not None}}
+        defaults = self._call_settings(
+            {
+                "height": height,
+                "width": width,
+                "num_inference_steps": num_inference_steps,
+                "guidance_scale": guidance_scale,
+                "true_cfg_scale": true_cfg_scale,
+                "num_frames": num_frames,
+            }
+        )
 
-        # 2.-3. Conditioning (LVLM / vision tower + aligner), then the decoder's text encoders.
-        embeddings = self._encode(prepared, timings, memory)
+        # 2.-3. Conditioning (LVLM / vision tower + aligner), then the decoder's text encoders
+        #       (with the true-CFG negative when a request needs it).
+        negatives = self._needs_negatives(prepared, defaults)
+        embeddings = self._encode(prepared, timings, memory, negatives=negatives)
 
         # 4. Denoise: requests with equal settings and prompt length share a stock pipeline call;
         #    one CPU generator per request makes its noise independent of batching and device.
@@ -718,6 +790,8 @@ class ThinkDiffPipeline:
                     batch["pooled_prompt_embeds"] = embeddings.pooled_prompt_embeds[chunk]
                 if embeddings.negative_prompt_embeds is not None:
                     batch["negative_prompt_embeds"] = embeddings.negative_prompt_embeds[chunk, :length]
+                if embeddings.negative_pooled_prompt_embeds is not None:
+                    batch["negative_pooled_prompt_embeds"] = embeddings.negative_pooled_prompt_embeds[chunk]
                 generators = [torch.Generator("cpu").manual_seed(prepared[i].request.seed) for i in chunk]
                 with self._stage("decoder", timings, memory):
                     outputs = self.decoder.generate(pipe, batch, generators, resolved[chunk[0]])
@@ -735,12 +809,32 @@ class ThinkDiffPipeline:
             peak_memory=memory,
         )
 
+    def _call_settings(self, call: Mapping[str, Any]) -> dict[str, Any]:
+        """The call's settings over the decoder's defaults (``None`` in ``call``: not given)."""
+        return {**self.decoder.default_settings(), **{k: v for k, v in call.items() if v is not None}}
+
+    def _needs_negatives(self, prepared: Sequence[PreparedRequest], defaults: Mapping[str, Any]) -> bool:
+        """Whether a request uses FLUX's true CFG, resolved like :meth:`_resolve` but before any
+        model loads (the stock default comes from the pipeline class's signature)."""
+        if self.decoder_spec.family != "flux":
+            return False
+        stock = _call_defaults(self.decoder.pipeline_cls)["true_cfg_scale"].default
+        for p in prepared:
+            scale = p.request.true_cfg_scale
+            if scale is None:
+                scale = defaults.get("true_cfg_scale", stock)
+            if scale > 1:
+                return True
+        return False
+
     def _resolve(self, pipe: DiffusionPipeline, request: Request, defaults: dict[str, Any]) -> dict[str, Any]:
         """Concrete decoder settings for a request: request > call > decoder default > stock default."""
         stock = _call_defaults(type(pipe))
         settings: dict[str, Any] = {}
         for name in _SETTING_NAMES:
             if name == "num_frames" and self.decoder_spec.kind != "video":
+                continue
+            if name == "true_cfg_scale" and self.decoder_spec.family != "flux":
                 continue
             value = getattr(request, name)
             if value is None:

@@ -51,6 +51,8 @@ class Request:
     width: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
+    """FLUX only: true classifier-free guidance above 1 (negative: the decoder's T5 of ``""``)."""
     num_frames: int | None = None
     """Video decoders only."""
     metadata: dict[str, Any] = field(default_factory=dict)

@@ -4,7 +4,11 @@ flow matching on the world's images conditioned on the frozen mini T5 encoder.
 Pixel space instead of a VAE: a 32x32 RGB image is pixel-unshuffled by 2 into 12 x 16 x 16 "latents",
 which FLUX's own 2x2 packing turns into 64 tokens of 48 channels. The stock ``FluxPipeline`` samples
 it unchanged with ``vae=None`` (it then assumes a VAE scale factor of 8, so ``height = width =``
-:data:`PIPE_SIZE`) and ``output_type="latent"``; :func:`latents_to_images` undoes the packing.
+:data:`PIPE_SIZE`) and ``output_type="latent"``; :func:`latents_to_images` undoes the packing. The
+conversions are :func:`thinkdiff.pipelines.decoders.pixels_to_latents` / ``latents_to_pixels``,
+shared with ThinkDiff's inference, and the saved folder carries a ``thinkdiff_decoder.json``
+(:func:`write_descriptor`) so that ``ThinkDiffPipeline`` and ``thinkdiff generate`` sample it the
+same way (20 steps, true CFG 3.0, 32 px).
 
 The training images are the pool's *canonical* renders (:func:`thinkdiff.miniworld.world.canonical`:
 the object centred at a fixed size, no specks, no pixel noise): a caption does not say where the
@@ -42,6 +46,7 @@ from thinkdiff.miniworld.components.common import Ema, cosine_lr, save_losses
 from thinkdiff.miniworld.components.t5 import T5_D_MODEL
 from thinkdiff.miniworld.pool import ScenePool
 from thinkdiff.miniworld.world import IMAGE_SIZE, caption
+from thinkdiff.pipelines.decoders import latents_to_pixels, pixels_to_latents, write_decoder_descriptor
 
 __all__ = [
     "CLIP_HIDDEN",
@@ -55,6 +60,7 @@ __all__ = [
     "sample_images",
     "t5_states",
     "train_flux",
+    "write_descriptor",
 ]
 
 CLIP_HIDDEN = 32
@@ -87,16 +93,26 @@ def build_transformer() -> FluxTransformer2DModel:
 
 def images_to_latents(images_BHWC: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [B, 32, 32, 3] -> packed FLUX latents [B, 64, 48] in [-1, 1]."""
-    x = torch.as_tensor(np.asarray(images_BHWC)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    lat = F.pixel_unshuffle(x, _UNSHUFFLE)  # [B, 12, 16, 16]
-    return FluxPipeline._pack_latents(lat, lat.shape[0], _LATENT_CHANNELS, _GRID, _GRID)
+    return pixels_to_latents(images_BHWC, _UNSHUFFLE)
 
 
 def latents_to_images(packed_BNP: torch.Tensor) -> np.ndarray:
     """Packed latents [B, 64, 48] (what the pipeline returns with ``output_type="latent"``) -> uint8 images."""
-    lat = FluxPipeline._unpack_latents(packed_BNP.float(), PIPE_SIZE, PIPE_SIZE, 8)
-    x = F.pixel_shuffle(lat, _UNSHUFFLE)
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return latents_to_pixels(packed_BNP, IMAGE_SIZE, IMAGE_SIZE, _UNSHUFFLE)
+
+
+def write_descriptor(folder: Path) -> Path:
+    """Write the saved pipeline's ``thinkdiff_decoder.json``: pixel space, 32 px, and the sampler
+    settings of :meth:`~thinkdiff.miniworld.models.MiniWorld.images_from_embeds`."""
+    from thinkdiff.miniworld.models import DEFAULT_CFG, DEFAULT_STEPS
+
+    return write_decoder_descriptor(
+        folder,
+        pixel_unshuffle=_UNSHUFFLE,
+        sample_size=IMAGE_SIZE,
+        max_sequence_length=MAX_TEXT_TOKENS,
+        defaults={"num_inference_steps": DEFAULT_STEPS, "true_cfg_scale": DEFAULT_CFG},
+    )
 
 
 def _clip_stub(vocab_size: int, max_positions: int) -> CLIPTextModel:
@@ -267,6 +283,7 @@ def train_flux(
     pipe = build_pipeline(transformer, encoder, tokenizer)
     folder = Path(folder)
     pipe.save_pretrained(folder)
+    write_descriptor(folder)
     record = {"steps": steps, "batch_size": batch_size, "seconds": round(seconds, 1)}
     save_losses(folder / "training.json", losses, **record)
     return record
