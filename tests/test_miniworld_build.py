@@ -136,11 +136,18 @@ def test_report_numbers_come_from_the_evaluation(quick_world, tmp_path, monkeypa
     for name in ("ground-truth caption", "text bridge", "lvlm", "untrained"):
         assert tables[name]["2"]["average"]["accuracy"] == 1.0
     assert report["premise"]["n"] == 4
-    assert set(report["premise"]["rows"]) == {
+    rows = report["premise"]["rows"]
+    assert set(rows) == {
         "T5 encoder states (FLUX's own input)",
         "T5 encoder states",
+        "T5 encoder states, then a linear map fitted to T5 states",
         "T5 word embeddings",
+        "T5 word embeddings, then a linear map fitted to T5 states",
     }
+    assert rows["T5 encoder states (FLUX's own input)"]["cosine"] == 1.0
+    assert (
+        -1.0 <= rows["T5 encoder states"]["cosine"] <= 1.0 and rows["T5 encoder states"]["linear_r2"] <= 1.0
+    )
     markdown = (tmp_path / "report.md").read_text()
     text_avg = tables["vlm text answer"]["2"]["average"]["accuracy"]
     assert "| vlm text answer |" in markdown and f"{text_avg:.3f}" in markdown

@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--fidelity-n", type=int, default=300, help="samples per fidelity measurement")
     r.add_argument("--clip-n", type=int, default=200, help="renders for the ThinkDiff-CLIP checks")
     r.add_argument("--no-retrain", action="store_true", help="skip training the ablation aligners")
+    r.add_argument(
+        "--transfer-steps", type=int, default=400, help="training steps of each premise-test aligner"
+    )
     r.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=run_report)
@@ -82,10 +85,16 @@ def run_report(args: argparse.Namespace) -> int:
         fidelity_n=args.fidelity_n,
         clip_n=args.clip_n,
         retrain=not args.no_retrain,
+        transfer_steps=args.transfer_steps,
         threads=args.threads,
         progress=not args.no_progress,
     )
     report = write_report(args.models_dir, args.out_dir, config)
+    rows = report["premise"]["rows"]
+    print(
+        f"premise: FLUX from proxy-aligned T5 states {rows['T5 encoder states']['all']:.3f} "
+        f"vs from the states {next(iter(rows.values()))['all']:.3f}"
+    )
     for c in report["claims"]:
         print(f"{c['verdict']:14s} {c['claim']}: {c['accuracy_a']:.3f} vs {c['accuracy_b']:.3f}")
     print(f"report: {args.out_dir / 'report.md'}")
