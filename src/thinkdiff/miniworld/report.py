@@ -11,11 +11,14 @@ Measured:
    T5; the decoder's images from ground-truth captions (the ceiling for everything downstream);
    the VLM's captions of single images and its text answers on mini-CoBSAT (the reasoning ceiling);
    a linear probe of the vision encoder's tokens.
-2. *ThinkDiff-LVLM on mini-CoBSAT*, per task, 2- and 4-shot, for: the ground-truth caption (decoder
+2. *The premise*: with no VLM, an aligner learns the proxy loss from perfect features of a caption
+   (its own T5 states; its T5 word embeddings); does FLUX draw the caption from the aligned
+   features? (:func:`~thinkdiff.miniworld.experiments.proxy_transfer`)
+3. *ThinkDiff-LVLM on mini-CoBSAT*, per task, 2- and 4-shot, for: the ground-truth caption (decoder
    ceiling), the text bridge (VLM answer -> T5 -> FLUX), ThinkDiff-LVLM, no-split training,
    input-token features, and an untrained aligner (chance).
-3. *ThinkDiff-CLIP*: attribute preservation, image + text, two-image composition.
-4. *The norm ablation*: training loss of the aligner with the T5-initialised, default and no norm.
+4. *ThinkDiff-CLIP*: attribute preservation, image + text, two-image composition.
+5. *The norm ablation*: training loss of the aligner with the T5-initialised, default and no norm.
 """
 
 from __future__ import annotations
