@@ -89,6 +89,8 @@ def run_demo(
         f"  text-bridge image, judged: {bridge_verdict.to_dict()}\n"
         f"  written to {path} in {time.perf_counter() - started:.1f} s"
     )
+    if models_dir is None:
+        summary += _measured_context(shot)
     return {
         "prompt": prompt,
         "answer": answer,
@@ -97,6 +99,22 @@ def run_demo(
         "path": path,
         "summary": summary,
     }
+
+
+def _measured_context(shot: int) -> str:
+    """One line on how the committed weights score over mini-CoBSAT, read from the committed report."""
+    import json
+
+    path = Path(__file__).resolve().parent / "measured" / "report.json"
+    if not path.is_file():
+        return ""
+    tables = json.loads(path.read_text())["lvlm"]["tables"]
+    row = str(shot) if str(shot) in tables["lvlm"] else next(iter(tables["lvlm"]))
+    lvlm, bridge = (tables[name][row]["average"]["accuracy"] for name in ("lvlm", "text bridge"))
+    return (
+        f"\n  measured over mini-CoBSAT ({row}-shot): ThinkDiff-LVLM {lvlm:.3f}, text bridge {bridge:.3f}; "
+        "why the aligner is at chance here: the premise test in src/thinkdiff/miniworld/measured/report.md"
+    )
 
 
 def _panel(prompt, answer, image, bridge, verdict, bridge_verdict, path: Path) -> None:
