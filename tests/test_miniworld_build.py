@@ -74,26 +74,32 @@ def test_built_components_load_with_the_project_loaders(quick_world):
     assert torch.count_nonzero(pooled) == 0
 
 
-def _weight_digests(root: Path) -> dict[str, str]:
+# What a build writes that records its own run (wall times, the folder it was built in).
+_RUN_RECORDS = {"build.json", "training.json", "thinkdiff.json"}
+
+
+def _file_digests(root: Path) -> dict[str, str]:
     import hashlib
 
     return {
         str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*.safetensors"))
-        if "work" not in path.relative_to(root).parts
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and "work" not in path.relative_to(root).parts and path.name not in _RUN_RECORDS
     }
 
 
 def test_a_second_build_from_the_same_seed_is_identical(quick_world, tmp_path):
-    """Every component's weights, byte for byte (one thread, as the fixture builds)."""
+    """Every weight, config and tokenizer file, byte for byte (one thread, as the fixture builds)."""
     from thinkdiff.miniworld.build import build, quick_config
 
     root, _ = quick_world
     config = quick_config(seed=0)
     config.threads = 1
     build(tmp_path, config, progress=False)
-    first, second = _weight_digests(root), _weight_digests(tmp_path)
-    assert len(first) >= 7 and first == second
+    first, second = _file_digests(root), _file_digests(tmp_path)
+    assert sum(name.endswith(".safetensors") for name in first) >= 7
+    assert sum(name.endswith("tokenizer.json") for name in first) >= 3
+    assert first == second
 
 
 def test_judge_training_is_deterministic():

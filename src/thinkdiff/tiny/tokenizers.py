@@ -1,12 +1,14 @@
 """Tokenizers for the tiny offline kit, trained locally on a small caption-like corpus.
 
 Nothing here touches a hub: the byte-level BPE (GPT-2 / Qwen / Llama-3 style) is trained with the
-``tokenizers`` library and the T5 tokenizer is a sentencepiece unigram model trained with
-``sentencepiece``, both on :data:`TINY_CORPUS`, deterministically.
+``tokenizers`` library, CLIP's BPE by a small trainer of its own (:func:`_train_bpe`), and the T5
+tokenizer is a sentencepiece unigram model trained with ``sentencepiece``, all on
+:data:`TINY_CORPUS`, deterministically (tested: the same files from run to run).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import tempfile
@@ -206,27 +208,19 @@ def save_clip_tokenizer(path: str | Path, vocab_size: int = 600, model_max_lengt
     from transformers import CLIPTokenizer
 
     bos, eos = "<|startoftext|>", "<|endoftext|>"
-    # Train with CLIP's own normalizer and pre-tokenizer (lowercase, its split regex, byte-level),
-    # taken from a throwaway CLIPTokenizer so the two cannot drift apart.
-    reference = CLIPTokenizer(vocab={bos: 0, eos: 1}, merges=[])
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tok.normalizer = reference.backend_tokenizer.normalizer
-    tok.pre_tokenizer = reference.backend_tokenizer.pre_tokenizer
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=1,
-        special_tokens=[bos, eos],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(TINY_CORPUS), trainer=trainer)
-    vocab: dict[str, int] = tok.get_vocab()
-    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        for piece in (char, char + "</w>"):
-            if piece not in vocab:
-                vocab[piece] = len(vocab)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in _bpe_merges(tok)]
+    # CLIP's own normalizer and pre-tokenizer (lowercase, its split regex, byte-level), taken from a
+    # throwaway CLIPTokenizer so the two cannot drift apart.
+    reference = CLIPTokenizer(vocab={bos: 0, eos: 1}, merges=[]).backend_tokenizer
+    words: collections.Counter[tuple[str, ...]] = collections.Counter()
+    for line in TINY_CORPUS:
+        for word, _ in reference.pre_tokenizer.pre_tokenize_str(reference.normalizer.normalize_str(line)):
+            words[(*word[:-1], word[-1] + "</w>")] += 1
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    word_ends = sorted({w[-1] for w in words})
+    merges = _train_bpe(words, vocab_size - 2 - len(alphabet) - len(word_ends))
+    pieces = [bos, eos, *alphabet, *word_ends, *("".join(m) for m in merges)]
+    pieces += [c + "</w>" for c in alphabet if c + "</w>" not in set(word_ends)]
+    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -234,8 +228,34 @@ def save_clip_tokenizer(path: str | Path, vocab_size: int = 600, model_max_lengt
     return path
 
 
-def _bpe_merges(tok: Tokenizer) -> list[str | list[str]]:
-    """The merges of a trained BPE tokenizer, read from its JSON form (the Python API hides them)."""
-    import json
+def _train_bpe(words: collections.Counter[tuple[str, ...]], num_merges: int) -> list[tuple[str, str]]:
+    """Plain BPE training on symbol sequences with their counts: ``num_merges`` merges, each the most
+    frequent adjacent pair, ties broken by the pair itself.
 
-    return json.loads(tok.to_str())["model"]["merges"]
+    Used where the ``tokenizers`` trainer is not reproducible: with an end-of-word suffix it orders
+    equal-count merges differently from run to run.
+    """
+    words = collections.Counter(words)
+    merges: list[tuple[str, str]] = []
+    while len(merges) < num_merges:
+        pairs: collections.Counter[tuple[str, str]] = collections.Counter()
+        for word, count in words.items():
+            for pair in itertools.pairwise(word):
+                pairs[pair] += count
+        if not pairs:
+            break  # every word is a single symbol: nothing left to merge
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged: collections.Counter[tuple[str, ...]] = collections.Counter()
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i : i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    return merges
