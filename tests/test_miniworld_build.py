@@ -117,6 +117,7 @@ def test_judge_training_is_deterministic():
 def test_report_numbers_come_from_the_evaluation(quick_world, tmp_path, monkeypatch):
     """Every accuracy is computed from judged outcomes: make the judge accept everything and the
     image rows read 1.0, while the text answers (parsed, not judged) keep their own value."""
+    from thinkdiff.miniworld.experiments import TRANSFER_CEILING, TRANSFER_MAPPED, TRANSFER_SOURCES
     from thinkdiff.miniworld.judge import Verdict
     from thinkdiff.miniworld.report import ReportConfig, write_report
 
@@ -130,6 +131,7 @@ def test_report_numbers_come_from_the_evaluation(quick_world, tmp_path, monkeypa
         clip_n=4,
         retrain=False,
         transfer_train=64,
+        transfer_n=4,
         transfer_steps=2,
         threads=1,
         progress=False,
@@ -143,17 +145,12 @@ def test_report_numbers_come_from_the_evaluation(quick_world, tmp_path, monkeypa
         assert tables[name]["2"]["average"]["accuracy"] == 1.0
     assert report["premise"]["n"] == 4
     rows = report["premise"]["rows"]
-    assert set(rows) == {
-        "T5 encoder states (FLUX's own input)",
-        "T5 encoder states",
-        "T5 encoder states, then a linear map fitted to T5 states",
-        "T5 word embeddings",
-        "T5 word embeddings, then a linear map fitted to T5 states",
-    }
-    assert rows["T5 encoder states (FLUX's own input)"]["cosine"] == 1.0
-    assert (
-        -1.0 <= rows["T5 encoder states"]["cosine"] <= 1.0 and rows["T5 encoder states"]["linear_r2"] <= 1.0
-    )
+    mapped = [TRANSFER_MAPPED.format(source=source) for source in TRANSFER_SOURCES]
+    assert set(rows) == {TRANSFER_CEILING, *TRANSFER_SOURCES, *mapped}
+    for source, fitted in zip(TRANSFER_SOURCES, mapped, strict=True):
+        # The map is fitted to the T5 states, so it moves the features towards them.
+        assert rows[fitted]["cosine"] > rows[source]["cosine"]
+        assert np.isfinite(rows[source]["linear_r2"])
     markdown = (tmp_path / "report.md").read_text()
     text_avg = tables["vlm text answer"]["2"]["average"]["accuracy"]
     assert "| vlm text answer |" in markdown and f"{text_avg:.3f}" in markdown

@@ -28,8 +28,8 @@ from thinkdiff.miniworld.models import DEFAULT_CFG, DEFAULT_STEPS, MiniWorld, de
 from thinkdiff.pipelines import (
     DECODER_DESCRIPTOR,
     DecoderSpec,
-    InferenceSettings,
     Request,
+    ThinkDiffOutput,
     ThinkDiffPipeline,
     latents_to_pixels,
     pixels_to_latents,
@@ -51,32 +51,14 @@ def prompt(task_id: int, shot: int, index: int) -> MiniPrompt:
     return build_prompt(task_id, shot, index, *prompts_list()[index])
 
 
-def num_tokens() -> int:
-    from thinkdiff.miniworld.components.vlm import max_answer_tokens
-    from thinkdiff.models.lvlm import load_processor
-
-    return max_answer_tokens(load_processor(WEIGHTS / "vlm").tokenizer)
-
-
-def settings() -> InferenceSettings:
-    return InferenceSettings(num_tokens=num_tokens(), stop_at_eos=True, greedy=True)
-
-
 @pytest.fixture(scope="module")
 def world() -> MiniWorld:
     return MiniWorld(WEIGHTS)
 
 
 @pytest.fixture(scope="module")
-def pipe() -> ThinkDiffPipeline:
-    return ThinkDiffPipeline.from_pretrained(
-        WEIGHTS / "thinkdiff" / "lvlm",
-        decoder=WEIGHTS / "flux",
-        lvlm=WEIGHTS / "vlm",
-        device="cpu",
-        keep_loaded=True,
-        settings=settings(),
-    )
+def pipe(world) -> ThinkDiffPipeline:
+    return world.thinkdiff_pipeline("lvlm")
 
 
 def assert_images_close(got: np.ndarray, want: np.ndarray) -> None:
@@ -120,14 +102,7 @@ def test_lvlm_pipeline_equals_the_worlds_path(world, pipe, task_id, shot, index)
 def test_text_bridge_encodes_the_answer_at_the_descriptors_length(world) -> None:
     from thinkdiff.miniworld.components.flux import MAX_TEXT_TOKENS, t5_states
 
-    bridge = ThinkDiffPipeline.from_pretrained(
-        WEIGHTS / "thinkdiff" / "lvlm",
-        mode="text-bridge",
-        decoder=WEIGHTS / "flux",
-        lvlm=WEIGHTS / "vlm",
-        device="cpu",
-        settings=settings(),
-    )
+    bridge = world.thinkdiff_pipeline("lvlm", mode="text-bridge", keep_loaded=False)
     p = prompt(*PROMPTS[0])
     out = bridge(Request(p.items(), seed=prompt_seed(p)))
     answer = run_vlm(world, [p], progress=False)[0].answer
@@ -156,13 +131,20 @@ def cli_items(p: MiniPrompt, folder: Path) -> list[str]:
     return args
 
 
-def test_generate_cli_on_the_mini_weights(pipe, tmp_path, capsys) -> None:
+def test_generate_cli_on_the_mini_weights(world, pipe, tmp_path, capsys) -> None:
     from thinkdiff.cli import main
 
     p = prompt(*PROMPTS[0])
     seed = prompt_seed(p)
     models = ["--model", str(WEIGHTS / "thinkdiff" / "lvlm"), "--decoder", str(WEIGHTS / "flux")]
-    models += ["--lvlm", str(WEIGHTS / "vlm"), "--stop-at-eos", "--greedy", "--num-tokens", str(num_tokens())]
+    models += [
+        "--lvlm",
+        str(WEIGHTS / "vlm"),
+        "--stop-at-eos",
+        "--greedy",
+        "--num-tokens",
+        str(world.inference_settings().num_tokens),
+    ]
     inputs = cli_items(p, tmp_path)
     out = tmp_path / "mini.png"
     code = main(["generate", *models, *inputs, "--seed", str(seed), "--out", str(out)])
@@ -185,9 +167,17 @@ def test_generate_cli_on_the_mini_weights(pipe, tmp_path, capsys) -> None:
     assert plain["settings"] == {**MINI_SETTINGS, "true_cfg_scale": 1.0}
 
 
-def test_demo_goes_through_the_pipeline(tmp_path) -> None:
+def test_demo_goes_through_the_pipeline(world, tmp_path, monkeypatch) -> None:
     from thinkdiff.miniworld.demo import run_demo
 
+    calls: list[ThinkDiffOutput] = []
+    original = ThinkDiffPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append(original(self, *args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(ThinkDiffPipeline, "__call__", spy)
     threads = torch.get_num_threads()
     try:
         result = run_demo(out_dir=tmp_path)
@@ -195,6 +185,10 @@ def test_demo_goes_through_the_pipeline(tmp_path) -> None:
         torch.set_num_threads(threads)  # run_demo sets its own thread count
     assert result["path"] == tmp_path / "demo.png" and result["path"].stat().st_size > 1000
     assert "VLM answer:" in result["summary"] and "ThinkDiff-LVLM image, judged:" in result["summary"]
+    # The answer and the judged image are the pipeline's.
+    assert len(calls) == 1 and calls[0].lvlm_texts[0].strip() == result["answer"]
+    (verdict,) = world.judge.read([np.asarray(calls[0].images[0])])
+    assert verdict.to_dict() == result["verdict"].to_dict()
 
 
 # ---- the descriptor of a pixel-space FLUX -------------------------------------------------------

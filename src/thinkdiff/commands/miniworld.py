@@ -41,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--transfer-steps", type=int, default=400, help="training steps of each premise-test aligner"
     )
+    r.add_argument("--transfer-n", type=int, default=200, help="held-out captions of the premise test")
     r.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=run_report)
@@ -86,14 +87,17 @@ def run_report(args: argparse.Namespace) -> int:
         clip_n=args.clip_n,
         retrain=not args.no_retrain,
         transfer_steps=args.transfer_steps,
+        transfer_n=args.transfer_n,
         threads=args.threads,
         progress=not args.no_progress,
     )
     report = write_report(args.models_dir, args.out_dir, config)
+    from thinkdiff.miniworld.experiments import TRANSFER_CEILING, TRANSFER_SOURCES
+
     rows = report["premise"]["rows"]
     print(
-        f"premise: FLUX from proxy-aligned T5 states {rows['T5 encoder states']['all']:.3f} "
-        f"vs from the states {next(iter(rows.values()))['all']:.3f}"
+        f"premise: FLUX from proxy-aligned T5 states {rows[TRANSFER_SOURCES[0]]['all']:.3f} "
+        f"vs from the states {rows[TRANSFER_CEILING]['all']:.3f}"
     )
     for c in report["claims"]:
         print(f"{c['verdict']:14s} {c['claim']}: {c['accuracy_a']:.3f} vs {c['accuracy_b']:.3f}")

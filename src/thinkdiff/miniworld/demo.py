@@ -34,12 +34,10 @@ def run_demo(
     ``models_dir`` defaults to :func:`~thinkdiff.miniworld.models.default_weights_dir`.
     """
     from thinkdiff.evaluation.cobsat.protocol import prompts_list
-    from thinkdiff.miniworld.components.vlm import max_answer_tokens
     from thinkdiff.miniworld.experiments import prompt_seed
     from thinkdiff.miniworld.minicobsat import MINI_TASKS, build_prompt
     from thinkdiff.miniworld.models import MiniWorld, default_weights_dir
-    from thinkdiff.models.lvlm import load_processor
-    from thinkdiff.pipelines import InferenceSettings, Request, ThinkDiffPipeline
+    from thinkdiff.pipelines import Request
 
     started = time.perf_counter()
     # One thread: the models are too small for a second to help, and on a busy 2-core machine
@@ -52,18 +50,8 @@ def run_demo(
     root = Path(models_dir or default_weights_dir())
     world = MiniWorld(root)
     prompt = build_prompt(names[task], shot, index, *prompts_list()[index])
-    # The aligner was trained on greedy, EOS-terminated answers (see the README's divergences).
-    settings = InferenceSettings(
-        num_tokens=max_answer_tokens(load_processor(root / "vlm").tokenizer), stop_at_eos=True, greedy=True
-    )
-    pipe = ThinkDiffPipeline.from_pretrained(
-        root / "thinkdiff" / "lvlm",
-        decoder=root / "flux",
-        lvlm=root / "vlm",
-        device="cpu",
-        keep_loaded=True,
-        settings=settings,
-    )
+    # Greedy, EOS-terminated answers, as the aligner was trained (see the README's divergences).
+    pipe = world.thinkdiff_pipeline("lvlm")
     seeds = [seed if seed is not None else prompt_seed(prompt)]
     out = pipe(Request(prompt.items(), seed=seeds[0]))
     image = np.asarray(out.images[0])
@@ -112,8 +100,8 @@ def _measured_context(shot: int) -> str:
     row = str(shot) if str(shot) in tables["lvlm"] else next(iter(tables["lvlm"]))
     lvlm, bridge = (tables[name][row]["average"]["accuracy"] for name in ("lvlm", "text bridge"))
     return (
-        f"\n  measured over mini-CoBSAT ({row}-shot): ThinkDiff-LVLM {lvlm:.3f}, text bridge {bridge:.3f}; "
-        "why the aligner is at chance here: the premise test in src/thinkdiff/miniworld/measured/report.md"
+        f"\n  measured over mini-CoBSAT ({row}-shot): ThinkDiff-LVLM {lvlm:.3f}, text bridge {bridge:.3f} "
+        "(src/thinkdiff/miniworld/measured/report.md, its premise test says why)"
     )
 
 

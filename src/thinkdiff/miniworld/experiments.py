@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from thinkdiff.miniworld.models import MiniWorld
 
 __all__ = [
+    "TRANSFER_CEILING",
+    "TRANSFER_MAPPED",
+    "TRANSFER_SOURCES",
     "PromptRun",
     "aligner_config",
     "alignment_diagnostics",
@@ -467,6 +470,10 @@ def alignment_diagnostics(
 TRANSFER_SOURCES: tuple[str, ...] = ("T5 encoder states", "T5 word embeddings")
 """Oracle source features of :func:`proxy_transfer`: the caption's own T5 encoder states (everything
 FLUX reads, one learnt map away), and the T5 input embeddings of its words (no context)."""
+TRANSFER_CEILING = "T5 encoder states (FLUX's own input)"
+"""The row of :func:`proxy_transfer` where FLUX reads the T5 states themselves (no aligner)."""
+TRANSFER_MAPPED = "{source}, then a linear map fitted to T5 states"
+"""Row name pattern of a source's aligned features after the fitted linear map."""
 
 
 def proxy_transfer(
@@ -515,10 +522,9 @@ def proxy_transfer(
     def states(scene: Scene) -> torch.Tensor:
         return world.text_embeds([full_caption(scene)])[0]
 
-    sources: dict[str, Callable[[Scene], torch.Tensor]] = {
-        "T5 encoder states": states,
-        "T5 word embeddings": lambda scene: embeddings[ids[scene]],
-    }
+    sources: dict[str, Callable[[Scene], torch.Tensor]] = dict(
+        zip(TRANSFER_SOURCES, (states, lambda scene: embeddings[ids[scene]]), strict=True)
+    )
     seeds = [seed * 10_000 + i for i in range(n_test)]
     targets = [states(s) for s in test_scenes]
 
@@ -528,8 +534,8 @@ def proxy_transfer(
         )
 
     results = {
-        "T5 encoder states (FLUX's own input)": {
-            "proxy_exact": float("nan"),
+        TRANSFER_CEILING: {
+            "proxy_exact": None,
             "cosine": 1.0,
             **judged(targets),
         }
@@ -574,8 +580,8 @@ def proxy_transfer(
             "final_loss": float(np.mean(losses[-20:])),
             **judged(aligned),
         }
-        results[f"{name}, then a linear map fitted to T5 states"] = {
-            "proxy_exact": float("nan"),
+        results[TRANSFER_MAPPED.format(source=name)] = {
+            "proxy_exact": None,
             "cosine": float(np.mean([_cosine(a, t) for a, t in zip(mapped, targets)])),
             **judged(mapped),
         }

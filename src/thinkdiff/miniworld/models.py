@@ -24,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,12 +92,44 @@ class MiniWorld:
 
         return CLIPVisionFeatures.from_pretrained(self.root / "vision", device="cpu", dtype=torch.float32)
 
+    def inference_settings(self):
+        """How ThinkDiff's inference drives this world's VLM: greedy answers that stop at EOS, at
+        most as long as the longest answer the world has (the aligner was trained on such answers)."""
+        from thinkdiff.miniworld.components.vlm import max_answer_tokens
+        from thinkdiff.models.lvlm import load_processor
+        from thinkdiff.pipelines import InferenceSettings
+
+        tokenizer = load_processor(self.root / "vlm").tokenizer
+        return InferenceSettings(num_tokens=max_answer_tokens(tokenizer), stop_at_eos=True, greedy=True)
+
+    def thinkdiff_pipeline(self, name: str = "lvlm", **kwargs: Any):
+        """The project's ``ThinkDiffPipeline`` on this world: the aligner ``thinkdiff/<name>`` (or a
+        model folder), its VLM or vision encoder, and its FLUX; on the CPU, every stage kept loaded.
+        ``kwargs`` override those choices (e.g. ``mode="text-bridge"``)."""
+        from thinkdiff.models.bundle import load_info
+        from thinkdiff.pipelines import ThinkDiffPipeline
+
+        folder = self._model_folder(name)
+        options: dict[str, Any] = {
+            "decoder": self.root / "flux",
+            "device": "cpu",
+            "keep_loaded": True,
+            "settings": self.inference_settings(),
+        }
+        if load_info(folder).variant == "clip":
+            options["vision"] = self.root / "vision"
+        else:
+            options["lvlm"] = self.root / "vlm"
+        return ThinkDiffPipeline.from_pretrained(folder, **{**options, **kwargs})
+
+    def _model_folder(self, name: str) -> Path:
+        return Path(name) if Path(name).is_dir() else self.root / "thinkdiff" / name
+
     def aligner(self, name: str):
         """A trained ThinkDiff aligner and its info (``thinkdiff/<name>`` or any model folder)."""
         from thinkdiff.models.bundle import load_model
 
-        folder = Path(name) if Path(name).is_dir() else self.root / "thinkdiff" / name
-        return load_model(folder)
+        return load_model(self._model_folder(name))
 
     # ---- text and images -----------------------------------------------------------------------
     @torch.no_grad()

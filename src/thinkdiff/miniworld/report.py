@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from thinkdiff.miniworld.experiments import TRANSFER_CEILING, TRANSFER_MAPPED, TRANSFER_SOURCES
 from thinkdiff.miniworld.minicobsat import MINI_TASKS, TASK_COLUMN_ORDER, build_prompts
 from thinkdiff.miniworld.models import DEFAULT_CFG, DEFAULT_STEPS
 from thinkdiff.miniworld.stats import cell, paired_test
@@ -80,6 +81,8 @@ class ReportConfig:
     """Train the ablation aligners (no split, input tokens, norm default/none); else skip them."""
     transfer_train: int = 3000
     """Captions the oracle aligners of the premise test learn from."""
+    transfer_n: int = 200
+    """Held-out captions the premise test draws (half from held-out cells)."""
     transfer_steps: int = 400
     """Training steps of each oracle aligner of the premise test."""
     threads: int = 2
@@ -111,7 +114,7 @@ def write_report(models_dir: Path, out_dir: Path, config: ReportConfig) -> dict[
     report["premise"] = proxy_transfer(
         world,
         n_train=config.transfer_train,
-        n_test=config.clip_n,
+        n_test=config.transfer_n,
         train_steps=config.transfer_steps,
         seed=build_config.seed,
         **sampling,
@@ -705,14 +708,14 @@ def _premise_markdown(premise: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for name, d in rows.items():
-        exact = "-" if d["proxy_exact"] != d["proxy_exact"] else _pct(d["proxy_exact"])
+        exact = "-" if d["proxy_exact"] is None else _pct(d["proxy_exact"])
         r2 = f"{d['linear_r2']:.3f}" if "linear_r2" in d else "-"
         judged = " / ".join(_pct(d[k]) for k in ("shape", "color", "background", "texture", "all"))
-        source = name if name.startswith("T5 encoder states (") else f"aligner learnt from {name}"
+        source = name if name == TRANSFER_CEILING else f"aligner learnt from {name}"
         lines.append(f"| {source} | {exact} | {d['cosine']:.3f} | {r2} | {judged} |")
-    ceiling = next(iter(rows.values()))["all"]
-    oracle = rows["T5 encoder states"]
-    mapped = rows["T5 encoder states, then a linear map fitted to T5 states"]
+    ceiling = rows[TRANSFER_CEILING]["all"]
+    oracle = rows[TRANSFER_SOURCES[0]]
+    mapped = rows[TRANSFER_MAPPED.format(source=TRANSFER_SOURCES[0])]
     holds = oracle["all"] >= 0.8 * ceiling
     lines += [
         "",

@@ -3,8 +3,9 @@ flow matching on the world's images conditioned on the frozen mini T5 encoder.
 
 Pixel space instead of a VAE: a 32x32 RGB image is pixel-unshuffled by 2 into 12 x 16 x 16 "latents",
 which FLUX's own 2x2 packing turns into 64 tokens of 48 channels. The stock ``FluxPipeline`` samples
-it unchanged with ``vae=None`` (it then assumes a VAE scale factor of 8, so ``height = width =``
-:data:`PIPE_SIZE`) and ``output_type="latent"``; :func:`latents_to_images` undoes the packing. The
+it unchanged with ``vae=None`` (it then sizes latents by a VAE scale factor of 8 all the same, so
+it is asked for ``32 / 2 * 8`` px) and ``output_type="latent"``; :func:`latents_to_images` undoes
+the packing. The
 conversions are :func:`thinkdiff.pipelines.decoders.pixels_to_latents` / ``latents_to_pixels``,
 shared with ThinkDiff's inference, and the saved folder carries a ``thinkdiff_decoder.json``
 (:func:`write_descriptor`) so that ``ThinkDiffPipeline`` and ``thinkdiff generate`` sample it the
@@ -46,12 +47,11 @@ from thinkdiff.miniworld.components.common import Ema, cosine_lr, save_losses
 from thinkdiff.miniworld.components.t5 import T5_D_MODEL
 from thinkdiff.miniworld.pool import ScenePool
 from thinkdiff.miniworld.world import IMAGE_SIZE, caption
-from thinkdiff.pipelines.decoders import latents_to_pixels, pixels_to_latents, write_decoder_descriptor
+from thinkdiff.pipelines.decoders import latents_to_pixels, pixels_to_latents, write_pixel_space_descriptor
 
 __all__ = [
     "CLIP_HIDDEN",
     "MAX_TEXT_TOKENS",
-    "PIPE_SIZE",
     "build_pipeline",
     "build_transformer",
     "images_to_latents",
@@ -67,8 +67,6 @@ CLIP_HIDDEN = 32
 """Width of the stub CLIP text encoder = the transformer's ``pooled_projection_dim``."""
 MAX_TEXT_TOKENS = 16
 """Padded prompt length (``max_sequence_length``) when the pipeline encodes text itself."""
-PIPE_SIZE = IMAGE_SIZE * 4
-"""``height``/``width`` to pass to the pipeline: with no VAE it divides by 8, then packs 2x2."""
 _UNSHUFFLE = 2
 _LATENT_CHANNELS = 3 * _UNSHUFFLE**2  # 12
 _GRID = IMAGE_SIZE // _UNSHUFFLE  # 16
@@ -106,7 +104,7 @@ def write_descriptor(folder: Path) -> Path:
     settings of :meth:`~thinkdiff.miniworld.models.MiniWorld.images_from_embeds`."""
     from thinkdiff.miniworld.models import DEFAULT_CFG, DEFAULT_STEPS
 
-    return write_decoder_descriptor(
+    return write_pixel_space_descriptor(
         folder,
         pixel_unshuffle=_UNSHUFFLE,
         sample_size=IMAGE_SIZE,
@@ -314,11 +312,14 @@ def sample_images(
             "negative_pooled_prompt_embeds": pooled,
             "true_cfg_scale": cfg,
         }
+    # As FluxDecoder asks for a pixel-space image: the latent grid (pixels / r) times the scale
+    # factor the VAE-less pipeline still divides by.
+    size = _GRID * pipe.vae_scale_factor
     out = pipe(
         prompt_embeds=prompt_embeds_BLD.float(),
         pooled_prompt_embeds=pooled,
-        height=PIPE_SIZE,
-        width=PIPE_SIZE,
+        height=size,
+        width=size,
         num_inference_steps=steps,
         generator=[torch.Generator().manual_seed(s) for s in seeds],
         output_type="latent",
