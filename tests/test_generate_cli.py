@@ -178,6 +178,8 @@ def no_heavy_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         ("bad job", 'each item must be {"text": STR} or {"image": PATH}'),
         ("bad json", "is not valid JSON"),
         ("two input kinds", "give only one of --image/--text, --jobs"),
+        ("stop at eos in clip mode", "--stop-at-eos applies to lvlm mode; mode clip uses no LVLM"),
+        ("greedy in clip mode", "--greedy applies to lvlm and text-bridge modes; mode clip uses no LVLM"),
     ],
 )
 def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, capsys, no_heavy_loads) -> None:
@@ -207,6 +209,8 @@ def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, ca
         "bad job": ["--model", model, "--jobs", str(jobs)],
         "bad json": ["--model", model, "--jobs", str(jobs)],
         "two input kinds": ["--model", model, "--image", image, "--jobs", str(jobs)],
+        "stop at eos in clip mode": ["--model", str(files["clip"]), "--image", image, "--stop-at-eos"],
+        "greedy in clip mode": ["--model", str(files["clip"]), "--image", image, "--greedy"],
     }[case]
     if "--out" not in args:
         args += ["--out", str(out_dir if "--jobs" in args else out)]

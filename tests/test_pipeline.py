@@ -24,6 +24,7 @@ from thinkdiff.pipelines import (
 
 FLUX_FAST = {"height": 64, "width": 64, "num_inference_steps": 2}
 COG_FAST = {"height": 16, "width": 16, "num_frames": 9, "num_inference_steps": 2}
+MINI_FLUX = Path(__file__).parents[1] / "src" / "thinkdiff" / "miniworld" / "weights" / "flux"
 
 
 def make_model(
@@ -249,17 +250,37 @@ def test_cogvideox_clip_mode_frames_and_length(models, items, tmp_path) -> None:
 
 
 @torch.no_grad()
-def test_true_cfg_scale_one_is_the_plain_call(models, items, spy) -> None:
-    pipe = ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu", keep_loaded=True)
-    plain = pipe(Request(items, seed=3), **FLUX_FAST)
+def test_true_cfg_scale_one_computes_no_negative_and_loads_no_t5(
+    models, items, spy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from thinkdiff.pipelines.decoders import FluxDecoder
+
+    loaded: list[list[str]] = []  # components of every decoder pipeline loaded
+    t5_lengths: list[int] = []  # every T5 encoding asked for
+    load, encode_text = FluxDecoder.load, FluxDecoder.encode_text
+
+    def recording_load(self, components):
+        loaded.append(list(components))
+        return load(self, components)
+
+    def recording_encode_text(self, pipe, texts, max_length):
+        t5_lengths.append(max_length)
+        return encode_text(self, pipe, texts, max_length)
+
+    monkeypatch.setattr(FluxDecoder, "load", recording_load)
+    monkeypatch.setattr(FluxDecoder, "encode_text", recording_encode_text)
+    pipe = ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu")
     one = pipe(Request(items, seed=3), true_cfg_scale=1.0, **FLUX_FAST)
-    assert (
-        one.embeddings.negative_prompt_embeds is None and one.embeddings.negative_pooled_prompt_embeds is None
-    )
-    assert "negative_prompt_embeds" not in spy[1] and spy[1]["true_cfg_scale"] == 1.0
-    np.testing.assert_array_equal(pixels(one.images[0]), pixels(plain.images[0]))
-    assert one.settings == plain.settings
-    assert "text_encoder_2" not in pipe._decoder_components  # without CFG, lvlm mode needs no T5
+    assert one.embeddings.negative_prompt_embeds is None
+    assert one.embeddings.negative_pooled_prompt_embeds is None
+    assert "negative_prompt_embeds" not in spy[0] and spy[0]["true_cfg_scale"] == 1.0
+    # lvlm mode without extra text or CFG: CLIP only (the pooled vector of ""), T5 neither loaded nor run.
+    assert t5_lengths == [] and pipe._negatives == {}
+    assert loaded and not any("text_encoder_2" in components for components in loaded)
+
+    # The same probes see the negative as soon as the scale is above 1: T5("") at the prompt's 128 tokens.
+    pipe.encode(Request(items, seed=3), true_cfg_scale=1.5)
+    assert t5_lengths == [128] and "text_encoder_2" in loaded[-1]
 
 
 @torch.no_grad()
@@ -309,35 +330,83 @@ def test_true_cfg_scale_is_for_flux_only(models, items, tmp_path, no_heavy_loads
 
 
 @torch.no_grad()
-def test_lvlm_stop_at_eos_and_greedy(models, items, spy, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lvlm_stop_at_eos_and_greedy(models, items, spy, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import shutil
+
     from thinkdiff.models.loading import resolve_model_dir
     from thinkdiff.models.lvlm import LVLMFeatureExtractor, SamplingSettings
 
-    asked: list[SamplingSettings] = []
+    # By hand: 16 greedy tokens of the tiny LVLM, which never emits its EOS here.
+    extractor = LVLMFeatureExtractor.from_pretrained(resolve_model_dir("tiny:qwen2-vl"), device="cpu")
+    full = extractor.generate(
+        [[DEFAULT_INSTRUCTION, *items]], SamplingSettings(max_new_tokens=16, do_sample=False)
+    )
+    tokens = full.token_ids[0].tolist()
+    assert int(full.feature_mask[0].sum()) == 16
+    # The same LVLM whose generation_config makes its 5th greedy token an EOS: the answer ends there.
+    n = 5
+    assert tokens[n - 1] not in tokens[: n - 1]
+    lvlm = tmp_path / "qwen2-vl-eos"
+    shutil.copytree(resolve_model_dir("tiny:qwen2-vl"), lvlm)
+    config = json.loads((lvlm / "generation_config.json").read_text())
+    config["eos_token_id"] = [*config["eos_token_id"], tokens[n - 1]]
+    (lvlm / "generation_config.json").write_text(json.dumps(config))
+
+    asked: list[tuple[int, SamplingSettings]] = []
     original = LVLMFeatureExtractor.generate
 
     def recording(self, prompts, sampling=None, **kwargs):
-        asked.append(sampling)
+        asked.append((len(prompts), sampling))
         return original(self, prompts, sampling, **kwargs)
 
     monkeypatch.setattr(LVLMFeatureExtractor, "generate", recording)
-    settings = InferenceSettings(num_tokens=16, stop_at_eos=True, greedy=True)
-    pipe = ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu", settings=settings)
+    settings = InferenceSettings(num_tokens=16, stop_at_eos=True, greedy=True, encoder_batch_size=2)
+    pipe = ThinkDiffPipeline.from_pretrained(models["lvlm"], lvlm=lvlm, device="cpu", settings=settings)
     out = pipe([Request(items, seed=3), Request(items, seed=4)], **FLUX_FAST)
-    # EOS is allowed from the first token (the tiny random LVLM happens not to produce it).
-    assert [(a.max_new_tokens, a.min_new_tokens, a.do_sample) for a in asked] == [(16, 0, False)] * 2
+    # Greedy: the seed does not matter, so both requests share one unseeded call; EOS is allowed
+    # from the first token.
+    assert [(b, a.max_new_tokens, a.min_new_tokens, a.do_sample, a.seed) for b, a in asked] == [
+        (2, 16, 0, False, None)
+    ]
 
-    # By hand: at most 16 greedy tokens, stopping at EOS; features up to and including EOS.
-    extractor = LVLMFeatureExtractor.from_pretrained(resolve_model_dir("tiny:qwen2-vl"), device="cpu")
-    lvlm = original(
-        extractor, [[DEFAULT_INSTRUCTION, *items]], SamplingSettings(max_new_tokens=16, do_sample=False)
-    )
-    n = int(lvlm.feature_mask[0].sum())
+    # Features up to and including the EOS, which the decoded answer ends with.
     aligner, _ = load_model(models["lvlm"])
-    assert out.lvlm_texts == [lvlm.texts[0], lvlm.texts[0]]  # greedy: the seed does not matter
-    for call in spy:
-        torch.testing.assert_close(call["prompt_embeds"], aligner(lvlm.features[:, :n]))
+    text = extractor.processor.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+    assert out.lvlm_texts == [text, text]
     assert out.embeddings.num_aligned_tokens == [n, n]
+    for call in spy:
+        torch.testing.assert_close(call["prompt_embeds"], aligner(full.features[:, :n]))
+
+
+# ---- decoder descriptors ------------------------------------------------------------------------
+
+
+def test_decoder_spec_is_hashable() -> None:
+    from thinkdiff.pipelines.decoders import DecoderSpec
+
+    assert hash(DecoderSpec.inspect(MINI_FLUX)) == hash(DecoderSpec.inspect(MINI_FLUX))
+
+
+def test_a_bad_descriptor_is_not_written(tmp_path) -> None:
+    import shutil
+
+    from thinkdiff.pipelines.decoders import DECODER_DESCRIPTOR, DecoderSpec, write_pixel_space_descriptor
+
+    folder = tmp_path / "flux"  # the mini FLUX's configs: all that is read
+    (folder / "transformer").mkdir(parents=True)
+    shutil.copy(MINI_FLUX / "model_index.json", folder)
+    shutil.copy(MINI_FLUX / "transformer" / "config.json", folder / "transformer")
+    with pytest.raises(ValueError, match="pixel_unshuffle 3 gives 108 packed channels"):
+        write_pixel_space_descriptor(folder, pixel_unshuffle=3, sample_size=30)
+    assert not (folder / DECODER_DESCRIPTOR).exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["model_index.json", "transformer"]  # no temp file
+
+    path = write_pixel_space_descriptor(
+        folder, pixel_unshuffle=2, sample_size=32, defaults={"true_cfg_scale": 3}
+    )
+    assert path == folder / DECODER_DESCRIPTOR
+    assert dict(DecoderSpec.inspect(folder).defaults) == {"true_cfg_scale": 3}
 
 
 # ---- determinism, batching, reuse --------------------------------------------------------------

@@ -131,7 +131,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="lvlm mode: stop at the LVLM's EOS and align the tokens up to it (default: exactly --num-tokens)",
     )
     conditioning.add_argument(
-        "--greedy", action="store_true", help="decode the LVLM greedily instead of sampling"
+        "--greedy",
+        action="store_true",
+        help="lvlm and text-bridge modes: decode the LVLM greedily instead of sampling",
     )
     conditioning.add_argument("--temperature", type=float, default=0.6, help="LVLM sampling (default 0.6)")
     conditioning.add_argument("--top-p", type=float, default=0.9, help="LVLM nucleus mass (default 0.9)")
@@ -414,6 +416,13 @@ def run(args: argparse.Namespace) -> int:
         offload=args.offload,
         settings=settings,
     )
+    if pipe.mode == "clip":  # the mode may come from the model folder: known only now
+        for flag, given, applies in (
+            ("--stop-at-eos", args.stop_at_eos, "lvlm mode"),
+            ("--greedy", args.greedy, "lvlm and text-bridge modes"),
+        ):
+            if given:
+                raise ValueError(f"{flag} applies to {applies}; mode clip uses no LVLM")
     paths = _output_paths(args, requests, pipe.decoder_spec.kind, pipe.mode)
     pipe.check(requests)
 

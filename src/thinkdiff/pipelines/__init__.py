@@ -30,7 +30,6 @@ _EXPORTS: dict[str, str] = {
     "FluxDecoder": "decoders",
     "latents_to_pixels": "decoders",
     "pixels_to_latents": "decoders",
-    "write_decoder_descriptor": "decoders",
     "InferenceSettings": "pipeline_thinkdiff",
     "SeededImageGenerator": "pipeline_thinkdiff",
     "ThinkDiffEmbeddings": "pipeline_thinkdiff",

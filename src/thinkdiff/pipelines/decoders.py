@@ -32,6 +32,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -58,7 +59,7 @@ __all__ = [
     "load_decoder",
     "pixels_to_latents",
     "release",
-    "write_decoder_descriptor",
+    "write_pixel_space_descriptor",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,17 +113,21 @@ class DecoderSpec:
     """The decoder's native image size in pixels, its default height and width (descriptor)."""
     max_sequence_length: int | None = None
     """T5 tokens of the decoder's own text prompts, used in text-bridge mode (descriptor)."""
-    defaults: dict[str, Any] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     """Sampling settings of this checkpoint (``num_inference_steps``, ``guidance_scale``,
-    ``true_cfg_scale``) from the descriptor; they override the built-in defaults."""
+    ``true_cfg_scale``) from the descriptor; they override the built-in defaults. Read-only (the
+    spec is frozen); left out of the hash, which the other fields decide."""
 
     @property
     def kind(self) -> Literal["image", "video"]:
         return "video" if self.family == "cogvideox" else "image"
 
     @classmethod
-    def inspect(cls, name_or_path: str | Path) -> DecoderSpec:
+    def inspect(cls, name_or_path: str | Path, *, descriptor: Mapping[str, Any] | None = None) -> DecoderSpec:
         """Read ``model_index.json`` and the transformer config of a decoder; no weights.
+
+        ``descriptor``: check this descriptor as if it were the FLUX folder's
+        :data:`DECODER_DESCRIPTOR` (how one is checked before it is written).
 
         Raises ``FileNotFoundError`` when the decoder cannot be found and ``ValueError`` when it is
         not a FLUX.1 or CogVideoX text-to-X pipeline, when a FLUX folder without a VAE has no
@@ -152,7 +157,7 @@ class DecoderSpec:
                 pooled_width=int(transformer.get("pooled_projection_dim", 768)),
                 required_length=None,
                 guidance_embeds=bool(transformer.get("guidance_embeds", False)),
-                **_read_descriptor(folder, index, transformer),
+                **_read_descriptor(folder, index, transformer, descriptor),
             )
         if class_name == "CogVideoXPipeline" and transformer_class == "CogVideoXTransformer3DModel":
             return cls(
@@ -171,13 +176,17 @@ class DecoderSpec:
 
 
 def _read_descriptor(
-    folder: Path, index: Mapping[str, Any], transformer: Mapping[str, Any]
+    folder: Path,
+    index: Mapping[str, Any],
+    transformer: Mapping[str, Any],
+    given: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The :class:`DecoderSpec` fields a FLUX folder's descriptor gives, checked against its configs."""
+    """The :class:`DecoderSpec` fields a FLUX folder's descriptor (or ``given`` in its place) sets,
+    checked against its configs."""
     path = folder / DECODER_DESCRIPTOR
     # diffusers writes an absent component as [null, null] in model_index.json.
     has_vae = any(index.get("vae") or [])
-    if not path.is_file():
+    if given is None and not path.is_file():
         if not has_vae:
             raise ValueError(
                 f'FLUX decoder {folder} has no VAE ("vae": [null, null] in model_index.json) and no '
@@ -185,10 +194,13 @@ def _read_descriptor(
                 '{"latent_space": "pixels", "pixel_unshuffle": 2, "sample_size": 32}'
             )
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if given is not None:
+        data: Any = dict(given)
+    else:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - set(_DESCRIPTOR_KEYS))
@@ -248,11 +260,11 @@ def _read_descriptor(
             raise ValueError(f"{path}: defaults.{key} must be a positive integer, got {value!r}")
         if kind is float and not (numeric and value >= 0):
             raise ValueError(f"{path}: defaults.{key} must be a number >= 0, got {value!r}")
-    fields["defaults"] = dict(defaults)
+    fields["defaults"] = MappingProxyType(dict(defaults))
     return fields
 
 
-def write_decoder_descriptor(
+def write_pixel_space_descriptor(
     folder: str | Path,
     *,
     pixel_unshuffle: int,
@@ -262,7 +274,8 @@ def write_decoder_descriptor(
 ) -> Path:
     """Write :data:`DECODER_DESCRIPTOR` for a pixel-space FLUX folder (no VAE); returns its path.
 
-    The folder must already hold the saved pipeline; the result is checked by reading it back.
+    The folder must already hold the saved pipeline. The descriptor is checked against it before
+    anything is written, so a bad one raises ``ValueError`` and leaves the folder as it was.
     """
     from thinkdiff.utils import atomic_write_text
 
@@ -274,9 +287,10 @@ def write_decoder_descriptor(
     if max_sequence_length is not None:
         data["max_sequence_length"] = max_sequence_length
     data["defaults"] = dict(defaults or {})
+    text = json.dumps(data, indent=2) + "\n"
+    DecoderSpec.inspect(folder, descriptor=json.loads(text))  # exactly what the file will hold
     path = Path(folder) / DECODER_DESCRIPTOR
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-    DecoderSpec.inspect(folder)
+    atomic_write_text(path, text)
     return path
 
 

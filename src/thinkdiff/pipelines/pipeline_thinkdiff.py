@@ -506,24 +506,25 @@ class ThinkDiffPipeline:
         use_prompt = self.info is not None and self.info.features == "prompt"
         aligned: list[torch.Tensor | None] = [None] * len(prepared)
         texts: list[str] = [""] * len(prepared)
-        # One generate call draws one RNG stream for its whole batch: only requests with the same
-        # seed may share a call, and a call is seeded with that seed.
-        by_seed: dict[int, list[int]] = {}
+        s = self.settings
+        decoding: dict[str, Any] = (
+            {"do_sample": False} if s.greedy else {"temperature": s.temperature, "top_p": s.top_p}
+        )
+        # One generate call draws one RNG stream for its whole batch: when sampling, only requests
+        # with the same seed may share a call, and a call is seeded with that seed. Greedy decoding
+        # draws nothing, so every request may share a call (group None: no seed).
+        groups: dict[int | None, list[int]] = {}
         for index, p in enumerate(prepared):
-            by_seed.setdefault(p.request.seed, []).append(index)
-        size = self.settings.encoder_batch_size
-        for seed, indices in by_seed.items():
+            groups.setdefault(None if s.greedy else p.request.seed, []).append(index)
+        size = s.encoder_batch_size
+        for seed, indices in groups.items():
+            if self.mode == "lvlm" and not s.stop_at_eos:
+                sampling = SamplingSettings.exactly(s.num_tokens, seed=seed, **decoding)
+            else:  # the LVLM writes its answer and stops at its end-of-sequence token
+                sampling = SamplingSettings(max_new_tokens=s.num_tokens, seed=seed, **decoding)
             for start in range(0, len(indices), size):
                 chunk = indices[start : start + size]
                 prompts = [self._lvlm_items(prepared[i].items) for i in chunk]
-                s = self.settings
-                decoding: dict[str, Any] = (
-                    {"do_sample": False} if s.greedy else {"temperature": s.temperature, "top_p": s.top_p}
-                )
-                if self.mode == "lvlm" and not s.stop_at_eos:
-                    sampling = SamplingSettings.exactly(s.num_tokens, seed=seed, **decoding)
-                else:  # the LVLM writes its answer and stops at its end-of-sequence token
-                    sampling = SamplingSettings(max_new_tokens=s.num_tokens, seed=seed, **decoding)
                 with self._stage("lvlm", timings, memory):
                     out = extractor.generate(prompts, sampling, return_prompt_features=use_prompt)
                 for row, i in enumerate(chunk):
@@ -570,14 +571,14 @@ class ThinkDiffPipeline:
         roles: list[str],
         timings: dict,
         memory: dict,
-        negative_lengths: Sequence[int] = (),
+        missing_negatives: Sequence[int] = (),
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
         """Stage 2: the decoder's own text encoders. ``jobs`` are (request, text, T5 length);
-        ``negative_lengths`` the lengths at which FLUX's true-CFG negative T5("") is needed."""
+        ``missing_negatives`` the lengths at which FLUX's true-CFG negative T5("") is needed and not
+        yet cached."""
         need_empty = self._empty is None
-        missing = [length for length in negative_lengths if length not in self._negatives]
         results: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        if not jobs and not need_empty and not missing:
+        if not jobs and not need_empty and not missing_negatives:
             return results
         pipe = self._decoder_pipe("text", roles, timings, memory)
         with self._stage("text_encoders", timings, memory):
@@ -585,7 +586,7 @@ class ThinkDiffPipeline:
                 self._empty = {
                     k: v.to("cpu", self.dtype) for k, v in self.decoder.empty_conditioning(pipe).items()
                 }
-            for length in missing:
+            for length in missing_negatives:
                 # T5 attends to its pad tokens, so "" at length L is not a prefix of "" at L + 1.
                 negative_1LD, _ = self.decoder.encode_text(pipe, [""], length)
                 self._negatives[length] = negative_1LD[0].to("cpu", self.dtype)
@@ -664,11 +665,11 @@ class ThinkDiffPipeline:
                 (0 if aligned[i] is None else aligned[i].shape[0]) + t5_lengths.get(i, 0)
                 for i in range(len(prepared))
             ]
+        missing_negatives = sorted({length for length in negative_lengths if length not in self._negatives})
         # FLUX lvlm without extra text or true CFG needs only CLIP (for the pooled vector of ""),
         # not T5-XXL.
-        needs_t5 = bool(jobs) or any(length not in self._negatives for length in negative_lengths)
-        roles = self._text_roles(needs_t5=needs_t5)
-        text_out = self._encode_texts(jobs, roles, timings, memory, sorted(set(negative_lengths)))
+        roles = self._text_roles(needs_t5=bool(jobs or missing_negatives))
+        text_out = self._encode_texts(jobs, roles, timings, memory, missing_negatives)
         assert self._empty is not None
 
         # Assemble each request's prompt: aligned tokens, then T5 text tokens; fit CogVideoX's length.
@@ -814,49 +815,50 @@ class ThinkDiffPipeline:
         return {**self.decoder.default_settings(), **{k: v for k, v in call.items() if v is not None}}
 
     def _needs_negatives(self, prepared: Sequence[PreparedRequest], defaults: Mapping[str, Any]) -> bool:
-        """Whether a request uses FLUX's true CFG, resolved like :meth:`_resolve` but before any
-        model loads (the stock default comes from the pipeline class's signature)."""
+        """Whether a request uses FLUX's true CFG (decided before any model loads)."""
         if self.decoder_spec.family != "flux":
             return False
-        stock = _call_defaults(self.decoder.pipeline_cls)["true_cfg_scale"].default
-        for p in prepared:
-            scale = p.request.true_cfg_scale
-            if scale is None:
-                scale = defaults.get("true_cfg_scale", stock)
-            if scale > 1:
-                return True
-        return False
+        return any(self._setting(p.request, "true_cfg_scale", defaults) > 1 for p in prepared)
 
     def _resolve(self, pipe: DiffusionPipeline, request: Request, defaults: dict[str, Any]) -> dict[str, Any]:
-        """Concrete decoder settings for a request: request > call > decoder default > stock default."""
-        stock = _call_defaults(type(pipe))
+        """Concrete decoder settings for a request (see :meth:`_setting`)."""
         settings: dict[str, Any] = {}
         for name in _SETTING_NAMES:
             if name == "num_frames" and self.decoder_spec.kind != "video":
                 continue
             if name == "true_cfg_scale" and self.decoder_spec.family != "flux":
                 continue
-            value = getattr(request, name)
-            if value is None:
-                value = defaults.get(name)
-            if value is None:
-                value = self._stock_default(pipe, name, stock)
-            settings[name] = value
+            settings[name] = self._setting(request, name, defaults, pipe)
         return settings
 
-    def _stock_default(self, pipe: DiffusionPipeline, name: str, stock: Any) -> Any:
+    def _setting(
+        self,
+        request: Request,
+        name: str,
+        defaults: Mapping[str, Any],
+        pipe: DiffusionPipeline | None = None,
+    ) -> Any:
+        """One decoder setting for a request: request > call > decoder default > stock default.
+
+        ``defaults`` holds the call's settings over the decoder's (:meth:`_call_settings`). Only the
+        stock height, width and frames need the loaded ``pipe``: they come from its configs.
+        """
+        for value in (getattr(request, name), defaults.get(name)):
+            if value is not None:
+                return value
+        family = self.decoder_spec.family
         # Sizes the stock __call__ derives from its configs when given None (see its first lines).
-        if self.decoder_spec.family == "flux" and name in ("height", "width"):
+        if family == "flux" and name in ("height", "width"):
+            assert pipe is not None, f"the stock {name} needs the loaded pipeline"
             return pipe.default_sample_size * pipe.vae_scale_factor
-        if self.decoder_spec.family == "cogvideox":
+        if family == "cogvideox" and name in ("height", "width", "num_frames"):
+            assert pipe is not None, f"the stock {name} needs the loaded pipeline"
             config = pipe.transformer.config
-            if name == "height":
-                return config.sample_height * pipe.vae_scale_factor_spatial
-            if name == "width":
-                return config.sample_width * pipe.vae_scale_factor_spatial
             if name == "num_frames":
                 return config.sample_frames
-        parameter = stock.get(name)
+            sample = config.sample_height if name == "height" else config.sample_width
+            return sample * pipe.vae_scale_factor_spatial
+        parameter = _call_defaults(self.decoder.pipeline_cls).get(name)
         return None if parameter is None else parameter.default
 
 
