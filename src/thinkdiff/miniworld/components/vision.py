@@ -165,7 +165,9 @@ def probe_accuracy(folder: Path, train: ScenePool, test: ScenePool, steps: int =
     for name, values in ATTRIBUTES.items():
         y_train = torch.tensor([values.index(s.value(name)) for s in train.scenes])
         y_test = torch.tensor([values.index(s.value(name)) for s in test.scenes])
-        probe = nn.Linear(x_train.shape[1], len(values))
+        with torch.random.fork_rng():  # the same probe from run to run, the global RNG untouched
+            torch.manual_seed(0)
+            probe = nn.Linear(x_train.shape[1], len(values))
         opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
         with torch.enable_grad():
             for _ in range(steps):
