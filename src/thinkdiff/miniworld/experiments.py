@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from thinkdiff.miniworld.judge import attribute_accuracy
 from thinkdiff.miniworld.minicobsat import MiniPrompt
 from thinkdiff.miniworld.world import (
     ATTRIBUTES,
@@ -48,7 +49,6 @@ __all__ = [
     "PromptRun",
     "aligner_config",
     "alignment_diagnostics",
-    "attribute_accuracy",
     "proxy_transfer",
     "run_training",
     "run_vlm",
@@ -294,17 +294,6 @@ def aligner_method(aligner: torch.nn.Module, use_prompt: bool = False) -> Method
         return aligner(run.prompt_features_PH if use_prompt else run.features_NH).float()
 
     return method
-
-
-def attribute_accuracy(verdicts: Sequence[Any], scenes: Sequence[Scene]) -> dict[str, float]:
-    """Share of images whose judged attribute equals the scene's, per attribute and all at once."""
-    out = {
-        k: float(np.mean([v.value(k) == s.value(k) for v, s in zip(verdicts, scenes)])) for k in ATTRIBUTES
-    }
-    out["all"] = float(
-        np.mean([all(v.value(k) == s.value(k) for k in ATTRIBUTES) for v, s in zip(verdicts, scenes)])
-    )
-    return out
 
 
 # ----------------------------------------------------------------------------------- ThinkDiff-CLIP

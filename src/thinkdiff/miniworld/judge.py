@@ -274,17 +274,23 @@ def train_judge(
     return Judge(net), losses
 
 
+def attribute_accuracy(verdicts: Sequence[Verdict], scenes: Sequence) -> dict[str, float]:
+    """Share of verdicts whose attribute equals the scene's, per attribute and all four at once."""
+    out = {
+        k: float(np.mean([v.value(k) == s.value(k) for v, s in zip(verdicts, scenes)])) for k in ATTRIBUTES
+    }
+    out["all"] = float(
+        np.mean([v.matches({k: s.value(k) for k in ATTRIBUTES}) for v, s in zip(verdicts, scenes)])
+    )
+    return out
+
+
 def judge_accuracy(judge: Judge, scenes: Sequence) -> dict[str, float]:
     """Per-attribute accuracy (and ``all``) of the judge's verdict on renders of ``scenes``;
     ``cnn_color``/``cnn_background`` are the CNN's colour heads, for comparison."""
     started = time.perf_counter()
     verdicts = judge.read(render_batch(scenes))
-    out: dict[str, float] = {}
-    for name in ("shape", "color", "background", "texture"):
-        out[name] = float(np.mean([v.value(name) == s.value(name) for v, s in zip(verdicts, scenes)]))
-    out["all"] = float(
-        np.mean([v.to_dict() == {k: s.value(k) for k in v.to_dict()} for v, s in zip(verdicts, scenes)])
-    )
+    out: dict[str, float] = attribute_accuracy(verdicts, scenes)
     out["cnn_color"] = float(np.mean([v.cnn_color == s.color for v, s in zip(verdicts, scenes)]))
     out["cnn_background"] = float(
         np.mean([v.cnn_background == s.background for v, s in zip(verdicts, scenes)])

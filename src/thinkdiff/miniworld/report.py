@@ -157,8 +157,7 @@ def write_report(models_dir: Path, out_dir: Path, config: ReportConfig) -> dict[
 # ----------------------------------------------------------------------------------- fidelity
 def measure_fidelity(world, config: ReportConfig, sampling: dict[str, Any]) -> dict[str, Any]:
     from thinkdiff.miniworld.components.t5 import reconstruction_accuracy
-    from thinkdiff.miniworld.experiments import attribute_accuracy
-    from thinkdiff.miniworld.judge import held_out_scenes, judge_accuracy
+    from thinkdiff.miniworld.judge import attribute_accuracy, held_out_scenes, judge_accuracy
     from thinkdiff.models.lvlm import SamplingSettings
 
     n = config.fidelity_n
