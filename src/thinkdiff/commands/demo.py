@@ -88,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
     if (default_weights_dir() / "build.json").is_file():
         stage("miniworld", ["miniworld", "demo", "--out", str(out / "miniworld")])
     else:
-        print(f"(no miniature-world weights in {default_weights_dir()}: run `thinkdiff miniworld build` for part 1)")
+        print(
+            f"(no miniature-world weights in {default_weights_dir()}: run `thinkdiff miniworld build` for part 1)"
+        )
 
     images = draw_images(out / "images")
     stage(

@@ -12,7 +12,7 @@ A models folder (what ``thinkdiff miniworld build`` writes) holds::
     build.json what was built, with which seed and budgets, how long it took
 
 :meth:`MiniWorld.images_from_embeds` is the one place where prompt embeddings become images; it
-calls the stock ``FluxPipeline`` with ``prompt_embeds`` as ThinkDiff's inference does.
+calls the stock ``FluxPipeline`` through ThinkDiff inference's ``FluxDecoder``.
 
 Shapes: L text tokens, D T5 width.
 """
@@ -69,6 +69,14 @@ class MiniWorld:
         from thinkdiff.miniworld.components.flux import load_pipeline
 
         return load_pipeline(self.root / "flux")
+
+    @functools.cached_property
+    def decoder(self):
+        """ThinkDiff inference's decoder wrapper around :attr:`pipe` (pixel space, from the folder's
+        ``thinkdiff_decoder.json``)."""
+        from thinkdiff.pipelines.decoders import DecoderSpec, load_decoder
+
+        return load_decoder(DecoderSpec.inspect(self.root / "flux"), torch.device("cpu"), torch.float32)
 
     @property
     def t5_encoder(self):
@@ -158,8 +166,13 @@ class MiniWorld:
         batch_size: int = 256,
     ) -> np.ndarray:
         """uint8 [B, H, W, 3] images from prompt embeddings [L_i, D] (any lengths; no masks exist in
-        FLUX, so prompts are batched only with others of the same length)."""
-        from thinkdiff.miniworld.components.flux import sample_images
+        FLUX, so prompts are batched only with others of the same length).
+
+        The denoising is ThinkDiff inference's own (:meth:`FluxDecoder.generate
+        <thinkdiff.pipelines.decoders.FluxDecoder.generate>`), batched wider than the pipeline's:
+        one CPU generator per image, true CFG against T5("") at the prompt's length.
+        """
+        from thinkdiff.miniworld.world import IMAGE_SIZE
 
         if len(embeds) != len(seeds):
             raise ValueError(f"{len(embeds)} prompt embeddings but {len(seeds)} seeds")
@@ -176,10 +189,23 @@ class MiniWorld:
             for start in range(0, len(members), batch_size):
                 chunk = members[start : start + batch_size]
                 prompt = torch.stack([embeds[i].float() for i in chunk])
-                negative = self.negative_embeds(length)[None].expand_as(prompt)
-                images = sample_images(
-                    self.pipe, prompt, negative, [seeds[i] for i in chunk], steps=steps, cfg=cfg
-                )
+                # The stub CLIP's pooled vector is zero for every text, "" included.
+                pooled = torch.zeros(len(chunk), self.pipe.transformer.config.pooled_projection_dim)
+                conditioning = {
+                    "prompt_embeds": prompt,
+                    "pooled_prompt_embeds": pooled,
+                    "negative_prompt_embeds": self.negative_embeds(length)[None].expand_as(prompt),
+                    "negative_pooled_prompt_embeds": pooled,
+                }
+                settings = {
+                    "height": IMAGE_SIZE,
+                    "width": IMAGE_SIZE,
+                    "num_inference_steps": steps,
+                    "true_cfg_scale": cfg,
+                }
+                generators = [torch.Generator().manual_seed(seeds[i]) for i in chunk]
+                pil = self.decoder.generate(self.pipe, conditioning, generators, settings)
+                images = np.stack([np.asarray(im) for im in pil])
                 if out is None:
                     out = np.empty((len(embeds), *images.shape[1:]), np.uint8)
                 out[chunk] = images

@@ -2,14 +2,11 @@
 flow matching on the world's images conditioned on the frozen mini T5 encoder.
 
 Pixel space instead of a VAE: a 32x32 RGB image is pixel-unshuffled by 2 into 12 x 16 x 16 "latents",
-which FLUX's own 2x2 packing turns into 64 tokens of 48 channels. The stock ``FluxPipeline`` samples
-it unchanged with ``vae=None`` (it then sizes latents by a VAE scale factor of 8 all the same, so
-it is asked for ``32 / 2 * 8`` px) and ``output_type="latent"``; :func:`latents_to_images` undoes
-the packing. The
-conversions are :func:`thinkdiff.pipelines.decoders.pixels_to_latents` / ``latents_to_pixels``,
-shared with ThinkDiff's inference, and the saved folder carries a ``thinkdiff_decoder.json``
-(:func:`write_descriptor`) so that ``ThinkDiffPipeline`` and ``thinkdiff generate`` sample it the
-same way (20 steps, true CFG 3.0, 32 px).
+which FLUX's own 2x2 packing turns into 64 tokens of 48 channels
+(:func:`thinkdiff.pipelines.decoders.pixels_to_latents`). The saved folder is a stock
+``FluxPipeline`` with ``vae=None`` plus a ``thinkdiff_decoder.json`` (:func:`write_descriptor`), so
+ThinkDiff inference's ``FluxDecoder`` samples it (20 steps, true CFG 3.0, 32 px) and unpacks the
+latents into pixels; :meth:`thinkdiff.miniworld.models.MiniWorld.images_from_embeds` does the same.
 
 The training images are the pool's *canonical* renders (:func:`thinkdiff.miniworld.world.canonical`:
 the object centred at a fixed size, no specks, no pixel noise): a caption does not say where the
@@ -47,7 +44,7 @@ from thinkdiff.miniworld.components.common import Ema, cosine_lr, save_losses
 from thinkdiff.miniworld.components.t5 import T5_D_MODEL
 from thinkdiff.miniworld.pool import ScenePool
 from thinkdiff.miniworld.world import IMAGE_SIZE, caption
-from thinkdiff.pipelines.decoders import latents_to_pixels, pixels_to_latents, write_pixel_space_descriptor
+from thinkdiff.pipelines.decoders import pixels_to_latents, write_pixel_space_descriptor
 
 __all__ = [
     "CLIP_HIDDEN",
@@ -55,9 +52,7 @@ __all__ = [
     "build_pipeline",
     "build_transformer",
     "images_to_latents",
-    "latents_to_images",
     "load_pipeline",
-    "sample_images",
     "t5_states",
     "train_flux",
     "write_descriptor",
@@ -92,11 +87,6 @@ def build_transformer() -> FluxTransformer2DModel:
 def images_to_latents(images_BHWC: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [B, 32, 32, 3] -> packed FLUX latents [B, 64, 48] in [-1, 1]."""
     return pixels_to_latents(images_BHWC, _UNSHUFFLE)
-
-
-def latents_to_images(packed_BNP: torch.Tensor) -> np.ndarray:
-    """Packed latents [B, 64, 48] (what the pipeline returns with ``output_type="latent"``) -> uint8 images."""
-    return latents_to_pixels(packed_BNP, IMAGE_SIZE, IMAGE_SIZE, _UNSHUFFLE)
 
 
 def write_descriptor(folder: Path) -> Path:
@@ -285,44 +275,3 @@ def train_flux(
     record = {"steps": steps, "batch_size": batch_size, "seconds": round(seconds, 1)}
     save_losses(folder / "training.json", losses, **record)
     return record
-
-
-@torch.no_grad()
-def sample_images(
-    pipe: FluxPipeline,
-    prompt_embeds_BLD: torch.Tensor,
-    negative_BLD: torch.Tensor | None,
-    seeds: list[int],
-    *,
-    steps: int = 20,
-    cfg: float = 2.0,
-) -> np.ndarray:
-    """Images from prompt embeddings through the stock pipeline; one generator per image (seeded).
-
-    ``negative_BLD`` (same shape) turns on true classifier-free guidance at scale ``cfg``.
-    """
-    batch = prompt_embeds_BLD.shape[0]
-    if len(seeds) != batch:
-        raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
-    pooled = torch.zeros(batch, pipe.transformer.config.pooled_projection_dim)
-    kwargs = {}
-    if negative_BLD is not None and cfg > 1:
-        kwargs = {
-            "negative_prompt_embeds": negative_BLD,
-            "negative_pooled_prompt_embeds": pooled,
-            "true_cfg_scale": cfg,
-        }
-    # As FluxDecoder asks for a pixel-space image: the latent grid (pixels / r) times the scale
-    # factor the VAE-less pipeline still divides by.
-    size = _GRID * pipe.vae_scale_factor
-    out = pipe(
-        prompt_embeds=prompt_embeds_BLD.float(),
-        pooled_prompt_embeds=pooled,
-        height=size,
-        width=size,
-        num_inference_steps=steps,
-        generator=[torch.Generator().manual_seed(s) for s in seeds],
-        output_type="latent",
-        **kwargs,
-    ).images
-    return latents_to_images(out)
