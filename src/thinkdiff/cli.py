@@ -24,6 +24,7 @@ COMMAND_MODULES: list[str] = [
     "thinkdiff.commands.eval_cobsat",
     "thinkdiff.commands.generate",
     "thinkdiff.commands.convert_official",
+    "thinkdiff.commands.push",
     "thinkdiff.commands.miniworld",
 ]
 

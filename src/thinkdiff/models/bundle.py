@@ -6,6 +6,7 @@ Layout (what ``thinkdiff train`` exports and ``thinkdiff generate --model`` read
       config.json                            aligner config (diffusers ConfigMixin)
       diffusion_pytorch_model.safetensors    aligner weights
       thinkdiff.json                         variant, source model, proxy T5, decoder, dims
+      README.md                              model card with Hub metadata (rendered from thinkdiff.json)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from thinkdiff.models.aligner import Aligner
+from thinkdiff.models.model_card import CARD_FILE, render_model_card
 from thinkdiff.utils import atomic_path, atomic_write_text
 
 INFO_FILE = "thinkdiff.json"
@@ -47,7 +49,7 @@ class ThinkDiffInfo:
 
 
 def save_model(folder: str | Path, aligner: Aligner, info: ThinkDiffInfo) -> Path:
-    """Write the aligner and its ``thinkdiff.json`` atomically into ``folder``."""
+    """Write the aligner, its ``thinkdiff.json`` and its model card atomically into ``folder``."""
     if (aligner.in_dim, aligner.out_dim) != (info.in_dim, info.out_dim):
         raise ValueError(
             f"aligner dims {aligner.in_dim}->{aligner.out_dim} disagree with info {info.in_dim}->{info.out_dim}"
@@ -56,6 +58,7 @@ def save_model(folder: str | Path, aligner: Aligner, info: ThinkDiffInfo) -> Pat
     with atomic_path(folder) as tmp:
         aligner.save_pretrained(tmp)
         atomic_write_text(tmp / INFO_FILE, json.dumps(dataclasses.asdict(info), indent=2) + "\n")
+        atomic_write_text(tmp / CARD_FILE, render_model_card(info))
     return folder
 
 

@@ -122,6 +122,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_bad = 0
+        self.last_val_loss: float | None = None
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -307,7 +308,8 @@ class Trainer:
                 window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
             progress.update(1)
             if self.val_data is not None and config.val_every and self.step % config.val_every == 0:
-                log.scalars(self.step, val_loss=self.validate())
+                self.last_val_loss = round(self.validate(), 6)
+                log.scalars(self.step, val_loss=self.last_val_loss)
             if (
                 self.val_data is not None
                 and config.decode_every
@@ -322,14 +324,19 @@ class Trainer:
         progress.close()
         result = TrainResult(self.output_dir, self.step, losses, self.skipped_steps)
         if self.step >= config.max_steps:
-            result.model_dir = self.export()
+            tail = [x for x in losses[-config.log_every :] if math.isfinite(x)]
+            result.model_dir = self.export(final_loss=sum(tail) / len(tail) if tail else None)
             if self.is_main:
                 log.plot(self.output_dir / "loss.png")
         log.close()
         return result
 
-    def export(self) -> Path:
-        """Write the finished aligner as a model folder that ``thinkdiff generate`` loads."""
+    def export(self, final_loss: float | None = None) -> Path:
+        """Write the finished aligner as a model folder that ``thinkdiff generate`` loads.
+
+        ``final_loss`` (this rank's mean training loss over the last logging window) and the
+        last validation loss go into ``thinkdiff.json`` and so into the model card.
+        """
         target = self.output_dir / "model"
         self.accelerator.wait_for_everyone()
         if self.is_main:
@@ -347,6 +354,10 @@ class Trainer:
                     "global_batch_size": config.global_batch_size,
                     "aligner_norm": config.aligner_norm,
                     "split": config.split,
+                    "lr": config.lr,
+                    "data": list(config.data),
+                    "final_train_loss": None if final_loss is None else round(final_loss, 6),
+                    "final_val_loss": self.last_val_loss,
                 },
             )
             save_model(target, self.unwrapped_aligner(), info)

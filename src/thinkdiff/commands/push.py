@@ -1,0 +1,80 @@
+"""``thinkdiff push MODEL_DIR REPO_ID``: upload an exported model folder to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# The files a model folder is made of (what ``save_model`` writes); nothing else is uploaded, so a
+# stray file in the folder (a log, a private note) never leaves the machine.
+MODEL_FILES: tuple[str, ...] = ("README.md", "config.json", "diffusion_pytorch_model.safetensors", "thinkdiff.json")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload a model folder (aligner, thinkdiff.json, model card) to the Hugging Face Hub",
+        description=(
+            "Upload a ThinkDiff model folder written by `thinkdiff train` or `thinkdiff convert-official` "
+            "to a Hub model repository. Only the folder's model files are sent: README.md (the model "
+            "card), config.json, diffusion_pytorch_model.safetensors and thinkdiff.json. The folder is "
+            "checked first (it must load). With --dry-run nothing is sent: the file list and the card "
+            "are printed. Log in first with `hf auth login` or set HF_TOKEN."
+        ),
+    )
+    parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="the model folder")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="owner/name of the Hub repository")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", help="branch to push to (default: main)")
+    parser.add_argument("--message", default="Upload ThinkDiff aligner", help="commit message")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be uploaded, send nothing")
+    parser.set_defaults(func=run)
+
+
+def upload_plan(model_dir: Path, repo_id: str) -> list[Path]:
+    """Check the folder and the repository id; return the files that would be uploaded, in order."""
+    from thinkdiff.models.bundle import load_model
+
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts) or any(c.isspace() for c in repo_id):
+        raise ValueError(f"repository id must look like owner/name, got {repo_id!r}")
+    load_model(model_dir)  # refuses a folder that `thinkdiff generate` could not load
+    missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{model_dir} lacks {', '.join(missing)}; re-export it with this version of thinkdiff"
+        )
+    return [model_dir / name for name in MODEL_FILES]
+
+
+def run(args: argparse.Namespace) -> int:
+    files = upload_plan(args.model_dir, args.repo_id)
+    if args.dry_run:
+        print(f"would upload to {args.repo_id} ({'private' if args.private else 'public'}):")
+        for path in files:
+            print(f"  {path.name}  {path.stat().st_size} bytes")
+        print("--- README.md ---")
+        print((args.model_dir / "README.md").read_text(), end="")
+        return 0
+
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=args.repo_id,
+            folder_path=args.model_dir,
+            allow_patterns=[p.name for p in files],
+            revision=args.revision,
+            commit_message=args.message,
+        )
+    except Exception as exc:  # network, auth, offline mode, quota: all reach the user as one line
+        logger.debug("upload failed", exc_info=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"upload to {args.repo_id} failed: {first}") from exc
+    print(f"uploaded {len(files)} files to {getattr(commit, 'commit_url', args.repo_id)}")
+    return 0
