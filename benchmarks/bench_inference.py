@@ -258,6 +258,19 @@ CLIP_L_TEXT = {
     "projection_dim": 768,
     "max_position_embeddings": 77,
 }
+# Widths cut for a CPU run of the same code (gpu_check.py --smoke): every head keeps its real head
+# size (Qwen 128 with its M-RoPE sections, vision 80, T5 64, FLUX 128 with its RoPE axes) and every
+# width that two components share stays equal (Qwen hidden = merger output, T5 d_model = FLUX
+# joint_attention_dim = aligner output, CLIP width = FLUX pooled_projection_dim).
+NARROW = {
+    "text": {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 2, "num_key_value_heads": 1},
+    "vision": {"embed_dim": 160, "num_heads": 2, "hidden_size": 256},
+    "t5": {"d_model": 256, "d_ff": 640, "num_heads": 4},
+    "clip": {"hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 2, "projection_dim": 128},
+    "transformer": {"num_attention_heads": 2, "joint_attention_dim": 256, "pooled_projection_dim": 128},
+    "vae": {"block_out_channels": (32, 32, 32, 32), "layers_per_block": 1},
+}
+
 FLUX_VAE = {
     "in_channels": 3,
     "out_channels": 3,
@@ -273,13 +286,16 @@ FLUX_VAE = {
 }
 
 
-def qwen2_vl_7b_config(depth: int | None = None, template: Path | None = None) -> Any:
-    """Qwen2-VL-7B-Instruct's architecture; token ids from ``template`` (a processor's config)."""
+def qwen2_vl_7b_config(depth: int | None = None, template: Path | None = None, narrow: bool = False) -> Any:
+    """Qwen2-VL-7B-Instruct's architecture; token ids from ``template`` (a processor's config).
+
+    ``depth`` replaces both towers' layer counts; ``narrow`` uses the :data:`NARROW` widths.
+    """
     from transformers import Qwen2VLConfig
 
     values: dict[str, Any] = json.loads((template / "config.json").read_text()) if template else {}
-    text = {**values.get("text_config", {}), **QWEN2_VL_7B_TEXT}
-    vision = {**values.get("vision_config", {}), **QWEN2_VL_7B_VISION}
+    text = {**values.get("text_config", {}), **QWEN2_VL_7B_TEXT, **(NARROW["text"] if narrow else {})}
+    vision = {**values.get("vision_config", {}), **QWEN2_VL_7B_VISION, **(NARROW["vision"] if narrow else {})}
     if depth is not None:
         text["num_hidden_layers"], vision["depth"] = depth, depth
     text["max_window_layers"] = text["num_hidden_layers"]
@@ -288,21 +304,22 @@ def qwen2_vl_7b_config(depth: int | None = None, template: Path | None = None) -
     return Qwen2VLConfig(**values)
 
 
-def flux_dev_modules(depth: int | None = None) -> dict[str, tuple[type, Any]]:
-    """FLUX.1-dev's components as (class, constructor kwargs/config)."""
+def flux_dev_modules(depth: int | None = None, narrow: bool = False) -> dict[str, tuple[type, Any]]:
+    """FLUX.1-dev's components as (class, constructor kwargs/config); ``narrow``: :data:`NARROW` widths."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    transformer = {"guidance_embeds": True}
-    t5 = dict(T5_XXL)
-    clip = dict(CLIP_L_TEXT)
+    cut = NARROW if narrow else {}
+    transformer = {"guidance_embeds": True, **cut.get("transformer", {})}
+    t5 = {**T5_XXL, **cut.get("t5", {})}
+    clip = {**CLIP_L_TEXT, **cut.get("clip", {})}
     if depth is not None:
         transformer.update(num_layers=depth, num_single_layers=depth)
         t5["num_layers"] = depth
         clip["num_hidden_layers"] = depth
     return {
         "transformer": (FluxTransformer2DModel, transformer),
-        "vae": (AutoencoderKL, FLUX_VAE),
+        "vae": (AutoencoderKL, {**FLUX_VAE, **cut.get("vae", {})}),
         "text_encoder": (CLIPTextModel, CLIPTextConfig(**clip)),
         "text_encoder_2": (T5EncoderModel, T5Config(**t5, is_encoder_decoder=False, use_cache=False)),
     }
@@ -433,13 +450,14 @@ def random_flux_decoder_class() -> type:
         """FLUX.1-dev with random weights, built directly where it will run (no files)."""
 
         depth: int | None = None
+        narrow: bool = False
 
         def build(self, components: Sequence[str]) -> Any:
             kit = resolve_tiny("tiny:flux")
             modules: dict[str, Any] = {name: None for name in self.all_components}
             # Build on the device (random init is fast there); offloaded pipelines then start
             # from the CPU, as after from_pretrained.
-            for name, (cls, spec) in flux_dev_modules(self.depth).items():
+            for name, (cls, spec) in flux_dev_modules(self.depth, self.narrow).items():
                 if name in components:
                     with torch.device(self.device), default_dtype(self.dtype):
                         module = build(cls, spec).eval()
@@ -456,14 +474,15 @@ def random_flux_decoder_class() -> type:
     return RandomFluxDecoder
 
 
-def random_lvlm(device: torch.device, dtype: torch.dtype, depth: int | None) -> Any:
+def random_lvlm(device: torch.device, dtype: torch.dtype, depth: int | None, narrow: bool = False) -> Any:
+    """Qwen2-VL-7B (or :data:`NARROW`) with random weights, built in ``dtype`` on ``device``."""
     from transformers import Qwen2VLForConditionalGeneration
 
     from thinkdiff.models.loading import resolve_tiny
     from thinkdiff.models.lvlm import LVLMFeatureExtractor, load_processor
 
     kit = resolve_tiny("tiny:qwen2-vl")
-    config = qwen2_vl_7b_config(depth, template=kit)
+    config = qwen2_vl_7b_config(depth, template=kit, narrow=narrow)
     with torch.device(device), default_dtype(dtype):
         model = Qwen2VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = config.text_config.eos_token_id
@@ -471,24 +490,76 @@ def random_lvlm(device: torch.device, dtype: torch.dtype, depth: int | None) -> 
     return LVLMFeatureExtractor(model, load_processor(kit), max_images=16)
 
 
-def bench_gpu(args: argparse.Namespace) -> dict[str, Any]:
+def gpu_run(
+    offload: str,
+    size: int,
+    steps: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    depth: int | None = None,
+    narrow: bool = False,
+) -> dict[str, Any]:
+    """One ThinkDiff-LVLM image through ThinkDiffPipeline with random Qwen2-VL-7B + FLUX.1-dev.
+
+    Returns seconds per image (stages without loads), the stage timings and peak memory per stage.
+    """
     from thinkdiff.models.aligner import Aligner
     from thinkdiff.models.bundle import ThinkDiffInfo
     from thinkdiff.pipelines import DecoderSpec, Request, ThinkDiffPipeline
 
+    ensure_tiny_kit()
+    features = NARROW["text"]["hidden_size"] if narrow else QWEN2_VL_7B_TEXT["hidden_size"]
+    modules = flux_dev_modules(depth, narrow)
+    prompt_width = modules["transformer"][1].get("joint_attention_dim", T5_XXL["d_model"])
+    pooled_width = modules["text_encoder"][1].hidden_size
+    spec = DecoderSpec("random:FLUX.1-dev", "flux", "FluxPipeline", prompt_width, pooled_width, None, True)
+    info = ThinkDiffInfo(
+        "lvlm", "random:Qwen2-VL-7B", "google/flan-t5-xxl", spec.name, in_dim=features, out_dim=prompt_width
+    )
+    decoder_cls = random_flux_decoder_class()
+    decoder_cls.depth, decoder_cls.narrow = depth, narrow
+    items = sample_items(size=448)  # 2 images of 256 visual tokens each after merging
+    pipe = ThinkDiffPipeline(
+        "lvlm",
+        spec,
+        aligner=Aligner(features, prompt_width),
+        info=info,
+        source_model=info.source_model,
+        device=device,
+        dtype=dtype,
+    )
+    pipe.decoder = decoder_cls(spec, device, dtype, offload)
+    pipe._load_lvlm = lambda: random_lvlm(device, dtype, depth, narrow)  # type: ignore[method-assign]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        out = pipe(Request(items, seed=0), height=size, width=size, num_inference_steps=steps)
+    finally:
+        total = time.perf_counter() - start
+        pipe.release()
+    compute = {k: v for k, v in out.timings.items() if not k.startswith("load_")}
+    return {
+        "offload": offload,
+        "size": size,
+        "steps": steps,
+        "seconds_per_image": sum(compute.values()),
+        "seconds_with_loads": total,
+        "timings": out.timings,
+        "peak_gib": {k: v / GiB for k, v in out.peak_memory.items()},
+        "peak_compute_gib": max(
+            (v for k, v in out.peak_memory.items() if not k.startswith("load_")), default=0
+        )
+        / GiB,
+    }
+
+
+def bench_gpu(args: argparse.Namespace) -> dict[str, Any]:
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("the gpu benchmark needs CUDA (use --smoke to run its code on the CPU)")
-    ensure_tiny_kit()
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     depth = 1 if args.smoke else None
-    spec = DecoderSpec("random:FLUX.1-dev", "flux", "FluxPipeline", 4096, 768, None, True)
-    info = ThinkDiffInfo(
-        "lvlm", "random:Qwen2-VL-7B", "google/flan-t5-xxl", spec.name, in_dim=3584, out_dim=4096
-    )
-    decoder_cls = random_flux_decoder_class()
-    decoder_cls.depth = depth
-    items = sample_items(size=448)  # 2 images of 256 visual tokens each after merging
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if not args.smoke else "cpu",
         "runs": [],
@@ -497,39 +568,9 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any]:
         if args.smoke and offload != "none":
             continue
         for size in args.sizes:
-            pipe = ThinkDiffPipeline(
-                "lvlm",
-                spec,
-                aligner=Aligner(3584, 4096),
-                info=info,
-                source_model=info.source_model,
-                device=device,
-                dtype=dtype,
-            )
-            pipe.decoder = decoder_cls(spec, device, dtype, offload)
-            pipe._load_lvlm = lambda: random_lvlm(device, dtype, depth)  # type: ignore[method-assign]
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            out = pipe(Request(items, seed=0), height=size, width=size, num_inference_steps=args.steps)
-            total = time.perf_counter() - start
-            compute = {k: v for k, v in out.timings.items() if not k.startswith("load_")}
-            run = {
-                "offload": offload,
-                "size": size,
-                "steps": args.steps,
-                "seconds_per_image": sum(compute.values()),
-                "seconds_with_loads": total,
-                "timings": out.timings,
-                "peak_gib": {k: v / GiB for k, v in out.peak_memory.items()},
-                "peak_compute_gib": max(
-                    (v for k, v in out.peak_memory.items() if not k.startswith("load_")), default=0
-                )
-                / GiB,
-            }
+            run = gpu_run(offload, size, args.steps, device, dtype, depth)
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
-            pipe.release()
     return results
 
 
