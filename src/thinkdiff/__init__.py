@@ -5,7 +5,15 @@ The public API is small and imported lazily so that ``import thinkdiff`` stays c
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
+
+# torchao (the int8/fp8 backend of --quantize) logs, on every import on a torch build it was not
+# compiled for, C-extension load failures, torch deprecation notes and a diffusers note about
+# loading torchao-serialized checkpoints: none concerns quantizing at load, and they would break
+# the CLI's one-line errors. Real errors still raise.
+for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 
