@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from common import default_dtype
+
 GiB = 1024**3
 
 # ---- shared -------------------------------------------------------------------------------------
@@ -427,16 +429,6 @@ def print_memory(table: dict[str, Any], counts: dict[str, int]) -> None:
 
 
 # ---- gpu: real architectures, random weights -----------------------------------------------------
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def random_flux_decoder_class() -> type:
