@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes.
+"""Small shared helpers: atomic file writes, checks of a resumed run's settings.
 
 Nothing a run has already written may be lost or left half-written: every file is written under a
 temporary name in the same folder and renamed into place (``os.replace`` is atomic on POSIX).
@@ -7,10 +7,12 @@ temporary name in the same folder and renamed into place (``os.replace`` is atom
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -57,3 +59,48 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+# ---- settings of a resumable run ----------------------------------------------------------------
+
+
+def compare_settings(
+    saved: dict[str, Any], current: dict[str, Any], *, allowed: Iterable[str] = (), where: str | Path = ""
+) -> list[dict[str, Any]]:
+    """Check that a rerun into ``where`` uses the settings it was written with.
+
+    A setting that differs and is not in ``allowed`` raises ``ValueError`` naming every such field
+    with its old and new value; the changes that are allowed are returned as ``{"field", "old",
+    "new"}`` records (for the run folder's ``changes.jsonl``). Callers pass only the settings that
+    change the result; a field missing from ``saved`` (an older version's folder) is not compared.
+    """
+    allowed = set(allowed)
+    changes = [
+        {"field": k, "old": saved[k], "new": v} for k, v in current.items() if k in saved and saved[k] != v
+    ]
+    refused = [c for c in changes if c["field"] not in allowed]
+    if refused:
+        listed = "; ".join(f"{c['field']}: {_short(c['old'])} -> {_short(c['new'])}" for c in refused)
+        names = " ".join(c["field"] for c in refused)
+        raise ValueError(
+            f"{where} was written with other settings ({listed}); rerun with the same settings, use a new "
+            f"folder, or accept the change deliberately with --allow-change {names}"
+        )
+    return changes
+
+
+def record_changes(path: str | Path, changes: list[dict[str, Any]], **context: Any) -> None:
+    """Append accepted setting changes to a ``changes.jsonl`` record (atomically rewritten)."""
+    if not changes:
+        return
+    path = Path(path)
+    before = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if before and not before.endswith("\n"):
+        before += "\n"  # a cut-off last line stays readable as what it is
+    lines = "".join(json.dumps({**context, **change}) + "\n" for change in changes)
+    atomic_write_text(path, before + lines)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."

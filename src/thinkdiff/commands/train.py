@@ -54,6 +54,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="'auto' (continue from the run folder's newest checkpoint, if any), 'never', or a checkpoint folder",
     )
+    parser.add_argument(
+        "--allow-change",
+        nargs="+",
+        default=[],
+        metavar="FIELD",
+        help="config fields that may differ from the resumed checkpoint's (e.g. max_steps to train "
+        "longer); a resume with any other changed setting is refused. Recorded in changes.jsonl",
+    )
     fields = parser.add_argument_group("config fields (override the preset and --config)")
     for f in dataclasses.fields(TrainConfig):
         convert, extra = _field_parser(str(f.type))
@@ -71,12 +79,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from thinkdiff.training.config import load_config
+    from thinkdiff.training.resume import check_allow_change
     from thinkdiff.training.trainer import train
 
     overrides = {k.removeprefix("field_"): v for k, v in vars(args).items() if k.startswith("field_")}
     config = load_config(args.preset, args.config, overrides)
+    allow_change = tuple(name.replace("-", "_") for name in args.allow_change)
+    check_allow_change(allow_change)
     resume = args.resume if args.resume in ("auto", "never") else Path(args.resume)
-    result = train(config, resume=resume)
+    result = train(config, resume=resume, allow_change=allow_change)
     print(f"trained {result.step} steps ({result.skipped_steps} skipped); run folder {result.output_dir}")
     if result.model_dir is not None:
         print(f"model: {result.model_dir}")

@@ -26,14 +26,15 @@ from thinkdiff.models.bundle import ThinkDiffInfo, save_model
 from thinkdiff.models.proxy_decoder import ProxyT5Decoder
 from thinkdiff.objectives import CLIPBatch, LVLMBatch, clip_decode, clip_loss, lvlm_decode, lvlm_loss
 from thinkdiff.training.checkpoint import (
+    CheckpointError,
     checkpoint_dirs,
-    load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from thinkdiff.training.config import TrainConfig
 from thinkdiff.training.data import StepData, build_step_data, feature_width
+from thinkdiff.training.resume import agree_on_checkpoint, config_changes, record_config_changes
 from thinkdiff.training.schedule import build_optimizer, lr_at, set_lr
 from thinkdiff.utils import atomic_write_text
 
@@ -218,34 +219,54 @@ class Trainer:
             )
         self.accelerator.wait_for_everyone()
 
-    def resume(self, checkpoint: str | Path | None = "auto") -> bool:
-        """Continue from ``checkpoint`` (a folder) or, with ``"auto"``, the run's newest one."""
+    def resume(
+        self, checkpoint: str | Path | None = "auto", allow_change: tuple[str, ...] = ()
+    ) -> bool:
+        """Continue from ``checkpoint`` (a folder) or, with ``"auto"``, the run's newest good one.
+
+        Every rank continues from the checkpoint rank 0 chose (see
+        :func:`thinkdiff.training.resume.agree_on_checkpoint`); config fields that change the
+        result must match the checkpoint's unless named in ``allow_change``.
+        """
         if checkpoint in (None, "never"):
             return False
-        if checkpoint == "auto":
-            found = checkpoint_dirs(self.output_dir)
-            if not found:
-                return False
-            checkpoint = found[-1]
-        state = load_checkpoint(Path(checkpoint), self.unwrapped_aligner())
+        chosen = agree_on_checkpoint(self.accelerator, self.output_dir, checkpoint, self.unwrapped_aligner())
+        if chosen is None:
+            return False
+        state = chosen.trainer_state
         if state["world_size"] != self.accelerator.num_processes:
             raise ValueError(
-                f"checkpoint {checkpoint} was written by {state['world_size']} processes; resume with the same number "
-                f"(this run has {self.accelerator.num_processes}) so every rank continues its own data"
+                f"checkpoint {chosen.folder} was written by {state['world_size']} processes; resume with the same "
+                f"number (this run has {self.accelerator.num_processes}) so every rank continues its own data"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
+        changes = config_changes(state["config"], self.config, allow_change, chosen.folder)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.data.load_state_dict(state["data"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"trainer state of {chosen.folder} does not fit this run: {exc}") from exc
+        self.unwrapped_aligner().load_state_dict(chosen.aligner_state, strict=True)
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
-        self.data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
-        logger.info("resumed from %s at step %d", checkpoint, self.step)
+        if self.is_main:
+            record_config_changes(self.output_dir, changes, chosen)
+        logger.info("resumed from %s at step %d", chosen.folder, self.step)
         return True
 
     # ---------------------------------------------------------------- the loop
-    def fit(self, resume: str | Path | None = "auto", stop_after: int | None = None) -> TrainResult:
-        """Train to ``max_steps`` (or until ``stop_after`` steps, to simulate an interruption)."""
+    def fit(
+        self,
+        resume: str | Path | None = "auto",
+        stop_after: int | None = None,
+        allow_change: tuple[str, ...] = (),
+    ) -> TrainResult:
+        """Train to ``max_steps`` (or until ``stop_after`` steps, to simulate an interruption).
+
+        ``allow_change``: config fields that may differ from the resumed checkpoint's.
+        """
         config = self.config
-        self.resume(resume)
+        self.resume(resume, allow_change)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.output_dir / "config.json")
@@ -366,12 +387,15 @@ class Trainer:
 
 
 def train(
-    config: TrainConfig, resume: str | Path | None = "auto", stop_after: int | None = None
+    config: TrainConfig,
+    resume: str | Path | None = "auto",
+    stop_after: int | None = None,
+    allow_change: tuple[str, ...] = (),
 ) -> TrainResult:
     """Build a :class:`Trainer` for ``config`` and run it; the process group is closed at the end."""
     trainer = Trainer(config)
     try:
-        return trainer.fit(resume=resume, stop_after=stop_after)
+        return trainer.fit(resume=resume, stop_after=stop_after, allow_change=allow_change)
     finally:
         trainer.accelerator.end_training()
 

@@ -1,0 +1,171 @@
+"""Reliability of training on bad or hostile input: checkpoints that would run code, broken
+checkpoints and data, changed settings on resume, leftovers of killed runs (issue 12).
+
+Every test builds the bad input itself and checks the exit status, the one-line message naming the
+file and the problem, that no traceback is printed, and that nothing is written that should not be.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from thinkdiff.cli import main
+from thinkdiff.training.checkpoint import (
+    LEGACY_STATE,
+    STATE_JSON,
+    STATE_TENSORS,
+    checkpoint_dirs,
+    read_trainer_state,
+)
+from thinkdiff.training.config import debug_lvlm
+from thinkdiff.training.trainer import Trainer, train
+
+QUICK = {"log_every": 1, "val_every": 0, "decode_every": 0, "save_every": 3, "keep_last": 5}
+
+
+class Payload:
+    """Unpickling this runs a shell command that leaves ``marker`` behind."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def quick_config(feature_dir: Path, out: Path, **overrides):
+    return debug_lvlm().updated(data=[str(feature_dir)], output_dir=str(out), **{**QUICK, **overrides})
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """Run ``thinkdiff ARGV`` in this process; return its exit status and stderr."""
+    capsys.readouterr()
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def train_cli(feature_dir: Path, out: Path, *extra: str) -> list[str]:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items()]
+    return ["train", "--preset", "debug-lvlm", "--data", str(feature_dir), "--output-dir", str(out), *flags, *extra]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with the SHA-256 of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_one_line_error(err: str, *needles: str) -> None:
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    for needle in needles:
+        assert needle in errors[0], (needle, err)
+
+
+def write_evil_state(folder: Path, marker: Path) -> None:
+    for name in (STATE_JSON, STATE_TENSORS):
+        (folder / name).unlink(missing_ok=True)
+    torch.save({"step": 3, "world_size": 1, "evil": Payload(marker)}, folder / LEGACY_STATE)
+
+
+@pytest.fixture(scope="module")
+def short_run(feature_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 6-step run with checkpoints at steps 3 and 6 (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("short") / "run"
+    train(quick_config(feature_dir, out, max_steps=6), resume="never")
+    return out
+
+
+def copy_run(short_run: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    return run
+
+
+# ---- item 1: no code runs from a checkpoint ------------------------------------------------------
+
+
+def test_checkpoint_state_is_json_and_safetensors(short_run: Path) -> None:
+    folder = checkpoint_dirs(short_run)[-1]
+    assert sorted(p.name for p in folder.iterdir()) == ["aligner.safetensors", STATE_JSON, STATE_TENSORS]
+    state = read_trainer_state(folder)
+    assert state["step"] == 6 and state["world_size"] == 1
+    assert isinstance(state["rng"]["python"], tuple) and state["rng"]["numpy"][1].dtype.name == "uint32"
+    assert all(isinstance(k, int) for k in state["optimizer"]["state"])
+
+
+def test_crafted_trainer_state_is_refused_and_runs_nothing(
+    feature_dir: Path, short_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    evil = tmp_path / "evil"
+    shutil.copytree(checkpoint_dirs(short_run)[0], evil)
+    marker = tmp_path / "marker"
+    write_evil_state(evil, marker)
+    out = tmp_path / "new-run"
+    code, err = cli(capsys, *train_cli(feature_dir, out, "--max-steps=9", "--resume", str(evil)))
+    assert code == 2
+    assert_one_line_error(err, str(evil / LEGACY_STATE), "refused", "would run code")
+    assert not marker.exists(), "the pickle ran its command"
+    assert not out.exists(), "nothing may be written for a refused resume"
+
+
+def test_auto_resume_skips_a_crafted_newest_checkpoint(
+    feature_dir: Path, short_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = copy_run(short_run, tmp_path)
+    marker = tmp_path / "marker"
+    write_evil_state(checkpoint_dirs(run)[-1], marker)
+    trainer = Trainer(quick_config(feature_dir, run, max_steps=6))
+    assert trainer.resume("auto")
+    assert trainer.step == 3 and not marker.exists()
+    assert "skipping checkpoint step-0000006" in caplog.text and "would run code" in caplog.text
+
+
+def test_legacy_trainer_state_still_resumes(feature_dir: Path, short_run: Path, tmp_path: Path) -> None:
+    """A checkpoint of the earlier pickle format resumes (read with weights_only=True) exactly."""
+    run = copy_run(short_run, tmp_path)
+    folder = checkpoint_dirs(run)[0]
+    torch.save(read_trainer_state(folder), folder / LEGACY_STATE)  # what the old code wrote
+    (folder / STATE_JSON).unlink()
+    (folder / STATE_TENSORS).unlink()
+    shutil.rmtree(checkpoint_dirs(run)[-1])
+    resumed = Trainer(quick_config(feature_dir, run, max_steps=6)).fit(resume="auto")
+    whole = json.loads((short_run / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    assert resumed.step == 6
+    assert resumed.losses[-1] == pytest.approx(whole, abs=1e-6)
+
+
+def test_other_pickle_loads_run_nothing(tmp_path: Path) -> None:
+    """The two other readers of user-supplied pickles (released checkpoints, .bin towers) refuse a
+    payload without running it; nothing in the package passes trust_remote_code."""
+    from thinkdiff.models.state_dicts import load_prefixed_state_dict
+    from thinkdiff.pipelines.official import convert_official_checkpoint
+
+    marker = tmp_path / "marker"
+    folder = tmp_path / "tower"
+    folder.mkdir()
+    torch.save({"vision.w": Payload(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"corrupt checkpoint shard .*pytorch_model.bin"):
+        load_prefixed_state_dict(folder, "vision.", torch.float32)
+    torch.save({"state_dict": Payload(marker)}, tmp_path / "released.pth")
+    with pytest.raises(ValueError, match=r"cannot read .*released.pth as a weights-only"):
+        convert_official_checkpoint(tmp_path / "released.pth", tmp_path / "model", "lvlm")
+    assert not marker.exists() and not (tmp_path / "model").exists()
+    src = Path(__file__).parents[1] / "src" / "thinkdiff"
+    offenders = [
+        str(p)
+        for p in src.rglob("*.py")
+        if any(s in p.read_text() for s in ("trust_remote_code=True", "weights_only=False", "allow_pickle=True"))
+    ]
+    assert offenders == []
