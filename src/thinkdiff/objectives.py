@@ -26,7 +26,7 @@ import logging
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -116,6 +116,8 @@ class LVLMBatch:
     target_texts: list[str]
     keys: list[str]
     splits: list[int]
+    token_ids: list[list[int]] = field(default_factory=list)
+    """The LVLM's token ids of each target (calibration's per-position regression aligns them)."""
 
     def to(self, device: torch.device | str) -> LVLMBatch:
         return LVLMBatch(
@@ -125,6 +127,7 @@ class LVLMBatch:
             self.target_texts,
             self.keys,
             self.splits,
+            self.token_ids,
         )
 
     def padding_fraction(self) -> float:
@@ -181,7 +184,7 @@ class LVLMSplitCollator:
         return random_cut(self.seed, epoch, key, length, self.max_split)
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> LVLMBatch:
-        memories, targets, keys, cuts = [], [], [], []
+        memories, targets, keys, cuts, target_ids_list = [], [], [], [], []
         for sample in samples:
             token_ids = torch.as_tensor(sample["token_ids"])
             length = int(sample["feature_mask"].sum()) if "feature_mask" in sample else token_ids.shape[0]
@@ -201,14 +204,15 @@ class LVLMSplitCollator:
                 memory = sample["features"][:cut]
                 target_ids = token_ids[cut:length] if self.split else token_ids[:length]
             memories.append(memory)
-            targets.append(self.lvlm_tokenizer.decode(target_ids.tolist(), skip_special_tokens=True))
+            target_ids_list.append(target_ids.tolist())
+            targets.append(self.lvlm_tokenizer.decode(target_ids_list[-1], skip_special_tokens=True))
             keys.append(sample["key"])
             cuts.append(cut)
         if not memories:
             raise ValueError(f"no usable sample in batch {[s['key'] for s in samples]}")
         features_BLH, mask_BL = pad_features(memories)
         labels_BT = t5_target_ids(self.t5_tokenizer, targets, self.max_target_tokens)
-        return LVLMBatch(features_BLH, mask_BL, labels_BT, targets, keys, cuts)
+        return LVLMBatch(features_BLH, mask_BL, labels_BT, targets, keys, cuts, target_ids_list)
 
 
 def lvlm_loss(aligner: Aligner, proxy: ProxyT5Decoder, batch: LVLMBatch) -> torch.Tensor:

@@ -84,6 +84,44 @@ class TrainConfig:
         "recompute the frozen decoder's activations in backward", default=False
     )
 
+    objective: str = _help(
+        "'proxy' (the paper's: the frozen T5 decoder reads the aligned features back) or 'calibrate' "
+        "(decoder in the loop: the frozen diffusion decoder on the aligned features must act as on "
+        "its own text states; start from init_aligner; see docs/calibration.md)",
+        default="proxy",
+    )
+    init_aligner: str | None = _help(
+        "a trained aligner model folder (thinkdiff train's model/) to start from", default=None
+    )
+    calibration_loss: str = _help(
+        "calibrate: 'distill' (MSE between the decoder's velocities on aligned features and on its "
+        "own T5 states of the answer; any tokenizers) or 'regress' (per-position MSE onto those T5 "
+        "states where the tokens align; lvlm only)",
+        default="distill",
+    )
+    proxy_weight: float = _help(
+        "calibrate: weight of the no-split proxy cross-entropy added to the loss (0: none)", default=0.1
+    )
+    token_alignment: str = _help(
+        "regress: 'offsets' (through character offsets, any two tokenizers) or 'one-to-one'",
+        default="offsets",
+    )
+    noise_source: str = _help(
+        "calibrate: noisy inputs from 'pure' noise at sigma >= noise_min_sigma, the 'teacher''s own "
+        "partial samples, or the 'source' image's latents (clip only)",
+        default="pure",
+    )
+    noise_min_sigma: float = _help("'pure' noise: lowest noise level (1 = pure noise)", default=0.7)
+    teacher_steps: int = _help("'teacher' noise: Euler steps of the teacher's sampler path", default=4)
+    teacher_max_length: int | None = _help(
+        "calibrate: T5 tokens of the teacher's text (None: each text at its own length)", default=None
+    )
+    calibration_size: int | None = _help(
+        "calibrate: image size in pixels of the noisy inputs (None: the decoder's sample size, else 512)",
+        default=None,
+    )
+    cache_teacher: bool = _help("calibrate: keep each text's teacher states (CPU) for reuse", default=True)
+
     seed: int = _help("base seed (data order, random cuts, init)", default=42)
     num_workers: int = _help("data-loader worker processes per rank", default=4)
     shuffle_buffer: int = _help("samples in the shuffle buffer", default=2000)
@@ -128,6 +166,7 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.num_workers < 0 or self.bucket_batches < 0:
             problems.append("warmup_steps, num_workers and bucket_batches must be >= 0")
+        problems.extend(self._calibration_problems())
         if not self.data:
             problems.append("no training data given (data)")
         for path in [*self.data, *self.val_data]:
@@ -148,6 +187,40 @@ class TrainConfig:
                 )
         if problems:
             raise ValueError("bad training config: " + "; ".join(problems))
+
+    def _calibration_problems(self) -> list[str]:
+        problems: list[str] = []
+        if self.objective not in ("proxy", "calibrate"):
+            problems.append(f"objective must be 'proxy' or 'calibrate', got {self.objective!r}")
+        if self.init_aligner is not None and not Path(self.init_aligner).is_dir():
+            problems.append(f"init_aligner {self.init_aligner} does not exist")
+        if self.objective != "calibrate":
+            return problems
+        if self.calibration_loss not in ("distill", "regress"):
+            problems.append(f"calibration_loss must be 'distill' or 'regress', got {self.calibration_loss!r}")
+        if self.token_alignment not in ("one-to-one", "offsets"):
+            problems.append(f"token_alignment must be 'one-to-one' or 'offsets', got {self.token_alignment!r}")
+        if self.noise_source not in ("pure", "teacher", "source"):
+            problems.append(f"noise_source must be 'pure', 'teacher' or 'source', got {self.noise_source!r}")
+        if self.variant == "lvlm" and self.split:
+            problems.append("calibration reads whole answers: set split to false (the no-split collator)")
+        if self.variant == "lvlm" and self.noise_source == "source":
+            problems.append("noise_source 'source' needs the source images: clip only (use 'pure' or 'teacher')")
+        if self.variant == "clip" and self.calibration_loss == "regress":
+            problems.append("calibration_loss 'regress' aligns LVLM tokens: lvlm only")
+        if self.calibration_loss == "regress" and self.features != "generated":
+            problems.append("calibration_loss 'regress' needs generated-token features")
+        if self.proxy_weight < 0:
+            problems.append(f"proxy_weight must be >= 0, got {self.proxy_weight}")
+        if not 0 < self.noise_min_sigma <= 1:
+            problems.append(f"noise_min_sigma must be in (0, 1], got {self.noise_min_sigma}")
+        if self.teacher_steps < 1:
+            problems.append(f"teacher_steps must be >= 1, got {self.teacher_steps}")
+        for name in ("teacher_max_length", "calibration_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1, got {value}")
+        return problems
 
     def accumulation_steps(self, num_processes: int) -> int:
         per_process = self.global_batch_size // num_processes
@@ -229,11 +302,70 @@ def debug_clip() -> TrainConfig:
     return _debug("clip")
 
 
+def calibrate_lvlm_flux() -> TrainConfig:
+    """Decoder-in-the-loop calibration of a trained ThinkDiff-LVLM aligner against FLUX.1-dev.
+
+    Give ``init_aligner`` (the proxy run's model/) and ``data``: feature shards of task-format
+    prompts (``extract-features --task-shots``) from a source disjoint from the benchmark.
+    """
+    return TrainConfig(
+        variant="lvlm",
+        objective="calibrate",
+        split=False,
+        global_batch_size=32,
+        max_steps=2000,
+        lr=1e-4,
+        warmup_start_lr=1e-6,
+        warmup_steps=100,
+        min_lr=1e-5,
+        calibration_size=256,
+        activation_checkpointing=True,
+        val_every=250,
+        decode_every=500,
+        save_every=250,
+        output_dir="runs/calibrate-lvlm",
+    )
+
+
+def calibrate_clip_flux() -> TrainConfig:
+    """Decoder-in-the-loop calibration of a trained ThinkDiff-CLIP aligner against FLUX.1-dev."""
+    return calibrate_lvlm_flux().updated(
+        variant="clip", max_target_tokens=32, split=True, output_dir="runs/calibrate-clip"
+    )
+
+
+def _debug_calibrate(variant: Variant) -> TrainConfig:
+    return _debug(variant).updated(
+        objective="calibrate",
+        split=variant == "clip",
+        max_steps=10,
+        warmup_steps=2,
+        val_every=5,
+        decode_every=0,
+        save_every=5,
+        output_dir=f"runs/debug-calibrate-{variant}",
+    )
+
+
+def debug_calibrate_lvlm() -> TrainConfig:
+    """Seconds-long ThinkDiff-LVLM calibration on the offline tiny kit (give init_aligner and data)."""
+    return _debug_calibrate("lvlm")
+
+
+def debug_calibrate_clip() -> TrainConfig:
+    """Seconds-long ThinkDiff-CLIP calibration on the offline tiny kit."""
+    return _debug_calibrate("clip")
+
+
 PRESETS = {
     "lvlm-qwen2vl-flant5xxl": lvlm_qwen2vl_flant5xxl,
     "clip-eva-flant5xxl": clip_eva_flant5xxl,
     "debug-lvlm": debug_lvlm,
     "debug-clip": debug_clip,
+    "calibrate-lvlm-flux": calibrate_lvlm_flux,
+    "calibrate-clip-flux": calibrate_clip_flux,
+    "debug-calibrate-lvlm": debug_calibrate_lvlm,
+    "debug-calibrate-clip": debug_calibrate_clip,
 }
 
 

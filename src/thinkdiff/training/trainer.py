@@ -99,6 +99,17 @@ class Trainer:
         )
         if config.aligner_norm == "t5":
             aligner.init_norm_from_t5(self.proxy)
+        if config.init_aligner is not None:
+            from thinkdiff.training.calibration import init_aligner_weights
+
+            init_aligner_weights(aligner, config.init_aligner)
+        self.calibration = None
+        if config.objective == "calibrate":
+            from thinkdiff.training.calibration import Calibration
+            from thinkdiff.training.data import load_lvlm_tokenizer
+
+            lvlm_tokenizer = load_lvlm_tokenizer(config.lvlm) if config.variant == "lvlm" else None
+            self.calibration = Calibration(config, device, frozen_dtype, lvlm_tokenizer)
         optimizer = build_optimizer(aligner, config)
         self.aligner, self.optimizer = accelerator.prepare(aligner, optimizer)
         self.data: StepData = build_step_data(
@@ -135,6 +146,11 @@ class Trainer:
 
     def loss_of(self, batch: LVLMBatch | CLIPBatch) -> torch.Tensor:
         batch = batch.to(self.accelerator.device)
+        if self.calibration is not None:
+            from thinkdiff.training.calibration import calibration_loss
+
+            tokens = self.vision(batch.pixel_values_BCHW) if isinstance(batch, CLIPBatch) else None
+            return calibration_loss(self.aligner, self.calibration, batch, self.proxy, tokens)
         if isinstance(batch, CLIPBatch):
             return clip_loss(self.vision(batch.pixel_values_BCHW), self.aligner, self.proxy, batch)
         return lvlm_loss(self.aligner, self.proxy, batch)
@@ -375,6 +391,8 @@ class Trainer:
                     "global_batch_size": config.global_batch_size,
                     "aligner_norm": config.aligner_norm,
                     "split": config.split,
+                    "objective": config.objective,
+                    "init_aligner": config.init_aligner,
                     "lr": config.lr,
                     "data": list(config.data),
                     "final_train_loss": None if final_loss is None else round(final_loss, 6),

@@ -1,0 +1,351 @@
+"""Decoder-in-the-loop calibration of a trained aligner (issue 17).
+
+The proxy objective pins the *content* of the aligned features (the T5 decoder reads them back) but
+not the *basis* the diffusion decoder reads. Calibration keeps the decoder frozen and trains only
+the aligner so that the decoder behaves on the aligned features as it does on its own text:
+
+- **student**: the frozen denoiser conditioned on the aligned features (ThinkDiff-LVLM: the
+  LVLM's generated-token features of a stored answer; ThinkDiff-CLIP: the aligned image tokens
+  followed by the decoder's T5 states of the caption's first part, as at inference), with the
+  pooled vector inference gives aligned features (FLUX: CLIP of ``""``);
+- **teacher**: the same denoiser on its own text encoder's states of the answer (the whole caption
+  for CLIP), with that text's pooled vector; no gradient, cached per text.
+
+Losses (``TrainConfig.calibration_loss``):
+
+- ``distill``: MSE between the student's and the teacher's outputs on the same noisy inputs. It
+  needs no alignment between the LVLM's and T5's tokens, so it carries over to real tokenizers;
+- ``regress``: per-position MSE of the aligned features onto the teacher's T5 states, where the two
+  tokenisations can be aligned (:func:`align_tokens`: one to one, or through character offsets);
+  no decoder call at all.
+
+Either can add ``proxy_weight`` x the no-split proxy cross-entropy, which keeps the proxy decoder
+reading the features. Noisy inputs (``noise_source``): ``pure`` noise at a high noise level
+(``sigma >= noise_min_sigma``; no extra calls), the ``teacher``'s own partial samples (a few
+teacher Euler steps from noise; on the sampler's path), or the ``source`` image's latents noised
+at a logit-normal level (CLIP only: the caption's image is in the batch).
+
+Samples are grouped by (student length, teacher length): a FLUX prompt has no mask, so samples
+are stacked only with others of the same lengths, as at inference.
+
+Shapes: B batch, L aligned tokens, T teacher tokens, D prompt width, N latent tokens, C channels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from thinkdiff.objectives import CLIPBatch, LVLMBatch, clip_loss, lvlm_loss
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from thinkdiff.models.aligner import Aligner
+    from thinkdiff.models.proxy_decoder import ProxyT5Decoder
+    from thinkdiff.training.config import TrainConfig
+
+__all__ = ["Calibration", "align_tokens", "calibration_loss", "calibration_step", "token_char_spans"]
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- token alignment
+def token_char_spans(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Character span of each token of ``ids`` in ``tokenizer.decode(ids)``, from decoded prefixes
+    (works for any tokenizer, byte-level BPE included, without offset support)."""
+    spans, start = [], 0
+    for i in range(len(ids)):
+        end = len(tokenizer.decode(list(ids[: i + 1]), skip_special_tokens=True))
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+def align_tokens(
+    text: str,
+    source_ids: Sequence[int],
+    source_tokenizer: PreTrainedTokenizerBase,
+    target_tokenizer: PreTrainedTokenizerBase,
+    mode: str = "offsets",
+) -> list[tuple[int, int]] | None:
+    """Pairs (source position, target position) of tokens that stand for the same text.
+
+    ``source_ids``: the LVLM's tokens of ``text`` (an EOS at the end is paired with the target's
+    EOS). ``target_tokenizer`` must be a fast tokenizer (offsets); the target ends in its EOS.
+    ``one-to-one``: the texts must tokenize to the same number of tokens, paired in order (else
+    ``None``). ``offsets``: each source token is paired with the target token holding its first
+    non-space character (many to one where the target's tokens are longer).
+    """
+    special = set(source_tokenizer.all_special_ids)
+    words = [i for i in source_ids if i not in special]
+    has_eos = len(words) < len(source_ids)
+    enc = target_tokenizer(text, return_offsets_mapping=True)
+    target = [(i, span) for i, (tid, span) in enumerate(zip(enc.input_ids, enc.offset_mapping))]
+    target_special = set(target_tokenizer.all_special_ids)
+    target_words = [(i, span) for i, span in target if enc.input_ids[i] not in target_special]
+    target_eos = [i for i, _ in target if enc.input_ids[i] == target_tokenizer.eos_token_id]
+    pairs: list[tuple[int, int]] = []
+    if mode == "one-to-one":
+        if len(words) != len(target_words):
+            return None
+        pairs = [(i, t) for i, (t, _) in enumerate(target_words)]
+    elif mode == "offsets":
+        decoded = source_tokenizer.decode(words, skip_special_tokens=True)
+        # The decoded text may differ from ``text`` in leading spaces only; offsets are into ``text``.
+        shift = text.find(decoded.strip()) - (len(decoded) - len(decoded.lstrip()))
+        for i, (start, end) in enumerate(token_char_spans(source_tokenizer, words)):
+            piece = decoded[start:end]
+            first = start + (len(piece) - len(piece.lstrip()))
+            if first >= end:
+                continue  # a whitespace-only token stands for nothing T5 keeps
+            char = first + shift
+            match = next((t for t, (a, b) in target_words if a <= char < b), None)
+            if match is not None:
+                pairs.append((i, match))
+    else:
+        raise ValueError(f"token alignment must be 'one-to-one' or 'offsets', got {mode!r}")
+    if has_eos and target_eos:
+        pairs.append((len(source_ids) - 1, target_eos[-1]))
+    return pairs
+
+
+# ----------------------------------------------------------------------------- the decoder in the loop
+class Calibration:
+    """The frozen diffusion decoder of a calibration run, its teacher cache and the losses.
+
+    Everything decoder-specific goes through the :class:`~thinkdiff.pipelines.decoders.DiffusionDecoder`
+    calibration methods (``calibration_conditioning``, ``latent_shape``, ``image_latents``,
+    ``velocity``, ``add_noise``, ``euler_step``), so any decoder that implements them calibrates.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        lvlm_tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        from thinkdiff.pipelines.decoders import DecoderSpec, load_decoder
+
+        self.config = config
+        spec = DecoderSpec.inspect(config.diffusion_decoder)
+        self.decoder = load_decoder(spec, device, dtype)
+        roles = ("pooled", "t5") if spec.pooled_width is not None else ("t5",)
+        components = [*self.decoder.components_for(roles), "transformer"]
+        if config.noise_source == "source" and "vae" in self.decoder.denoise_components:
+            components.append("vae")
+        self.pipe = self.decoder.load(components)
+        for name in components:
+            module = getattr(self.pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False).eval()
+        if config.activation_checkpointing:
+            # Recompute each block in backward: the gradient reaches the aligner through every block.
+            self.pipe.transformer.enable_gradient_checkpointing()
+        size = config.calibration_size or spec.sample_size or 512
+        self.height = self.width = size
+        self.decoder.check_size(size, size, "calibration_size")
+        self.lvlm_tokenizer = lvlm_tokenizer
+        self.student_extra = {
+            k: v.detach() for k, v in self.decoder.calibration_conditioning(self.pipe, None, None).items()
+        }
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
+
+    # ---- conditioning --------------------------------------------------------------------------
+    @torch.no_grad()
+    def text_conditioning(self, text: str) -> dict[str, torch.Tensor]:
+        """The decoder's own conditioning of ``text`` (batch 1), cached per text when configured
+        (kept on the CPU: the text encoders need not stay in memory for a cached dataset)."""
+        cached = self._cache.get(text)
+        if cached is not None:
+            return {k: v.to(self.device) for k, v in cached.items()}
+        conditioning = self.decoder.calibration_conditioning(
+            self.pipe, text or " ", self.config.teacher_max_length
+        )
+        if self.config.cache_teacher:
+            self._cache[text] = {k: v.detach().cpu() for k, v in conditioning.items()}
+        return conditioning
+
+    def student(self, prompt_LD: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"prompt_embeds": prompt_LD[None], **self.student_extra}
+
+    # ---- noisy inputs --------------------------------------------------------------------------
+    def _noisy(
+        self, n: int, teacher: dict[str, torch.Tensor], clean: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noisy latents and their levels for ``n`` samples of one group (global torch RNG, so an
+        exact resume draws the same noise)."""
+        shape = (n, *self.decoder.latent_shape(self.pipe, self.height, self.width))
+        noise = torch.randn(shape, device=self.device)
+        source = self.config.noise_source
+        if source == "pure":
+            low = self.config.noise_min_sigma
+            sigmas = low + (1 - low) * torch.rand(n, device=self.device)
+            return noise, sigmas
+        if source == "source":
+            assert clean is not None
+            sigmas = torch.sigmoid(torch.randn(n, device=self.device))  # logit-normal, as FLUX trains
+            return self.decoder.add_noise(clean.to(noise.dtype), noise, sigmas), sigmas
+        # teacher: j Euler steps of the teacher from pure noise along the sampler's schedule.
+        steps = self.config.teacher_steps
+        schedule = torch.linspace(1.0, 0.0, steps + 1).tolist()
+        j = int(torch.randint(0, steps, (1,)).item())
+        x = noise
+        with torch.no_grad():
+            for i in range(j):
+                sig = torch.full((n,), schedule[i], device=self.device)
+                out = self.decoder.velocity(self.pipe, x, sig, teacher, self.height, self.width)
+                x = self.decoder.euler_step(x, out.float(), schedule[i], schedule[i + 1])
+        return x, torch.full((n,), schedule[j], device=self.device)
+
+    # ---- losses --------------------------------------------------------------------------------
+    def distill(
+        self,
+        students: list[torch.Tensor],
+        texts: list[str],
+        clean: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean MSE between student and teacher outputs; ``students[i]`` is ``[L_i, D]``."""
+        teachers = [self.text_conditioning(t) for t in texts]
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, (s, t) in enumerate(zip(students, teachers)):
+            groups[(s.shape[0], t["prompt_embeds"].shape[1])].append(i)
+        total = students[0].new_zeros(())
+        for members in groups.values():
+            teacher = {k: torch.cat([teachers[i][k] for i in members]) for k in teachers[members[0]]}
+            student = {
+                "prompt_embeds": torch.stack([students[i] for i in members]),
+                **{k: v.expand(len(members), *v.shape[1:]) for k, v in self.student_extra.items()},
+            }
+            group_clean = clean[members] if clean is not None else None
+            x, sigmas = self._noisy(len(members), teacher, group_clean)
+            with torch.no_grad():
+                target = self.decoder.velocity(self.pipe, x, sigmas, teacher, self.height, self.width)
+            pred = self.decoder.velocity(self.pipe, x, sigmas, student, self.height, self.width)
+            total = total + F.mse_loss(pred.float(), target.float(), reduction="mean") * len(members)
+        return total / len(students)
+
+    def regress(self, students: list[torch.Tensor], texts: list[str], token_ids: list[list[int]]) -> torch.Tensor:
+        """Per-position MSE of aligned features onto the teacher's T5 states at aligned tokens."""
+        assert self.lvlm_tokenizer is not None
+        t5_tokenizer = self.decoder_t5_tokenizer
+        preds, targets = [], []
+        for student, text, ids in zip(students, texts, token_ids):
+            pairs = align_tokens(text, ids, self.lvlm_tokenizer, t5_tokenizer, self.config.token_alignment)
+            states = self.text_conditioning(text)["prompt_embeds"][0]
+            pairs = [(s, t) for s, t in (pairs or []) if s < student.shape[0] and t < states.shape[0]]
+            if not pairs:
+                continue
+            src, dst = zip(*pairs)
+            preds.append(student[list(src)])
+            targets.append(states[list(dst)])
+        if not preds:
+            return students[0].sum() * 0.0  # no alignable sample: a zero loss that keeps the graph
+        return F.mse_loss(torch.cat(preds).float(), torch.cat(targets).float())
+
+    @property
+    def decoder_t5_tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.pipe.tokenizer_2 if hasattr(self.pipe, "tokenizer_2") else self.pipe.tokenizer
+
+    def source_images(self, pixel_values_BCHW: torch.Tensor) -> np.ndarray:
+        """uint8 images at the calibration size from BLIP-2-normalised pixels (the 'source' input)."""
+        from thinkdiff.data.image_caption import CLIP_MEAN, CLIP_STD
+
+        mean = torch.tensor(CLIP_MEAN).reshape(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD).reshape(1, 3, 1, 1)
+        x = pixel_values_BCHW.detach().float().cpu() * std + mean
+        x = F.interpolate(x, size=(self.height, self.width), mode="bilinear", align_corners=False)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def calibration_loss(
+    aligner: Aligner,
+    calibration: Calibration,
+    batch: LVLMBatch | CLIPBatch,
+    proxy: ProxyT5Decoder,
+    image_tokens_BND: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The configured calibration loss of one micro-batch (see the module docstring)."""
+    config = calibration.config
+    if isinstance(batch, CLIPBatch):
+        assert image_tokens_BND is not None
+        aligned_BND = aligner(image_tokens_BND)
+        students = [
+            torch.cat([aligned_BND[i], calibration.text_conditioning(first)["prompt_embeds"][0].to(aligned_BND.dtype)])
+            for i, first in enumerate(batch.inputs)
+        ]
+        texts = [f"{a} {b}" for a, b in zip(batch.inputs, batch.target_texts)]
+        clean = None
+        if config.noise_source == "source":
+            images = calibration.source_images(batch.pixel_values_BCHW)
+            clean = calibration.decoder.image_latents(calibration.pipe, images)
+        loss = calibration.distill(students, texts, clean)
+        if config.proxy_weight:
+            loss = loss + config.proxy_weight * clip_loss(image_tokens_BND, aligner, proxy, batch)
+        return loss
+    aligned_BLD = aligner(batch.features_BLH)
+    lengths = batch.mask_BL.sum(1).tolist()
+    students = [aligned_BLD[i, : int(n)] for i, n in enumerate(lengths)]
+    if config.calibration_loss == "regress":
+        loss = calibration.regress(students, batch.target_texts, batch.token_ids)
+    else:
+        loss = calibration.distill(students, batch.target_texts)
+    if config.proxy_weight:
+        loss = loss + config.proxy_weight * lvlm_loss(aligner, proxy, batch)
+    return loss
+
+
+def calibration_step(config: TrainConfig) -> dict[str, Any]:
+    """Build the trainer for a calibration ``config`` and run ONE optimiser step (the GPU check).
+
+    Returns the loss, the gradient norm, the step's seconds and the peak GPU memory in bytes (0 on
+    the CPU). Nothing is written to the run folder.
+    """
+    from thinkdiff.training.trainer import Trainer
+
+    if config.objective != "calibrate":
+        raise ValueError(f"calibration_step needs objective='calibrate', got {config.objective!r}")
+    trainer = Trainer(config)
+    try:
+        cuda = trainer.accelerator.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        batches = trainer.data.next_step()
+        started = time.perf_counter()
+        loss, grad_norm, applied = trainer.train_step(batches)
+        if cuda:
+            torch.cuda.synchronize()
+        return {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "applied": applied,
+            "seconds": time.perf_counter() - started,
+            "peak_memory": torch.cuda.max_memory_allocated() if cuda else 0,
+            "finite": math.isfinite(loss),
+        }
+    finally:
+        trainer.accelerator.end_training()
+
+
+def init_aligner_weights(aligner: torch.nn.Module, folder: str | Path) -> None:
+    """Start from a trained aligner model folder (what ``thinkdiff train`` exports)."""
+    from thinkdiff.training.checkpoint import load_aligner_weights
+
+    weights = Path(folder) / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"init_aligner {folder} is not an aligner model folder (no {weights.name})")
+    load_aligner_weights(aligner, weights)
