@@ -121,7 +121,11 @@ def lvlm_by_hand(items: list[Any], seed: int, exactly: bool = True):
         sampling = SamplingSettings.exactly(128, temperature=0.6, top_p=0.9, seed=seed)
     else:
         sampling = SamplingSettings(max_new_tokens=128, temperature=0.6, top_p=0.9, seed=seed)
-    return extractor.generate([[DEFAULT_INSTRUCTION, *items]], sampling)
+    # As the pipeline runs generate, without hidden states: lvlm mode (exactly) recomputes the
+    # features teacher-forced; a prompt writer needs its text only.
+    return extractor.generate(
+        [[DEFAULT_INSTRUCTION, *items]], sampling, teacher_forced=True, with_states=exactly
+    )
 
 
 # ---- the three modes, checked against the same computation done step by step -----------------

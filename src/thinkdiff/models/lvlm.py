@@ -342,6 +342,7 @@ class LVLMFeatureExtractor:
         sampling: SamplingSettings | None = None,
         *,
         teacher_forced: bool = False,
+        with_states: bool = True,
         return_prompt_features: bool = False,
     ) -> LVLMOutput:
         """Generate answers for a batch of prompts and return tokens, texts and features.
@@ -349,14 +350,20 @@ class LVLMFeatureExtractor:
         With ``teacher_forced=False`` the features are read from ``generate``'s hidden states; with
         True, ``generate`` only samples tokens and :meth:`features_from_tokens` recomputes the
         features in one forward pass (less memory: ``generate`` keeps every layer's states).
+        ``with_states=False`` computes no features at all, for when only the texts are needed:
+        ``features`` is then an empty [B, N, 0] and ``prompt_features`` ``None``.
         """
         sampling = sampling or SamplingSettings()
         inputs = self.prepare_inputs(prompts)
+        keep_states = with_states and not teacher_forced
         with _seeded(sampling.seed, self.device):
             out = self.model.generate(
-                **inputs, generation_config=self._generation_config(sampling, with_states=not teacher_forced)
+                **inputs, generation_config=self._generation_config(sampling, with_states=keep_states)
             )
         token_ids_BN = out.sequences[:, inputs["input_ids"].shape[1] :]
+        if not with_states:
+            no_features_BN0 = token_ids_BN.new_zeros((*token_ids_BN.shape, 0), dtype=self.model.dtype)
+            return self._output(token_ids_BN, self.eos_mask(token_ids_BN), no_features_BN0, inputs, None)
         if teacher_forced:
             return self.features_from_tokens(
                 inputs, token_ids_BN, return_prompt_features=return_prompt_features

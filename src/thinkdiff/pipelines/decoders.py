@@ -29,7 +29,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -222,8 +222,9 @@ def _read_descriptor(
         "sample_size": positive_int("sample_size"),
         "max_sequence_length": positive_int("max_sequence_length"),
     }
-    if fields["max_sequence_length"] is not None and fields["max_sequence_length"] > 512:
-        raise ValueError(f"{path}: max_sequence_length must be at most 512 (FluxPipeline's limit)")
+    limit = FluxDecoder.max_t5_tokens
+    if fields["max_sequence_length"] is not None and fields["max_sequence_length"] > limit:
+        raise ValueError(f"{path}: max_sequence_length must be at most {limit} (FluxPipeline's limit)")
     r, size = fields["pixel_unshuffle"], fields["sample_size"]
     if latent_space == "vae":
         if not has_vae:
@@ -322,16 +323,21 @@ def latents_to_pixels(packed_BNC: torch.Tensor, height: int, width: int, pixel_u
     return ((x_B3HW.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def release(*objects: Any) -> None:
-    """Drop hooks and cached GPU memory of released stages so the next stage gets the memory.
+def release(loaded: MutableMapping[str, Any], *keys: str) -> None:
+    """Take ``keys`` out of ``loaded``, drop their offload hooks, and free their memory.
 
-    The caller must drop its own references too; this only makes freeing prompt.
+    The models are popped here, so that nothing of them is left when the CUDA cache is emptied:
+    with a reference still held, their memory would stay in PyTorch's cache (reserved, seen by
+    nvidia-smi) during the next stage. ``loaded`` must hold the last references; the caller must
+    drop its own (local variables included) before calling.
     """
-    for obj in objects:
+    for key in keys:
+        obj = loaded.pop(key, None)
         remove_hooks = getattr(obj, "remove_all_hooks", None)
         if callable(remove_hooks):
             remove_hooks()
-    del objects
+        # The bound method holds the model too: both names go before the collection.
+        del obj, remove_hooks
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -520,6 +526,9 @@ class FluxDecoder(DiffusionDecoder):
         "pooled": ("text_encoder", "tokenizer"),
         "t5": ("text_encoder_2", "tokenizer_2"),
     }
+    max_t5_tokens: ClassVar[int] = 512
+    """The longest T5 prompt FLUX.1 was trained with (``FluxPipeline.check_inputs`` refuses a
+    longer ``max_sequence_length``). Given embeddings may be longer, and run, but leave that regime."""
 
     @property
     def pipeline_cls(self) -> type[DiffusionPipeline]:
@@ -568,7 +577,7 @@ class FluxDecoder(DiffusionDecoder):
         # FluxPipeline's default is 512; schnell was trained with 256 T5 tokens.
         if self.spec.max_sequence_length is not None:
             return self.spec.max_sequence_length
-        return 512 if self.spec.guidance_embeds else 256
+        return self.max_t5_tokens if self.spec.guidance_embeds else 256
 
     def encode_text(
         self, pipe: DiffusionPipeline, texts: list[str], max_length: int

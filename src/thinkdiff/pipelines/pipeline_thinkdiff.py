@@ -44,7 +44,7 @@ import torch
 
 from thinkdiff.models.loading import default_dtype, resolve_model_dir
 from thinkdiff.pipelines.constants import DEFAULT_DECODER, DEFAULT_INSTRUCTION, DEFAULT_LVLM, MODES, Offload
-from thinkdiff.pipelines.decoders import DecoderSpec, DiffusionDecoder, load_decoder, release
+from thinkdiff.pipelines.decoders import DecoderSpec, DiffusionDecoder, FluxDecoder, load_decoder, release
 from thinkdiff.pipelines.requests import Item, PreparedRequest, Request, prepare_requests
 
 if TYPE_CHECKING:
@@ -139,17 +139,32 @@ class ThinkDiffEmbeddings:
     """The LVLM's generated text per request (``None`` in clip mode)."""
     negative_pooled_prompt_embeds: torch.Tensor | None = None
     """[B, P]: FLUX's pooled negative, CLIP of ``""``, beside a FLUX ``negative_prompt_embeds``."""
+    device: torch.device | None = None
+    """Where the pipeline that computed them runs its decoder (the tensors themselves are kept on
+    the CPU): :meth:`decoder_kwargs` moves them there unless told otherwise."""
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 
-    def decoder_kwargs(self, index: int) -> dict[str, torch.Tensor]:
+    def decoder_kwargs(
+        self,
+        index: int,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Keyword arguments for the stock pipeline for request ``index`` (batch of one, unpadded).
 
         FLUX: ``pipe(**emb.decoder_kwargs(0), generator=...)`` with ``prompt_embeds`` [1, L, D] and
         ``pooled_prompt_embeds`` [1, P] (and the negatives when computed: pass ``true_cfg_scale``
         too); CogVideoX: ``prompt_embeds`` and ``negative_prompt_embeds``.
+
+        The tensors are moved to ``device`` (default: :attr:`device`, the computing pipeline's
+        device) and cast to ``dtype`` (default: unchanged, the pipeline's dtype): the stock
+        ``FluxPipeline.encode_prompt`` passes given embeddings on as they are, so CPU tensors would
+        reach a CUDA transformer.
         """
+        target = device if device is not None else self.device
         length = int(self.prompt_attention_mask[index].sum())
         kwargs = {"prompt_embeds": self.prompt_embeds[index : index + 1, :length]}
         if self.pooled_prompt_embeds is not None:
@@ -158,7 +173,7 @@ class ThinkDiffEmbeddings:
             kwargs["negative_prompt_embeds"] = self.negative_prompt_embeds[index : index + 1, :length]
         if self.negative_pooled_prompt_embeds is not None:
             kwargs["negative_pooled_prompt_embeds"] = self.negative_pooled_prompt_embeds[index : index + 1]
-        return kwargs
+        return {name: tensor.to(device=target, dtype=dtype) for name, tensor in kwargs.items()}
 
 
 @dataclass
@@ -244,6 +259,14 @@ class ThinkDiffPipeline:
         self.settings = settings or InferenceSettings()
         self.keep_loaded = keep_loaded
         self.decoder: DiffusionDecoder = load_decoder(decoder, self.device, self.dtype, offload)
+        if keep_loaded and offload != "none":
+            # Stage 1 always loads its LVLM or vision tower whole onto the device; kept, it would
+            # sit beside the decoder that the offload is there to fit (Qwen2-VL-7B's 16.6 GB under
+            # FLUX's 23.8 GB transformer on a 24 GB card).
+            raise ValueError(
+                f"keep_loaded keeps stage 1's model on the device, which --offload {offload} is meant to "
+                "avoid: use one or the other"
+            )
         if self.aligner is not None:
             # fp32 like the released code: the aligner is small and its norm needs the precision.
             # It sits on the CPU between calls and joins stage 1 on the device.
@@ -366,6 +389,8 @@ class ThinkDiffPipeline:
                         f"request {index}: {len(p.images)} images give {len(p.images) * per_image} image tokens, "
                         f"more than decoder {self.decoder_spec.name} takes ({required}, text included)"
                     )
+        if self.decoder_spec.family == "flux":
+            self._warn_long_flux_prompts(prepared)
         for index, p in enumerate(prepared):
             request = p.request
             for name in ("height", "width", "num_inference_steps", "num_frames"):
@@ -378,6 +403,35 @@ class ThinkDiffPipeline:
                 raise ValueError(f"request {index}: true_cfg_scale applies to FLUX decoders only")
             self.decoder.check_size(request.height, request.width, f"request {index}")
         return prepared
+
+    def _warn_long_flux_prompts(self, prepared: Sequence[PreparedRequest]) -> None:
+        """Warn when a request's prompt can exceed the T5 length FLUX.1 was trained with.
+
+        FLUX takes any length (its text positions are all zero), so nothing fails, but the
+        transformer then conditions on more tokens than it ever saw (clip mode: 65 per image, 16
+        images and the text give 1168) and its attention cost grows.
+        """
+        limit = FluxDecoder.max_t5_tokens
+        s = self.settings
+        per_image = self._clip_tokens_per_image() if self.mode == "clip" and self.aligner is not None else 0
+        for index, p in enumerate(prepared):
+            if self.mode == "clip":
+                tokens, how = len(p.images) * per_image + s.text_max_length, f"{len(p.images)} images"
+            elif self.mode == "lvlm" and (p.request.extra_text or "").strip():
+                tokens, how = s.num_tokens + s.text_max_length, "LVLM tokens and extra text"
+            elif self.mode == "lvlm":
+                tokens, how = s.num_tokens, "LVLM tokens"
+            else:
+                continue  # text-bridge: the decoder's own T5 length
+            if tokens > limit:
+                logger.warning(
+                    "request %d: up to %d prompt tokens (%s), more than the %d T5 tokens FLUX.1 was trained "
+                    "with; expect lower quality and slower steps (fewer images, num_tokens or text_max_length)",
+                    index,
+                    tokens,
+                    how,
+                    limit,
+                )
 
     def _clip_tokens_per_image(self) -> int:
         folder = resolve_model_dir(self.source_model, kind="BLIP-2 vision model", files=["config.json"])
@@ -414,8 +468,7 @@ class ThinkDiffPipeline:
             return
         if "aligner" in keys:
             self._aligner_to(torch.device("cpu"))  # 0.12 GiB at real size: not kept on the GPU
-        dropped = [self._loaded.pop(key) for key in keys if key in self._loaded]
-        release(*dropped)
+        release(self._loaded, *(key for key in keys if key != "aligner"))
 
     def _aligner_to(self, device: torch.device) -> None:
         if self.aligner is not None and self.aligner.fc1.weight.device != device:
@@ -423,9 +476,7 @@ class ThinkDiffPipeline:
 
     def release(self) -> None:
         """Release every cached model (also those kept with ``keep_loaded``)."""
-        dropped = list(self._loaded.values())
-        self._loaded.clear()
-        release(*dropped)
+        release(self._loaded, *list(self._loaded))
 
     def _load_lvlm(self) -> Any:
         from thinkdiff.models.lvlm import LVLMFeatureExtractor
@@ -457,7 +508,7 @@ class ThinkDiffPipeline:
                 # A later call needs an encoder the kept pipeline lacks (e.g. T5 for extra text):
                 # reload once with the union rather than hold two copies of the transformer.
                 self._decoder_components |= needed
-                release(self._loaded.pop("decoder", None))
+                release(self._loaded, "decoder")
             components = sorted(self._decoder_components)
             return self._get("decoder", lambda: self.decoder.load(components), timings, memory)
         if stage == "text":
@@ -526,7 +577,17 @@ class ThinkDiffPipeline:
                 chunk = indices[start : start + size]
                 prompts = [self._lvlm_items(prepared[i].items) for i in chunk]
                 with self._stage("lvlm", timings, memory):
-                    out = extractor.generate(prompts, sampling, return_prompt_features=use_prompt)
+                    # generate keeps no hidden states: lvlm mode recomputes the features in one
+                    # teacher-forced pass (as the extraction's default made the training features;
+                    # generate's own would keep every layer's states of the whole prompt), and
+                    # text-bridge mode needs the text only.
+                    out = extractor.generate(
+                        prompts,
+                        sampling,
+                        teacher_forced=True,
+                        with_states=self.mode == "lvlm",
+                        return_prompt_features=use_prompt,
+                    )
                 for row, i in enumerate(chunk):
                     texts[i] = out.texts[row]
                 if self.mode != "lvlm":
@@ -538,6 +599,8 @@ class ThinkDiffPipeline:
                     tokens_BND = self.aligner(features_BNH.to(self.device)).to("cpu", self.dtype)
                 for row, i in enumerate(chunk):
                     aligned[i] = tokens_BND[row, : int(mask_BN[row].sum())]
+        # The last references to the LVLM and its GPU tensors go before the cache is emptied.
+        extractor = out = features_BNH = None
         self._drop("lvlm", "aligner")
         return aligned, texts
 
@@ -560,6 +623,7 @@ class ThinkDiffPipeline:
                 tokens_BTD = self.aligner(tokens_BTH.to(self.device)).to("cpu", self.dtype)
             for row, (i, _) in enumerate(chunk):
                 per_request[i].append(tokens_BTD[row])
+        vision = tokens_BTH = None  # the last references, before the cache is emptied
         self._drop("vision", "aligner")
         width = self.decoder_spec.prompt_width
         return [torch.cat(t) if t else torch.zeros(0, width, dtype=self.dtype) for t in per_request]
@@ -602,6 +666,7 @@ class ThinkDiffPipeline:
                     for row, (index, _) in enumerate(chunk):
                         pooled = None if pooled_BP is None else pooled_BP[row].to("cpu", self.dtype)
                         results[index] = (t5_BSD[row].to("cpu", self.dtype), pooled)
+        pipe = t5_BSD = pooled_BP = None  # the last references, before the cache is emptied
         self._drop("text_encoders")
         return results
 
@@ -722,6 +787,7 @@ class ThinkDiffPipeline:
             num_aligned_tokens=num_aligned,
             lvlm_texts=lvlm_texts,
             negative_pooled_prompt_embeds=negative_pooled,
+            device=self.device,
         )
 
     # ---- generation --------------------------------------------------------------------------
@@ -798,6 +864,7 @@ class ThinkDiffPipeline:
                     outputs = self.decoder.generate(pipe, batch, generators, resolved[chunk[0]])
                 for i, output in zip(chunk, outputs):
                     results[i] = output
+        pipe = None  # the last reference, before the cache is emptied
         self._drop("decoder")
 
         video = self.decoder_spec.kind == "video"

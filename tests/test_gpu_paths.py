@@ -1,0 +1,160 @@
+"""The fixes of the GPU-path review (issue 11), checked on the CPU where a check can run there.
+
+Each test names its finding (F1 ... F16 of ``shared/reference/review/gpu-paths.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from thinkdiff.pipelines import DecoderSpec, InferenceSettings, Request, ThinkDiffPipeline
+from thinkdiff.pipelines import decoders as decoders_module
+
+from .test_pipeline import FLUX_FAST, image, make_model
+
+
+@pytest.fixture(scope="module")
+def models(tiny_env: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gpu-path-models")
+    return {"lvlm": make_model(root / "lvlm", "lvlm"), "clip": make_model(root / "clip", "clip", seed=1)}
+
+
+ITEMS: list[Any] = ["Word 1: white, ", image((230, 230, 230)), "\n\nWord 2: blue, "]
+
+
+# ---- F1: decoder_kwargs on the pipeline's device ------------------------------------------------
+
+
+@torch.no_grad()
+def test_decoder_kwargs_move_to_the_pipelines_device_and_dtype(models) -> None:
+    pipe = ThinkDiffPipeline.from_pretrained(models["clip"], device="cpu")
+    emb = pipe.encode(Request(ITEMS, seed=0), true_cfg_scale=2.0)
+    assert emb.device == pipe.device
+    assert emb.prompt_embeds.device.type == "cpu"  # kept on the CPU, moved when handed out
+
+    # A CUDA pipeline's embeddings would say "cuda"; the meta device shows the move without one.
+    on_meta = dataclasses.replace(emb, device=torch.device("meta")).decoder_kwargs(0)
+    names = {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds"}
+    assert set(on_meta) == names
+    assert {t.device.type for t in on_meta.values()} == {"meta"}
+
+    given = emb.decoder_kwargs(0, device="meta", dtype=torch.float16)
+    assert {(t.device.type, t.dtype) for t in given.values()} == {("meta", torch.float16)}
+    plain = emb.decoder_kwargs(0)
+    length = int(emb.prompt_attention_mask[0].sum())
+    torch.testing.assert_close(plain["prompt_embeds"], emb.prompt_embeds[:1, :length], rtol=0, atol=0)
+
+
+# ---- F9: no layer's hidden states kept by generate in inference ---------------------------------
+
+
+@torch.no_grad()
+def test_inference_generate_keeps_no_hidden_states(models, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from thinkdiff.models.loading import resolve_model_dir
+    from thinkdiff.models.lvlm import LVLMFeatureExtractor, SamplingSettings
+
+    kept: list[Any] = []
+    original = Qwen2VLForConditionalGeneration.generate
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        kept.append(out.hidden_states)
+        return out
+
+    monkeypatch.setattr(Qwen2VLForConditionalGeneration, "generate", spy)
+    lvlm = ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu")
+    embeds = lvlm.encode(Request(ITEMS, seed=3))
+    bridge = ThinkDiffPipeline.from_pretrained(None, mode="text-bridge", lvlm="tiny:qwen2-vl", decoder="tiny:flux")
+    bridged = bridge.encode(Request(ITEMS, seed=3))
+    assert kept == [None, None]  # the spy works: a plain generate with states records them below
+
+    # lvlm mode: the teacher-forced features of the same tokens, exactly.
+    extractor = LVLMFeatureExtractor.from_pretrained(resolve_model_dir("tiny:qwen2-vl"), device="cpu")
+    sampling = SamplingSettings.exactly(128, temperature=0.6, top_p=0.9, seed=3)
+    forced = extractor.generate([lvlm._lvlm_items(ITEMS)], sampling, teacher_forced=True)
+    torch.testing.assert_close(embeds.prompt_embeds[0], lvlm.aligner(forced.features)[0], rtol=0, atol=0)
+    with_states = extractor.generate([lvlm._lvlm_items(ITEMS)], sampling)
+    assert kept[-1] is not None and len(kept[-1]) == 128  # one tuple of layer states per step
+
+    # text-bridge: the same text as a generate that kept its states, and no features computed.
+    sampling = SamplingSettings(max_new_tokens=128, temperature=0.6, top_p=0.9, seed=3)
+    texts_only = extractor.generate([bridge._lvlm_items(ITEMS)], sampling, with_states=False)
+    full = extractor.generate([bridge._lvlm_items(ITEMS)], sampling)
+    assert texts_only.texts == full.texts == bridged.lvlm_texts
+    assert texts_only.features.shape == (*texts_only.token_ids.shape, 0)
+    torch.testing.assert_close(texts_only.token_ids, full.token_ids, rtol=0, atol=0)
+    assert with_states.features.shape[-1] == extractor.hidden_size
+
+
+# ---- F10: models freed before the CUDA cache is emptied -----------------------------------------
+
+
+@torch.no_grad()
+def test_stage_models_are_unreferenced_when_the_cache_is_emptied(models, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    refs: dict[str, weakref.ref] = {}
+    alive_at_collect: list[list[str]] = []
+
+    class Recording:
+        """``gc`` as release() sees it: records which loaded models survive each collection."""
+
+        @staticmethod
+        def collect() -> int:
+            found = gc.collect()
+            alive_at_collect.append(sorted(name for name, ref in refs.items() if ref() is not None))
+            return found
+
+    original_get = ThinkDiffPipeline._get
+
+    def recording_get(self, key, load, timings, memory):
+        model = original_get(self, key, load, timings, memory)
+        refs.setdefault(key, weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(decoders_module, "gc", Recording)
+    monkeypatch.setattr(ThinkDiffPipeline, "_get", recording_get)
+    pipe = ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu")
+    pipe(Request(ITEMS, seed=0, extra_text="a red car"), **FLUX_FAST)
+    # One release per stage, each after its stage's model went: LVLM, text encoders, decoder.
+    assert alive_at_collect == [[], [], []]
+    assert set(refs) == {"lvlm", "text_encoders", "decoder"}
+
+
+# ---- F11: keep_loaded with offload --------------------------------------------------------------
+
+
+def test_keep_loaded_with_offload_is_refused(tiny_env) -> None:
+    spec = DecoderSpec.inspect("tiny:flux")
+    # A CUDA device object needs no GPU; the refusal comes before anything loads.
+    with pytest.raises(ValueError, match="keep_loaded keeps stage 1's model on the device, which --offload model"):
+        ThinkDiffPipeline("text-bridge", spec, device="cuda", offload="model", keep_loaded=True)
+    ThinkDiffPipeline("text-bridge", spec, device="cuda", offload="model")  # offload alone is fine
+
+
+# ---- F14: FLUX prompts above its 512-token regime -----------------------------------------------
+
+
+def test_flux_prompts_above_512_tokens_are_warned(models, caplog: pytest.LogCaptureFixture) -> None:
+    clip = ThinkDiffPipeline.from_pretrained(models["clip"], device="cpu", settings=InferenceSettings(max_images=16))
+    per_image = clip._clip_tokens_per_image()
+    many = max(1, (512 - 128) // per_image + 1)  # just enough images to pass 512 with the text
+    with caplog.at_level(logging.WARNING, logger="thinkdiff.pipelines.pipeline_thinkdiff"):
+        clip.check([Request([image((9, 9, 9))] * (many - 1)), Request([image((9, 9, 9))] * many)])
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and warned[0].startswith(f"request 1: up to {many * per_image + 128} prompt tokens")
+
+    caplog.clear()
+    lvlm = ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu", settings=InferenceSettings(num_tokens=400))
+    with caplog.at_level(logging.WARNING, logger="thinkdiff.pipelines.pipeline_thinkdiff"):
+        lvlm.check([Request(ITEMS), Request(ITEMS, extra_text="a red car")])
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["request 1: up to 528 prompt tokens"]
