@@ -45,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=64, help="tokens per answer at most (default: 64)"
     )
+    parser.add_argument(
+        "--qcd-alpha",
+        type=float,
+        default=0.0,
+        help="query-contrastive decoding weight against the image without the prompt (hf engine; default 0: off)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="images per generation batch (default: 8)")
     parser.add_argument(
         "--dtype", choices=_DTYPES, default="auto", help="model dtype (auto: bf16 on GPU, fp32 on CPU)"
@@ -102,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         prompt_features=args.prompt_features,
         samples_per_shard=args.samples_per_shard,
+        qcd_alpha=args.qcd_alpha,
     )
     # Check the cheap things (ranks, the source) before loading a large model.
     from thinkdiff.data.sharding import rank_and_world_size

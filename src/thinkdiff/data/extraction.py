@@ -113,6 +113,9 @@ class ExtractionSettings:
     """Also store the prompt tokens' features (the paper's input-tokens ablation)."""
     samples_per_shard: int = 1000
     """Slice size for folder and manifest sources (a tar file is always one shard)."""
+    qcd_alpha: float = 0.0
+    """Query-contrastive decoding weight (:mod:`thinkdiff.models.qcd`; contrast: the image without
+    the prompt); 0 samples plainly. The hf engine only."""
 
     def __post_init__(self) -> None:
         self.prompts = tuple(self.prompts)
@@ -126,6 +129,8 @@ class ExtractionSettings:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        if self.qcd_alpha < 0:
+            raise ValueError(f"qcd_alpha must be >= 0, got {self.qcd_alpha}")
 
     def prompt_for(self, key: str) -> str:
         """The prompt of one sample: fixed by ``seed`` and the key, whatever the order or rank."""
@@ -198,6 +203,7 @@ class HFEngine:
             temperature=self.settings.temperature,
             top_p=self.settings.top_p,
             seed=seed,
+            qcd_alpha=self.settings.qcd_alpha,
         )
         out = self.extractor.generate(
             [[image, prompt] for image, prompt in zip(images, prompts)],
@@ -303,6 +309,10 @@ def make_engine(
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    if engine == "vllm" and settings.qcd_alpha > 0:
+        # vLLM samples inside its own engine loop, with no hook to run a second (contrast) prompt
+        # in step with each request short of patching it.
+        raise ValueError("--qcd-alpha > 0 needs the hf engine: vLLM cannot run query-contrastive decoding")
     if engine == "vllm":
         _import_vllm()  # fail before loading anything
     from thinkdiff.models.loading import resolve_model_dir

@@ -149,6 +149,8 @@ class SamplingSettings:
     """Nucleus sampling mass when sampling (no top-k cut, like vLLM's default)."""
     seed: int | None = None
     """Seed for the sampling RNG (forked, so the global RNG is untouched); ``None`` uses the global RNG."""
+    qcd_alpha: float = 0.0
+    """Query-contrastive decoding weight (:mod:`thinkdiff.models.qcd`); 0 samples plainly."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -161,6 +163,8 @@ class SamplingSettings:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.qcd_alpha < 0:
+            raise ValueError(f"qcd_alpha must be >= 0, got {self.qcd_alpha}")
 
     @classmethod
     def exactly(cls, num_tokens: int = 128, **kwargs) -> SamplingSettings:
@@ -356,9 +360,19 @@ class LVLMFeatureExtractor:
         sampling = sampling or SamplingSettings()
         inputs = self.prepare_inputs(prompts)
         keep_states = with_states and not teacher_forced
+        # QCD: a logits processor runs the prompts without their query beside generate (own cache).
+        processors = None
+        if sampling.qcd_alpha > 0:
+            from transformers import LogitsProcessorList
+
+            from thinkdiff.models.qcd import query_contrastive_processor
+
+            processors = LogitsProcessorList([query_contrastive_processor(self, prompts, sampling.qcd_alpha)])
         with _seeded(sampling.seed, self.device):
             out = self.model.generate(
-                **inputs, generation_config=self._generation_config(sampling, with_states=keep_states)
+                **inputs,
+                generation_config=self._generation_config(sampling, with_states=keep_states),
+                logits_processor=processors,
             )
         token_ids_BN = out.sequences[:, inputs["input_ids"].shape[1] :]
         if not with_states:

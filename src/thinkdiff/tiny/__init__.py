@@ -18,6 +18,14 @@ from thinkdiff.tiny.cogvideox import COGVIDEOX_MAX_TEXT_SEQ_LENGTH, save_tiny_co
 from thinkdiff.tiny.flux import CLIP_TEXT_HIDDEN, save_tiny_flux
 from thinkdiff.tiny.llava import save_tiny_llava
 from thinkdiff.tiny.t5 import T5_D_MODEL, T5_VOCAB_SIZE, save_tiny_t5
+from thinkdiff.tiny.t5_decoders import (
+    SD3_CLIP_G_HIDDEN,
+    SD3_CLIP_L_HIDDEN,
+    save_tiny_chroma,
+    save_tiny_ltx_video,
+    save_tiny_pixart_sigma,
+    save_tiny_sd3,
+)
 from thinkdiff.tiny.tokenizers import T5_EOS_ID, T5_PAD_ID, T5_SPM_VOCAB_SIZE, T5_UNK_ID
 from thinkdiff.utils import atomic_path, atomic_write_text
 
@@ -26,11 +34,15 @@ __all__ = [
     "TINY_DIMS",
     "make_tiny_models",
     "save_tiny_blip2_vision",
+    "save_tiny_chroma",
     "save_tiny_cogvideox",
     "save_tiny_flux",
     "save_tiny_llava",
+    "save_tiny_ltx_video",
+    "save_tiny_pixart_sigma",
     "save_tiny_qwen2_5_vl",
     "save_tiny_qwen2_vl",
+    "save_tiny_sd3",
     "save_tiny_t5",
 ]
 
@@ -41,6 +53,12 @@ TINY_DIMS: dict[str, int] = {
     "t5_d_model": T5_D_MODEL,
     "flux_joint_attention_dim": T5_D_MODEL,
     "cogvideox_text_embed_dim": T5_D_MODEL,
+    "chroma_joint_attention_dim": T5_D_MODEL,
+    "pixart_caption_channels": T5_D_MODEL,
+    "sd3_joint_attention_dim": T5_D_MODEL,
+    "ltx_caption_channels": T5_D_MODEL,
+    # SD3's pooled vector = pooled CLIP-L + CLIP-G; its CLIP block is their states side by side.
+    "sd3_pooled_projection_dim": SD3_CLIP_L_HIDDEN + SD3_CLIP_G_HIDDEN,
     # FLUX's pooled prompt embedding = CLIP text width.
     "flux_pooled_projection_dim": CLIP_TEXT_HIDDEN,
     "cogvideox_max_text_seq_length": COGVIDEOX_MAX_TEXT_SEQ_LENGTH,
@@ -80,6 +98,10 @@ COMPONENTS: dict[str, Callable[[Path, int], Path]] = {
     "blip2-vision": save_tiny_blip2_vision,
     "cogvideox": save_tiny_cogvideox,
     "llava": save_tiny_llava,
+    "chroma": save_tiny_chroma,
+    "pixart-sigma": save_tiny_pixart_sigma,
+    "sd3": save_tiny_sd3,
+    "ltx-video": save_tiny_ltx_video,
 }
 """Component name (= subfolder) -> builder ``(path, seed) -> path``."""
 
@@ -129,12 +151,18 @@ def _describe(folder: Path) -> dict[str, Any]:
         classes |= {k: v[1] for k, v in index.items() if isinstance(v, list) and v[1] is not None}
         dims = {}
         transformer = _read_json(folder / "transformer" / "config.json")
-        for key in ("joint_attention_dim", "pooled_projection_dim", "text_embed_dim", "max_text_seq_length"):
+        for key in (
+            "joint_attention_dim",
+            "pooled_projection_dim",
+            "text_embed_dim",
+            "max_text_seq_length",
+            "caption_channels",
+        ):
             if key in transformer:
                 dims[key] = transformer[key]
-        text_encoder = _read_json(
-            folder / ("text_encoder_2" if "text_encoder_2" in index else "text_encoder") / "config.json"
-        )
+        # The T5 is text_encoder_3 in SD3, text_encoder_2 in FLUX, text_encoder elsewhere.
+        t5 = next(name for name in ("text_encoder_3", "text_encoder_2", "text_encoder") if name in index)
+        text_encoder = _read_json(folder / t5 / "config.json")
         dims["t5_d_model"] = text_encoder.get("d_model")
         return {"classes": classes, "dims": dims}
 

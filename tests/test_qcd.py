@@ -1,0 +1,153 @@
+"""Query-contrastive decoding on tiny random Qwen2-VL / Qwen2.5-VL models (offline, CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import LogitsProcessorList
+
+from tests.test_data_extraction import _check_against_direct
+from thinkdiff.models.lvlm import LVLMFeatureExtractor, SamplingSettings
+from thinkdiff.models.qcd import contrast_items, query_contrastive_processor
+from thinkdiff.tiny.qwen import save_tiny_qwen_vl
+
+RED = Image.new("RGB", (56, 56), (200, 10, 10))  # 4 visual tokens
+BLUE = Image.new("RGB", (112, 112), (10, 10, 200))  # 16 visual tokens
+# Two prompts of different lengths (left padding), images before and after text.
+PROMPTS = [
+    ["Pick the next one.", "Word 1: red, ", RED, "\n\nWord 2: blue, ", BLUE, "\n\nWord 3: green, "],
+    [RED, "Which colour is this?"],
+]
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def extractor(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LVLMFeatureExtractor:
+    folder = save_tiny_qwen_vl(tmp_path_factory.mktemp("qcd") / request.param, kind=request.param, seed=0)
+    return LVLMFeatureExtractor.from_pretrained(folder, device="cpu", max_images=4)
+
+
+def test_contrast_items_drop_the_last_text() -> None:
+    assert contrast_items(PROMPTS[0]) == PROMPTS[0][:-1]
+    assert contrast_items(PROMPTS[1]) == [RED]
+    assert contrast_items(["a", RED, "b", BLUE]) == ["a", RED, BLUE]
+    with pytest.raises(ValueError, match="has none"):
+        contrast_items([RED, Path("x.png")])
+    with pytest.raises(ValueError, match="empty"):
+        contrast_items(["only the query"])
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        SamplingSettings(qcd_alpha=-0.1)
+
+
+def test_alpha_zero_is_bit_identical_to_plain_sampling(extractor: LVLMFeatureExtractor) -> None:
+    """The contrast machinery at weight 0 (contrast forward run, cache kept) changes no bit."""
+    sampling = SamplingSettings(max_new_tokens=8, seed=3)
+    inputs = extractor.prepare_inputs(PROMPTS)
+    config = extractor._generation_config(sampling, with_states=True)
+    config.output_scores = True
+
+    def run(processors: LogitsProcessorList | None):
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            return extractor.model.generate(**inputs, generation_config=config, logits_processor=processors)
+
+    plain = run(None)
+    processor = query_contrastive_processor(extractor, PROMPTS, 0.0)
+    contrasted = run(LogitsProcessorList([processor]))
+    assert processor.steps == len(plain.scores) > 1  # the contrast ran at every step
+    assert torch.equal(plain.sequences, contrasted.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain.scores, contrasted.scores, strict=True))
+    assert all(
+        torch.equal(a[-1], b[-1]) for a, b in zip(plain.hidden_states, contrasted.hidden_states, strict=True)
+    )
+    # The extractor's own path: qcd_alpha=0 is plain sampling.
+    out = extractor.generate(PROMPTS, sampling)
+    assert torch.equal(out.token_ids, plain.sequences[:, inputs["input_ids"].shape[1] :].masked_fill(
+        ~out.feature_mask, extractor.pad_token_id
+    ))
+
+
+def _next_logits(extractor: LVLMFeatureExtractor, inputs, tokens_BT: torch.Tensor) -> torch.Tensor:
+    """Logits after prompt + tokens by one cache-free teacher-forced pass (no generate involved)."""
+    dummy_B1 = torch.zeros_like(tokens_BT[:, :1])  # never fed: the pass stops before the last id
+    features = extractor.features_from_tokens(inputs, torch.cat([tokens_BT, dummy_B1], 1)).features
+    return extractor.model.lm_head(features[:, -1]).float()
+
+
+def test_greedy_qcd_equals_a_two_pass_computation_by_hand(extractor: LVLMFeatureExtractor) -> None:
+    alpha, steps = 2.0, 6  # strong enough that the tiny random models change their answers
+    sampling = SamplingSettings.exactly(steps, do_sample=False, qcd_alpha=alpha)
+    out = extractor.generate(PROMPTS, sampling, teacher_forced=True)
+
+    full = extractor.prepare_inputs(PROMPTS)
+    contrast = extractor.prepare_inputs([contrast_items(p) for p in PROMPTS])
+    tokens_BT = torch.zeros(len(PROMPTS), 0, dtype=torch.long)
+    for _ in range(steps):
+        logits_BV = (1 + alpha) * _next_logits(extractor, full, tokens_BT) - alpha * _next_logits(
+            extractor, contrast, tokens_BT
+        )
+        logits_BV[:, extractor.eos_token_ids] = -torch.inf  # min_new_tokens == steps
+        tokens_BT = torch.cat([tokens_BT, logits_BV.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.token_ids, tokens_BT)
+    plain = extractor.generate(PROMPTS, SamplingSettings.exactly(steps, do_sample=False))
+    assert not torch.equal(plain.token_ids, out.token_ids)  # the contrast changed the answers
+
+
+def test_qcd_features_come_from_the_full_prompt(extractor: LVLMFeatureExtractor) -> None:
+    """lvlm mode: the features of a QCD answer are the full prompt's states of its tokens."""
+    sampling = SamplingSettings(max_new_tokens=6, seed=5, qcd_alpha=0.5)
+    read = extractor.generate(PROMPTS, sampling)  # states read out of generate
+    recomputed = extractor.generate(PROMPTS, sampling, teacher_forced=True)
+    assert torch.equal(read.token_ids, recomputed.token_ids)
+    mask = read.feature_mask
+    assert torch.allclose(read.features[mask], recomputed.features[mask], atol=1e-5)
+    again = extractor.features_from_tokens(extractor.prepare_inputs(PROMPTS), read.token_ids)
+    assert torch.allclose(again.features[mask], read.features[mask], atol=1e-5)
+
+
+# ---- feature extraction ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def extraction_kit(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from thinkdiff.data.synthetic import write_tar_shards
+
+    root = tmp_path_factory.mktemp("qcd-extraction")
+    model = save_tiny_qwen_vl(root / "qwen", kind="qwen2_vl")
+    write_tar_shards(root / "tars", num_shards=1, samples_per_shard=3, bad=False)
+    return {"root": root, "model": model, "tars": root / "tars"}
+
+
+def test_extraction_with_qcd_stores_full_prompt_features(extraction_kit: dict) -> None:
+    import json
+
+    from thinkdiff.data.extraction import ExtractionSettings, extract_features, make_engine
+    from thinkdiff.data.feature_shards import FeatureShards
+
+    kit = extraction_kit
+    plain_settings = ExtractionSettings(max_new_tokens=6, seed=1)
+    settings = ExtractionSettings(max_new_tokens=6, seed=1, qcd_alpha=2.0)
+    engine = make_engine("hf", str(kit["model"]), settings)
+    out = kit["root"] / "qcd"
+    extract_features(kit["tars"], out, engine, settings, batch_size=2, progress=False)
+    assert json.loads((out / "extraction.json").read_text())["qcd_alpha"] == 2.0
+    plain_out = kit["root"] / "plain"
+    extract_features(kit["tars"], plain_out, make_engine("hf", str(kit["model"]), plain_settings), plain_settings,
+                     batch_size=2, progress=False)  # fmt: skip
+    shards, plain = FeatureShards(out), FeatureShards(plain_out)
+    assert any(not torch.equal(a["token_ids"], b["token_ids"]) for a, b in zip(shards, plain))
+    # The stored features are the full prompt's states of the QCD tokens.
+    assert _check_against_direct(engine.extractor, out, kit["tars"]) == 3
+    with pytest.raises(ValueError, match="qcd_alpha"):  # a resume must use the same weight
+        extract_features(kit["tars"], out, engine, plain_settings, batch_size=2, progress=False)
+
+
+def test_vllm_engine_refuses_qcd(extraction_kit: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    from thinkdiff.cli import main
+
+    argv = ["extract-features", "--model", str(extraction_kit["model"]), "--source", str(extraction_kit["tars"]),
+            "--out", str(extraction_kit["root"] / "vllm"), "--engine", "vllm", "--qcd-alpha", "0.5"]  # fmt: skip
+    assert main(argv) == 2
+    assert "vLLM cannot run query-contrastive decoding" in capsys.readouterr().err
