@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from thinkdiff.cli import main
-from thinkdiff.data.extraction import DESCRIPTION_PROMPTS, ExtractionSettings, extract_features, make_engine
+from thinkdiff.data.extraction import (
+    DESCRIPTION_PROMPTS,
+    VLLM_MIN_VERSION,
+    VLLM_TEXT_TOKENS,
+    ExtractionSettings,
+    extract_features,
+    make_engine,
+)
 from thinkdiff.data.feature_shards import FeatureShards, load_index, read_shard_records, verify_shards
 from thinkdiff.data.sources import SkipLog, iter_samples, list_source_shards
 from thinkdiff.data.synthetic import BAD_SAMPLES, write_tar_shards
@@ -140,13 +147,18 @@ def test_vllm_engine_glue_with_a_stand_in_vllm(
             return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=i)]) for i in ids]
 
     vllm = ModuleType("vllm")
-    vllm.LLM, vllm.SamplingParams = LLM, SimpleNamespace
+    vllm.LLM, vllm.SamplingParams, vllm.__version__ = LLM, SimpleNamespace, VLLM_MIN_VERSION
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     engine = make_engine("vllm", str(kit["model"]), SETTINGS)
     engine.feature_batch_size = 2  # several feature passes per generation batch
     extract_features(f"{kit['tars']}/00001.tar", tmp_path, engine, SETTINGS, batch_size=3, progress=False)
 
-    assert seen["init"]["model"] == str(kit["model"]) and seen["init"]["limit_mm_per_prompt"] == {"image": 1}
+    init = seen["init"]
+    assert init["model"] == str(kit["model"]) and init["limit_mm_per_prompt"] == {"image": 1, "video": 0}
+    # The HF processor's pixel cap on both sides, and a context for one such image + text + answer.
+    size = engine.extractor.processor.image_processor.size
+    assert init["mm_processor_kwargs"] == {"size": {k: size[k] for k in ("shortest_edge", "longest_edge")}}
+    assert init["max_model_len"] == size["longest_edge"] // 28**2 + VLLM_TEXT_TOKENS + SETTINGS.max_new_tokens
     request = seen["requests"][0]
     assert "<|vision_start|><|image_pad|><|vision_end|>" in request["prompt"]
     assert request["prompt"].endswith("<|im_start|>assistant\n")

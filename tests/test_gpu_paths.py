@@ -158,3 +158,61 @@ def test_flux_prompts_above_512_tokens_are_warned(models, caplog: pytest.LogCapt
     with caplog.at_level(logging.WARNING, logger="thinkdiff.pipelines.pipeline_thinkdiff"):
         lvlm.check([Request(ITEMS), Request(ITEMS, extra_text="a red car")])
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["request 1: up to 528 prompt tokens"]
+
+
+# ---- F2: vLLM always takes the first visible GPU ------------------------------------------------
+
+
+def test_vllm_device_other_than_the_first_visible_gpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from thinkdiff.data.extraction import _vllm_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert _vllm_device("cuda:0") == _vllm_device("cuda") == "cuda:0"
+    assert _vllm_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match=r"--device cuda:3 cannot apply to vLLM.*CUDA_VISIBLE_DEVICES=3"):
+        _vllm_device("cuda:3")
+
+    # torchrun: rank 2 sees every GPU, so its engine would sit on GPU 0 beside rank 0's.
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    for visible in (None, "0,1,2,3"):
+        if visible is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        with pytest.raises(ValueError, match=r"LOCAL_RANK=2 with --engine vllm.*CUDA_VISIBLE_DEVICES=\$LOCAL_RANK"):
+            _vllm_device("cuda")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")  # each rank sees only its own GPU: fine
+    assert _vllm_device(None if torch.cuda.is_available() else "cuda") == "cuda:0"
+
+
+# ---- F3: a vLLM that runs beside transformers 5 --------------------------------------------------
+
+
+def test_vllm_version_and_its_transformers_requirement_are_checked() -> None:
+    from thinkdiff.data.extraction import VLLM_MIN_VERSION, vllm_install_problem
+
+    # The transformers lines as vLLM 0.16 / 0.19.1 / 0.33.0 declare them (their wheels' metadata).
+    old = ["transformers<5,>=4.56.0"]
+    first = ["transformers!=5.0.*,!=5.1.*,!=5.2.*,!=5.3.*,!=5.4.*,!=5.5.0,>=4.56.0", "torch==2.10.0"]
+    newest = ["transformers<5.21.0,>=5.16.1", "torch==2.14.0", 'pytest; extra == "test"']
+    problem = vllm_install_problem("0.16.0", old, "5.24.0")
+    assert problem is not None and problem.startswith("vLLM 0.16.0 is too old") and "\n" not in problem
+    assert f">= {VLLM_MIN_VERSION}" in problem
+    assert vllm_install_problem(VLLM_MIN_VERSION, first, "5.24.0") is None
+    assert vllm_install_problem("0.33.0", newest, "5.20.1") is None
+    forced = vllm_install_problem("0.33.0", newest, "5.24.0")
+    assert forced == (
+        "vLLM 0.33.0 requires transformers<5.21.0,>=5.16.1 but transformers 5.24.0 is installed; install a "
+        "vLLM that admits it (pip install 'thinkdiff[vllm]' picks one) or use --engine hf"
+    )
+    assert vllm_install_problem("0.33.0", newest, None) is None  # nothing declared to check against
+
+
+def test_pyproject_vllm_extra_admits_transformers_5() -> None:
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    from thinkdiff.data.extraction import VLLM_MIN_VERSION
+
+    assert project["optional-dependencies"]["vllm"] == [f"vllm>={VLLM_MIN_VERSION}"]

@@ -231,8 +231,8 @@ class VLLMEngine:
         model: str,
         model_dir: str,
         gpu_memory_utilization: float = 0.5,
-        max_pixels: int | None = None,
         feature_batch_size: int = 16,
+        enforce_eager: bool = False,
     ) -> None:
         vllm = _import_vllm()
         self.feature_batch_size = feature_batch_size
@@ -241,13 +241,13 @@ class VLLMEngine:
         self.model = model
         self._sampling_params = vllm.SamplingParams
         self.llm = vllm.LLM(
-            model=model_dir,
-            dtype="bfloat16",
-            seed=settings.seed,
-            gpu_memory_utilization=gpu_memory_utilization,
-            limit_mm_per_prompt={"image": 1},
-            # The feature pass must see the image tokens vLLM generated from: same resolution cap.
-            mm_processor_kwargs={"max_pixels": max_pixels} if max_pixels else None,
+            **vllm_engine_args(
+                extractor,
+                settings,
+                model_dir=model_dir,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enforce_eager=enforce_eager,
+            )
         )
 
     def run(self, images: Sequence[Image.Image], prompts: Sequence[str], seed: int) -> list[Generated]:
@@ -281,6 +281,15 @@ class VLLMEngine:
         return results
 
 
+VLLM_MIN_VERSION = "0.19.1"
+"""The first vLLM whose requirements admit transformers 5 (vllm-project/vllm#30566); 0.10 to 0.19.0
+pin ``transformers >= 4.56, < 5``."""
+
+VLLM_TEXT_TOKENS = 512
+"""Prompt tokens besides the image in ``max_model_len``: the chat template, system prompt and
+instruction (about 40 with the description prompts), with room for a longer prompts file."""
+
+
 def _import_vllm() -> Any:
     try:
         import vllm
@@ -289,7 +298,111 @@ def _import_vllm() -> Any:
             "the vllm engine needs vLLM, which is not installed here; on a CUDA machine run "
             "pip install 'thinkdiff[vllm]', or use --engine hf"
         ) from exc
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    try:
+        declared = requires("vllm") or []
+        installed_transformers = version("transformers")
+    except PackageNotFoundError:  # a source checkout on the path: nothing declared to check
+        declared, installed_transformers = [], None
+    problem = vllm_install_problem(vllm.__version__, declared, installed_transformers)
+    if problem:
+        raise ValueError(problem)
     return vllm
+
+
+def vllm_install_problem(
+    vllm_version: str, vllm_requires: Sequence[str], transformers_version: str | None
+) -> str | None:
+    """Why this vLLM cannot run beside this transformers (one line), or ``None`` when it can.
+
+    ``vllm_requires`` are vLLM's declared requirements (``importlib.metadata.requires("vllm")``):
+    a vLLM installed with ``--no-deps`` or forced beside a transformers outside its range fails
+    later, inside its engine process, with a far less clear error.
+    """
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.version import Version
+
+    if Version(vllm_version) < Version(VLLM_MIN_VERSION):
+        return (
+            f"vLLM {vllm_version} is too old for the vllm engine: it needs vLLM >= {VLLM_MIN_VERSION}, "
+            "the first that runs beside transformers 5; run pip install 'thinkdiff[vllm]'"
+        )
+    if transformers_version is None:
+        return None
+    for line in vllm_requires:
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if requirement.name != "transformers" or (requirement.marker and not requirement.marker.evaluate()):
+            continue
+        if not requirement.specifier.contains(transformers_version, prereleases=True):
+            return (
+                f"vLLM {vllm_version} requires transformers{requirement.specifier} but transformers "
+                f"{transformers_version} is installed; install a vLLM that admits it "
+                "(pip install 'thinkdiff[vllm]' picks one) or use --engine hf"
+            )
+    return None
+
+
+def vllm_engine_args(
+    extractor: LVLMFeatureExtractor,
+    settings: ExtractionSettings,
+    *,
+    model_dir: str,
+    gpu_memory_utilization: float = 0.5,
+    enforce_eager: bool = False,
+) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for the extraction (no vLLM needed to compute them).
+
+    - The image size cap is the HF processor's own ``size`` (``shortest_edge`` / ``longest_edge``
+      in pixels), passed as the non-deprecated ``size`` processor argument: the feature pass must
+      see the very image tokens vLLM generated from.
+    - ``max_model_len`` fits one image at that cap, the prompt text and the answer, instead of the
+      model's 32768: vLLM profiles its memory at startup with max-size dummy inputs.
+    - Video is off (limit 0): vLLM would otherwise also profile a maximum-size video.
+    """
+    processor = extractor.processor.image_processor
+    size = {"shortest_edge": int(processor.size["shortest_edge"]), "longest_edge": int(processor.size["longest_edge"])}
+    # One visual token per merged patch: (patch_size * merge_size)^2 pixels (28 x 28 for Qwen2-VL).
+    image_tokens = size["longest_edge"] // (processor.patch_size * processor.merge_size) ** 2
+    return {
+        "model": model_dir,
+        "dtype": "bfloat16",
+        "seed": settings.seed,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "max_model_len": image_tokens + VLLM_TEXT_TOKENS + settings.max_new_tokens,
+        "limit_mm_per_prompt": {"image": 1, "video": 0},
+        "mm_processor_kwargs": {"size": size},
+        "enforce_eager": enforce_eager,
+    }
+
+
+def _vllm_device(device: str | None) -> str:
+    """The device of the feature pass beside vLLM: ``cuda:0``, the first visible GPU (or the CPU).
+
+    vLLM takes no device argument; its engine always sits on the first visible GPU. A device
+    index other than 0, or a second local rank that sees the same GPUs, would silently put
+    several engines (or the engine and the feature pass) on different or shared GPUs.
+    """
+    chosen = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    if chosen.type != "cuda":
+        return str(chosen)  # vLLM's CPU backend
+    if chosen.index not in (None, 0):
+        raise ValueError(
+            f"--device {device} cannot apply to vLLM, which always takes the first visible GPU: "
+            f"select that GPU with CUDA_VISIBLE_DEVICES={chosen.index} instead"
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if local_rank > 0 and (visible is None or len([d for d in visible.split(",") if d.strip()]) != 1):
+        raise ValueError(
+            f"LOCAL_RANK={local_rank} with --engine vllm: vLLM always takes the first visible GPU, so every "
+            "rank would share one; start each rank with only its own GPU visible "
+            "(CUDA_VISIBLE_DEVICES=$LOCAL_RANK)"
+        )
+    return "cuda:0"
 
 
 def make_engine(
@@ -302,10 +415,13 @@ def make_engine(
     hf_features: str = "recompute",
     max_pixels: int | None = None,
     gpu_memory_utilization: float = 0.5,
+    enforce_eager: bool = False,
 ) -> FeatureEngine:
     """Load the LVLM (hub id or folder) behind the named engine (``"hf"`` or ``"vllm"``).
 
-    ``device`` defaults to ``cuda:$LOCAL_RANK`` when a GPU is present, else the CPU.
+    ``device`` defaults to ``cuda:$LOCAL_RANK`` when a GPU is present, else the CPU. With vLLM it
+    must be the first visible GPU (one process per GPU: ``CUDA_VISIBLE_DEVICES`` per rank).
+    ``enforce_eager``: vLLM without CUDA graphs or torch.compile (a quick start for small runs).
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
@@ -318,7 +434,9 @@ def make_engine(
     from thinkdiff.models.loading import resolve_model_dir
     from thinkdiff.models.lvlm import LVLMFeatureExtractor
 
-    if device is None and torch.cuda.is_available():
+    if engine == "vllm":
+        device = _vllm_device(device)
+    elif device is None and torch.cuda.is_available():
         # One process per GPU under torchrun / accelerate: each takes its local GPU, not all cuda:0.
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     folder = resolve_model_dir(model, kind="LVLM")
@@ -334,7 +452,7 @@ def make_engine(
             model=name,
             model_dir=str(folder),
             gpu_memory_utilization=gpu_memory_utilization,
-            max_pixels=max_pixels,
+            enforce_eager=enforce_eager,
         )
     return HFEngine(extractor, settings, features=hf_features, model=name)
 
