@@ -229,7 +229,9 @@ def test_two_ranks_cover_every_sample_exactly_once(kit: dict) -> None:
     assert sorted(keys) == GOOD_KEYS  # every sample, none twice
     assert _checksums(out) == _checksums(kit["full"])  # and the same content as one process writes
     # A rerun of a finished rank does nothing.
-    again = extract_features(kit["tars"], out, kit["engine"], SETTINGS, rank=0, world_size=2, progress=False)
+    again = extract_features(
+        kit["tars"], out, kit["engine"], SETTINGS, batch_size=2, rank=0, world_size=2, progress=False
+    )
     assert again.shards_written == 0 and again.shards_done_before == 2
 
 
@@ -237,6 +239,37 @@ def test_resuming_with_other_settings_is_refused(kit: dict) -> None:
     other = ExtractionSettings(max_new_tokens=4, seed=1)
     with pytest.raises(ValueError, match="max_new_tokens"):
         extract_features(kit["tars"], kit["full"], kit["engine"], other, progress=False)
+
+
+def test_a_rerun_with_another_batch_size_is_refused_unless_allowed(
+    kit: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["extract-features", "--model", str(kit["model"]), "--source", f"{kit['tars']}/00001.tar"]
+    argv += ["--out", str(out), "--max-new-tokens", "3", "--no-progress"]
+    assert main([*argv, "--batch-size", "2"]) == 0
+    (out / "shard-000000.json").unlink()  # as if killed before the shard was complete
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main([*argv, "--batch-size", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"{out} was written with other settings (batch_size: 2 -> 3)" in err
+    assert "--allow-change batch_size" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+
+    assert main([*argv, "--batch-size", "3", "--allow-change", "batch_size"]) == 0
+    assert json.loads((out / "extraction.json").read_text())["batch_size"] == 3
+    changes = [json.loads(line) for line in (out / "changes.jsonl").read_text().splitlines()]
+    assert changes == [{"field": "batch_size", "old": 2, "new": 3}]
+    assert main([*argv, "--batch-size", "3"]) == 0  # the accepted value is the folder's now
+
+    capsys.readouterr()
+    (tmp_path / "file").write_text("x")
+    assert main([*argv[:5], "--out", str(tmp_path / "file"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"--out {tmp_path / 'file'} is an existing file" in err
+    assert (tmp_path / "file").read_text() == "x"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")

@@ -216,3 +216,33 @@ def test_pyproject_vllm_extra_admits_transformers_5() -> None:
     from thinkdiff.data.extraction import VLLM_MIN_VERSION
 
     assert project["optional-dependencies"]["vllm"] == [f"vllm>={VLLM_MIN_VERSION}"]
+
+
+# ---- F8: the proxy loss in fp32 whatever the precision ------------------------------------------
+
+
+def test_proxy_loss_is_fp32_with_bf16_weights_and_no_autocast(tiny_env) -> None:
+    from thinkdiff.models.proxy_decoder import ProxyT5Decoder
+
+    proxy = ProxyT5Decoder.from_pretrained("tiny:t5", dtype=torch.bfloat16, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    memory_BMD = torch.randn(3, 5, proxy.d_model, generator=generator, requires_grad=True)
+    mask_BM = torch.ones(3, 5, dtype=torch.bool)
+    labels_BT = torch.randint(0, proxy.t5.config.vocab_size, (3, 7), generator=generator)
+    labels_BT[1, 4:] = -100  # padding
+
+    loss = proxy.loss(memory_BMD, mask_BM, labels_BT)  # bf16 weights, no autocast (--mixed-precision no)
+    assert loss.dtype == torch.float32
+    # T5's own loss of the same pass is bf16: the loss the trainer logged before the fix.
+    stock = proxy.t5(
+        encoder_outputs=(memory_BMD.bfloat16(),), attention_mask=mask_BM, labels=labels_BT, use_cache=False
+    )
+    assert stock.loss.dtype == torch.bfloat16
+    reference = torch.nn.functional.cross_entropy(
+        stock.logits.float().flatten(0, 1), labels_BT.flatten(), ignore_index=-100
+    )
+    torch.testing.assert_close(loss, reference, rtol=0, atol=0)
+    loss.backward()
+    assert memory_BMD.grad is not None and memory_BMD.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert proxy.loss(memory_BMD, mask_BM, labels_BT).dtype == torch.float32

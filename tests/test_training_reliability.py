@@ -169,3 +169,35 @@ def test_other_pickle_loads_run_nothing(tmp_path: Path) -> None:
         if any(s in p.read_text() for s in ("trust_remote_code=True", "weights_only=False", "allow_pickle=True"))
     ]
     assert offenders == []
+
+
+# ---- item 4: a resume is the same run ------------------------------------------------------------
+
+
+def test_resume_with_changed_settings_is_refused_naming_them(
+    feature_dir: Path, short_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = copy_run(short_run, tmp_path)
+    before = snapshot(run)
+    code, err = cli(capsys, *train_cli(feature_dir, run, "--max-steps=9", "--lr=0.01", "--seed=3"))
+    assert code == 2
+    assert_one_line_error(err, str(checkpoint_dirs(run)[-1]), "lr: 0.003 -> 0.01", "max_steps: 6 -> 9")
+    assert "seed: 42 -> 3" in err and "--allow-change max_steps lr seed" in err
+    assert snapshot(run) == before
+
+
+def test_a_deliberate_change_is_allowed_and_recorded(
+    feature_dir: Path, short_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = copy_run(short_run, tmp_path)
+    # log_every and keep_last do not change the result: never compared.
+    argv = train_cli(feature_dir, run, "--max-steps=9", "--log-every=2", "--allow-change", "max-steps")
+    code, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert checkpoint_dirs(run)[-1].name == "step-0000009"
+    changes = [json.loads(line) for line in (run / "changes.jsonl").read_text().splitlines()]
+    assert changes == [
+        {"step": 6, "checkpoint": str(run / "checkpoints" / "step-0000006"), "field": "max_steps", "old": 6, "new": 9}
+    ]
+    code, err = cli(capsys, *train_cli(feature_dir, run, "--allow-change", "learning_rate"))
+    assert code == 2 and "unknown config field(s) learning_rate" in err

@@ -71,6 +71,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--world-size", type=int, help="number of processes (overrides WORLD_SIZE)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--allow-change",
+        nargs="+",
+        default=[],
+        metavar="SETTING",
+        help="settings (as named in extraction.json, e.g. batch_size) that may differ from the ones the "
+        "folder was written with; any other difference is refused. Recorded in changes.jsonl",
+    )
+    parser.add_argument(
         "--merge-only",
         action="store_true",
         help="only rebuild index.json, report.json and skipped.jsonl of --out (after a multi-node run)",
@@ -82,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from thinkdiff.data.extraction import (
         DESCRIPTION_PROMPTS,
         ExtractionSettings,
+        check_settings_before_loading,
         extract_features,
         make_engine,
         merge,
@@ -93,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.model or not args.source:
         raise ValueError("--model and --source are required (unless --merge-only)")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is an existing file, not a folder")
 
     prompts = DESCRIPTION_PROMPTS
     if args.prompts_file is not None:
@@ -117,6 +128,17 @@ def run(args: argparse.Namespace) -> int:
     rank, world_size = rank_and_world_size(args.rank, args.world_size)
     source = args.source[0] if len(args.source) == 1 else args.source
     list_source_shards(source, samples_per_shard=args.samples_per_shard)
+    allow_change = [name.replace("-", "_") for name in args.allow_change]
+    check_settings_before_loading(
+        args.out,
+        args.model,
+        source,
+        settings,
+        batch_size=args.batch_size,
+        engine=args.engine,
+        hf_features=args.hf_features,
+        allow_change=allow_change,
+    )
 
     engine = make_engine(
         args.engine,
@@ -137,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         rank=rank,
         world_size=world_size,
         progress=not args.no_progress,
+        allow_change=allow_change,
     )
     print(summary)
     return 0

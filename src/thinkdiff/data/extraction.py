@@ -45,6 +45,7 @@ from thinkdiff.data.sources import (
     iter_samples,
     list_source_shards,
 )
+from thinkdiff.utils import compare_settings, record_changes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -93,6 +94,7 @@ ENGINES: tuple[str, ...] = ("hf", "vllm")
 SETTINGS_NAME = "extraction.json"
 REPORT_NAME = "report.json"
 SKIPPED_NAME = "skipped.jsonl"
+CHANGES_NAME = "changes.jsonl"
 
 
 @dataclass
@@ -440,8 +442,7 @@ def make_engine(
         # One process per GPU under torchrun / accelerate: each takes its local GPU, not all cuda:0.
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     folder = resolve_model_dir(model, kind="LVLM")
-    # A local folder is recorded by its absolute path, so that a resume from elsewhere matches.
-    name = str(Path(model).expanduser().resolve()) if Path(model).expanduser().is_dir() else str(model)
+    name = recorded_model_name(model)
     extractor = LVLMFeatureExtractor.from_pretrained(
         folder, device=device, dtype=dtype, max_pixels=max_pixels
     )
@@ -493,20 +494,97 @@ class ExtractionSummary:
         )
 
 
-def _check_settings(out_dir: Path, current: dict[str, Any]) -> None:
-    """Write the run's settings, or check that a rerun into the same folder uses the same ones."""
+def recorded_model_name(model: str | Path) -> str:
+    """How an LVLM is recorded in ``extraction.json``: a local folder by its absolute path (so that
+    a resume from elsewhere matches), a hub id or ``tiny:`` name as it is."""
+    return str(Path(model).expanduser().resolve()) if Path(model).expanduser().is_dir() else str(model)
+
+
+def _run_settings(
+    model_name: str, shards: Sequence[SourceShard], settings: ExtractionSettings, batch_size: int
+) -> dict[str, Any]:
+    return {
+        "model": model_name,
+        "source_shards": [s.name for s in shards],
+        **asdict(settings),
+        "prompts": list(settings.prompts),
+        # The batch decides the sampling seeds and the padding: a redone shard must match.
+        "batch_size": batch_size,
+    }
+
+
+def check_settings_before_loading(
+    out_dir: str | Path,
+    model: str,
+    source: SourceSpec,
+    settings: ExtractionSettings,
+    *,
+    batch_size: int,
+    engine: str,
+    hf_features: str | None,
+    allow_change: Sequence[str] = (),
+) -> None:
+    """The settings check of :func:`extract_features`, on what is known before the LVLM is loaded
+    (a refused rerun should not first load a 7B model); nothing is written."""
+    if not (Path(out_dir) / SETTINGS_NAME).is_file():
+        return
+    shards = list_source_shards(source, samples_per_shard=settings.samples_per_shard)
+    current = {
+        **_run_settings(recorded_model_name(model), shards, settings, batch_size),
+        "engine": engine,
+        "hf_features": hf_features if engine == "hf" else None,
+    }
+    _check_settings(Path(out_dir), current, allow_change, write=False)
+
+
+def _check_settings(
+    out_dir: Path, current: dict[str, Any], allow_change: Sequence[str] = (), *, write: bool = True, record: bool = True
+) -> None:
+    """Write the run's settings, or check that a rerun into the same folder uses the same ones.
+
+    A difference is refused (naming the fields) unless the field is in ``allow_change``; with
+    ``write``, an allowed change becomes the folder's setting and is appended to ``changes.jsonl``
+    (by the process with ``record``, so ranks do not record it twice).
+    """
     path = out_dir / SETTINGS_NAME
-    if path.is_file():
+    if not path.is_file():
+        if write:
+            write_json_atomic(path, current)
+        return
+    try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
-        changed = sorted(k for k in current if saved.get(k) != current[k])
-        if changed:
-            raise ValueError(
-                f"{out_dir} was written with other settings ({', '.join(changed)} differ); "
-                "use the same settings to resume, or a new output folder"
-            )
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path} (the settings this folder was written with): {exc}") from exc
+    known = sorted(set(current) | set(saved))
+    unknown = sorted(set(allow_change) - set(known))
+    if unknown:
+        raise ValueError(f"--allow-change: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    changes = compare_settings(saved, current, allowed=allow_change, where=out_dir)
+    if not write:
         return
-    write_json_atomic(path, current)
+    # Settings an older version did not record are taken as this run's (they cannot be compared).
+    if changes or set(current) - set(saved):
+        write_json_atomic(path, {**saved, **current})
+    if record:
+        for change in changes:
+            logger.warning("%s: %s changed from %r to %r (allowed)", out_dir, change["field"], change["old"], change["new"])
+        record_changes(out_dir / CHANGES_NAME, changes)
+
+
+def _engine_settings(engine: FeatureEngine) -> dict[str, Any]:
+    """What of the engine decides the features besides :class:`ExtractionSettings`: its kind, how
+    the hf engine gets the features, the LVLM's dtype and its image-size cap."""
+    extractor = getattr(engine, "extractor", None)
+    model = getattr(extractor, "model", None)
+    image_processor = getattr(getattr(extractor, "processor", None), "image_processor", None)
+    size = getattr(image_processor, "size", None)
+    return {
+        "engine": engine.name,
+        "hf_features": getattr(engine, "features", None),
+        "dtype": str(getattr(model, "dtype", None)),
+        "image_size": {k: size[k] for k in sorted(size.keys())} if hasattr(size, "keys") else None,
+    }
 
 
 def _batches(samples: Iterator[ImageCaptionSample], size: int) -> Iterator[list[ImageCaptionSample]]:
@@ -611,13 +689,16 @@ def extract_features(
     rank: int | None = None,
     world_size: int | None = None,
     progress: bool = True,
+    allow_change: Sequence[str] = (),
 ) -> ExtractionSummary:
     """Write the feature shards of this rank's input shards into ``out_dir``; skip complete ones.
 
     Input shard ``i`` becomes output shard ``shard-{i:06d}``; rank ``r`` of ``w`` takes shards
     ``r, r + w, ...`` (``rank``/``world_size`` default to the environment, see
     :func:`thinkdiff.data.sharding.rank_and_world_size`). Ends by merging every complete shard into
-    ``index.json`` and writing ``report.json`` / ``skipped.jsonl``.
+    ``index.json`` and writing ``report.json`` / ``skipped.jsonl``. A rerun must use the settings
+    the folder was written with, except those named in ``allow_change`` (recorded in
+    ``changes.jsonl``).
     """
     from tqdm.auto import tqdm
 
@@ -626,16 +707,15 @@ def extract_features(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rank, world_size = rank_and_world_size(rank, world_size)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output folder {out_dir} is an existing file")
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = list_source_shards(source, samples_per_shard=settings.samples_per_shard)
     _check_settings(
         out_dir,
-        {
-            "model": engine.model,
-            "source_shards": [s.name for s in shards],
-            **asdict(settings),
-            "prompts": list(settings.prompts),
-        },
+        {**_run_settings(engine.model, shards, settings, batch_size), **_engine_settings(engine)},
+        allow_change,
+        record=rank == 0,
     )
     mine = shards[rank::world_size]
     done = {r["name"] for r in read_shard_records(out_dir)}

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -161,15 +162,20 @@ class ProxyT5Decoder(nn.Module):
 
         The memory is the cross-attention input (what T5's encoder would have produced); decoder
         inputs are the labels shifted right with the pad id as the start token, as in T5.
+
+        The loss is float32 whatever the weights' dtype and the autocast: T5's own loss is taken
+        from its bf16 logits without autocast (``--mixed-precision no`` on a GPU), which leaves
+        about 3 significant digits in the logged loss and bf16 rounding in the aligner's gradients.
         """
         self.check_memory(memory_BMD, memory_mask_BM)
-        out = self.t5(
+        labels_BT = labels_BT.to(self.device)
+        logits_BTV = self.t5(
             encoder_outputs=BaseModelOutput(last_hidden_state=memory_BMD.to(self.dtype)),
             attention_mask=memory_mask_BM.to(self.device),
-            labels=labels_BT.to(self.device),
+            decoder_input_ids=self.t5.prepare_decoder_input_ids_from_labels(labels_BT),
             use_cache=False,
-        )
-        return out.loss
+        ).logits
+        return F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=-100)
 
     @torch.no_grad()
     def generate_text(

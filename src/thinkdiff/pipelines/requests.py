@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from thinkdiff.imaging import open_rgb, to_rgb
 from thinkdiff.pipelines.constants import DEFAULT_INSTRUCTION, MODES, Mode
 
 __all__ = [
@@ -77,16 +77,12 @@ class PreparedRequest:
 
 
 def _load_image(path: os.PathLike, where: str) -> Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{where}: image file not found: {path}")
     try:
-        with Image.open(path) as opened:
-            # load() decodes the whole file: a truncated image fails here, not in stage 1.
-            opened.load()
-            return opened.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{where}: cannot read image {path}: {error}") from error
+        return open_rgb(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{where}: {error}") from error
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from error
 
 
 def prepare_requests(requests: Sequence[Request], max_images: int | None = None) -> list[PreparedRequest]:
@@ -113,7 +109,10 @@ def prepare_requests(requests: Sequence[Request], max_images: int | None = None)
             if isinstance(item, str):
                 loaded.append(item)
             elif isinstance(item, Image.Image):
-                loaded.append(item.convert("RGB"))
+                try:
+                    loaded.append(to_rgb(item))
+                except ValueError as error:
+                    raise ValueError(f"{where}: {error}") from error
             elif isinstance(item, os.PathLike):
                 loaded.append(_load_image(item, where))
             else:
