@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test lint bench clean install
+.PHONY: demo test lint bench clean install gpu-check gpu-check-smoke
 
 install: $(STAMP)
 
@@ -31,6 +31,14 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The first check on one H100/H200: real dimensions, random weights, no downloads, under 8 minutes
+# (docs/gpu-check.md). gpu-check-smoke runs every branch on the CPU (make test runs it too).
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/gpu_check.py --out gpu-check
+
+gpu-check-smoke: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/gpu_check.py --smoke --out gpu-check-smoke
 
 bench: $(STAMP)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

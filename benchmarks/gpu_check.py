@@ -257,6 +257,8 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append("|" + "---|" * len(columns))
             lines += ["| " + " | ".join(_cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
             lines.append("")
+        if "error" in part:
+            lines.append(f"- failed: {part['error']} (traceback in gpu-check.json)")
         for r in part["rows"]:
             if "error" in r:
                 lines.append(f"- failed: {r.get('run', '')} {r['error']}")
@@ -546,12 +548,14 @@ def run_part(name: str, s: Settings, report: Report, deadline: float) -> bool:
         report.log(f"{name}: {text}")
         report.save()
 
+    if budget.over():
+        entry["status"] = "skipped"
+        note("skipped: no time left before the whole run's deadline")
+        return True
     report.log(f"{name}: started (budget {budget.end - budget.start:.0f} s)")
     ok = True
     with tempfile.TemporaryDirectory(prefix=f"gpu-check-{name}-") as tmp:
         try:
-            if budget.over():
-                raise Unavailable("no time left before the run's deadline")
             RUNNERS[name](s, budget, emit, note, Path(tmp))
             skipped = any(n.startswith("skipped") for n in entry["notes"])
             failed_rows = any("error" in r for r in entry["rows"])
