@@ -60,14 +60,25 @@ def test_captions_come_from_txt_or_json(tars: Path) -> None:
     assert all(s.image.mode == "RGB" and s.image.size == (32, 32) for s in samples)
 
 
-def test_truncated_tar_keeps_what_was_read(tmp_path: Path, tars: Path) -> None:
+@pytest.mark.parametrize("cut", ["inside a member's data", "inside the next header", "before the next header"])
+def test_truncated_tar_keeps_what_was_read_and_names_the_cut_sample(tmp_path: Path, tars: Path, cut) -> None:
     with tarfile.open(tars / "00001.tar") as tar:
-        member = tar.getmember("000010002.jpg")
+        jpg, txt = tar.getmember("000010002.jpg"), tar.getmember("000010002.txt")
     data = (tars / "00001.tar").read_bytes()
-    (tmp_path / "cut.tar").write_bytes(data[: member.offset_data + member.size // 2])
+    # Cut in the .txt header: the .jpg of 000010002 was read whole, its caption never was.
+    end = {
+        "inside a member's data": jpg.offset_data + jpg.size // 2,
+        "inside the next header": txt.offset + 100,  # tarfile itself takes this for the end
+        "before the next header": txt.offset,
+    }[cut]
+    (tmp_path / "cut.tar").write_bytes(data[:end])
     keys, log = _read_all(tmp_path / "cut.tar")
     assert keys == GOOD_KEYS[4:6]  # the samples before the cut survive
-    assert log.counts() == {"unreadable_shard": 1}
+    assert log.counts() == {"truncated_sample": 1, "unreadable_shard": 1}
+    cut_sample = next(s for s in log.skips if s.reason == "truncated_sample")
+    assert cut_sample.key == "000010002" and cut_sample.shard == str(tmp_path / "cut.tar")
+    shard_skip = next(s for s in log.skips if s.reason == "unreadable_shard")
+    assert shard_skip.detail.startswith("ReadError: ")
 
 
 def test_image_folder_source(tmp_path: Path) -> None:
@@ -210,3 +221,73 @@ def test_image_caption_dataset_with_fewer_shards_than_ranks(tmp_path: Path) -> N
         _loader_keys(ImageCaptionDataset(tmp_path, rank=r, world_size=3), num_workers=0) for r in range(3)
     ]
     assert sorted(k for part in parts for k in part) == [f"00000{i:04d}" for i in range(5)]
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_caption_that_is_not_utf8_is_skipped_and_reported(tmp_path: Path) -> None:
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for key, members in [
+            ("good", {"txt": "café".encode()}),
+            ("latin1_txt", {"txt": "café".encode("latin-1")}),
+            ("latin1_json", {"json": '{"caption": "café"}'.encode("latin-1")}),
+        ]:
+            _add(tar, f"{key}.jpg", jpeg_bytes(0))
+            for ext, data in members.items():
+                _add(tar, f"{key}.{ext}", data)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.jpg").write_bytes(jpeg_bytes(1))
+    (tmp_path / "folder" / "a.txt").write_bytes(b"caf\xe9 au lait")
+    keys, log = _read_all(tmp_path / "00000.tar")
+    folder_keys, folder_log = _read_all(tmp_path / "folder")
+    assert keys == ["good"] and folder_keys == []
+    skips = {s.key: (s.reason, s.detail) for s in log.skips + folder_log.skips}
+    assert skips == {
+        "latin1_txt": ("caption_not_utf8", ".txt: byte 0xe9 at 3 is not UTF-8"),
+        "latin1_json": ("caption_not_utf8", ".json: byte 0xe9 at 16 is not UTF-8"),
+        "a": ("caption_not_utf8", "a.txt: byte 0xe9 at 3 is not UTF-8"),
+    }
+
+
+def test_bad_manifest_rows_name_their_line(tmp_path: Path) -> None:
+    (tmp_path / "0.jpg").write_bytes(jpeg_bytes(0))
+    lines = [
+        json.dumps({"image_path": "0.jpg", "caption": "fine"}).encode(),
+        b"",  # blank lines are not rows, but they count as lines
+        b'{"image_path": "0.jpg", "caption": ',
+        json.dumps(["not", "an", "object"]).encode(),
+        b'{"image_path": "0.jpg", "caption": "caf\xe9"}',
+        json.dumps({"image_path": 7, "caption": "a number is no path"}).encode(),
+        json.dumps({"image_path": "0.jpg", "caption": "fine again", "key": "again"}).encode(),
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(b"\n".join(lines) + b"\n")
+    keys, log = _read_all(manifest, samples_per_shard=2)
+    assert keys == ["0", "again"]
+    assert [(s.key, s.reason, s.detail) for s in log.skips] == [
+        ("line3", "bad_manifest_row", "line 3: not valid JSON: Expecting value (column 36)"),
+        ("line4", "bad_manifest_row", "line 4: not a JSON object"),
+        ("line5", "bad_manifest_row", "line 5 is not UTF-8 (byte 39)"),
+        ("line6", "bad_manifest_row", "line 6: no image_path / image / path / file_name string"),
+    ]
+
+
+def test_a_csv_manifest_that_is_not_utf8_is_one_clear_error(tmp_path: Path, capsys) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"image_path,caption\n0.jpg,caf\xe9\n")
+    with pytest.raises(ValueError, match=r"manifest .*m\.csv is not UTF-8 text \(byte 28\)"):
+        list_source_shards(manifest)
+    # Through the command: one line naming the file, exit 2, no output folder.
+    from thinkdiff.cli import main
+
+    out = tmp_path / "features"
+    argv = ["extract-features", "--model", "tiny:qwen2-vl", "--source", str(manifest), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"manifest {manifest} is not UTF-8 text (byte 28)" in err
+    assert not out.exists()

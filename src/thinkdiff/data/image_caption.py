@@ -28,6 +28,7 @@ from torch.utils.data import IterableDataset
 
 from thinkdiff.data.sharding import rank_and_world_size, select_worker_slots, shuffle_buffer, worker_info
 from thinkdiff.data.sources import SkipLog, SourceSpec, decode_image, iter_raw_samples, list_source_shards
+from thinkdiff.imaging import to_rgb
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "ImageCaptionDataset", "blip2_preprocess"]
 
@@ -38,11 +39,12 @@ CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 
 def blip2_preprocess(image: Image.Image, size: int = 224) -> torch.Tensor:
-    """BLIP-2's eval transform: RGB, bicubic resize to ``size`` x ``size``, /255, CLIP mean/std.
+    """BLIP-2's eval transform: RGB (:func:`thinkdiff.imaging.to_rgb`), bicubic resize to ``size`` x
+    ``size``, /255, CLIP mean/std.
 
     Returns a float32 tensor [3, size, size].
     """
-    rgb = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    rgb = (image if image.mode == "RGB" else to_rgb(image)).resize((size, size), Image.Resampling.BICUBIC)
     pixels_HWC = np.asarray(rgb, dtype=np.float32) / 255.0
     pixels_HWC = (pixels_HWC - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(
         CLIP_STD, dtype=np.float32

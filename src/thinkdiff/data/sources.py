@@ -10,8 +10,14 @@ Reading a shard yields :class:`RawSample` (image bytes and caption, cheap to buf
 
 Skip reasons: ``no_image`` (a sample without an image member, e.g. only a ``.pdf``),
 ``missing_caption`` (no ``.txt`` and no ``caption`` in ``.json``), ``empty_caption``,
-``unreadable_image`` (not decodable), ``truncated_image``, ``bad_manifest_row``, ``unreadable_shard``
-(the tar stream itself failed; what was read before the failure is kept).
+``caption_not_utf8`` (the caption bytes are not UTF-8: never stored with replacement characters),
+``unreadable_image`` (not decodable), ``truncated_image``, ``bad_manifest_row`` (its key is
+``line{N}``, N the line in the file), ``truncated_sample`` (a tar ends inside this sample's members),
+``unreadable_shard`` (the tar stream itself failed; what was read before the failure is kept, and
+the samples after it are unknown, so this one record stands for them).
+
+Images are decoded by :func:`thinkdiff.imaging.open_rgb` (16-bit scaled, transparency composited,
+EXIF orientation applied), the same function ``generate`` uses.
 """
 
 from __future__ import annotations
@@ -22,14 +28,18 @@ import glob
 import io
 import json
 import os
-import re
+import tarfile
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image
+
+from thinkdiff.imaging import open_rgb
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -47,6 +57,8 @@ __all__ = [
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "gif", "tif", "tiff")
 _MANIFEST_IMAGE_FIELDS = ("image_path", "image", "path", "file_name")
 _MANIFEST_CAPTION_FIELDS = ("caption", "text")
+
+T = TypeVar("T")
 
 SourceSpec = str | os.PathLike | Sequence[str | os.PathLike]
 """A brace pattern (``data/{00000..00099}.tar``), a glob, one tar, a list of tars, a folder of tars,
@@ -160,9 +172,10 @@ def list_source_shards(spec: SourceSpec, samples_per_shard: int = 1000) -> list[
         if path.suffix.lower() in (".jsonl", ".csv"):
             if not path.is_file():
                 raise FileNotFoundError(f"manifest {path} does not exist")
-            return _slices(
-                "manifest", str(path.resolve()), len(_read_manifest(path.resolve())), samples_per_shard
-            )
+            rows = _read_manifest(path.resolve())
+            if not rows:
+                raise ValueError(f"manifest {path} holds no rows")
+            return _slices("manifest", str(path.resolve()), len(rows), samples_per_shard)
         urls = _expand_tar_spec(text)
     else:
         urls = [os.fspath(s) for s in spec]
@@ -197,22 +210,51 @@ def _list_folder_images(folder: Path) -> list[Path]:
     )
 
 
+@dataclass(frozen=True)
+class _ManifestRow:
+    """One manifest row: its line in the file, and its fields or why it has none."""
+
+    line: int
+    fields: dict | None
+    problem: str = ""
+
+
 @functools.lru_cache(maxsize=4)
-def _read_manifest(path: Path) -> list[dict | None]:
-    """Rows of a JSONL or CSV manifest; ``None`` for a line that is not a JSON object."""
+def _read_manifest(path: Path) -> list[_ManifestRow]:
+    """Rows of a JSONL or CSV manifest (blank JSONL lines are not rows).
+
+    A JSONL line that is not UTF-8 or not a JSON object is a row without fields (a
+    ``bad_manifest_row`` skip naming its line). A CSV file must be UTF-8 text as a whole (a quoted
+    field may span lines): ``ValueError`` naming the file otherwise.
+    """
+    data = path.read_bytes()
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    rows: list[dict | None] = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            rows.append(row if isinstance(row, dict) else None)
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"manifest {path} is not UTF-8 text (byte {exc.start})") from exc
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            return [_ManifestRow(reader.line_num, dict(row)) for row in reader]
+        except csv.Error as exc:
+            raise ValueError(f"manifest {path} line {reader.line_num}: not valid CSV: {exc}") from exc
+    rows: list[_ManifestRow] = []
+    for number, raw in enumerate(data.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            rows.append(_ManifestRow(number, None, f"line {number} is not UTF-8 (byte {exc.start})"))
+            continue
+        except json.JSONDecodeError as exc:
+            problem = f"line {number}: not valid JSON: {exc.msg} (column {exc.colno})"
+            rows.append(_ManifestRow(number, None, problem))
+            continue
+        if not isinstance(row, dict):
+            rows.append(_ManifestRow(number, None, f"line {number}: not a JSON object"))
+            continue
+        rows.append(_ManifestRow(number, row))
     return rows
 
 
@@ -223,30 +265,51 @@ def _clean_caption(text: str | None) -> str | None:
     return None if text is None else text.strip()
 
 
-def _caption_from_members(sample: dict) -> tuple[str | None, str]:
+class _CaptionError(ValueError):
+    """A caption that exists but cannot be used as text; ``reason`` is the skip reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _decode_caption(data: bytes, member: str) -> str:
+    """UTF-8 text of a caption file; a replacement character would silently change the caption."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _CaptionError(
+            "caption_not_utf8", f"{member}: byte {data[exc.start]:#04x} at {exc.start} is not UTF-8"
+        ) from exc
+
+
+def _caption_from_members(sample: dict) -> str | None:
     """Caption from ``.txt``, else the ``caption`` field of ``.json`` (img2dataset writes both)."""
     if "txt" in sample:
-        return _clean_caption(sample["txt"].decode("utf-8", errors="replace")), ""
+        return _clean_caption(_decode_caption(sample["txt"], ".txt"))
     if "json" in sample:
+        text = _decode_caption(sample["json"], ".json")
         try:
-            meta = json.loads(sample["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return None, f"bad .json: {exc}"
+            meta = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise _CaptionError("missing_caption", f"bad .json: {exc}") from exc
         caption = meta.get("caption") if isinstance(meta, dict) else None
-        return (_clean_caption(caption) if isinstance(caption, str) else None), ""
-    return None, ""
+        return _clean_caption(caption) if isinstance(caption, str) else None
+    return None
 
 
 def _with_caption(
     key: str,
     shard: str,
     image_bytes: bytes,
-    caption: str | None,
-    detail: str,
+    caption: str | _CaptionError | None,
     on_skip: Callable[[Skip], None],
 ) -> RawSample | None:
+    if isinstance(caption, _CaptionError):
+        on_skip(Skip(key, shard, caption.reason, str(caption)))
+        return None
     if caption is None:
-        on_skip(Skip(key, shard, "missing_caption", detail))
+        on_skip(Skip(key, shard, "missing_caption"))
         return None
     if not caption:
         on_skip(Skip(key, shard, "empty_caption"))
@@ -254,31 +317,97 @@ def _with_caption(
     return RawSample(key, shard, image_bytes, caption)
 
 
-def _iter_tar(shard: SourceShard, on_skip: Callable[[Skip], None]) -> Iterator[RawSample]:
-    import webdataset as wds
+def _caption_or_error(read: Callable[[T], str | None], source: T) -> str | _CaptionError | None:
+    """``read(source)``, or the :class:`_CaptionError` it raised (the sample is then skipped)."""
+    try:
+        return read(source)
+    except _CaptionError as exc:
+        return exc
 
+
+# What a stream cut short raises: tarfile, gzip (EOFError, zlib.error) and the file itself.
+_STREAM_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+
+
+def _has_end_marker(url: str) -> bool:
+    """False for a local uncompressed ``.tar`` that does not end in the two zero blocks that
+    close every tar archive; True when that cannot be told (remote, compressed)."""
+    path = Path(url)
+    if _is_remote(url) or path.suffix.lower() != ".tar":
+        return True
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 1024))
+            return size >= 1024 and not any(f.read(1024))
+    except OSError:
+        return True  # the reader reports an unreadable file itself
+
+
+def _iter_tar(shard: SourceShard, on_skip: Callable[[Skip], None]) -> Iterator[RawSample]:
+    from webdataset import tariterators
+
+    # Where the stream was when it failed: the member being read (its data cut short), else the
+    # last member read whole (the failure was in the next header). Either names a sample that may
+    # be incomplete: it is skipped as truncated_sample, not used with members missing.
+    state: dict[str, str | None] = {"reading": None, "last": None, "partial": None}
     reported: set[str] = set()
+    truncated: set[str] = set()
+
+    def sample_key(member: str | None) -> str | None:
+        prefix, _ = tariterators.base_plus_ext(member) if member else (None, None)
+        return prefix
+
+    def track(member: str) -> str:
+        state["reading"] = member
+        return member
+
+    def read_whole(files: Iterator[dict]) -> Iterator[dict]:
+        for file in files:
+            if not file and state["partial"] is None and not _has_end_marker(shard.url):
+                # tarfile ends quietly at a cut on (or inside) a member header: no error to catch.
+                handler(tarfile.ReadError("the tar ends without its end-of-archive blocks (truncated?)"))
+            state["last"], state["reading"] = file.get("fname", state["last"]), None
+            yield file
 
     def handler(exc: Exception) -> bool:
         # Called by webdataset for errors it catches (a damaged tar stream, duplicate member
         # names); True means "go on". A damaged stream raises at two levels: report it once.
         message = str(exc.args[0] if exc.args else "").split(" @ ")[0]
+        if isinstance(exc, _STREAM_ERRORS) and state["partial"] is None:
+            member = state["reading"] or state["last"]
+            state["partial"] = sample_key(member)
+            if state["reading"] is not None and state["partial"] is not None:
+                truncated.add(state["partial"])
+                detail = f"{member}: {type(exc).__name__}: {message}"
+                on_skip(Skip(state["partial"], shard.url, "truncated_sample", detail))
         if message not in reported:
             reported.add(message)
-            on_skip(Skip("", shard.url, "unreadable_shard", f"{type(exc).__name__}: {message}"))
+            after = f" (after member {state['last']})" if state["last"] else ""
+            on_skip(Skip("", shard.url, "unreadable_shard", f"{type(exc).__name__}: {message}{after}"))
         return True
 
-    for sample in wds.tarfile_samples([{"url": shard.url}], handler=handler):
+    streams = tariterators.url_opener([{"url": shard.url}], handler=handler)
+    files = tariterators.tar_file_expander(streams, handler=handler, rename_files=track)
+    for sample in tariterators.group_by_keys(read_whole(files), handler=handler):
         key = sample["__key__"]
+        if key == state["partial"]:  # the stream ended inside this sample
+            if key not in truncated:
+                on_skip(Skip(key, shard.url, "truncated_sample", "the tar ends inside this sample"))
+            continue
         image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if image_ext is None:
             members = sorted(k for k in sample if not k.startswith("__"))
             on_skip(Skip(key, shard.url, "no_image", f"members: {', '.join(members)}"))
             continue
-        caption, detail = _caption_from_members(sample)
-        raw = _with_caption(key, shard.url, sample[image_ext], caption, detail, on_skip)
+        caption = _caption_or_error(_caption_from_members, sample)
+        raw = _with_caption(key, shard.url, sample[image_ext], caption, on_skip)
         if raw is not None:
             yield raw
+
+
+def _folder_caption(path: Path) -> str | None:
+    return _clean_caption(_decode_caption(path.read_bytes(), path.name))
 
 
 def _iter_folder(shard: SourceShard, on_skip: Callable[[Skip], None]) -> Iterator[RawSample]:
@@ -286,17 +415,13 @@ def _iter_folder(shard: SourceShard, on_skip: Callable[[Skip], None]) -> Iterato
     for path in _list_folder_images(folder)[shard.start : shard.stop]:
         key = path.relative_to(folder).with_suffix("").as_posix()
         caption_file = path.with_suffix(".txt")
-        caption = (
-            caption_file.read_text(encoding="utf-8", errors="replace").strip()
-            if caption_file.is_file()
-            else None
-        )
         try:
             image_bytes = path.read_bytes()
+            caption = _caption_or_error(_folder_caption, caption_file) if caption_file.is_file() else None
         except OSError as exc:  # removed or unreadable since the listing
             on_skip(Skip(key, shard.name, "unreadable_image", f"{type(exc).__name__}: {exc}"))
             continue
-        raw = _with_caption(key, shard.name, image_bytes, caption, "", on_skip)
+        raw = _with_caption(key, shard.name, image_bytes, caption, on_skip)
         if raw is not None:
             yield raw
 
@@ -304,25 +429,26 @@ def _iter_folder(shard: SourceShard, on_skip: Callable[[Skip], None]) -> Iterato
 def _iter_manifest(shard: SourceShard, on_skip: Callable[[Skip], None]) -> Iterator[RawSample]:
     manifest = Path(shard.url)
     rows = _read_manifest(manifest)
-    for row_index in range(shard.start, shard.stop if shard.stop is not None else len(rows)):
-        row = rows[row_index]
-        image_field = next((f for f in _MANIFEST_IMAGE_FIELDS if row and row.get(f)), None)
-        if row is None or image_field is None:
-            on_skip(
-                Skip(f"row{row_index}", shard.name, "bad_manifest_row", "no JSON object or no image_path")
-            )
+    for row in rows[shard.start : shard.stop]:
+        fields = row.fields or {}
+        image_field = next(
+            (f for f in _MANIFEST_IMAGE_FIELDS if isinstance(fields.get(f), str) and fields[f]), None
+        )
+        if row.fields is None or image_field is None:
+            problem = row.problem or f"line {row.line}: no {' / '.join(_MANIFEST_IMAGE_FIELDS)} string"
+            on_skip(Skip(f"line{row.line}", shard.name, "bad_manifest_row", problem))
             continue
-        image_path = Path(row[image_field]).expanduser()
+        image_path = Path(fields[image_field]).expanduser()
         if not image_path.is_absolute():
             image_path = manifest.parent / image_path
-        key = str(row.get("key") or Path(row[image_field]).with_suffix("").as_posix())
+        key = str(fields.get("key") or Path(fields[image_field]).with_suffix("").as_posix())
         try:
             image_bytes = image_path.read_bytes()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
             on_skip(Skip(key, shard.name, "unreadable_image", f"{type(exc).__name__}: {exc}"))
             continue
-        caption = next((row[f] for f in _MANIFEST_CAPTION_FIELDS if isinstance(row.get(f), str)), None)
-        raw = _with_caption(key, shard.name, image_bytes, _clean_caption(caption), "", on_skip)
+        caption = next((fields[f] for f in _MANIFEST_CAPTION_FIELDS if isinstance(fields.get(f), str)), None)
+        raw = _with_caption(key, shard.name, image_bytes, _clean_caption(caption), on_skip)
         if raw is not None:
             yield raw
 
@@ -336,18 +462,17 @@ def iter_raw_samples(shard: SourceShard, on_skip: Callable[[Skip], None]) -> Ite
 
 
 def decode_image(raw: RawSample, on_skip: Callable[[Skip], None]) -> ImageCaptionSample | None:
-    """Fully decode the image to RGB; ``None`` (and a :class:`Skip`) when it cannot be decoded."""
+    """Fully decode the image to RGB (:func:`thinkdiff.imaging.open_rgb`); ``None`` (and a
+    :class:`Skip`) when it cannot be decoded."""
     try:
         with warnings.catch_warnings():
             # PIL warns about odd EXIF or huge images; a data set has plenty of both.
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(raw.image_bytes)) as opened:
-                image = opened.convert("RGB")  # convert() loads every pixel, so truncation shows here
-    except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        reason = "truncated_image" if "truncated" in str(exc).lower() else "unreadable_image"
-        # PIL names the buffer object by address; drop it so reports are the same on every run.
-        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "bytes", str(exc))
-        on_skip(Skip(raw.key, raw.shard, reason, f"{type(exc).__name__}: {detail}"))
+            image = open_rgb(raw.image_bytes)
+    except ValueError as exc:
+        detail = str(exc).removeprefix("cannot read image bytes: ")
+        reason = "truncated_image" if "truncated" in detail.lower() else "unreadable_image"
+        on_skip(Skip(raw.key, raw.shard, reason, detail))
         return None
     return ImageCaptionSample(raw.key, raw.shard, image, raw.caption)
 

@@ -46,6 +46,8 @@ from transformers import (
     Qwen2VLProcessor,
 )
 
+from thinkdiff.imaging import open_rgb, to_rgb
+
 __all__ = [
     "SYSTEM_PROMPT",
     "Item",
@@ -269,16 +271,15 @@ class LVLMFeatureExtractor:
                 continue
             if isinstance(item, os.PathLike):
                 try:
-                    with Image.open(item) as opened:
-                        item = opened.convert("RGB")
-                except (OSError, ValueError) as error:
-                    raise ValueError(f"cannot read image file {os.fspath(item)!r}: {error}") from error
+                    item = open_rgb(item)
+                except FileNotFoundError as error:  # bad prompts are ValueErrors here
+                    raise ValueError(str(error)) from error
             if not isinstance(item, Image.Image):
                 raise ValueError(
                     f"prompt items must be str, PIL images or image paths, got {type(item).__name__}"
                 )
             content.append({"type": "image"})
-            images.append(item.convert("RGB"))
+            images.append(to_rgb(item))
         if len(images) > self.max_images:
             raise ValueError(f"a prompt has {len(images)} images, more than max_images={self.max_images}")
         return content, images
