@@ -485,10 +485,11 @@ def test_cobsat_items_match_the_evaluation_protocol() -> None:
 
 def test_instruction_is_added_once(models) -> None:
     pipe = ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu")
-    assert pipe._lvlm_items(["Word 1: a, "]) == [DEFAULT_INSTRUCTION, "Word 1: a, "]
-    assert pipe._lvlm_items([DEFAULT_INSTRUCTION, "Word 1: a, "]) == [DEFAULT_INSTRUCTION, "Word 1: a, "]
+    assert pipe._lvlm_items(["Word 1: a, "], DEFAULT_INSTRUCTION) == [DEFAULT_INSTRUCTION, "Word 1: a, "]
+    for given in (DEFAULT_INSTRUCTION, "hinted"):  # the plain instruction gives way to the hinted one
+        assert pipe._lvlm_items([given, "Word 1: a, "], "hinted") == ["hinted", "Word 1: a, "]
     pipe.settings.instruction = None
-    assert pipe._lvlm_items(["Word 1: a, "]) == ["Word 1: a, "]
+    assert pipe._lvlm_items(["Word 1: a, "], None) == ["Word 1: a, "]
 
 
 # ---- bad input: clear errors before anything heavy loads ---------------------------------------

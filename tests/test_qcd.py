@@ -151,3 +151,102 @@ def test_vllm_engine_refuses_qcd(extraction_kit: dict, capsys: pytest.CaptureFix
             "--out", str(extraction_kit["root"] / "vllm"), "--engine", "vllm", "--qcd-alpha", "0.5"]  # fmt: skip
     assert main(argv) == 2
     assert "vLLM cannot run query-contrastive decoding" in capsys.readouterr().err
+
+
+# ---- the pipeline and thinkdiff generate --------------------------------------------------------
+
+ITEMS = ["Word 1: white, ", RED, "\n\nWord 2: blue, ", BLUE, "\n\nWord 3: red, "]
+
+
+def _by_hand(instruction: str, sampling: SamplingSettings, **kwargs):
+    from thinkdiff.models.loading import resolve_model_dir
+
+    extractor = LVLMFeatureExtractor.from_pretrained(resolve_model_dir("tiny:qwen2-vl"), device="cpu")
+    return extractor.generate([[instruction, *ITEMS]], sampling, teacher_forced=True, **kwargs)
+
+
+def test_text_bridge_with_qcd_and_hint(tiny_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from thinkdiff.pipelines import HINT_INSTRUCTION, InferenceSettings, Request, ThinkDiffPipeline
+
+    asked: list[tuple[str, float]] = []
+    original = LVLMFeatureExtractor.generate
+
+    def recording(self, prompts, sampling=None, **kwargs):
+        asked.extend((p[0], sampling.qcd_alpha) for p in prompts)
+        return original(self, prompts, sampling, **kwargs)
+
+    monkeypatch.setattr(LVLMFeatureExtractor, "generate", recording)
+    # A short instruction: the tiny random LVLM then attends enough to the query to change its answer.
+    plain = "Pick the next one."
+    settings = InferenceSettings(instruction=plain, num_tokens=12, greedy=True, qcd_alpha=2.0, encoder_batch_size=4)
+    pipe = ThinkDiffPipeline.from_pretrained(
+        None, decoder="tiny:flux", lvlm="tiny:qwen2-vl", device="cpu", settings=settings
+    )
+    requests = [Request(ITEMS), Request(ITEMS, qcd_alpha=0.0), Request([plain, *ITEMS], hint=True)]
+    texts = pipe.encode(requests).lvlm_texts
+    hinted = f"{plain} {HINT_INSTRUCTION}"
+    # One generate call per (instruction, weight); the instruction is added once, the hint after it.
+    assert sorted(asked) == sorted([(plain, 2.0), (plain, 0.0), (hinted, 2.0)])
+    monkeypatch.undo()
+
+    def by_hand(instruction: str, alpha: float) -> str:
+        sampling = SamplingSettings(max_new_tokens=12, do_sample=False, qcd_alpha=alpha)
+        return _by_hand(instruction, sampling, with_states=False).texts[0]
+
+    assert texts == [by_hand(plain, 2.0), by_hand(plain, 0.0), by_hand(hinted, 2.0)]
+    assert texts[0] != texts[1]
+    assert pipe.lvlm_conditioning(requests[2]) == {"instruction": hinted, "hint": HINT_INSTRUCTION, "qcd_alpha": 2.0}
+
+
+def test_lvlm_mode_aligns_the_full_prompt_features_of_qcd_tokens(tiny_env: Path, tmp_path: Path) -> None:
+    from tests.test_pipeline import make_model
+    from thinkdiff.models.bundle import load_model
+    from thinkdiff.pipelines import DEFAULT_INSTRUCTION, InferenceSettings, Request, ThinkDiffPipeline
+
+    folder = make_model(tmp_path / "lvlm", "lvlm")
+    settings = InferenceSettings(num_tokens=8, qcd_alpha=0.5)
+    pipe = ThinkDiffPipeline.from_pretrained(folder, device="cpu", settings=settings)
+    aligned = pipe.encode(Request(ITEMS, seed=7)).prompt_embeds[0]
+    lvlm = _by_hand(DEFAULT_INSTRUCTION, SamplingSettings.exactly(8, seed=7, qcd_alpha=0.5))
+    aligner, _ = load_model(folder)
+    torch.testing.assert_close(aligned[:8], aligner(lvlm.features[0]), atol=1e-5, rtol=1e-4)
+
+
+def test_settings_and_requests_are_checked(tiny_env: Path, tmp_path: Path) -> None:
+    from tests.test_pipeline import make_model
+    from thinkdiff.pipelines import InferenceSettings, Request, ThinkDiffPipeline
+
+    with pytest.raises(ValueError, match="qcd_alpha must be >= 0"):
+        InferenceSettings(qcd_alpha=-1)
+    with pytest.raises(ValueError, match="appended to an instruction"):
+        InferenceSettings(instruction=None, hint="A hint.")
+    clip = ThinkDiffPipeline.from_pretrained(make_model(tmp_path / "clip", "clip", seed=1), device="cpu")
+    with pytest.raises(ValueError, match="mode clip uses none"):
+        clip.check(Request(ITEMS, qcd_alpha=0.5))
+
+
+def test_generate_cli_records_qcd_and_hint(tiny_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from thinkdiff.cli import main
+    from thinkdiff.pipelines import DEFAULT_INSTRUCTION, HINT_INSTRUCTION
+
+    RED.save(tmp_path / "red.png")
+    jobs = tmp_path / "jobs.jsonl"
+    items = [{"text": "Word 1: red, "}, {"image": "red.png"}, {"text": "\n\nWord 2: blue, "}]
+    jobs.write_text(json.dumps({"items": items, "out": "a.png"}) + "\n"
+                    + json.dumps({"items": items, "qcd_alpha": 0, "hint": False, "out": "b.png"}) + "\n")  # fmt: skip
+    fast = ["--height", "64", "--width", "64", "--steps", "1", "--num-tokens", "4"]
+    common = ["--mode", "text-bridge", "--lvlm", "tiny:qwen2-vl", "--decoder", "tiny:flux", *fast]
+    assert main(["generate", *common, "--jobs", str(jobs), "--out", str(tmp_path / "out"), "--qcd-alpha", "--hint"]) == 0
+    a = json.loads((tmp_path / "out" / "a.json").read_text())
+    b = json.loads((tmp_path / "out" / "b.json").read_text())
+    assert (a["conditioning"]["qcd_alpha"], a["conditioning"]["hint"]) == (0.5, HINT_INSTRUCTION)
+    assert a["lvlm"] == {"instruction": f"{DEFAULT_INSTRUCTION} {HINT_INSTRUCTION}", "hint": HINT_INSTRUCTION,
+                         "qcd_alpha": 0.5}  # fmt: skip
+    assert b["lvlm"] == {"instruction": DEFAULT_INSTRUCTION, "hint": None, "qcd_alpha": 0}
+    capsys.readouterr()
+    jobs.write_text(json.dumps({"items": items, "hint": "yes"}) + "\n")
+    assert main(["generate", *common, "--jobs", str(jobs), "--out", str(tmp_path / "bad")]) == 2
+    assert "hint must be true or false" in capsys.readouterr().err
+    assert main(["generate", *common, "--text", "x", "--hint", "--no-instruction"]) == 2

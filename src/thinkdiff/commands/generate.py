@@ -28,13 +28,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_SUFFIXES = (".mp4",)
 JOB_KEYS = (
     "items", "seed", "extra_text", "steps", "guidance", "true_cfg", "height", "width", "num_frames", "out",
+    "qcd_alpha", "hint",
 )  # fmt: skip
 
 JOBS_HELP = """\
 Job files: --job holds one JSON object, --jobs one object per line:
   {"items": [{"text": "Word 1: white, "}, {"image": "cars/white.jpg"}, {"text": "Word 2: blue, "}],
    "seed": 0, "extra_text": null, "steps": 28, "guidance": 3.5, "true_cfg": 1.0, "height": 512,
-   "width": 512, "num_frames": 49, "out": "white-blue.png"}
+   "width": 512, "num_frames": 49, "qcd_alpha": 0.5, "hint": true, "out": "white-blue.png"}
 Only "items" is required ({"text": ...} or {"image": PATH}; a bare string is text); the other
 fields default to the command-line values. Relative image paths are relative to the job file.
 Other keys (e.g. those of `thinkdiff eval cobsat prompts --format thinkdiff`) are copied into the
@@ -62,7 +63,7 @@ class _AppendItem(argparse.Action):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from thinkdiff.pipelines.constants import MODES, OFFLOAD_MODES
+    from thinkdiff.pipelines.constants import DEFAULT_QCD_ALPHA, MODES, OFFLOAD_MODES
 
     parser = subparsers.add_parser(
         "generate",
@@ -138,6 +139,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     conditioning.add_argument("--temperature", type=float, default=0.6, help="LVLM sampling (default 0.6)")
     conditioning.add_argument("--top-p", type=float, default=0.9, help="LVLM nucleus mass (default 0.9)")
     conditioning.add_argument(
+        "--qcd-alpha",
+        type=float,
+        nargs="?",
+        const=DEFAULT_QCD_ALPHA,
+        default=0.0,
+        metavar="A",
+        help="lvlm and text-bridge: query-contrastive decoding, (1+A)*logits(input) - A*logits(input without "
+        f"its last text) before temperature/top-p (bare flag: {DEFAULT_QCD_ALPHA}; default 0: off)",
+    )
+    conditioning.add_argument(
+        "--hint",
+        nargs="?",
+        const="",
+        metavar="SENTENCE",
+        help="lvlm and text-bridge: append a hint to the instruction (bare flag: ours, that the last word is "
+        "the key clue and the shared attribute comes from the pictures)",
+    )
+    conditioning.add_argument(
         "--text-max-length", type=int, default=128, help="T5 tokens of text (default 128)"
     )
     conditioning.add_argument("--max-images", type=int, default=16, help="most images per input (default 16)")
@@ -195,6 +214,9 @@ def _job_request(job: Any, base: Path, where: str, args: argparse.Namespace, unk
             raise ValueError(f"{where}: {key} must be a {getattr(kind, '__name__', 'number')}, got {value!r}")
         return value
 
+    hint = job.get("hint")
+    if hint is not None and not isinstance(hint, bool):
+        raise ValueError(f"{where}: hint must be true or false (the sentence is --hint's), got {hint!r}")
     return Request(
         items=[_parse_item(item, base, where) for item in job["items"]],
         seed=pick("seed", args.seed, int),
@@ -205,6 +227,8 @@ def _job_request(job: Any, base: Path, where: str, args: argparse.Namespace, unk
         guidance_scale=pick("guidance", args.guidance, (int, float)),
         true_cfg_scale=pick("true_cfg", args.true_cfg, (int, float)),
         num_frames=pick("num_frames", args.num_frames, int),
+        qcd_alpha=pick("qcd_alpha", None, (int, float)),
+        hint=hint,
         metadata={"out": job.get("out"), "job": {k: v for k, v in job.items() if k not in JOB_KEYS}},
     )
 
@@ -351,6 +375,8 @@ def _sidecar(
         "lvlm_text": output.lvlm_texts[index],
         "settings": output.settings[index],
         "conditioning": dataclasses.asdict(pipe.settings),
+        # This request's instruction, hint and QCD weight (job overrides included).
+        "lvlm": pipe.lvlm_conditioning(request) if pipe.mode != "clip" else None,
         "components": pipe.components,
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),
@@ -375,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
     """Check everything, then generate in chunks and write each output with its sidecar."""
     import torch
 
-    from thinkdiff.pipelines import InferenceSettings, ThinkDiffPipeline
+    from thinkdiff.pipelines import HINT_INSTRUCTION, InferenceSettings, ThinkDiffPipeline
     from thinkdiff.utils import atomic_write_text
 
     # 1. Inputs and settings: parsed and checked before any model loads.
@@ -396,7 +422,11 @@ def run(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         encoder_batch_size=args.lvlm_batch_size,
         decoder_batch_size=args.batch_size,
+        qcd_alpha=args.qcd_alpha,
+        hint=None if args.hint is None else (args.hint.strip() or HINT_INSTRUCTION),
     )
+    if args.hint is not None and args.no_instruction:
+        raise ValueError("--hint is appended to the instruction: give it without --no-instruction")
     if args.no_instruction:
         settings.instruction = None
     elif args.instruction is not None:
@@ -420,6 +450,8 @@ def run(args: argparse.Namespace) -> int:
         for flag, given, applies in (
             ("--stop-at-eos", args.stop_at_eos, "lvlm mode"),
             ("--greedy", args.greedy, "lvlm and text-bridge modes"),
+            ("--qcd-alpha", args.qcd_alpha > 0, "lvlm and text-bridge modes"),
+            ("--hint", args.hint is not None, "lvlm and text-bridge modes"),
         ):
             if given:
                 raise ValueError(f"{flag} applies to {applies}; mode clip uses no LVLM")

@@ -33,10 +33,7 @@ from transformers import DynamicCache, LogitsProcessor
 if TYPE_CHECKING:
     from thinkdiff.models.lvlm import Item, LVLMFeatureExtractor
 
-__all__ = ["DEFAULT_QCD_ALPHA", "QueryContrastiveLogits", "contrast_items", "query_contrastive_processor"]
-
-DEFAULT_QCD_ALPHA = 0.5
-"""The contrast weight used when QCD is asked for without a value (``--qcd-alpha`` default)."""
+__all__ = ["QueryContrastiveLogits", "contrast_items", "query_contrastive_processor"]
 
 
 def contrast_items(items: Sequence[Item]) -> list[Item]:

@@ -15,6 +15,8 @@ _EXPORTS: dict[str, str] = {
     "DEFAULT_DECODER": "constants",
     "DEFAULT_INSTRUCTION": "constants",
     "DEFAULT_LVLM": "constants",
+    "DEFAULT_QCD_ALPHA": "constants",
+    "HINT_INSTRUCTION": "constants",
     "MODES": "constants",
     "Mode": "constants",
     "OFFLOAD_MODES": "constants",

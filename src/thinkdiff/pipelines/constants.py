@@ -31,6 +31,17 @@ Kept equal to :data:`thinkdiff.evaluation.cobsat.protocol.COBSAT_INSTRUCTION` (a
 defined here so that inference does not depend on the evaluation package.
 """
 
+HINT_INSTRUCTION = (
+    "Hint: the last word is the key clue for the next picture; what all the pictures have in common "
+    "comes from the pictures, not from the words."
+)
+"""The optional sentence appended to the instruction (``--hint``; our own wording): the query-contrastive
+baseline's instruction change, telling the LVLM which part of a CoBSAT-style input is the query
+(the last ``Word k: x, ``) and where the latent attribute comes from."""
+
+DEFAULT_QCD_ALPHA = 0.5
+"""Query-contrastive decoding weight used when ``--qcd-alpha`` is given without a value."""
+
 DECODER_DESCRIPTOR = "thinkdiff_decoder.json"
 """Optional file in a decoder folder saying what its configs cannot: e.g. a FLUX trained in pixel
 space without a VAE, its native size and its sampling defaults. See :class:`~thinkdiff.pipelines.DecoderSpec`."""

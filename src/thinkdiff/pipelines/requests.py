@@ -55,6 +55,11 @@ class Request:
     """FLUX only: true classifier-free guidance above 1 (negative: the decoder's T5 of ``""``)."""
     num_frames: int | None = None
     """Video decoders only."""
+    qcd_alpha: float | None = None
+    """lvlm and text-bridge: query-contrastive decoding weight (``None``: the pipeline's setting)."""
+    hint: bool | None = None
+    """lvlm and text-bridge: append the pipeline's hint (or ``HINT_INSTRUCTION``) to the instruction
+    (True) or not (False); ``None``: the pipeline's setting."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Free-form data carried through to the output (the CLI copies it into the sidecar)."""
 
