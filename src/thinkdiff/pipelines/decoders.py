@@ -1,12 +1,14 @@
-"""Stock diffusers decoders that take T5 prompt embeddings: FLUX.1 (images) and CogVideoX (video).
+"""Stock diffusers decoders that take T5 prompt embeddings: FLUX.1, Chroma, PixArt-Sigma and Stable
+Diffusion 3 / 3.5 (images); CogVideoX and LTX-Video (video).
 
 ThinkDiff never modifies a decoder. Like ``FluxPriorReduxPipeline``, it computes ``prompt_embeds``
 (and FLUX's ``pooled_prompt_embeds``) itself and hands them to an unmodified stock pipeline. The
 parts of a decoder it needs are loaded in stages, each with only the components it uses:
 
 - the *text* stage: the decoder's own text encoders (FLUX: CLIP for the pooled vector, T5 for text
-  tokens; CogVideoX: T5), called through the pipeline's own ``encode_prompt`` so that text
-  embeddings equal what the decoder computes for a plain prompt;
+  tokens; SD3: CLIP-L/G for its CLIP block and pooled vector, T5; the others: T5), called through
+  the pipeline's own ``encode_prompt`` so that text embeddings equal what the decoder computes for
+  a plain prompt;
 - the *denoise* stage: transformer + VAE, given the finished embeddings.
 
 :meth:`DecoderSpec.inspect` reads only the configs, so a width mismatch or an unsupported folder is
@@ -26,7 +28,9 @@ N packed image tokens, C packed channels, r the pixel-unshuffle factor.
 
 from __future__ import annotations
 
+import functools
 import gc
+import inspect
 import json
 import logging
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -39,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from thinkdiff.models.loading import resolve_model_dir
+from thinkdiff.models.loading import diffusers_files, resolve_model_dir
 from thinkdiff.pipelines.constants import DECODER_DESCRIPTOR, DEFAULT_DECODER, OFFLOAD_MODES, Offload
 
 if TYPE_CHECKING:
@@ -47,14 +51,23 @@ if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = [
+    "DECODER_CLASSES",
     "DECODER_DESCRIPTOR",
     "DEFAULT_DECODER",
+    "KNOWN_DECODERS",
+    "MAX_SEQUENCE_LENGTHS",
     "OFFLOAD_MODES",
+    "ChromaDecoder",
     "CogVideoXDecoder",
     "DecoderSpec",
     "DiffusionDecoder",
     "FluxDecoder",
+    "LTXVideoDecoder",
     "Offload",
+    "PixArtSigmaDecoder",
+    "StableDiffusion3Decoder",
+    "TextEncoding",
+    "call_defaults",
     "latents_to_pixels",
     "load_decoder",
     "pixels_to_latents",
@@ -74,7 +87,38 @@ def _dtype_kwarg() -> str:
 
 
 # Enough of a hub snapshot to read every config without downloading weights.
-_CONFIG_FILES = ["model_index.json", "*/config.json", "scheduler/*.json", DECODER_DESCRIPTOR]
+_CONFIG_FILES = [
+    "model_index.json",
+    "*/config.json",
+    "scheduler/*.json",
+    "tokenizer/tokenizer_config.json",
+    DECODER_DESCRIPTOR,
+]
+
+Family = Literal["flux", "cogvideox", "chroma", "pixart-sigma", "sd3", "ltx-video"]
+
+# The T5-reading pipelines beyond FLUX and CogVideoX: family -> (pipeline class, transformer
+# class, the transformer config key that is the T5 prompt width).
+_T5_FAMILIES: dict[str, tuple[str, str, str]] = {
+    "chroma": ("ChromaPipeline", "ChromaTransformer2DModel", "joint_attention_dim"),
+    "pixart-sigma": ("PixArtSigmaPipeline", "PixArtTransformer2DModel", "caption_channels"),
+    "sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel", "joint_attention_dim"),
+    "ltx-video": ("LTXPipeline", "LTXVideoTransformer3DModel", "caption_channels"),
+}
+
+MAX_SEQUENCE_LENGTHS: dict[str, int] = {"chroma": 512, "pixart-sigma": 300, "sd3": 256, "ltx-video": 128}
+"""T5 tokens each decoder was trained to read: the stock ``__call__``'s ``max_sequence_length``
+default (a test checks them against the installed diffusers). No config file holds them."""
+
+KNOWN_DECODERS: tuple[str, ...] = (
+    "FluxPipeline (FLUX.1-dev/schnell and compatible)",
+    "CogVideoXPipeline (text-to-video)",
+    "ChromaPipeline",
+    "PixArtSigmaPipeline",
+    "StableDiffusion3Pipeline (SD3 / SD3.5)",
+    "LTXPipeline (LTX-Video)",
+)
+"""What :meth:`DecoderSpec.inspect` accepts (named in its error for any other pipeline)."""
 
 # Sampling settings a descriptor may set, with their types (checked when it is read).
 _DESCRIPTOR_SETTINGS: dict[str, type] = {
@@ -91,7 +135,7 @@ class DecoderSpec:
 
     name: str
     """As given: a folder, a hub id or ``tiny:<component>``; what the full load resolves."""
-    family: Literal["flux", "cogvideox"]
+    family: Family
     pipeline_class: str
     """``_class_name`` from ``model_index.json``."""
     prompt_width: int
@@ -104,6 +148,12 @@ class DecoderSpec:
     (FLUX): any length."""
     guidance_embeds: bool
     """FLUX.1-dev style distilled guidance (schnell has none)."""
+    max_length: int | None = None
+    """The most prompt tokens the decoder reads (Chroma 512, PixArt-Sigma 300, SD3 256 after its
+    CLIP block, LTX-Video 128: the stock ``max_sequence_length``); longer prompts are cut with a
+    warning. ``None``: no limit (FLUX) or a required length (CogVideoX)."""
+    prefix_length: int = 0
+    """SD3: the CLIP tokens (the CLIP tokenizer's ``model_max_length``, 77) before the T5 ones."""
     latent_space: Literal["vae", "pixels"] = "vae"
     """``pixels``: the folder has no VAE; its transformer denoises pixel-unshuffled images (FLUX
     only, said by the descriptor)."""
@@ -120,7 +170,7 @@ class DecoderSpec:
 
     @property
     def kind(self) -> Literal["image", "video"]:
-        return "video" if self.family == "cogvideox" else "image"
+        return "video" if self.family in ("cogvideox", "ltx-video") else "image"
 
     @classmethod
     def inspect(cls, name_or_path: str | Path, *, descriptor: Mapping[str, Any] | None = None) -> DecoderSpec:
@@ -130,7 +180,7 @@ class DecoderSpec:
         :data:`DECODER_DESCRIPTOR` (how one is checked before it is written).
 
         Raises ``FileNotFoundError`` when the decoder cannot be found and ``ValueError`` when it is
-        not a FLUX.1 or CogVideoX text-to-X pipeline, when a FLUX folder without a VAE has no
+        not one of :data:`KNOWN_DECODERS`, when a FLUX folder without a VAE has no
         descriptor, or when the descriptor holds a bad value.
         """
         folder = resolve_model_dir(name_or_path, kind="diffusion decoder", files=_CONFIG_FILES)
@@ -169,9 +219,58 @@ class DecoderSpec:
                 required_length=int(transformer.get("max_text_seq_length", 226)),
                 guidance_embeds=False,
             )
+        for family, (pipeline, model, width_key) in _T5_FAMILIES.items():
+            if class_name == pipeline and transformer_class == model:
+                if family == "sd3":
+                    return cls._inspect_sd3(name_or_path, folder, index, transformer)
+                return cls(
+                    name=str(name_or_path),
+                    family=family,
+                    pipeline_class=class_name,
+                    prompt_width=int(transformer[width_key]),
+                    pooled_width=None,
+                    required_length=None,
+                    guidance_embeds=False,
+                    max_length=MAX_SEQUENCE_LENGTHS[family],
+                )
         raise ValueError(
-            f"decoder {name_or_path} is a {class_name or 'unknown'} pipeline; supported: FluxPipeline "
-            "(FLUX.1-dev/schnell and compatible) and CogVideoXPipeline (text-to-video)"
+            f"decoder {name_or_path} is a {class_name or 'unknown'} pipeline (transformer "
+            f"{transformer_class or 'unknown'}); known decoders: {', '.join(KNOWN_DECODERS)}"
+        )
+
+    @classmethod
+    def _inspect_sd3(
+        cls, name: str | Path, folder: Path, index: Mapping[str, Any], transformer: Mapping[str, Any]
+    ) -> DecoderSpec:
+        """SD3 / SD3.5: the CLIP-L/G widths must fit the prompt width and make the pooled width."""
+        clip_widths, projection_widths = [], []
+        for component in ("text_encoder", "text_encoder_2"):
+            config_file = folder / component / "config.json"
+            if component not in index or not config_file.is_file():
+                raise ValueError(f"SD3 decoder {name} lacks {component}/config.json (its CLIP-L/G)")
+            config = json.loads(config_file.read_text())
+            clip_widths.append(int(config["hidden_size"]))
+            projection_widths.append(int(config.get("projection_dim", config["hidden_size"])))
+        width, pooled = int(transformer["joint_attention_dim"]), int(transformer["pooled_projection_dim"])
+        if sum(clip_widths) > width or sum(projection_widths) != pooled:
+            raise ValueError(
+                f"SD3 decoder {name}: CLIP widths {clip_widths} (projections {projection_widths}) do not fit "
+                f"joint_attention_dim {width} and pooled_projection_dim {pooled}"
+            )
+        tokenizer_config = folder / "tokenizer" / "tokenizer_config.json"
+        clip_tokens = 77  # StableDiffusion3Pipeline's fallback without a tokenizer
+        if tokenizer_config.is_file():
+            clip_tokens = int(json.loads(tokenizer_config.read_text()).get("model_max_length", 77))
+        return cls(
+            name=str(name),
+            family="sd3",
+            pipeline_class=str(index["_class_name"]),
+            prompt_width=width,
+            pooled_width=pooled,
+            required_length=None,
+            guidance_embeds=False,
+            max_length=MAX_SEQUENCE_LENGTHS["sd3"],
+            prefix_length=clip_tokens,
         )
 
 
@@ -343,6 +442,27 @@ def release(loaded: MutableMapping[str, Any], *keys: str) -> None:
         torch.cuda.empty_cache()
 
 
+@functools.lru_cache(maxsize=16)
+def call_defaults(pipeline_cls: type) -> Mapping[str, inspect.Parameter]:
+    """The stock ``__call__``'s parameters (their defaults are the stock settings)."""
+    return inspect.signature(pipeline_cls.__call__).parameters
+
+
+@dataclass
+class TextEncoding:
+    """B texts encoded by a decoder's own text encoders, as its ``encode_prompt`` returns them."""
+
+    embeds: torch.Tensor
+    """[B, S, D]: T5 states, padded to S as the decoder pads its prompts."""
+    mask: torch.Tensor | None = None
+    """[B, S]: the attention mask the decoder takes with them, in its own dtype (Chroma, PixArt,
+    LTX-Video); ``None`` for decoders that attend to every token (FLUX, SD3, CogVideoX)."""
+    pooled: torch.Tensor | None = None
+    """[B, P]: the pooled CLIP vector (FLUX: CLIP-L; SD3: CLIP-L and CLIP-G side by side)."""
+    prefix: torch.Tensor | None = None
+    """[B, K, D]: SD3's CLIP-L/G block (77 tokens, zero-padded to D) that goes before the T5 tokens."""
+
+
 class DiffusionDecoder:
     """Stage-wise loading and calling of one stock decoder pipeline.
 
@@ -351,7 +471,18 @@ class DiffusionDecoder:
     """
 
     text_encoder_components: ClassVar[dict[str, tuple[str, ...]]] = {}
-    """Encoder role ('pooled', 't5') -> the pipeline components it needs."""
+    """Encoder role ('pooled' or 'clip', 't5') -> the pipeline components it needs."""
+    empty_roles: ClassVar[tuple[str, ...]] = ()
+    """Encoder roles :meth:`empty_conditioning` needs (none: it loads nothing)."""
+    conditioning_names: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
+    """The stock ``__call__`` arguments that carry a prompt; each has a ``negative_`` twin."""
+    cfg_setting: ClassVar[str | None] = None
+    """The setting that turns on guidance by a negative prompt when above 1 (FLUX's
+    ``true_cfg_scale``; ``guidance_scale`` for Chroma, PixArt-Sigma, SD3 and LTX-Video); the
+    negative is then the decoder's T5 of ``""`` at the prompt's length. ``None``: CogVideoX, whose
+    fixed-length negative is part of :meth:`empty_conditioning`."""
+    sized_settings: ClassVar[tuple[str, ...]] = ("height", "width")
+    """Settings whose stock default the loaded pipeline derives from its configs (:meth:`stock_setting`)."""
 
     def __init__(
         self,
@@ -403,7 +534,10 @@ class DiffusionDecoder:
         """The stock pipeline with only ``components`` loaded (on the CPU), in ``dtype``."""
         skipped = {name: None for name in self.all_components if name not in components}
         skipped.update(dict.fromkeys(self.absent_components))
-        folder = resolve_model_dir(self.spec.name, kind="diffusion decoder")
+        # From the hub, only the loaded components' subfolders (not FLUX.1-dev's root copies).
+        configs = resolve_model_dir(self.spec.name, kind="diffusion decoder", files=_CONFIG_FILES)
+        files = diffusers_files(configs, skipped=skipped, extra=[DECODER_DESCRIPTOR])
+        folder = resolve_model_dir(self.spec.name, kind="diffusion decoder", files=files)
         return self.pipeline_cls.from_pretrained(folder, **{_dtype_kwarg(): self.dtype}, **skipped)
 
     def place(self, pipe: DiffusionPipeline) -> None:
@@ -416,8 +550,12 @@ class DiffusionDecoder:
             pipe.to(self.device)
 
     def components_for(self, roles: Sequence[str]) -> list[str]:
-        """Pipeline components needed to encode text in the given roles ('pooled', 't5')."""
+        """Pipeline components needed to encode text in the given roles ('pooled', 'clip', 't5')."""
         return list(dict.fromkeys(c for role in roles for c in self.text_encoder_components[role]))
+
+    def text_roles(self, needs_t5: bool) -> list[str]:
+        """Encoder roles a call loads: those of :meth:`empty_conditioning`, and T5 when text is encoded."""
+        return list(dict.fromkeys([*self.empty_roles, *(["t5"] if needs_t5 else [])]))
 
     # ---- settings ------------------------------------------------------------------------------
 
@@ -425,27 +563,69 @@ class DiffusionDecoder:
         """Decoder settings that differ from the stock ``__call__`` defaults for this checkpoint."""
         return {}
 
+    def stock_setting(self, pipe: DiffusionPipeline, name: str) -> Any:
+        """The stock default of a :attr:`sized_settings` entry, as the stock ``__call__`` derives it."""
+        # FluxPipeline, ChromaPipeline and StableDiffusion3Pipeline: the first lines of __call__.
+        return pipe.default_sample_size * pipe.vae_scale_factor
+
     def check_size(self, height: int | None, width: int | None, where: str) -> None:
         """Raise ``ValueError`` for an image size the decoder cannot make (``where`` names the input)."""
 
     def text_bridge_length(self) -> int:
         """T5 tokens for a prompt the LVLM wrote (the decoder's own default)."""
-        raise NotImplementedError
+        if self.spec.max_length is None:
+            raise NotImplementedError
+        return self.spec.max_length
+
+    @property
+    def attention_mask_dtype(self) -> torch.dtype | None:
+        """The dtype of the attention mask the stock ``encode_prompt`` returns; ``None``: no mask."""
+        return None
 
     # ---- encoding (text stage) -----------------------------------------------------------------
 
-    def encode_text(
-        self, pipe: DiffusionPipeline, texts: list[str], max_length: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """T5 embeddings ``[B, max_length, D]`` (padded as the decoder pads) and pooled ``[B, P]`` or None."""
+    def encode_text(self, pipe: DiffusionPipeline, texts: list[str], max_length: int) -> TextEncoding:
+        """The decoder's own encoding of ``texts``: T5 states ``[B, max_length, D]`` and what goes with them."""
         raise NotImplementedError
 
-    def empty_conditioning(self, pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
+    def empty_conditioning(self, pipe: DiffusionPipeline | None) -> dict[str, torch.Tensor]:
         """What the decoder needs besides ``prompt_embeds`` when there is no prompt text:
-        FLUX's pooled CLIP vector of ``""``; CogVideoX's negative embeddings (T5 of ``""``)."""
-        raise NotImplementedError
+        FLUX's pooled CLIP vector of ``""``; SD3's CLIP block and pooled vector of ``""`` (``prefix``,
+        ``pooled_prompt_embeds``); CogVideoX's negative embeddings (T5 of ``""``); nothing for
+        Chroma, PixArt-Sigma and LTX-Video (``pipe`` is then ``None``)."""
+        return {}
 
     # ---- denoising -----------------------------------------------------------------------------
+
+    def guided(self, settings: Mapping[str, Any]) -> bool:
+        """Whether these settings guide with a negative prompt (see :attr:`cfg_setting`)."""
+        if self.cfg_setting is None:
+            return True
+        scale = settings.get(self.cfg_setting)
+        if scale is None:
+            scale = call_defaults(self.pipeline_cls)[self.cfg_setting].default
+        return scale > 1
+
+    def call_kwargs(
+        self, pipe: DiffusionPipeline, embeds: Mapping[str, torch.Tensor], settings: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Keyword arguments of the stock ``__call__``: the settings and the embeddings on the device.
+
+        ``embeds`` holds :attr:`conditioning_names` and, for guidance, their ``negative_`` twins
+        (dropped when the settings do not guide).
+        """
+        kwargs = {k: v for k, v in settings.items() if v is not None}
+        if self.guided(kwargs):
+            missing = [f"negative_{n}" for n in self.conditioning_names if f"negative_{n}" not in embeds]
+            if missing:
+                what = f"{self.cfg_setting} > 1" if self.cfg_setting else f"{self.spec.pipeline_class}"
+                raise ValueError(f"{what} needs {', '.join(missing)}")
+        else:
+            embeds = {k: v for k, v in embeds.items() if not k.startswith("negative_")}
+        for name, tensor in embeds.items():
+            # Masks keep the dtype the stock encode_prompt gives them; embeddings take the transformer's.
+            kwargs[name] = tensor.to(self.device) if name.endswith("mask") else self._to_pipe(pipe, tensor)
+        return kwargs
 
     def generate(
         self,
@@ -454,64 +634,14 @@ class DiffusionDecoder:
         generators: list[torch.Generator],
         settings: dict[str, Any],
     ) -> list[Any]:
-        """Run the stock pipeline on a batch of embeddings; one output per row."""
-        raise NotImplementedError
+        """Run the stock pipeline on a batch of embeddings; one output (image, or list of frames) per row."""
+        out = pipe(**self.call_kwargs(pipe, embeds, settings), generator=generators)
+        return out.frames if self.spec.kind == "video" else out.images
 
     def _to_pipe(self, pipe: DiffusionPipeline, tensor: torch.Tensor) -> torch.Tensor:
         # With or without offload hooks the pipeline executes on self.device; asking the pipeline
         # (``_execution_device``) walks every module and costs milliseconds per call.
         return tensor.to(self.device, pipe.transformer.dtype)
-
-    # ---- calibration: the decoder in the training loop ----------------------------------------
-    # Calibration (thinkdiff.training.calibration) trains the aligner through the frozen denoiser:
-    # it needs one differentiable model call and the noise process, nothing of the sampler. The
-    # defaults below are rectified flow (FLUX, SD3, Chroma, LTX); a decoder with another process
-    # (e.g. epsilon prediction) overrides add_noise / euler_step.
-
-    def calibration_conditioning(
-        self, pipe: DiffusionPipeline, text: str | None, max_length: int | None
-    ) -> dict[str, torch.Tensor]:
-        """One sample's conditioning as :meth:`velocity` takes it (batch dimension 1): the
-        teacher's ``prompt_embeds`` of ``text`` with the decoder's other keys, or, with
-        ``text=None``, only the other keys, those that go with aligned features at inference
-        (FLUX: the pooled CLIP vector of ``""``). ``max_length=None``: the text at its own token
-        count (no padding); else padded or cut to ``max_length`` as the text bridge does."""
-        raise NotImplementedError(f"{type(self).__name__} does not support calibration yet")
-
-    def latent_shape(self, pipe: DiffusionPipeline, height: int, width: int) -> tuple[int, ...]:
-        """Shape of one sample's latents (FLUX: packed tokens x channels) at a pixel size."""
-        raise NotImplementedError(f"{type(self).__name__} does not support calibration yet")
-
-    def image_latents(self, pipe: DiffusionPipeline, images_BHWC: np.ndarray) -> torch.Tensor:
-        """Clean latents ``[B, *latent_shape]`` of uint8 images (the 'source' noisy inputs)."""
-        raise NotImplementedError(f"{type(self).__name__} does not support calibration yet")
-
-    def velocity(
-        self,
-        pipe: DiffusionPipeline,
-        latents: torch.Tensor,
-        sigmas_B: torch.Tensor,
-        conditioning: Mapping[str, torch.Tensor],
-        height: int,
-        width: int,
-    ) -> torch.Tensor:
-        """The denoiser's output on ``latents`` at noise levels ``sigmas_B`` in [0, 1] (1 = pure
-        noise), conditioned on ``conditioning`` (``prompt_embeds [B, L, D]`` plus the decoder's other
-        keys); same shape as ``latents``. One transformer call, differentiable in the conditioning
-        (the transformer's own weights stay frozen). Guidance-distilled models get their default
-        guidance; no classifier-free guidance (one pass)."""
-        raise NotImplementedError(f"{type(self).__name__} does not support calibration yet")
-
-    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, sigmas_B: torch.Tensor) -> torch.Tensor:
-        """``x_sigma`` of the forward process: rectified flow ``(1 - sigma) x0 + sigma noise``."""
-        s = sigmas_B.reshape(-1, *[1] * (clean.ndim - 1)).to(clean.dtype)
-        return (1 - s) * clean + s * noise
-
-    def euler_step(
-        self, latents: torch.Tensor, output: torch.Tensor, sigma: float, sigma_next: float
-    ) -> torch.Tensor:
-        """One sampler step from ``sigma`` to ``sigma_next`` given :meth:`velocity`'s output."""
-        return latents + (sigma_next - sigma) * output
 
 
 class FluxDecoder(DiffusionDecoder):
@@ -526,6 +656,9 @@ class FluxDecoder(DiffusionDecoder):
         "pooled": ("text_encoder", "tokenizer"),
         "t5": ("text_encoder_2", "tokenizer_2"),
     }
+    empty_roles: ClassVar[tuple[str, ...]] = ("pooled",)
+    conditioning_names: ClassVar[tuple[str, ...]] = ("prompt_embeds", "pooled_prompt_embeds")
+    cfg_setting: ClassVar[str | None] = "true_cfg_scale"
     max_t5_tokens: ClassVar[int] = 512
     """The longest T5 prompt FLUX.1 was trained with (``FluxPipeline.check_inputs`` refuses a
     longer ``max_sequence_length``). Given embeddings may be longer, and run, but leave that regime."""
@@ -579,17 +712,16 @@ class FluxDecoder(DiffusionDecoder):
             return self.spec.max_sequence_length
         return self.max_t5_tokens if self.spec.guidance_embeds else 256
 
-    def encode_text(
-        self, pipe: DiffusionPipeline, texts: list[str], max_length: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_text(self, pipe: DiffusionPipeline, texts: list[str], max_length: int) -> TextEncoding:
         prompt_embeds, pooled, _ = pipe.encode_prompt(
             prompt=texts, device=self.device, max_sequence_length=max_length
         )
-        return prompt_embeds, pooled
+        return TextEncoding(prompt_embeds, pooled=pooled)
 
-    def empty_conditioning(self, pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
+    def empty_conditioning(self, pipe: DiffusionPipeline | None) -> dict[str, torch.Tensor]:
         # encode_prompt always runs T5 too (9 GB for T5-XXL) although only CLIP's pooled vector of
         # "" is needed; its CLIP half is this method, so the vector is the same.
+        assert pipe is not None
         return {"pooled_prompt_embeds": pipe._get_clip_prompt_embeds(prompt=[""], device=self.device)}
 
     def generate(
@@ -599,24 +731,9 @@ class FluxDecoder(DiffusionDecoder):
         generators: list[torch.Generator],
         settings: dict[str, Any],
     ) -> list[Image.Image]:
-        kwargs = {k: v for k, v in settings.items() if k != "num_frames" and v is not None}
-        if kwargs.get("true_cfg_scale", 1.0) > 1:
-            # True CFG: a second transformer pass on the negative, as the stock pipeline does it.
-            if "negative_prompt_embeds" not in embeds or "negative_pooled_prompt_embeds" not in embeds:
-                raise ValueError(
-                    "true_cfg_scale > 1 needs negative_prompt_embeds and negative_pooled_prompt_embeds"
-                )
-            kwargs["negative_prompt_embeds"] = self._to_pipe(pipe, embeds["negative_prompt_embeds"])
-            kwargs["negative_pooled_prompt_embeds"] = self._to_pipe(
-                pipe, embeds["negative_pooled_prompt_embeds"]
-            )
-        conditioning = {
-            "prompt_embeds": self._to_pipe(pipe, embeds["prompt_embeds"]),
-            "pooled_prompt_embeds": self._to_pipe(pipe, embeds["pooled_prompt_embeds"]),
-            "generator": generators,
-        }
+        kwargs = self.call_kwargs(pipe, embeds, {k: v for k, v in settings.items() if k != "num_frames"})
         if not self.pixel_space:
-            return pipe(**conditioning, **kwargs).images
+            return pipe(**kwargs, generator=generators).images
 
         from PIL import Image
 
@@ -627,92 +744,21 @@ class FluxDecoder(DiffusionDecoder):
         # it is given the size whose latent grid is the unshuffled image's.
         scale = pipe.vae_scale_factor
         latents_BNC = pipe(
-            **conditioning,
+            **kwargs,
+            generator=generators,
             height=height // r * scale,
             width=width // r * scale,
             output_type="latent",
-            **kwargs,
         ).images
         return [Image.fromarray(image) for image in latents_to_pixels(latents_BNC, height, width, r)]
-
-    # ---- calibration ---------------------------------------------------------------------------
-
-    def _latent_grid(self, pipe: DiffusionPipeline, height: int, width: int) -> tuple[int, int]:
-        """(rows, columns) of FLUX's packed 2x2 latent tokens for an image of this size."""
-        if self.pixel_space:
-            assert self.spec.pixel_unshuffle is not None
-            step = 2 * self.spec.pixel_unshuffle
-        else:
-            step = 2 * pipe.vae_scale_factor  # the VAE's downscaling, then the 2x2 packing
-        return height // step, width // step
-
-    def latent_shape(self, pipe: DiffusionPipeline, height: int, width: int) -> tuple[int, ...]:
-        rows, cols = self._latent_grid(pipe, height, width)
-        return (rows * cols, int(pipe.transformer.config.in_channels))
-
-    def image_latents(self, pipe: DiffusionPipeline, images_BHWC: np.ndarray) -> torch.Tensor:
-        if self.pixel_space:
-            assert self.spec.pixel_unshuffle is not None
-            return pixels_to_latents(images_BHWC, self.spec.pixel_unshuffle).to(self.device)
-        if getattr(pipe, "vae", None) is None:
-            raise ValueError("'source' noisy inputs need the decoder's VAE loaded")
-        x_B3HW = torch.as_tensor(np.asarray(images_BHWC)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        vae = pipe.vae
-        with torch.no_grad():
-            z = vae.encode(x_B3HW.to(self.device, vae.dtype)).latent_dist.sample()
-        z = (z - vae.config.shift_factor) * vae.config.scaling_factor
-        return pipe._pack_latents(z, *z.shape)
-
-    def calibration_conditioning(
-        self, pipe: DiffusionPipeline, text: str | None, max_length: int | None
-    ) -> dict[str, torch.Tensor]:
-        if text is None:
-            return dict(self.empty_conditioning(pipe))
-        if max_length is None:  # FLUX takes prompts of any length (it has no text mask)
-            max_length = len(pipe.tokenizer_2(text).input_ids)
-        prompt_embeds, pooled = self.encode_text(pipe, [text], max_length)
-        assert pooled is not None
-        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
-
-    def velocity(
-        self,
-        pipe: DiffusionPipeline,
-        latents: torch.Tensor,
-        sigmas_B: torch.Tensor,
-        conditioning: Mapping[str, torch.Tensor],
-        height: int,
-        width: int,
-    ) -> torch.Tensor:
-        transformer = pipe.transformer
-        prompt_BLD = conditioning["prompt_embeds"].to(self.device, transformer.dtype)
-        batch = prompt_BLD.shape[0]
-        pooled_BP = conditioning["pooled_prompt_embeds"].to(self.device, transformer.dtype)
-        if pooled_BP.shape[0] == 1 and batch > 1:
-            pooled_BP = pooled_BP.expand(batch, -1)
-        rows, cols = self._latent_grid(pipe, height, width)
-        img_ids = pipe._prepare_latent_image_ids(batch, rows, cols, self.device, transformer.dtype)
-        txt_ids = torch.zeros(prompt_BLD.shape[1], 3, device=self.device, dtype=transformer.dtype)
-        guidance = None
-        if self.spec.guidance_embeds:
-            scale = float(self.default_settings().get("guidance_scale", 3.5))
-            guidance = torch.full((batch,), scale, device=self.device, dtype=torch.float32)
-        # FluxPipeline passes timestep / 1000 with timesteps in [0, 1000]: the sigma itself.
-        return transformer(
-            hidden_states=latents.to(self.device, transformer.dtype),
-            timestep=sigmas_B.to(self.device, transformer.dtype),
-            guidance=guidance,
-            pooled_projections=pooled_BP,
-            encoder_hidden_states=prompt_BLD,
-            txt_ids=txt_ids,
-            img_ids=img_ids,
-            return_dict=False,
-        )[0]
 
 
 class CogVideoXDecoder(DiffusionDecoder):
     """CogVideoX text-to-video (2B and 5B): frames. Prompt embeddings have the configured length."""
 
     text_encoder_components: ClassVar[dict[str, tuple[str, ...]]] = {"t5": ("text_encoder", "tokenizer")}
+    empty_roles: ClassVar[tuple[str, ...]] = ("t5",)
+    sized_settings: ClassVar[tuple[str, ...]] = ("height", "width", "num_frames")
 
     @property
     def pipeline_cls(self) -> type[DiffusionPipeline]:
@@ -720,46 +766,193 @@ class CogVideoXDecoder(DiffusionDecoder):
 
         return CogVideoXPipeline
 
+    def stock_setting(self, pipe: DiffusionPipeline, name: str) -> Any:
+        config = pipe.transformer.config
+        if name == "num_frames":
+            return config.sample_frames
+        sample = config.sample_height if name == "height" else config.sample_width
+        return sample * pipe.vae_scale_factor_spatial
+
     def text_bridge_length(self) -> int:
         assert self.spec.required_length is not None
         return self.spec.required_length
 
-    def encode_text(
-        self, pipe: DiffusionPipeline, texts: list[str], max_length: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_text(self, pipe: DiffusionPipeline, texts: list[str], max_length: int) -> TextEncoding:
         prompt_embeds, _ = pipe.encode_prompt(
             prompt=texts,
             do_classifier_free_guidance=False,
             max_sequence_length=max_length,
             device=self.device,
         )
-        return prompt_embeds, None
+        return TextEncoding(prompt_embeds)
 
-    def empty_conditioning(self, pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
+    def empty_conditioning(self, pipe: DiffusionPipeline | None) -> dict[str, torch.Tensor]:
         # The stock pipeline's negative prompt for guidance is T5("") at full length.
-        assert self.spec.required_length is not None
-        negative, _ = self.encode_text(pipe, [""], self.spec.required_length)
-        return {"negative_prompt_embeds": negative}
+        assert pipe is not None and self.spec.required_length is not None
+        return {"negative_prompt_embeds": self.encode_text(pipe, [""], self.spec.required_length).embeds}
 
-    def generate(
-        self,
-        pipe: DiffusionPipeline,
-        embeds: dict[str, torch.Tensor],
-        generators: list[torch.Generator],
-        settings: dict[str, Any],
-    ) -> list[list[Image.Image]]:
-        kwargs = {k: v for k, v in settings.items() if v is not None}
-        return pipe(
-            prompt_embeds=self._to_pipe(pipe, embeds["prompt_embeds"]),
-            negative_prompt_embeds=self._to_pipe(pipe, embeds["negative_prompt_embeds"]),
-            generator=generators,
-            **kwargs,
-        ).frames
+
+class _MaskedT5Decoder(DiffusionDecoder):
+    """A decoder that reads T5 states with an attention mask and nothing else (Chroma, PixArt-Sigma,
+    LTX-Video). Its guidance is classifier-free guidance on ``guidance_scale`` with a negative
+    prompt: ThinkDiff passes T5 of ``""`` at the prompt's length, with the decoder's own mask."""
+
+    text_encoder_components: ClassVar[dict[str, tuple[str, ...]]] = {"t5": ("text_encoder", "tokenizer")}
+    conditioning_names: ClassVar[tuple[str, ...]] = ("prompt_embeds", "prompt_attention_mask")
+    cfg_setting: ClassVar[str | None] = "guidance_scale"
+
+
+class ChromaDecoder(_MaskedT5Decoder):
+    """Chroma (``ChromaPipeline``, e.g. Chroma1-HD): images from T5 alone, no CLIP.
+
+    Chroma's own mask keeps the text tokens, their EOS and one pad token (the rest is masked out in
+    the transformer); ThinkDiff keeps every aligned token and gives T5 text Chroma's own mask.
+    """
+
+    @property
+    def pipeline_cls(self) -> type[DiffusionPipeline]:
+        from diffusers import ChromaPipeline
+
+        return ChromaPipeline
+
+    @property
+    def attention_mask_dtype(self) -> torch.dtype | None:
+        # ChromaPipeline._get_t5_prompt_embeds returns its mask in the embeddings' dtype.
+        return self.dtype
+
+    def encode_text(self, pipe: DiffusionPipeline, texts: list[str], max_length: int) -> TextEncoding:
+        embeds, _, mask, *_ = pipe.encode_prompt(
+            prompt=texts, device=self.device, do_classifier_free_guidance=False, max_sequence_length=max_length
+        )
+        return TextEncoding(embeds, mask=mask)
+
+
+class PixArtSigmaDecoder(_MaskedT5Decoder):
+    """PixArt-Sigma (``PixArtSigmaPipeline``, 0.6 B): images from T5 states with their mask, 300 tokens.
+
+    Text is encoded without PixArt's optional caption cleaning (``clean_caption=False``, the
+    ``encode_prompt`` default; the stock ``__call__`` cleans only where bs4 and ftfy are installed).
+    The stock call bins the size to the nearest trained aspect ratio and resizes the result back.
+    """
+
+    @property
+    def pipeline_cls(self) -> type[DiffusionPipeline]:
+        from diffusers import PixArtSigmaPipeline
+
+        return PixArtSigmaPipeline
+
+    @property
+    def attention_mask_dtype(self) -> torch.dtype | None:
+        return torch.int64  # the tokenizer's mask, as encode_prompt passes it on
+
+    def stock_setting(self, pipe: DiffusionPipeline, name: str) -> Any:
+        return pipe.transformer.config.sample_size * pipe.vae_scale_factor
+
+    def call_kwargs(
+        self, pipe: DiffusionPipeline, embeds: Mapping[str, torch.Tensor], settings: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        kwargs = super().call_kwargs(pipe, embeds, settings)
+        if "negative_prompt_embeds" in kwargs:
+            # The stock negative_prompt defaults to "", which check_inputs refuses beside embeddings.
+            kwargs["negative_prompt"] = None
+        return kwargs
+
+    def encode_text(self, pipe: DiffusionPipeline, texts: list[str], max_length: int) -> TextEncoding:
+        embeds, mask, _, _ = pipe.encode_prompt(
+            prompt=texts,
+            do_classifier_free_guidance=False,
+            device=self.device,
+            clean_caption=False,
+            max_sequence_length=max_length,
+        )
+        return TextEncoding(embeds, mask=mask)
+
+
+class LTXVideoDecoder(_MaskedT5Decoder):
+    """LTX-Video (``LTXPipeline``) text-to-video: frames from T5 states with their mask, 128 tokens.
+
+    Its stock size and frame count are the ``__call__`` defaults (512 x 704, 161 frames).
+    """
+
+    sized_settings: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def pipeline_cls(self) -> type[DiffusionPipeline]:
+        from diffusers import LTXPipeline
+
+        return LTXPipeline
+
+    @property
+    def attention_mask_dtype(self) -> torch.dtype | None:
+        return torch.bool
+
+    def encode_text(self, pipe: DiffusionPipeline, texts: list[str], max_length: int) -> TextEncoding:
+        embeds, mask, _, _ = pipe.encode_prompt(
+            prompt=texts, do_classifier_free_guidance=False, max_sequence_length=max_length, device=self.device
+        )
+        return TextEncoding(embeds, mask=mask)
+
+
+class StableDiffusion3Decoder(DiffusionDecoder):
+    """Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``): images.
+
+    Its ``prompt_embeds`` are CLIP-L and CLIP-G states side by side (77 tokens, zero-padded to the
+    T5 width), then the T5 tokens (``text_encoder_3``); ``pooled_prompt_embeds`` is pooled CLIP-L and
+    CLIP-G. ThinkDiff puts the aligned tokens where T5 tokens go, after a CLIP block of ``""``
+    (lvlm mode) or of the text (clip and text-bridge modes); T5 loads only to encode text.
+    """
+
+    text_encoder_components: ClassVar[dict[str, tuple[str, ...]]] = {
+        "clip": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+        "t5": ("text_encoder_3", "tokenizer_3"),
+    }
+    empty_roles: ClassVar[tuple[str, ...]] = ("clip",)
+    conditioning_names: ClassVar[tuple[str, ...]] = ("prompt_embeds", "pooled_prompt_embeds")
+    cfg_setting: ClassVar[str | None] = "guidance_scale"
+
+    @property
+    def pipeline_cls(self) -> type[DiffusionPipeline]:
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+
+    def encode_text(self, pipe: DiffusionPipeline, texts: list[str], max_length: int) -> TextEncoding:
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=texts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_length,
+        )
+        k = self.spec.prefix_length
+        return TextEncoding(embeds[:, k:], pooled=pooled, prefix=embeds[:, :k])
+
+    def empty_conditioning(self, pipe: DiffusionPipeline | None) -> dict[str, torch.Tensor]:
+        # encode_prompt's CLIP half (without T5, which it would otherwise run): both CLIPs' states
+        # side by side, zero-padded to the prompt width, and their pooled vectors.
+        assert pipe is not None
+        states, pooled = zip(
+            *(pipe._get_clip_prompt_embeds(prompt=[""], device=self.device, clip_model_index=i) for i in (0, 1))
+        )
+        block = torch.cat(states, dim=-1)
+        block = F.pad(block, (0, self.spec.prompt_width - block.shape[-1]))
+        return {"prefix": block, "pooled_prompt_embeds": torch.cat(pooled, dim=-1)}
+
+
+DECODER_CLASSES: dict[str, type[DiffusionDecoder]] = {
+    "flux": FluxDecoder,
+    "cogvideox": CogVideoXDecoder,
+    "chroma": ChromaDecoder,
+    "pixart-sigma": PixArtSigmaDecoder,
+    "sd3": StableDiffusion3Decoder,
+    "ltx-video": LTXVideoDecoder,
+}
+"""Decoder family (:attr:`DecoderSpec.family`) -> its :class:`DiffusionDecoder`."""
 
 
 def load_decoder(
     spec: DecoderSpec, device: torch.device, dtype: torch.dtype, offload: Offload = "none"
 ) -> DiffusionDecoder:
     """The :class:`DiffusionDecoder` for a spec's family."""
-    cls = {"flux": FluxDecoder, "cogvideox": CogVideoXDecoder}[spec.family]
-    return cls(spec, device, dtype, offload)
+    return DECODER_CLASSES[spec.family](spec, device, dtype, offload)

@@ -30,8 +30,6 @@ D prompt width (the decoder's T5 d_model), P pooled width.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import json
 import logging
 import time
@@ -43,15 +41,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from thinkdiff.models.loading import default_dtype, resolve_model_dir
-from thinkdiff.pipelines.constants import (
-    DEFAULT_DECODER,
-    DEFAULT_INSTRUCTION,
-    DEFAULT_LVLM,
-    HINT_INSTRUCTION,
-    MODES,
-    Offload,
+from thinkdiff.pipelines.constants import DEFAULT_DECODER, DEFAULT_INSTRUCTION, DEFAULT_LVLM, MODES, Offload
+from thinkdiff.pipelines.decoders import (
+    DecoderSpec,
+    DiffusionDecoder,
+    FluxDecoder,
+    TextEncoding,
+    call_defaults,
+    load_decoder,
+    release,
 )
-from thinkdiff.pipelines.decoders import DecoderSpec, DiffusionDecoder, FluxDecoder, load_decoder, release
 from thinkdiff.pipelines.requests import Item, PreparedRequest, Request, prepare_requests
 
 if TYPE_CHECKING:
@@ -109,14 +108,6 @@ class InferenceSettings:
     decoder_batch_size: int = 1
     """Requests per decoder call. Each row has its own ``torch.Generator``, so batching does not
     change the noise; only requests with equal settings and prompt length are batched."""
-    qcd_alpha: float = 0.0
-    """lvlm and text-bridge: query-contrastive decoding weight ``a`` (:mod:`thinkdiff.models.qcd`):
-    each step samples from ``(1 + a) * logits(full input) - a * logits(input without its last text
-    item)``; 0 (default) samples plainly, 0.5 is the published setting. A request may override it."""
-    hint: str | None = None
-    """lvlm and text-bridge: a sentence appended to the instruction (``HINT_INSTRUCTION`` is ours:
-    the last word is the key clue, the shared attribute comes from the pictures); ``None``: none.
-    A request may switch it on or off."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -132,10 +123,6 @@ class InferenceSettings:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.qcd_alpha < 0:
-            raise ValueError(f"qcd_alpha must be >= 0, got {self.qcd_alpha}")
-        if self.hint is not None and (not self.hint.strip() or self.instruction is None):
-            raise ValueError("hint must be a non-empty sentence, appended to an instruction (not None)")
 
 
 @dataclass
@@ -143,11 +130,13 @@ class ThinkDiffEmbeddings:
     """What a stock decoder takes, for B requests (rows right-padded to the longest)."""
 
     prompt_embeds: torch.Tensor
-    """[B, L, D] aligned tokens first, then any T5 text tokens; zero after ``prompt_attention_mask``."""
+    """[B, L, D] aligned tokens first (after SD3's CLIP block), then any T5 text tokens; zero after
+    ``prompt_attention_mask``."""
     prompt_attention_mask: torch.Tensor
-    """[B, L] bool: True for real tokens. FLUX and CogVideoX take no mask: pass only the real rows."""
+    """[B, L] bool: True for the row's tokens. Decoders take no padding: pass only the real rows
+    (:meth:`decoder_kwargs`); the masked decoders' own mask is :attr:`decoder_attention_mask`."""
     pooled_prompt_embeds: torch.Tensor | None
-    """[B, P]: FLUX's pooled CLIP text vector; ``None`` for CogVideoX."""
+    """[B, P]: the pooled CLIP text vector of FLUX and SD3; ``None`` for the other decoders."""
     negative_prompt_embeds: torch.Tensor | None
     """[B, L, D]: the classifier-free guidance negative, the decoder's T5 of ``""``. CogVideoX:
     always (its guidance); FLUX: when a request of the batch uses true CFG (``true_cfg_scale > 1``),
@@ -161,9 +150,34 @@ class ThinkDiffEmbeddings:
     device: torch.device | None = None
     """Where the pipeline that computed them runs its decoder (the tensors themselves are kept on
     the CPU): :meth:`decoder_kwargs` moves them there unless told otherwise."""
+    decoder_attention_mask: torch.Tensor | None = None
+    """[B, L]: the ``prompt_attention_mask`` that Chroma, PixArt-Sigma and LTX-Video take, in the
+    dtype their ``encode_prompt`` gives it: 1 for aligned tokens, the decoder's own mask for its T5
+    tokens (Chroma's keeps one pad token), 0 after the row; ``None`` for the other decoders."""
+    negative_decoder_attention_mask: torch.Tensor | None = None
+    """[B, L]: the mask of ``negative_prompt_embeds`` for those decoders (T5 of ``""``'s own)."""
+    num_prefix_tokens: int = 0
+    """SD3: the CLIP-L/G tokens (77) each row starts with, before the aligned tokens."""
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
+
+    def rows(self, indices: Sequence[int], length: int) -> dict[str, torch.Tensor]:
+        """The stock ``__call__`` arguments for the rows ``indices``, cut to ``length`` tokens (CPU)."""
+        fields = {
+            "prompt_embeds": (self.prompt_embeds, True),
+            "prompt_attention_mask": (self.decoder_attention_mask, True),
+            "pooled_prompt_embeds": (self.pooled_prompt_embeds, False),
+            "negative_prompt_embeds": (self.negative_prompt_embeds, True),
+            "negative_prompt_attention_mask": (self.negative_decoder_attention_mask, True),
+            "negative_pooled_prompt_embeds": (self.negative_pooled_prompt_embeds, False),
+        }
+        index = list(indices)
+        return {
+            name: tensor[index, :length] if per_token else tensor[index]
+            for name, (tensor, per_token) in fields.items()
+            if tensor is not None
+        }
 
     def decoder_kwargs(
         self,
@@ -176,7 +190,9 @@ class ThinkDiffEmbeddings:
 
         FLUX: ``pipe(**emb.decoder_kwargs(0), generator=...)`` with ``prompt_embeds`` [1, L, D] and
         ``pooled_prompt_embeds`` [1, P] (and the negatives when computed: pass ``true_cfg_scale``
-        too); CogVideoX: ``prompt_embeds`` and ``negative_prompt_embeds``.
+        too); SD3 the same (``guidance_scale``); CogVideoX: ``prompt_embeds`` and
+        ``negative_prompt_embeds``; Chroma, PixArt-Sigma, LTX-Video: those and their
+        ``prompt_attention_mask`` / ``negative_prompt_attention_mask``.
 
         The tensors are moved to ``device`` (default: :attr:`device`, the computing pipeline's
         device) and cast to ``dtype`` (default: unchanged, the pipeline's dtype): the stock
@@ -184,15 +200,12 @@ class ThinkDiffEmbeddings:
         reach a CUDA transformer.
         """
         target = device if device is not None else self.device
-        length = int(self.prompt_attention_mask[index].sum())
-        kwargs = {"prompt_embeds": self.prompt_embeds[index : index + 1, :length]}
-        if self.pooled_prompt_embeds is not None:
-            kwargs["pooled_prompt_embeds"] = self.pooled_prompt_embeds[index : index + 1]
-        if self.negative_prompt_embeds is not None:
-            kwargs["negative_prompt_embeds"] = self.negative_prompt_embeds[index : index + 1, :length]
-        if self.negative_pooled_prompt_embeds is not None:
-            kwargs["negative_pooled_prompt_embeds"] = self.negative_pooled_prompt_embeds[index : index + 1]
-        return {name: tensor.to(device=target, dtype=dtype) for name, tensor in kwargs.items()}
+        kwargs = self.rows([index], int(self.prompt_attention_mask[index].sum()))
+        # Masks keep the dtype the stock encode_prompt gives them.
+        return {
+            name: tensor.to(device=target, dtype=None if name.endswith("mask") else dtype)
+            for name, tensor in kwargs.items()
+        }
 
 
 @dataclass
@@ -399,7 +412,8 @@ class ThinkDiffPipeline:
         prepared = prepare_requests(
             [requests] if isinstance(requests, Request) else list(requests), self.settings.max_images
         )
-        required = self.decoder_spec.required_length
+        # CogVideoX's fixed length or the masked decoders' and SD3's limit, text included.
+        required = self.decoder_spec.required_length or self.decoder_spec.max_length
         if self.mode == "clip" and required is not None and self.aligner is not None:
             per_image = self._clip_tokens_per_image()
             for index, p in enumerate(prepared):
@@ -420,12 +434,6 @@ class ThinkDiffPipeline:
                 raise ValueError(f"request {index}: num_frames applies to video decoders only")
             if request.true_cfg_scale is not None and self.decoder_spec.family != "flux":
                 raise ValueError(f"request {index}: true_cfg_scale applies to FLUX decoders only")
-            if request.qcd_alpha is not None and request.qcd_alpha < 0:
-                raise ValueError(f"request {index}: qcd_alpha must be >= 0, got {request.qcd_alpha}")
-            if self.mode == "clip" and (request.qcd_alpha or request.hint):
-                raise ValueError(f"request {index}: qcd_alpha and hint apply to the LVLM; mode clip uses none")
-            if request.hint and self.settings.instruction is None:
-                raise ValueError(f"request {index}: a hint is appended to the instruction, and there is none")
             self.decoder.check_size(request.height, request.width, f"request {index}")
         return prepared
 
@@ -548,30 +556,16 @@ class ThinkDiffPipeline:
         )
 
     def _text_roles(self, needs_t5: bool) -> list[str]:
-        """Decoder text encoders a call needs ('pooled': FLUX's CLIP, 't5')."""
-        if self.decoder_spec.family == "flux":
-            return ["pooled", "t5"] if needs_t5 else ["pooled"]
-        return ["t5"]
+        """Decoder text encoders a call needs ('pooled': FLUX's CLIP, 'clip': SD3's, 't5')."""
+        return self.decoder.text_roles(needs_t5)
 
     # ---- encoding ----------------------------------------------------------------------------
 
-    def lvlm_conditioning(self, request: Request) -> dict[str, Any]:
-        """How the LVLM reads one request: its instruction (with the hint, if any), the hint, and the
-        QCD weight (the request's overrides over :attr:`settings`); what the sidecars record."""
-        s = self.settings
-        use_hint = s.hint is not None if request.hint is None else request.hint
-        hint = (s.hint or HINT_INSTRUCTION) if use_hint else None
-        if hint is not None and s.instruction is None:
-            raise ValueError("a hint is appended to the instruction, and this pipeline has none")
-        instruction = s.instruction if hint is None else f"{s.instruction} {hint}"
-        alpha = s.qcd_alpha if request.qcd_alpha is None else request.qcd_alpha
-        return {"instruction": instruction, "hint": hint, "qcd_alpha": alpha}
-
-    def _lvlm_items(self, items: list[str | Image.Image], instruction: str | None) -> list[Item]:
-        """``instruction`` (hinted or not) first: in place of the plain one when the items start with it."""
-        if items and items[0] in (self.settings.instruction, instruction):
-            items = items[1:]
-        return list(items) if instruction is None else [instruction, *items]
+    def _lvlm_items(self, items: list[str | Image.Image]) -> list[Item]:
+        instruction = self.settings.instruction
+        if instruction is None or (items and items[0] == instruction):
+            return list(items)
+        return [instruction, *items]
 
     def _clip_text(self, p: PreparedRequest) -> str:
         texts = p.texts
@@ -600,22 +594,19 @@ class ThinkDiffPipeline:
         )
         # One generate call draws one RNG stream for its whole batch: when sampling, only requests
         # with the same seed may share a call, and a call is seeded with that seed. Greedy decoding
-        # draws nothing, so every request may share a call (seed None). A call also has one
-        # instruction and one QCD weight.
-        groups: dict[tuple[int | None, str | None, float], list[int]] = {}
+        # draws nothing, so every request may share a call (group None: no seed).
+        groups: dict[int | None, list[int]] = {}
         for index, p in enumerate(prepared):
-            lvlm = self.lvlm_conditioning(p.request)
-            key = (None if s.greedy else p.request.seed, lvlm["instruction"], lvlm["qcd_alpha"])
-            groups.setdefault(key, []).append(index)
+            groups.setdefault(None if s.greedy else p.request.seed, []).append(index)
         size = s.encoder_batch_size
-        for (seed, instruction, qcd_alpha), indices in groups.items():
+        for seed, indices in groups.items():
             if self.mode == "lvlm" and not s.stop_at_eos:
-                sampling = SamplingSettings.exactly(s.num_tokens, seed=seed, qcd_alpha=qcd_alpha, **decoding)
+                sampling = SamplingSettings.exactly(s.num_tokens, seed=seed, **decoding)
             else:  # the LVLM writes its answer and stops at its end-of-sequence token
-                sampling = SamplingSettings(max_new_tokens=s.num_tokens, seed=seed, qcd_alpha=qcd_alpha, **decoding)
+                sampling = SamplingSettings(max_new_tokens=s.num_tokens, seed=seed, **decoding)
             for start in range(0, len(indices), size):
                 chunk = indices[start : start + size]
-                prompts = [self._lvlm_items(prepared[i].items, instruction) for i in chunk]
+                prompts = [self._lvlm_items(prepared[i].items) for i in chunk]
                 with self._stage("lvlm", timings, memory):
                     # generate keeps no hidden states: lvlm mode recomputes the features in one
                     # teacher-forced pass (as the extraction's default made the training features;
@@ -676,12 +667,14 @@ class ThinkDiffPipeline:
         timings: dict,
         memory: dict,
         missing_negatives: Sequence[int] = (),
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    ) -> dict[int, TextEncoding]:
         """Stage 2: the decoder's own text encoders. ``jobs`` are (request, text, T5 length);
-        ``missing_negatives`` the lengths at which FLUX's true-CFG negative T5("") is needed and not
-        yet cached."""
+        ``missing_negatives`` the lengths at which the guidance negative T5("") is needed and not
+        yet cached. Returns one CPU row (no batch axis) per job's request."""
         need_empty = self._empty is None
-        results: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        if need_empty and not self.decoder.empty_roles:
+            self._empty, need_empty = {}, False  # nothing to encode for "" (Chroma, PixArt, LTX)
+        results: dict[int, TextEncoding] = {}
         if not jobs and not need_empty and not missing_negatives:
             return results
         pipe = self._decoder_pipe("text", roles, timings, memory)
@@ -692,8 +685,7 @@ class ThinkDiffPipeline:
                 }
             for length in missing_negatives:
                 # T5 attends to its pad tokens, so "" at length L is not a prefix of "" at L + 1.
-                negative_1LD, _ = self.decoder.encode_text(pipe, [""], length)
-                self._negatives[length] = negative_1LD[0].to("cpu", self.dtype)
+                self._negatives[length] = self._cpu_row(self.decoder.encode_text(pipe, [""], length), 0)
             # Texts padded to the same length batch without changing any row (T5 and CLIP both
             # pad to a fixed max_length as the decoder does itself).
             by_length: dict[int, list[tuple[int, str]]] = {}
@@ -702,13 +694,25 @@ class ThinkDiffPipeline:
             for length, group in by_length.items():
                 for start in range(0, len(group), 16):
                     chunk = group[start : start + 16]
-                    t5_BSD, pooled_BP = self.decoder.encode_text(pipe, [text for _, text in chunk], length)
+                    encoded = self.decoder.encode_text(pipe, [text for _, text in chunk], length)
                     for row, (index, _) in enumerate(chunk):
-                        pooled = None if pooled_BP is None else pooled_BP[row].to("cpu", self.dtype)
-                        results[index] = (t5_BSD[row].to("cpu", self.dtype), pooled)
-        pipe = t5_BSD = pooled_BP = None  # the last references, before the cache is emptied
+                        results[index] = self._cpu_row(encoded, row)
+        pipe = encoded = None  # the last references, before the cache is emptied
         self._drop("text_encoders")
         return results
+
+    def _cpu_row(self, encoded: TextEncoding, row: int) -> TextEncoding:
+        """Row ``row`` of a batch encoding, on the CPU; masks keep their dtype."""
+
+        def pick(tensor: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor[row].to("cpu", dtype)
+
+        return TextEncoding(
+            embeds=pick(encoded.embeds, self.dtype),
+            mask=pick(encoded.mask, None),
+            pooled=pick(encoded.pooled, self.dtype),
+            prefix=pick(encoded.prefix, self.dtype),
+        )
 
     def encode(
         self, requests: Request | Sequence[Request], *, true_cfg_scale: float | None = None
@@ -744,81 +748,125 @@ class ThinkDiffPipeline:
             aligned = list(self._run_vision(prepared, timings, memory))
 
         # Stage 2: what the decoder's own text encoders must encode, as (request, text, length).
+        # ``limit``: the most tokens after SD3's CLIP block the masked decoders and SD3 read.
+        limit = spec.max_length
         jobs: list[tuple[int, str, int]] = []
         for i, p in enumerate(prepared):
             extra = (p.request.extra_text or "").strip()
             n_aligned = 0 if aligned[i] is None else aligned[i].shape[0]
+            room = s.text_max_length if limit is None else min(s.text_max_length, limit - n_aligned)
             if self.mode == "text-bridge":
                 text = " ".join(t for t in (lvlm_texts[i] or "", extra) if t)
                 jobs.append((i, text, self.decoder.text_bridge_length()))
             elif self.mode == "clip":
-                jobs.append(
-                    (i, self._clip_text(p), s.text_max_length if required is None else required - n_aligned)
-                )
+                # check() refused image tokens that leave no room for text.
+                jobs.append((i, self._clip_text(p), room if required is None else required - n_aligned))
             elif required is not None:
                 # CogVideoX: its T5 fills the fixed length after the aligned tokens, encoding the
                 # extra text (or "") exactly as it pads its own prompts.
                 if n_aligned < required:
                     jobs.append((i, extra, required - n_aligned))
+            elif extra and room > 0:
+                jobs.append((i, extra, room))
             elif extra:
-                jobs.append((i, extra, s.text_max_length))
-        # FLUX true CFG: the negative is T5("") at each prompt's length (aligned + T5 tokens).
+                logger.warning(
+                    "request %d: extra text dropped: the %d aligned tokens fill the %d that %s takes",
+                    i,
+                    n_aligned,
+                    limit,
+                    spec.name,
+                )
+        # Guidance with a negative prompt (FLUX's true CFG; the others' CFG): T5("") at each
+        # prompt's length (aligned + T5 tokens, after any CLIP block, within the limit).
         negative_lengths: list[int] = []
-        if negatives and spec.family == "flux":
+        if negatives and self.decoder.cfg_setting is not None:
             t5_lengths = {i: length for i, _, length in jobs}
             negative_lengths = [
                 (0 if aligned[i] is None else aligned[i].shape[0]) + t5_lengths.get(i, 0)
                 for i in range(len(prepared))
             ]
+            if limit is not None:
+                negative_lengths = [min(length, limit) for length in negative_lengths]
         missing_negatives = sorted({length for length in negative_lengths if length not in self._negatives})
-        # FLUX lvlm without extra text or true CFG needs only CLIP (for the pooled vector of ""),
-        # not T5-XXL.
+        # lvlm mode without extra text or guidance needs no T5-XXL: FLUX and SD3 only CLIP (for
+        # the pooled vector of ""), Chroma, PixArt-Sigma and LTX-Video nothing.
         roles = self._text_roles(needs_t5=bool(jobs or missing_negatives))
         text_out = self._encode_texts(jobs, roles, timings, memory, missing_negatives)
         assert self._empty is not None
 
-        # Assemble each request's prompt: aligned tokens, then T5 text tokens; fit CogVideoX's length.
+        # Assemble each request's prompt: [SD3's CLIP block], aligned tokens, then T5 text tokens;
+        # fit CogVideoX's length or the decoder's limit. Masks are bool here (True: attended).
+        empty_prefix = self._empty["prefix"][0] if "prefix" in self._empty else None
+        empty_pooled = self._empty["pooled_prompt_embeds"][0] if "pooled_prompt_embeds" in self._empty else None
+        cap = required if required is not None else limit
         rows: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
         pooled_rows: list[torch.Tensor] = []
         num_aligned: list[int] = []
+        body_lengths: list[int] = []
         for i in range(len(prepared)):
+            encoded = text_out.get(i)
             parts = [] if aligned[i] is None else [aligned[i]]
-            t5_SD, pooled_P = text_out.get(i, (None, None))
-            if t5_SD is not None:
-                parts.append(t5_SD)
-            prompt_LD = torch.cat(parts) if parts else torch.zeros(0, spec.prompt_width, dtype=self.dtype)
-            if required is not None and prompt_LD.shape[0] > required:
+            part_masks = [] if aligned[i] is None else [torch.ones(aligned[i].shape[0], dtype=torch.bool)]
+            if encoded is not None:
+                parts.append(encoded.embeds)
+                part_masks.append(
+                    torch.ones(encoded.embeds.shape[0], dtype=torch.bool) if encoded.mask is None else encoded.mask.bool()
+                )
+            body_LD = torch.cat(parts) if parts else torch.zeros(0, spec.prompt_width, dtype=self.dtype)
+            mask_L = torch.cat(part_masks) if part_masks else torch.zeros(0, dtype=torch.bool)
+            if cap is not None and body_LD.shape[0] > cap:
                 logger.warning(
                     "request %d: %d prompt tokens cut to the %d that %s takes",
                     i,
-                    prompt_LD.shape[0],
-                    required,
+                    body_LD.shape[0],
+                    cap,
                     spec.name,
                 )
-                prompt_LD = prompt_LD[:required]
-            rows.append(prompt_LD)
-            num_aligned.append(min(0 if aligned[i] is None else aligned[i].shape[0], prompt_LD.shape[0]))
-            if spec.family == "flux":
-                # lvlm: CLIP("") as released, even with extra text (the aligned tokens carry the
-                # content); clip and text-bridge: CLIP of the text they encode.
-                text_pooled = pooled_P is not None and self.mode != "lvlm"
-                pooled_rows.append(pooled_P if text_pooled else self._empty["pooled_prompt_embeds"][0])
+                body_LD, mask_L = body_LD[:cap], mask_L[:cap]
+            num_aligned.append(min(0 if aligned[i] is None else aligned[i].shape[0], body_LD.shape[0]))
+            body_lengths.append(body_LD.shape[0])
+            # lvlm: CLIP("") as released, even with extra text (the aligned tokens carry the
+            # content); clip and text-bridge: CLIP of the text they encode (FLUX's pooled vector,
+            # SD3's CLIP block and pooled vector).
+            source = encoded if encoded is not None and self.mode != "lvlm" else None
+            prefix = source.prefix if source is not None else empty_prefix
+            pooled = source.pooled if source is not None else empty_pooled
+            if prefix is not None:
+                body_LD = torch.cat([prefix, body_LD])
+                mask_L = torch.cat([torch.ones(prefix.shape[0], dtype=torch.bool), mask_L])
+            rows.append(body_LD)
+            masks.append(mask_L)
+            if pooled is not None:
+                pooled_rows.append(pooled)
+        num_prefix = 0 if empty_prefix is None else empty_prefix.shape[0]
 
         length = max(r.shape[0] for r in rows)
         prompt_BLD = torch.zeros(len(rows), length, spec.prompt_width, dtype=self.dtype)
         mask_BL = torch.zeros(len(rows), length, dtype=torch.bool)
+        decoder_mask_BL = torch.zeros(len(rows), length, dtype=torch.bool)
         for i, r in enumerate(rows):
             prompt_BLD[i, : r.shape[0]] = r
             mask_BL[i, : r.shape[0]] = True
-        negative = negative_pooled = None
+            decoder_mask_BL[i, : r.shape[0]] = masks[i]
+        negative = negative_pooled = negative_mask_BL = None
         if "negative_prompt_embeds" in self._empty:  # CogVideoX
             negative = self._empty["negative_prompt_embeds"].expand(len(rows), -1, -1)[:, :length].clone()
-        elif negative_lengths:  # FLUX with true CFG
+        elif negative_lengths:  # guidance with T5("") at each prompt's length
             negative = torch.zeros_like(prompt_BLD)
+            negative_mask_BL = torch.zeros_like(decoder_mask_BL)
             for i, r in enumerate(rows):
-                assert r.shape[0] == negative_lengths[i], "the negative must have the prompt's length"
-                negative[i, : r.shape[0]] = self._negatives[r.shape[0]]
-            negative_pooled = self._empty["pooled_prompt_embeds"].expand(len(rows), -1).clone()
+                assert body_lengths[i] == negative_lengths[i], "the negative must have the prompt's length"
+                empty = self._negatives[body_lengths[i]]
+                empty_mask = torch.ones(body_lengths[i], dtype=torch.bool) if empty.mask is None else empty.mask.bool()
+                if empty_prefix is not None:
+                    negative[i, :num_prefix] = empty_prefix
+                    negative_mask_BL[i, :num_prefix] = True
+                negative[i, num_prefix : r.shape[0]] = empty.embeds
+                negative_mask_BL[i, num_prefix : r.shape[0]] = empty_mask
+            if empty_pooled is not None:
+                negative_pooled = empty_pooled.expand(len(rows), -1).clone()
+        mask_dtype = self.decoder.attention_mask_dtype
         return ThinkDiffEmbeddings(
             prompt_embeds=prompt_BLD,
             prompt_attention_mask=mask_BL,
@@ -828,6 +876,11 @@ class ThinkDiffPipeline:
             lvlm_texts=lvlm_texts,
             negative_pooled_prompt_embeds=negative_pooled,
             device=self.device,
+            decoder_attention_mask=None if mask_dtype is None else decoder_mask_BL.to(mask_dtype),
+            negative_decoder_attention_mask=(
+                None if mask_dtype is None or negative_mask_BL is None else negative_mask_BL.to(mask_dtype)
+            ),
+            num_prefix_tokens=num_prefix,
         )
 
     # ---- generation --------------------------------------------------------------------------
@@ -892,13 +945,7 @@ class ThinkDiffPipeline:
         for (_, length), indices in groups.items():
             for start in range(0, len(indices), size):
                 chunk = indices[start : start + size]
-                batch = {"prompt_embeds": embeddings.prompt_embeds[chunk, :length]}
-                if embeddings.pooled_prompt_embeds is not None:
-                    batch["pooled_prompt_embeds"] = embeddings.pooled_prompt_embeds[chunk]
-                if embeddings.negative_prompt_embeds is not None:
-                    batch["negative_prompt_embeds"] = embeddings.negative_prompt_embeds[chunk, :length]
-                if embeddings.negative_pooled_prompt_embeds is not None:
-                    batch["negative_pooled_prompt_embeds"] = embeddings.negative_pooled_prompt_embeds[chunk]
+                batch = embeddings.rows(chunk, length)
                 generators = [torch.Generator("cpu").manual_seed(prepared[i].request.seed) for i in chunk]
                 with self._stage("decoder", timings, memory):
                     outputs = self.decoder.generate(pipe, batch, generators, resolved[chunk[0]])
@@ -923,9 +970,10 @@ class ThinkDiffPipeline:
 
     def _needs_negatives(self, prepared: Sequence[PreparedRequest], defaults: Mapping[str, Any]) -> bool:
         """Whether a request uses FLUX's true CFG (decided before any model loads)."""
-        if self.decoder_spec.family != "flux":
+        name = self.decoder.cfg_setting
+        if name is None:
             return False
-        return any(self._setting(p.request, "true_cfg_scale", defaults) > 1 for p in prepared)
+        return any(self._setting(p.request, name, defaults) > 1 for p in prepared)
 
     def _resolve(self, pipe: DiffusionPipeline, request: Request, defaults: dict[str, Any]) -> dict[str, Any]:
         """Concrete decoder settings for a request (see :meth:`_setting`)."""
@@ -953,26 +1001,12 @@ class ThinkDiffPipeline:
         for value in (getattr(request, name), defaults.get(name)):
             if value is not None:
                 return value
-        family = self.decoder_spec.family
         # Sizes the stock __call__ derives from its configs when given None (see its first lines).
-        if family == "flux" and name in ("height", "width"):
+        if name in self.decoder.sized_settings:
             assert pipe is not None, f"the stock {name} needs the loaded pipeline"
-            return pipe.default_sample_size * pipe.vae_scale_factor
-        if family == "cogvideox" and name in ("height", "width", "num_frames"):
-            assert pipe is not None, f"the stock {name} needs the loaded pipeline"
-            config = pipe.transformer.config
-            if name == "num_frames":
-                return config.sample_frames
-            sample = config.sample_height if name == "height" else config.sample_width
-            return sample * pipe.vae_scale_factor_spatial
-        parameter = _call_defaults(self.decoder.pipeline_cls).get(name)
+            return self.decoder.stock_setting(pipe, name)
+        parameter = call_defaults(self.decoder.pipeline_cls).get(name)
         return None if parameter is None else parameter.default
-
-
-@functools.lru_cache(maxsize=8)
-def _call_defaults(pipeline_cls: type) -> Mapping[str, inspect.Parameter]:
-    """The stock ``__call__``'s parameters (their defaults are the stock settings)."""
-    return inspect.signature(pipeline_cls.__call__).parameters
 
 
 def _default_source(mode: str, info: ThinkDiffInfo | None) -> str:
@@ -995,7 +1029,6 @@ class SeededImageGenerator:
         self.pipeline = pipeline
         self.call_kwargs = call_kwargs
         self.last_output: ThinkDiffOutput | None = None
-        self.last_requests: list[Request] = []
 
     def __call__(self, items: Sequence[Item], seed: int) -> Image.Image:
         return self.generate_batch([items], [seed])[0]
@@ -1007,7 +1040,6 @@ class SeededImageGenerator:
             raise ValueError(f"{self.pipeline.decoder_spec.name} makes videos; an image generator needs FLUX")
         # Harnesses pass image paths as ``pathlib.Path`` (os.PathLike) and texts as ``str``.
         requests = [Request(items=list(items), seed=seed) for items, seed in zip(batch, seeds)]
-        self.last_requests = requests
         self.last_output = self.pipeline(requests, **self.call_kwargs)
         return self.last_output.images
 
@@ -1016,10 +1048,4 @@ class SeededImageGenerator:
         if self.last_output is None:
             return []
         out = self.last_output
-        lvlm = [
-            self.pipeline.lvlm_conditioning(r) if self.pipeline.mode != "clip" else None for r in self.last_requests
-        ]
-        return [
-            {"lvlm_text": text, **settings, "lvlm": conditioning}
-            for text, settings, conditioning in zip(out.lvlm_texts, out.settings, lvlm)
-        ]
+        return [{"lvlm_text": text, **settings} for text, settings in zip(out.lvlm_texts, out.settings)]
