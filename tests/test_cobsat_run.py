@@ -228,7 +228,7 @@ def test_cli_prompts_and_errors(
     assert main([*argv, "--prompt-range", "10:12"]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2 * 10 * 2
-    assert Path(records[0]["image_inputs"][0]).is_file()
+    assert Path(records[0]["meta"]["image_inputs"][0]).is_file()
     assert records[0]["items"][0]["text"].startswith("I give you several words and pictures.")
 
     # Bad input: one line on stderr, exit status 2.

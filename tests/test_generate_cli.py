@@ -93,7 +93,7 @@ def test_jobs_file_batches_and_names_outputs(files, tmp_path, capsys) -> None:
     Image.open(files["green"]).save(jobs.parent / "img" / "green.png")
     lines = [
         {"items": [{"image": "img/green.png"}, {"text": "a green square"}], "seed": 1, "out": "green.png"},
-        {"items": ["a blue square", {"image": str(files["blue"])}], "seed": 2, "steps": 1, "theta": "blue"},
+        {"items": ["a blue square", {"image": str(files["blue"])}], "seed": 2, "steps": 1, "meta": {"theta": "b"}},
         {"items": [{"text": "just text"}], "height": 32, "width": 32},
     ]
     jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -114,7 +114,7 @@ def test_jobs_file_batches_and_names_outputs(files, tmp_path, capsys) -> None:
     assert (first["mode"], first["seed"], first["lvlm_text"]) == ("clip", 1, None)
     assert first["timings_cover_requests"] == 3
     second = json.loads((out / "00001.json").read_text())
-    assert second["settings"]["num_inference_steps"] == 1 and second["job"] == {"theta": "blue"}
+    assert second["settings"]["num_inference_steps"] == 1 and second["job"] == {"theta": "b"}
     assert Image.open(out / "00002.png").size == (32, 32)
 
 
@@ -254,3 +254,71 @@ def test_video_falls_back_to_frames_and_gif(tmp_path, monkeypatch: pytest.Monkey
     assert not (tmp_path / "v.mp4").exists()
     assert sorted(p.name for p in (tmp_path / "v_frames").iterdir()) == ["0000.png", "0001.png", "0002.png"]
     assert Image.open(tmp_path / "v.gif").n_frames == 3
+
+
+# ---- job files: strict keys, the right line, outputs inside --out ------------------------------
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+GOOD_JOB = {"items": ["a green square"]}
+
+
+@pytest.mark.parametrize(
+    ("case", "lines", "message"),
+    [
+        ("misspelt key", [GOOD_JOB, {"items": ["a"], "sed": 3}], 'line 2: unknown job key "sed" (did you mean "seed"?)'),
+        ("bad json line 3", [GOOD_JOB, "", "{oops"], "line 3 is not valid JSON: Expecting property name"),
+        ("not utf-8", [GOOD_JOB, b'{"items": ["caf\xe9"]}'], "line 2 is not UTF-8 text (byte 15)"),
+        ("meta not an object", [{"items": ["a"], "meta": 3}], 'line 1: "meta" must be a JSON object, got 3'),
+        ("out not a name", [{"items": ["a"], "out": 5}], 'line 1: "out" must be a file name, got 5'),
+        ("deep nesting", ["[" * 100000], "line 1 is not valid JSON: nested too deeply"),
+        ("parent", [GOOD_JOB, {"items": ["a"], "out": "../x.png"}], "line 2: \"out\" '../x.png' leads outside --out"),
+        ("through a subfolder", [{"items": ["a"], "out": "sub/../../y.png"}], "leads outside --out"),
+        ("absolute", [{"items": ["a"], "out": "ABS"}], "leads outside --out"),
+        ("symlink out", [{"items": ["a"], "out": "link/z.png"}], "'link/z.png' leads outside --out"),
+        ("same file twice", [{"items": ["a"], "out": "a.png"}, {"items": ["b"], "out": "./a.png"}], "same file"),
+        ("shared sidecar", [{"items": ["a"], "out": "a.png"}, {"items": ["b"], "out": "a.jpg"}], "a.json"),
+    ],
+)
+def test_bad_job_files_are_refused_before_anything_runs(
+    case, lines, message, files, tmp_path, capsys, no_heavy_loads
+) -> None:
+    root = tmp_path / "root"
+    out_dir, elsewhere = root / "out", root / "elsewhere"
+    elsewhere.mkdir(parents=True)
+    if case == "symlink out":
+        out_dir.mkdir()
+        (out_dir / "link").symlink_to(elsewhere, target_is_directory=True)
+    absolute = str(elsewhere / "abs.png")
+    jobs = root / "jobs.jsonl"
+    jobs.write_bytes(
+        b"\n".join(
+            line if isinstance(line, bytes) else (line if isinstance(line, str) else json.dumps(line)).encode()
+            for line in lines
+        ).replace(b"ABS", absolute.encode())
+        + b"\n"
+    )
+    before = _tree(root)
+    code, _, stderr = run_cli(["--model", str(files["clip"]), "--jobs", str(jobs), "--out", str(out_dir), *FAST], capsys)
+    assert code == 2
+    assert stderr.startswith("thinkdiff generate: error: ") and message in stderr, stderr
+    assert str(jobs) in stderr or case in ("same file twice", "shared sidecar")
+    assert len(stderr.strip().splitlines()) == 1  # one clear line, no traceback
+    assert _tree(root) == before  # nothing written, inside --out or outside it
+
+
+def test_a_single_job_may_not_write_outside_the_current_folder(
+    files, tmp_path, capsys, monkeypatch, no_heavy_loads
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"items": ["a"], "out": "../escaped.png"}, indent=2))
+    code, _, stderr = run_cli(["--model", str(files["clip"]), "--job", str(job), *FAST], capsys)
+    assert code == 2 and f"{job}: \"out\" '../escaped.png' leads outside the current folder" in stderr
+    assert not (tmp_path.parent / "escaped.png").exists()
+    job.write_text('{"items": ["a"],\n "seed": }')
+    code, _, stderr = run_cli(["--model", str(files["clip"]), "--job", str(job), *FAST], capsys)
+    assert code == 2 and f"{job} is not valid JSON: Expecting value (line 2 column 10)" in stderr

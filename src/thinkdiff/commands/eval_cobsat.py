@@ -52,8 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--format",
         choices=["benchmark", "thinkdiff"],
         default="benchmark",
-        help="benchmark: the record with text_inputs/image_inputs; thinkdiff: adds the interleaved "
-        "sequence ThinkDiff's LVLM gets (instruction + 'Word i: x, ' items)",
+        help="benchmark: the record with text_inputs/image_inputs; thinkdiff: a `thinkdiff generate` job, "
+        "the interleaved sequence ThinkDiff's LVLM gets (instruction + 'Word i: x, ' items) with the "
+        "record as its meta",
     )
     p.add_argument("--out", type=Path, help="write JSONL here instead of stdout")
     p.set_defaults(func=run_prompts)
@@ -198,9 +199,8 @@ def run_prompts(args: argparse.Namespace) -> int:
         if root is not None:
             record["image_inputs"] = [str(root / rel) for rel in p.image_inputs]
         if args.format == "thinkdiff":
-            record["items"] = [
-                {"image": str(it)} if isinstance(it, Path) else {"text": it} for it in p.thinkdiff_items(root)
-            ]
+            items = [{"image": str(it)} if isinstance(it, Path) else {"text": it} for it in p.thinkdiff_items(root)]
+            record = {"items": items, "meta": record}  # generate refuses keys it does not know
         lines.append(json.dumps(record) + "\n")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ is checked before any model loads, and files are written atomically, so bad inpu
 from __future__ import annotations
 
 import argparse
+import difflib
 import io
 import json
 import logging
@@ -38,8 +39,10 @@ Job files: --job holds one JSON object, --jobs one object per line:
    "width": 512, "num_frames": 49, "qcd_alpha": 0.5, "hint": true, "out": "white-blue.png"}
 Only "items" is required ({"text": ...} or {"image": PATH}; a bare string is text); the other
 fields default to the command-line values. Relative image paths are relative to the job file.
-Other keys (e.g. those of `thinkdiff eval cobsat prompts --format thinkdiff`) are copied into the
-sidecar. With --jobs, --out is a folder and a job's "out" is a name inside it (default 00000.png).
+"meta" (any JSON object, e.g. the benchmark record `thinkdiff eval cobsat prompts --format
+thinkdiff` puts there) is copied into the sidecar; any other key is an error. With --jobs, --out is
+a folder and a job's "out" is a name inside it (default 00000.png); with --job and no --out, a name
+inside the current folder. An "out" that leads outside (.., an absolute path, a symlink) is refused.
 
 Examples:
   thinkdiff generate --model runs/lvlm/model --text "Word 1: white, " --image white.jpg \\
@@ -197,14 +200,26 @@ def _parse_item(item: Any, base: Path, where: str) -> Any:
     raise ValueError(f'{where}: each item must be {{"text": STR}} or {{"image": PATH}}, got {item!r}')
 
 
-def _job_request(job: Any, base: Path, where: str, args: argparse.Namespace, unknown: set[str]) -> Request:
+def _job_request(job: Any, base: Path, where: str, args: argparse.Namespace) -> Request:
     from thinkdiff.pipelines import Request
 
     if not isinstance(job, dict):
         raise ValueError(f"{where}: a job must be a JSON object, got {type(job).__name__}")
+    unknown = [k for k in job if k not in (*JOB_KEYS, "meta")]
+    if unknown:
+        # A misspelt setting must not run with the default (a "sed" would silently use --seed).
+        close = difflib.get_close_matches(unknown[0], JOB_KEYS, n=1)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        raise ValueError(
+            f'{where}: unknown job key "{unknown[0]}"{hint}; the keys are {", ".join(JOB_KEYS)}, '
+            'and "meta" for data to copy into the sidecar'
+        )
     if not isinstance(job.get("items"), list):
         raise ValueError(f'{where}: a job needs "items", a list of texts and images')
-    unknown.update(k for k in job if k not in JOB_KEYS)
+    if not isinstance(job.get("meta", {}), dict):
+        raise ValueError(f'{where}: "meta" must be a JSON object, got {job["meta"]!r}')
+    if job.get("out") is not None and not (isinstance(job["out"], str) and job["out"].strip()):
+        raise ValueError(f'{where}: "out" must be a file name, got {job["out"]!r}')
 
     def pick(key: str, default: Any, kind: type | tuple[type, ...]) -> Any:
         value = job.get(key)
@@ -229,7 +244,7 @@ def _job_request(job: Any, base: Path, where: str, args: argparse.Namespace, unk
         num_frames=pick("num_frames", args.num_frames, int),
         qcd_alpha=pick("qcd_alpha", None, (int, float)),
         hint=hint,
-        metadata={"out": job.get("out"), "job": {k: v for k, v in job.items() if k not in JOB_KEYS}},
+        metadata={"out": job.get("out"), "job": job.get("meta") or {}, "where": where},
     )
 
 
@@ -264,24 +279,48 @@ def _read_requests(args: argparse.Namespace) -> list[Request]:
     path: Path = args.job or args.jobs
     if not path.is_file():
         raise FileNotFoundError(f"job file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    unknown: set[str] = set()
-    try:
-        if args.job:
-            requests = [_job_request(json.loads(text), path.parent, str(path), args, unknown)]
-        else:
-            requests = [
-                _job_request(json.loads(line), path.parent, f"{path} line {n}", args, unknown)
-                for n, line in enumerate(text.splitlines(), 1)
-                if line.strip()
-            ]
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    data = path.read_bytes()
+    # Each --jobs line is parsed alone, so that an error names the file's line, not the JSON's.
+    chunks = [(str(path), data)] if args.job else [
+        (f"{path} line {n}", line) for n, line in enumerate(data.splitlines(), 1) if line.strip()
+    ]  # fmt: skip
+    requests = [_job_request(_parse_json(chunk, where), path.parent, where, args) for where, chunk in chunks]
     if not requests:
         raise ValueError(f"{path} holds no jobs")
-    if unknown:
-        logger.warning("job keys %s are not settings; they are copied into the sidecars", sorted(unknown))
+    for request in requests:
+        _job_output(args, request)  # before anything runs: no job may write outside --out
     return requests
+
+
+def _parse_json(data: bytes, where: str) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{where} is not UTF-8 text (byte {error.start})") from error
+    except json.JSONDecodeError as error:
+        position = f"column {error.colno}" if "line" in where else f"line {error.lineno} column {error.colno}"
+        raise ValueError(f"{where} is not valid JSON: {error.msg} ({position})") from error
+    except RecursionError as error:
+        raise ValueError(f"{where} is not valid JSON: nested too deeply") from error
+
+
+def _job_output(args: argparse.Namespace, request: Request) -> Path | None:
+    """Where a job's own "out" puts its file, checked to stay inside its folder; ``None`` without one.
+
+    The folder is --out with --jobs (default thinkdiff-output) and the current folder with --job
+    (whose "out" is not used when --out is given). Symlinks are followed: a link inside the folder
+    that points elsewhere is outside.
+    """
+    name = request.metadata.get("out")
+    if name is None or (args.job and args.out):
+        return None
+    folder = (args.out or Path("thinkdiff-output")) if args.jobs else Path(".")
+    path = folder / Path(name).expanduser()
+    if not path.resolve().is_relative_to(folder.resolve()) or path.resolve() == folder.resolve():
+        where = request.metadata["where"]
+        inside = f"--out {folder}" if args.jobs else "the current folder (or give --out)"
+        raise ValueError(f'{where}: "out" {name!r} leads outside {inside}; refused before anything ran')
+    return path
 
 
 def _output_paths(args: argparse.Namespace, requests: list[Request], kind: str, mode: str) -> list[Path]:
@@ -291,20 +330,20 @@ def _output_paths(args: argparse.Namespace, requests: list[Request], kind: str, 
         folder = args.out or Path("thinkdiff-output")
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"--out {folder} must be a folder with --jobs")
-        names = [r.metadata.get("out") or f"{i:05d}{default_suffix}" for i, r in enumerate(requests)]
-        paths = [folder / name for name in names]
+        paths = [_job_output(args, r) or folder / f"{i:05d}{default_suffix}" for i, r in enumerate(requests)]
     else:
-        out = requests[0].metadata.get("out") if args.job else None
-        paths = [
-            args.out or (Path(out) if out else Path(f"thinkdiff-{mode}-{requests[0].seed}{default_suffix}"))
-        ]
+        out = _job_output(args, requests[0]) if args.job else None
+        paths = [args.out or out or Path(f"thinkdiff-{mode}-{requests[0].seed}{default_suffix}")]
     for path in paths:
         if path.suffix.lower() not in suffixes:
             article = "an" if kind == "image" else "a"
             raise ValueError(f"output {path}: {article} {kind} decoder writes {' or '.join(suffixes)} files")
-    duplicates = sorted({str(p) for p in paths if paths.count(p) > 1})
+    # The same file by two names ("a.png", "./a.png"), or two outputs sharing a sidecar ("a.png",
+    # "a.jpg" -> "a.json"), would overwrite each other.
+    written = [w.resolve() for p in paths for w in (p, p.with_suffix(".json"))]
+    duplicates = sorted({str(w) for w in written if written.count(w) > 1})
     if duplicates:
-        raise ValueError(f"several jobs write the same output: {', '.join(duplicates)}")
+        raise ValueError(f"several jobs write the same file: {', '.join(duplicates)}")
     return paths
 
 
