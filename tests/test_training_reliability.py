@@ -201,3 +201,110 @@ def test_a_deliberate_change_is_allowed_and_recorded(
     ]
     code, err = cli(capsys, *train_cli(feature_dir, run, "--allow-change", "learning_rate"))
     assert code == 2 and "unknown config field(s) learning_rate" in err
+
+
+# ---- item 6: one line, never a traceback --------------------------------------------------------
+
+
+@pytest.mark.parametrize("broken", [STATE_JSON, STATE_TENSORS, "aligner.safetensors"])
+def test_a_truncated_checkpoint_falls_back_to_the_newest_good_one(
+    feature_dir: Path,
+    short_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    broken: str,
+) -> None:
+    run = copy_run(short_run, tmp_path)
+    newest = checkpoint_dirs(run)[-1]
+    data = (newest / broken).read_bytes()
+    (newest / broken).write_bytes(data[: len(data) // 2])
+    # Named explicitly: refused with one line; nothing written.
+    before = snapshot(run)
+    code, err = cli(capsys, *train_cli(feature_dir, run, "--max-steps=6", "--resume", str(newest)))
+    assert code == 2
+    assert_one_line_error(err, str(newest / broken), "truncated")
+    assert snapshot(run) == before
+    # auto: skips it, saying which and why, and redoes steps 4..6 from step 3.
+    code, err = cli(capsys, *train_cli(feature_dir, run, "--max-steps=6"))
+    assert code == 0 and "Traceback" not in err
+    assert "skipping checkpoint step-0000006" in caplog.text and str(newest / broken) in caplog.text
+    assert "resuming from step-0000003, the newest good checkpoint" in caplog.text
+    assert read_trainer_state(checkpoint_dirs(run)[-1])["step"] == 6  # rewritten whole
+    final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    whole = json.loads((short_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["step"] == 6 and final["loss"] == pytest.approx(whole["loss"], abs=1e-6)
+
+
+def test_no_good_checkpoint_at_all_is_one_line(
+    feature_dir: Path, short_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = copy_run(short_run, tmp_path)
+    for folder in checkpoint_dirs(run):
+        (folder / STATE_JSON).write_text("{")
+    before = snapshot(run)
+    code, err = cli(capsys, *train_cli(feature_dir, run, "--max-steps=6"))
+    assert code == 2
+    assert_one_line_error(err, "no usable checkpoint", "step-0000003", "step-0000006", "--resume never")
+    assert snapshot(run) == before
+
+
+def test_a_cut_off_metrics_line_is_dropped_with_a_warning(
+    feature_dir: Path,
+    short_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    run = copy_run(short_run, tmp_path)
+    shutil.rmtree(checkpoint_dirs(run)[-1])  # killed after step 6 was logged, before its checkpoint
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 7, "lo')
+    code, err = cli(capsys, *train_cli(feature_dir, run, "--max-steps=6"))
+    assert code == 0 and "Traceback" not in err
+    assert f"{metrics} line 7 is cut off or unreadable" in caplog.text
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_output_dir_naming_a_file_is_one_line(
+    feature_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("mine")
+    code, err = cli(capsys, *train_cli(feature_dir, tmp_path / "file", "--max-steps=3"))
+    assert code == 2
+    assert_one_line_error(err, f"output_dir {tmp_path / 'file'} is an existing file")
+    assert (tmp_path / "file").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("missing", r"missing \['fc2.bias'\]"),
+        ("extra", r"unexpected \['extra.weight'\]"),
+        ("shape", r"wrong shapes \['fc1.weight: \[32, 63\] vs \[32, 64\]'\]"),
+        ("truncated", r"truncated or not safetensors"),
+    ],
+)
+def test_an_aligner_folder_loads_strictly(short_run: Path, tmp_path: Path, edit: str, message: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from thinkdiff.models.bundle import WEIGHTS_FILE, load_model
+
+    model = tmp_path / "model"
+    shutil.copytree(short_run / "model", model)
+    weights = model / WEIGHTS_FILE
+    state = load_file(str(weights))
+    if edit == "missing":
+        del state["fc2.bias"]
+    elif edit == "extra":
+        state["extra.weight"] = torch.zeros(2)
+    elif edit == "shape":
+        state["fc1.weight"] = torch.zeros(32, 63)
+    if edit == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    else:
+        save_file(state, str(weights))
+    with pytest.raises(ValueError, match=message) as raised:
+        load_model(model)
+    assert str(weights) in str(raised.value) and "\n" not in str(raised.value)

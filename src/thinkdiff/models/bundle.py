@@ -79,10 +79,30 @@ def load_info(folder: str | Path) -> ThinkDiffInfo:
 def load_model(folder: str | Path) -> tuple[Aligner, ThinkDiffInfo]:
     """Load the aligner (fp32, eval mode) and its description from a model folder."""
     info = load_info(folder)
-    aligner = Aligner.from_pretrained(folder).eval()
+    aligner = _load_aligner(Path(folder))
     if (aligner.in_dim, aligner.out_dim) != (info.in_dim, info.out_dim):
         raise ValueError(
             f"{folder}: aligner weights are {aligner.in_dim}->{aligner.out_dim} but {INFO_FILE} says "
             f"{info.in_dim}->{info.out_dim}"
         )
     return aligner, info
+
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def _load_aligner(folder: Path) -> Aligner:
+    """The aligner of a model folder, loaded strictly: a missing, unexpected, truncated or
+    mis-shaped tensor, or a bad ``config.json``, is a ``ValueError`` naming the file."""
+    from thinkdiff.models.state_dicts import read_state_dict_strictly
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a ThinkDiff model folder: it has no config.json")
+    try:
+        aligner = Aligner.from_config(Aligner.load_config(folder))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"{config_path} is not a valid aligner config: {exc}") from exc
+    state = read_state_dict_strictly(aligner, folder / WEIGHTS_FILE, what="aligner weights")
+    aligner.load_state_dict(state, strict=True)
+    return aligner.eval()

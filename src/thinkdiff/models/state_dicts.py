@@ -57,3 +57,34 @@ def load_prefixed_state_dict(folder: Path, prefix: str, dtype: torch.dtype) -> d
     if not state:
         raise ValueError(f"checkpoint {folder} has no tensors under {prefix!r}")
     return state
+
+
+def read_state_dict_strictly(module: torch.nn.Module, path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """Read a safetensors file meant for ``module`` and check it tensor by tensor, without loading it.
+
+    A missing file, a truncated or foreign file, and a missing, unexpected or mis-shaped tensor are a
+    ``ValueError`` naming the file and every such tensor.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {path} do not exist")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {what} {path} (truncated or not safetensors): {exc}") from exc
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k}: {list(state[k].shape)} vs {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{what} {path} do not fit: missing {missing or 'none'}, "
+            f"unexpected {unexpected or 'none'}, wrong shapes {wrong or 'none'}"
+        )
+    return state

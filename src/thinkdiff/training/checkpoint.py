@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from thinkdiff.models.state_dicts import read_state_dict_strictly
 from thinkdiff.utils import atomic_path
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -175,27 +176,10 @@ class Checkpoint:
 def read_aligner_weights(aligner: nn.Module, path: Path) -> dict[str, torch.Tensor]:
     """Read aligner weights and check them against ``aligner`` (names and shapes), without applying
     them: a missing, unexpected or mis-shaped tensor, or an unreadable file, is a ``CheckpointError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"aligner weights {path} do not exist")
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read aligner weights {path} (truncated or not safetensors): {exc}") from exc
-    expected = aligner.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k}: {list(state[k].shape)} vs {list(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit this aligner: missing {missing or 'none'}, "
-            f"unexpected {unexpected or 'none'}, wrong shapes {wrong or 'none'}"
-        )
-    return state
+        return read_state_dict_strictly(aligner, Path(path), what="aligner weights")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def load_aligner_weights(aligner: nn.Module, path: Path) -> None:
@@ -210,10 +194,19 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
         path = folder / STATE_JSON
         try:
             tree = json.loads(path.read_text(encoding="utf-8"))
-            tensors = load_file(str(folder / STATE_TENSORS))
-            state = decode_state(tree, tensors)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, ValueError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"cannot read trainer state {path} (truncated or not ours): {exc}") from exc
+        tensors_path = folder / STATE_TENSORS
+        try:
+            tensors = load_file(str(tensors_path))
+        except (OSError, SafetensorError, ValueError) as exc:
+            raise CheckpointError(
+                f"cannot read trainer state {tensors_path} (missing, truncated or not safetensors): {exc}"
+            ) from exc
+        try:
+            state = decode_state(tree, tensors)
+        except ValueError as exc:
+            raise CheckpointError(f"trainer state {path} is not one this code wrote: {exc}") from exc
     elif (folder / LEGACY_STATE).is_file():
         path = folder / LEGACY_STATE
         state = _read_legacy_state(path)

@@ -70,6 +70,8 @@ class Trainer:
         config.validate(accelerator.num_processes)
         self.config = config
         self.output_dir = Path(config.output_dir)
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ValueError(f"output_dir {self.output_dir} is an existing file, not a run folder")
         self.accumulation = config.accumulation_steps(accelerator.num_processes)
         self.micro_batch = config.global_batch_size // accelerator.num_processes // self.accumulation
         set_seed(config.seed, device_specific=False)
@@ -431,11 +433,7 @@ class RunLog:
             return
         # After a resume, drop lines logged after the checkpoint so the record has no duplicate steps.
         if self.metrics_path.is_file():
-            kept = [
-                line
-                for line in self.metrics_path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= start_step
-            ]
+            kept = [line for line in _metric_lines(self.metrics_path) if json.loads(line)["step"] <= start_step]
             atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -481,6 +479,24 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _metric_lines(path: Path) -> list[str]:
+    """The good lines of a ``metrics.jsonl``; a line cut off by a kill (or otherwise unreadable) is
+    dropped with a warning naming it, so one broken line cannot block every resume."""
+    good = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("no integer step")
+        except ValueError as exc:
+            logger.warning("%s line %d is cut off or unreadable (%s); dropping it", path, number, exc)
+            continue
+        good.append(line)
+    return good
 
 
 def _progress(enabled: bool, total: int, initial: int):
