@@ -41,7 +41,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from thinkdiff.models.loading import default_dtype, resolve_model_dir
-from thinkdiff.pipelines.constants import DEFAULT_DECODER, DEFAULT_INSTRUCTION, DEFAULT_LVLM, MODES, Offload
+from thinkdiff.pipelines.constants import (
+    DEFAULT_DECODER,
+    DEFAULT_INSTRUCTION,
+    DEFAULT_LVLM,
+    HINT_INSTRUCTION,
+    MODES,
+    Offload,
+)
 from thinkdiff.pipelines.decoders import (
     DecoderSpec,
     DiffusionDecoder,
@@ -108,6 +115,14 @@ class InferenceSettings:
     decoder_batch_size: int = 1
     """Requests per decoder call. Each row has its own ``torch.Generator``, so batching does not
     change the noise; only requests with equal settings and prompt length are batched."""
+    qcd_alpha: float = 0.0
+    """lvlm and text-bridge: query-contrastive decoding weight ``a`` (:mod:`thinkdiff.models.qcd`):
+    each step samples from ``(1 + a) * logits(full input) - a * logits(input without its last text
+    item)``; 0 (default) samples plainly, 0.5 is the published setting. A request may override it."""
+    hint: str | None = None
+    """lvlm and text-bridge: a sentence appended to the instruction (``HINT_INSTRUCTION`` is ours:
+    the last word is the key clue, the shared attribute comes from the pictures); ``None``: none.
+    A request may switch it on or off."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -123,6 +138,10 @@ class InferenceSettings:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.qcd_alpha < 0:
+            raise ValueError(f"qcd_alpha must be >= 0, got {self.qcd_alpha}")
+        if self.hint is not None and (not self.hint.strip() or self.instruction is None):
+            raise ValueError("hint must be a non-empty sentence, appended to an instruction (not None)")
 
 
 @dataclass
@@ -434,6 +453,12 @@ class ThinkDiffPipeline:
                 raise ValueError(f"request {index}: num_frames applies to video decoders only")
             if request.true_cfg_scale is not None and self.decoder_spec.family != "flux":
                 raise ValueError(f"request {index}: true_cfg_scale applies to FLUX decoders only")
+            if request.qcd_alpha is not None and request.qcd_alpha < 0:
+                raise ValueError(f"request {index}: qcd_alpha must be >= 0, got {request.qcd_alpha}")
+            if self.mode == "clip" and (request.qcd_alpha or request.hint):
+                raise ValueError(f"request {index}: qcd_alpha and hint apply to the LVLM; mode clip uses none")
+            if request.hint and self.settings.instruction is None:
+                raise ValueError(f"request {index}: a hint is appended to the instruction, and there is none")
             self.decoder.check_size(request.height, request.width, f"request {index}")
         return prepared
 
@@ -561,11 +586,23 @@ class ThinkDiffPipeline:
 
     # ---- encoding ----------------------------------------------------------------------------
 
-    def _lvlm_items(self, items: list[str | Image.Image]) -> list[Item]:
-        instruction = self.settings.instruction
-        if instruction is None or (items and items[0] == instruction):
-            return list(items)
-        return [instruction, *items]
+    def lvlm_conditioning(self, request: Request) -> dict[str, Any]:
+        """How the LVLM reads one request: its instruction (with the hint, if any), the hint, and the
+        QCD weight (the request's overrides over :attr:`settings`); what the sidecars record."""
+        s = self.settings
+        use_hint = s.hint is not None if request.hint is None else request.hint
+        hint = (s.hint or HINT_INSTRUCTION) if use_hint else None
+        if hint is not None and s.instruction is None:
+            raise ValueError("a hint is appended to the instruction, and this pipeline has none")
+        instruction = s.instruction if hint is None else f"{s.instruction} {hint}"
+        alpha = s.qcd_alpha if request.qcd_alpha is None else request.qcd_alpha
+        return {"instruction": instruction, "hint": hint, "qcd_alpha": alpha}
+
+    def _lvlm_items(self, items: list[str | Image.Image], instruction: str | None) -> list[Item]:
+        """``instruction`` (hinted or not) first: in place of the plain one when the items start with it."""
+        if items and items[0] in (self.settings.instruction, instruction):
+            items = items[1:]
+        return list(items) if instruction is None else [instruction, *items]
 
     def _clip_text(self, p: PreparedRequest) -> str:
         texts = p.texts
@@ -594,19 +631,22 @@ class ThinkDiffPipeline:
         )
         # One generate call draws one RNG stream for its whole batch: when sampling, only requests
         # with the same seed may share a call, and a call is seeded with that seed. Greedy decoding
-        # draws nothing, so every request may share a call (group None: no seed).
-        groups: dict[int | None, list[int]] = {}
+        # draws nothing, so every request may share a call (seed None). A call also has one
+        # instruction and one QCD weight.
+        groups: dict[tuple[int | None, str | None, float], list[int]] = {}
         for index, p in enumerate(prepared):
-            groups.setdefault(None if s.greedy else p.request.seed, []).append(index)
+            lvlm = self.lvlm_conditioning(p.request)
+            key = (None if s.greedy else p.request.seed, lvlm["instruction"], lvlm["qcd_alpha"])
+            groups.setdefault(key, []).append(index)
         size = s.encoder_batch_size
-        for seed, indices in groups.items():
+        for (seed, instruction, qcd_alpha), indices in groups.items():
             if self.mode == "lvlm" and not s.stop_at_eos:
-                sampling = SamplingSettings.exactly(s.num_tokens, seed=seed, **decoding)
+                sampling = SamplingSettings.exactly(s.num_tokens, seed=seed, qcd_alpha=qcd_alpha, **decoding)
             else:  # the LVLM writes its answer and stops at its end-of-sequence token
-                sampling = SamplingSettings(max_new_tokens=s.num_tokens, seed=seed, **decoding)
+                sampling = SamplingSettings(max_new_tokens=s.num_tokens, seed=seed, qcd_alpha=qcd_alpha, **decoding)
             for start in range(0, len(indices), size):
                 chunk = indices[start : start + size]
-                prompts = [self._lvlm_items(prepared[i].items) for i in chunk]
+                prompts = [self._lvlm_items(prepared[i].items, instruction) for i in chunk]
                 with self._stage("lvlm", timings, memory):
                     # generate keeps no hidden states: lvlm mode recomputes the features in one
                     # teacher-forced pass (as the extraction's default made the training features;
@@ -1029,6 +1069,7 @@ class SeededImageGenerator:
         self.pipeline = pipeline
         self.call_kwargs = call_kwargs
         self.last_output: ThinkDiffOutput | None = None
+        self.last_requests: list[Request] = []
 
     def __call__(self, items: Sequence[Item], seed: int) -> Image.Image:
         return self.generate_batch([items], [seed])[0]
@@ -1040,6 +1081,7 @@ class SeededImageGenerator:
             raise ValueError(f"{self.pipeline.decoder_spec.name} makes videos; an image generator needs FLUX")
         # Harnesses pass image paths as ``pathlib.Path`` (os.PathLike) and texts as ``str``.
         requests = [Request(items=list(items), seed=seed) for items, seed in zip(batch, seeds)]
+        self.last_requests = requests
         self.last_output = self.pipeline(requests, **self.call_kwargs)
         return self.last_output.images
 
@@ -1048,4 +1090,10 @@ class SeededImageGenerator:
         if self.last_output is None:
             return []
         out = self.last_output
-        return [{"lvlm_text": text, **settings} for text, settings in zip(out.lvlm_texts, out.settings)]
+        lvlm = [
+            self.pipeline.lvlm_conditioning(r) if self.pipeline.mode != "clip" else None for r in self.last_requests
+        ]
+        return [
+            {"lvlm_text": text, **settings, "lvlm": conditioning}
+            for text, settings, conditioning in zip(out.lvlm_texts, out.settings, lvlm)
+        ]
