@@ -441,7 +441,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from thinkdiff.pipelines import HINT_INSTRUCTION, InferenceSettings, ThinkDiffPipeline
-    from thinkdiff.utils import atomic_write_text
 
     # 1. Inputs and settings: parsed and checked before any model loads.
     requests = _read_requests(args)
@@ -501,15 +500,36 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, len(requests), args.chunk_size):
         chunk = requests[start : start + args.chunk_size]
         output = pipe(chunk)
-        results = output.videos if pipe.decoder_spec.kind == "video" else output.images
-        for offset, (request, result) in enumerate(zip(chunk, results)):
+        for offset, request in enumerate(chunk):
             path = paths[start + offset]
-            if pipe.decoder_spec.kind == "video":
-                extra = _write_video(result, path, args.fps)
-            else:
-                _write_image(result, path)
-                extra = {}
-            record = _sidecar(pipe, request, offset, output, path, len(chunk), extra)
-            atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+            write_output(pipe, request, offset, output, path, batch_size=len(chunk), fps=args.fps)
             print(path)
     return 0
+
+
+def write_output(
+    pipe: ThinkDiffPipeline,
+    request: Request,
+    index: int,
+    output: ThinkDiffOutput,
+    path: Path,
+    *,
+    batch_size: int = 1,
+    fps: int = 8,
+) -> dict[str, Any]:
+    """Write result ``index`` of a pipeline call to ``path`` and its JSON sidecar beside it.
+
+    The one writer of generation outputs (``thinkdiff generate`` and ``thinkdiff app``): the image
+    (or video) and ``path.with_suffix(".json")``, both atomically. ``batch_size`` is how many
+    requests the call ran (its timings cover them all). Returns the sidecar's record.
+    """
+    from thinkdiff.utils import atomic_write_text
+
+    if pipe.decoder_spec.kind == "video":
+        extra = _write_video(output.videos[index], path, fps)
+    else:
+        _write_image(output.images[index], path)
+        extra = {}
+    record = _sidecar(pipe, request, index, output, path, batch_size, extra)
+    atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    return record
