@@ -308,3 +308,19 @@ def test_an_aligner_folder_loads_strictly(short_run: Path, tmp_path: Path, edit:
     with pytest.raises(ValueError, match=message) as raised:
         load_model(model)
     assert str(weights) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_generate_out_below_a_file_is_one_line(
+    tiny_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from thinkdiff.models.aligner import Aligner
+    from thinkdiff.models.bundle import ThinkDiffInfo, save_model
+
+    info = ThinkDiffInfo("lvlm", "tiny:qwen2-vl", "tiny:t5", "tiny:flux", in_dim=64, out_dim=32)
+    model = save_model(tmp_path / "model", Aligner(64, 32), info)
+    (tmp_path / "file").write_text("mine")
+    fast = ["--height", "64", "--width", "64", "--steps", "1"]
+    code, err = cli(capsys, "generate", "--model", str(model), "--text", "a", "--out", str(tmp_path / "file" / "x.png"), *fast)
+    assert code == 2
+    assert_one_line_error(err, "File exists", str(tmp_path / "file"))
+    assert (tmp_path / "file").read_text() == "mine"

@@ -63,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input is reported as one clear line; real bugs still raise with a traceback.
         print(f"thinkdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+        # An output path naming a file where a folder goes (or the reverse), in any command.
+        print(f"thinkdiff {args.command}: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 
