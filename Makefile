@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test lint bench clean install gpu-check gpu-check-smoke
+.PHONY: demo app test lint bench clean install gpu-check gpu-check-smoke
 
 install: $(STAMP)
 
@@ -20,11 +20,14 @@ $(STAMP): pyproject.toml
 		$(PY) -m pip install -q "torch==$(TORCH_VERSION)" \
 		|| $(PY) -m pip install -q "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,app]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/thinkdiff demo --out demo-out
+
+app: $(STAMP)
+	$(VENV)/bin/thinkdiff app
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -44,4 +47,4 @@ bench: $(STAMP)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo-out thinkdiff-app-out .pytest_cache .ruff_cache

@@ -26,6 +26,7 @@ COMMAND_MODULES: list[str] = [
     "thinkdiff.commands.convert_official",
     "thinkdiff.commands.push",
     "thinkdiff.commands.miniworld",
+    "thinkdiff.commands.app",
 ]
 
 

@@ -1,0 +1,293 @@
+"""``thinkdiff app`` through its HTTP API with a real ``gradio_client``, on the miniature world.
+
+The app serves in this process on a free loopback port; every call goes through Gradio's queue and
+upload routes exactly as a remote client's would.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio = pytest.importorskip("gradio", reason="the app extra: pip install -e '.[app]'")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from thinkdiff.app import AppConfig, Backend, Cancelled, GenerateOptions, launch  # noqa: E402
+from thinkdiff.miniworld.models import default_weights_dir  # noqa: E402
+
+WEIGHTS = default_weights_dir()
+MINI_LVLM = "mini world: lvlm"
+DEFAULT = "(the model's own)"
+# Settings after items and images: model, mode, decoder, seed, width, height, steps, guidance,
+# true CFG, LVLM tokens, also the text bridge.
+SETTINGS_ORDER = ("model", "mode", "decoder", "seed", "width", "height", "steps", "guidance", "true_cfg", "num_tokens", "bridge")  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(out_dir: Path) -> tuple[str, Backend, object]:
+    backend = Backend(AppConfig(out_dir=out_dir))
+    port = free_port()
+    demo = launch(backend, port=port, block=False)
+    return f"http://127.0.0.1:{port}/", backend, demo
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    url, backend, demo = serve(tmp_path_factory.mktemp("app-out"))
+    yield url, backend, demo
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(app) -> Client:
+    return Client(app[0], verbose=False)
+
+
+def api_inputs(items: list) -> tuple[list, list]:
+    """An editor sequence (str | Path) as the API's JSON items and uploads."""
+    json_items, files = [], []
+    for item in items:
+        if isinstance(item, str):
+            json_items.append({"text": item})
+        else:
+            json_items.append({"image": len(files)})
+            files.append(handle_file(str(item)))
+    return json_items, files
+
+
+def settings(**given) -> list:
+    values = {
+        "model": MINI_LVLM,
+        "mode": "lvlm",
+        "decoder": DEFAULT,
+        "seed": 0,
+        "width": None,
+        "height": None,
+        "steps": None,
+        "guidance": None,
+        "true_cfg": None,
+        "num_tokens": None,
+        "bridge": False,
+    }
+    values.update(given)
+    return [values[name] for name in SETTINGS_ORDER]
+
+
+def test_api_output_and_sidecar_match_thinkdiff_generate(app, client, tmp_path, capsys) -> None:
+    from thinkdiff.cli import main
+
+    _, backend, _ = app
+    example = backend.example("Color-II", 2, 0)
+    items, seed = example["items"], example["seed"]
+    assert sum(isinstance(i, Path) for i in items) == 2 and sum(isinstance(i, str) for i in items) == 3
+    json_items, files = api_inputs(items)
+    paths, result = client.predict(json_items, files, *settings(seed=seed), api_name="/generate")
+    png, sidecar_file = (Path(p) for p in paths)
+    sidecar = json.loads(sidecar_file.read_text())
+    assert result["results"][0]["output"] == png.name == f"thinkdiff-lvlm-{seed}.png"
+
+    # The same inputs and seed through the command line.
+    args = ["--model", str(WEIGHTS / "thinkdiff" / "lvlm"), "--decoder", str(WEIGHTS / "flux")]
+    args += ["--lvlm", str(WEIGHTS / "vlm"), "--stop-at-eos", "--greedy"]
+    args += ["--num-tokens", str(backend.default_num_tokens())]
+    for item in items:
+        args += ["--text", item] if isinstance(item, str) else ["--image", str(item)]
+    out = tmp_path / f"thinkdiff-lvlm-{seed}.png"
+    assert main(["generate", *args, "--seed", str(seed), "--out", str(out)]) == 0
+    capsys.readouterr()
+    cli = json.loads(out.with_suffix(".json").read_text())
+
+    same = ("output", "mode", "seed", "lvlm_text", "settings", "conditioning", "components", "device", "dtype")
+    assert {k: sidecar[k] for k in same} == {k: cli[k] for k in same}
+    assert sidecar["offload"] == cli["offload"] and sidecar["inputs"]["extra_text"] is None
+    # Items: the same texts in the same places; images kept beside the sidecar, byte for byte.
+    app_items, cli_items = sidecar["inputs"]["items"], cli["inputs"]["items"]
+    assert [list(i) for i in app_items] == [list(i) for i in cli_items]
+    for a, c in zip(app_items, cli_items):
+        if "text" in a:
+            assert a == c
+        else:
+            assert Path(a["image"]).read_bytes() == Path(c["image"]).read_bytes()
+            assert Path(a["image"]).parent == Path(backend.out_dir) / Path(a["image"]).parent.name
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(out)))
+    # The judge read the image the client got.
+    verdict = result["results"][0]["judge"]
+    assert set(verdict) == {"shape", "color", "background", "texture"}
+    assert verdict == backend.world.judge.read([np.asarray(Image.open(png))])[0].to_dict()
+
+
+def test_api_text_bridge_beside_and_settings(app, client) -> None:
+    _, backend, _ = app
+    example = backend.example("Background-I", 2, 3)
+    json_items, files = api_inputs(example["items"])
+    paths, result = client.predict(
+        json_items, files, *settings(seed=7, steps=5, true_cfg=1.0, bridge=True), api_name="/generate"
+    )
+    assert [r["mode"] for r in result["results"]] == ["lvlm", "text-bridge"]
+    assert [Path(p).name for p in paths] == [
+        "thinkdiff-lvlm-7.png", "thinkdiff-lvlm-7.json", "thinkdiff-text-bridge-7.png", "thinkdiff-text-bridge-7.json",
+    ]  # fmt: skip
+    lvlm, bridge = (json.loads(Path(p).read_text()) for p in paths[1::2])
+    assert lvlm["settings"]["num_inference_steps"] == 5 and lvlm["settings"]["true_cfg_scale"] == 1.0
+    assert bridge["mode"] == "text-bridge" and bridge["seed"] == lvlm["seed"] == 7
+    assert bridge["lvlm_text"] == lvlm["lvlm_text"]  # the same greedy answer, read once per mode
+
+
+def broken_png(folder: Path) -> Path:
+    path = folder / "broken.png"
+    good = folder / "good.png"
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(good)
+    path.write_bytes(good.read_bytes()[:40])  # a PNG header and nothing after it
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("broken image", "not a readable image"),
+        ("empty sequence", "the sequence is empty"),
+        ("too many images", "at most 8"),
+        ("unknown model", "not in the list of choices"),
+        ("bad item", 'each item must be {"text": STR} or {"image": INDEX}'),
+        ("wrong mode for the model", "is a ThinkDiff-LVLM model: mode clip needs a clip model"),
+        ("huge image", "pixels, more than"),
+    ],
+)
+def test_api_bad_input_is_one_readable_line(app, client, tmp_path, case, message) -> None:
+    good = tmp_path / "good.png"
+    Image.new("RGB", (32, 32), (10, 10, 200)).save(good)
+    items, files, given = [{"text": "Word 1: red, "}, {"image": 0}], [handle_file(str(good))], {}
+    if case == "broken image":
+        files = [handle_file(str(broken_png(tmp_path)))]
+    elif case == "empty sequence":
+        items, files = [{"text": "  "}], []
+    elif case == "too many images":
+        items, files = [{"image": 0}] * 9, [handle_file(str(good))]
+    elif case == "unknown model":
+        given = {"model": "/etc"}
+    elif case == "bad item":
+        items = [{"image": "/etc/hostname"}]
+    elif case == "wrong mode for the model":
+        given = {"mode": "clip"}
+    elif case == "huge image":
+        huge = tmp_path / "huge.png"
+        Image.new("1", (5000, 4000)).save(huge)  # 20 MP, a few kB
+        files = [handle_file(str(huge))]
+    with pytest.raises(Exception) as caught:
+        client.predict(items, files, *settings(**given), api_name="/generate")
+    text = str(caught.value)
+    assert message in text, text
+    assert "Traceback" not in text and "File \"" not in text and len(text.splitlines()) == 1
+    # The server keeps serving.
+    _, result = client.predict(
+        [{"text": "Word 1: red, "}, {"image": 0}], [handle_file(str(good))], *settings(), api_name="/generate"
+    )
+    assert result["results"][0]["mode"] == "lvlm"
+
+
+def test_the_server_never_reads_a_path_the_client_names(app, tmp_path) -> None:
+    """A file object naming a server path (not an upload) is refused before the app sees it."""
+    import httpx
+
+    url, backend, _ = app
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(secret)
+    named = {"path": str(secret), "meta": {"_type": "gradio.FileData"}, "orig_name": "secret.png"}
+    data = [[{"text": "x"}, {"image": 0}], [named], *settings()]
+    with httpx.Client(base_url=url, timeout=60) as http:
+        event = http.post("gradio_api/call/generate", json={"data": data}).json()["event_id"]
+        stream = http.get(f"gradio_api/call/generate/{event}").text
+    assert "event: error" in stream and "complete" not in stream
+    assert not any(p.name.startswith("input-") and p.read_bytes() == secret.read_bytes()
+                   for p in Path(backend.out_dir).rglob("input-*"))  # fmt: skip
+    # Nor does the file route serve an arbitrary server file.
+    with httpx.Client(base_url=url, timeout=60) as http:
+        assert http.get(f"gradio_api/file={secret}").status_code in (403, 404)
+        assert http.get("gradio_api/file=/etc/hostname").status_code in (403, 404)
+
+
+def test_queue_position_progress_and_cancel(app) -> None:
+    """One job at a time: a second waits in the queue with its position and can be cancelled;
+    the running one reports its stages (the LVLM, then the denoising steps)."""
+    from gradio_client.utils import Status
+
+    url, _, _ = app
+    first, second = Client(url, verbose=False), Client(url, verbose=False)
+    text = [{"text": "Word 1: red, Word 2: blue, Word 3: green, "}]
+    running = first.submit(text, [], *settings(steps=400), api_name="/generate")  # a few seconds
+    progress: list[str] = []
+
+    def poll_running() -> Status:
+        status = running.status()
+        progress.extend(f"{u.desc} {u.unit}" for u in status.progress_data or [])
+        return status.code
+
+    deadline = time.time() + 60
+    while poll_running() not in (Status.PROGRESS, Status.FINISHED):
+        assert time.time() < deadline
+        time.sleep(0.02)
+    waiting = second.submit(text, [], *settings(steps=3), api_name="/generate")
+    seen = None
+    while time.time() < deadline and seen is None:
+        poll_running()
+        status = waiting.status()
+        if status.code == Status.IN_QUEUE and status.rank is not None:
+            seen = status
+        time.sleep(0.02)
+    assert seen is not None and seen.rank == 0 and seen.queue_size >= 1
+    assert not running.done()  # the first was still running while the second waited
+    assert waiting.cancel()
+    while not running.done():
+        poll_running()
+        time.sleep(0.02)
+    _, result = running.result()
+    assert result["results"][0]["mode"] == "lvlm"
+    assert any("the LVLM reads the sequence" in p for p in progress), progress
+    assert any("steps" in p for p in progress), progress  # diffusers' denoising bar, tracked
+    time.sleep(0.5)
+    assert waiting.status().code == Status.CANCELLED
+
+
+def test_backend_cancel_and_a_model_that_does_not_load(tmp_path) -> None:
+    backend = Backend(AppConfig(out_dir=tmp_path / "out"))
+    event = threading.Event()
+    event.set()
+    with pytest.raises(Cancelled):
+        backend.generate(["Word 1: red, "], GenerateOptions(), cancelled=event)
+    assert backend.generate(["Word 1: red, "], GenerateOptions(steps=2))[0].mode == "lvlm"  # the lock is free
+
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "thinkdiff.json").write_text("{not json")
+    real = Backend(AppConfig(models=[str(broken)], out_dir=tmp_path / "out2", device="cpu"))
+    with pytest.raises((ValueError, OSError)) as caught:
+        real.generate(["a red star"], GenerateOptions(mode="lvlm"))
+    assert str(caught.value) and "\n" not in str(caught.value).strip()
+
+
+def test_cli_refuses_bad_flags_in_one_line(capsys) -> None:
+    from thinkdiff.cli import main
+
+    assert main(["app", "--model", "/no/such/model", "--port", str(free_port())]) == 2
+    assert "--model /no/such/model: no such folder" in capsys.readouterr().err
+    assert main(["app", "--max-images", "0"]) == 2
+    assert "--max-images must be >= 1" in capsys.readouterr().err
+
+
+def test_app_binds_loopback_by_default(app) -> None:
+    from thinkdiff.cli import build_parser
+
+    assert build_parser().parse_args(["app"]).host == "127.0.0.1"
+    assert app[2].server_name == "127.0.0.1"
