@@ -57,7 +57,7 @@ def test_smoke_runs_every_part(smoke: tuple[dict, str], gpu_check) -> None:
 
     training = parts["training"]["rows"]
     assert [(r["micro_batch"], r["activation_checkpointing"]) for r in training] == [
-        (4, False), (12, False), (4, True), (12, True),
+        (2, False), (6, False), (2, True), (6, True),
     ]  # fmt: skip
     for row in training:
         assert row["finite"] and row["samples_per_s"] > 0 and row["mfu"] > 0
