@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from thinkdiff.pipelines import DecoderSpec, InferenceSettings, Request, ThinkDiffPipeline
+from thinkdiff.pipelines import DEFAULT_INSTRUCTION, DecoderSpec, InferenceSettings, Request, ThinkDiffPipeline
 from thinkdiff.pipelines import decoders as decoders_module
 
 from .test_pipeline import FLUX_FAST, image, make_model
@@ -80,15 +80,15 @@ def test_inference_generate_keeps_no_hidden_states(models, monkeypatch: pytest.M
     # lvlm mode: the teacher-forced features of the same tokens, exactly.
     extractor = LVLMFeatureExtractor.from_pretrained(resolve_model_dir("tiny:qwen2-vl"), device="cpu")
     sampling = SamplingSettings.exactly(128, temperature=0.6, top_p=0.9, seed=3)
-    forced = extractor.generate([lvlm._lvlm_items(ITEMS)], sampling, teacher_forced=True)
+    forced = extractor.generate([[DEFAULT_INSTRUCTION, *ITEMS]], sampling, teacher_forced=True)
     torch.testing.assert_close(embeds.prompt_embeds[0], lvlm.aligner(forced.features)[0], rtol=0, atol=0)
-    with_states = extractor.generate([lvlm._lvlm_items(ITEMS)], sampling)
+    with_states = extractor.generate([[DEFAULT_INSTRUCTION, *ITEMS]], sampling)
     assert kept[-1] is not None and len(kept[-1]) == 128  # one tuple of layer states per step
 
     # text-bridge: the same text as a generate that kept its states, and no features computed.
     sampling = SamplingSettings(max_new_tokens=128, temperature=0.6, top_p=0.9, seed=3)
-    texts_only = extractor.generate([bridge._lvlm_items(ITEMS)], sampling, with_states=False)
-    full = extractor.generate([bridge._lvlm_items(ITEMS)], sampling)
+    texts_only = extractor.generate([[DEFAULT_INSTRUCTION, *ITEMS]], sampling, with_states=False)
+    full = extractor.generate([[DEFAULT_INSTRUCTION, *ITEMS]], sampling)
     assert texts_only.texts == full.texts == bridged.lvlm_texts
     assert texts_only.features.shape == (*texts_only.token_ids.shape, 0)
     torch.testing.assert_close(texts_only.token_ids, full.token_ids, rtol=0, atol=0)
@@ -246,3 +246,171 @@ def test_proxy_loss_is_fp32_with_bf16_weights_and_no_autocast(tiny_env) -> None:
     assert memory_BMD.grad is not None and memory_BMD.grad.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert proxy.loss(memory_BMD, mask_BM, labels_BT).dtype == torch.float32
+
+
+# ---- F12: per-component downloads, computed from the snapshot's own layout ----------------------
+
+
+def _write_index(folder: Path, weight_map: dict[str, str], name: str = "model.safetensors.index.json") -> None:
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+
+
+def test_download_patterns_from_index_files_laid_out_like_the_hub(tmp_path: Path) -> None:
+    """Hand-made layouts in the shape of flan-t5-xxl, BLIP-2 and FLUX.1-dev (names, not sizes)."""
+    import json
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    from thinkdiff.models.loading import diffusers_files, shards_holding
+    from thinkdiff.pipelines.decoders import FluxDecoder
+
+    t5 = tmp_path / "flan-t5-xxl"
+    shard = "model-0000{}-of-00005.safetensors".format
+    t5_map = {"shared.weight": shard(1), "encoder.final_layer_norm.weight": shard(2), "lm_head.weight": shard(5)}
+    t5_map |= {f"encoder.block.{i}.layer.0.SelfAttention.q.weight": shard(1 + i // 12) for i in range(24)}
+    t5_map |= {f"decoder.block.{i}.layer.0.SelfAttention.q.weight": shard(3 + i // 12) for i in range(24)}
+    _write_index(t5, t5_map)
+    _write_index(t5, {k: v.replace("model-", "pytorch_model-").replace(".safetensors", ".bin") for k, v in t5_map.items()},
+                 "pytorch_model.bin.index.json")  # fmt: skip
+    # The LVLM variant needs no encoder block: shard 1 holds only encoder blocks and `shared`.
+    no_blocks = shards_holding(t5, lambda name: not name.startswith("encoder.block."))
+    assert no_blocks == [shard(1), shard(2), shard(3), shard(4), shard(5)]
+    t5_map["shared.weight"] = shard(3)
+    _write_index(t5, t5_map)
+    assert shards_holding(t5, lambda name: not name.startswith("encoder.block.")) == [shard(2), shard(3), shard(4), shard(5)]
+    assert shards_holding(t5, lambda name: True) == [shard(i) for i in range(1, 6)]  # safetensors, not .bin
+
+    blip2 = tmp_path / "blip2-flan-t5-xxl"
+    part = "model-0000{}-of-00006.safetensors".format
+    blip_map = {"vision_model.embeddings.patch_embedding.weight": part(1), "vision_model.post_layernorm.weight": part(1),
+                "qformer.layernorm.weight": part(1), "query_tokens": part(1), "language_projection.weight": part(1)}  # fmt: skip
+    blip_map |= {f"language_model.encoder.block.{i}.layer.0.SelfAttention.q.weight": part(2 + i % 5) for i in range(24)}
+    _write_index(blip2, blip_map)
+    assert shards_holding(blip2, lambda name: name.startswith("vision_model.")) == [part(1)]
+    assert shards_holding(blip2, lambda name: name.startswith("vision.")) is None  # no such tensors: all
+    assert shards_holding(tmp_path / "no-index", lambda name: True) is None  # one file: needed whole
+
+    flux = tmp_path / "FLUX.1-dev"
+    flux.mkdir()
+    components = {"scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                  "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                  "tokenizer_2": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", "FluxTransformer2DModel"],
+                  "vae": ["diffusers", "AutoencoderKL"], "image_encoder": [None, None], "feature_extractor": [None, None]}  # fmt: skip
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", **components}))
+    repo_files = ["model_index.json", "flux1-dev.safetensors", "ae.safetensors", "README.md", "dev_grid.jpg",
+                  "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+                  "text_encoder_2/config.json", "text_encoder_2/model-00001-of-00002.safetensors",
+                  "text_encoder_2/model-00002-of-00002.safetensors", "text_encoder_2/model.safetensors.index.json",
+                  "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer_2/spiece.model",
+                  "transformer/config.json", "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+                  "transformer/diffusion_pytorch_model.safetensors.index.json", "vae/config.json",
+                  "vae/diffusion_pytorch_model.safetensors"]  # fmt: skip
+    decoder = FluxDecoder(DecoderSpec("x", "flux", "FluxPipeline", 4096, 768, None, True), torch.device("cpu"), torch.float32)
+
+    def downloaded(components: list[str]) -> set[str]:
+        skipped = [name for name in decoder.all_components if name not in components]  # as build() skips
+        return set(filter_repo_objects(repo_files, allow_patterns=diffusers_files(flux, skipped=skipped)))
+
+    denoise = downloaded(list(decoder.denoise_components))
+    assert denoise == {"model_index.json", "scheduler/scheduler_config.json", "transformer/config.json",
+                       "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+                       "transformer/diffusion_pytorch_model.safetensors.index.json", "vae/config.json",
+                       "vae/diffusion_pytorch_model.safetensors"}  # fmt: skip
+    pooled_only = downloaded(decoder.components_for(["pooled"]))  # lvlm mode: CLIP("") only, no T5-XXL
+    assert {f.split("/")[0] for f in pooled_only} == {"model_index.json", "scheduler", "text_encoder", "tokenizer"}
+
+
+@pytest.fixture
+def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Path], list[str]]:
+    """``huggingface_hub.snapshot_download`` served from local "repositories", with the hub's own
+    pattern filter; records every file fetched. Nothing else of the loading path is replaced."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    repos: dict[str, Path] = {}
+    fetched: list[str] = []
+
+    def snapshot_download(repo_id: str, allow_patterns=None, ignore_patterns=None, **_: Any) -> str:
+        repo, snapshot = repos[repo_id], tmp_path / "cache" / repo_id.replace("/", "--")
+        files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            if not (snapshot / name).exists():
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(repo / name, snapshot / name)
+                fetched.append(f"{repo_id}:{name}")
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return repos, fetched
+
+
+@torch.no_grad()
+def test_hub_loads_fetch_only_the_shards_and_components_they_use(tiny_env, tmp_path: Path, fake_hub) -> None:
+    import json
+
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, T5ForConditionalGeneration
+
+    from thinkdiff.models.clip_vision import CLIPVisionFeatures
+    from thinkdiff.models.loading import resolve_model_dir
+    from thinkdiff.models.proxy_decoder import ProxyT5Decoder
+    from thinkdiff.pipelines.decoders import FluxDecoder
+
+    repos, fetched = fake_hub
+    # A sharded T5 (shards in state-dict order: the encoder blocks fill the first ones).
+    t5_dir = resolve_model_dir("tiny:t5")
+    T5ForConditionalGeneration.from_pretrained(t5_dir).save_pretrained(tmp_path / "t5-repo", max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model"):
+        if (t5_dir / name).is_file():
+            (tmp_path / "t5-repo" / name).write_bytes((t5_dir / name).read_bytes())
+    repos["org/t5"] = tmp_path / "t5-repo"
+    weight_map = json.loads((tmp_path / "t5-repo" / "model.safetensors.index.json").read_text())["weight_map"]
+    encoder_only = {s for s in weight_map.values()} - {s for k, s in weight_map.items() if not k.startswith("encoder.block.")}
+    assert encoder_only, "the test needs a shard of encoder blocks only"
+
+    proxy = ProxyT5Decoder.from_pretrained("org/t5", device="cpu")
+    got = {f.split(":")[1] for f in fetched if f.startswith("org/t5:")}
+    assert not got & encoder_only and got & set(weight_map.values())
+    local = ProxyT5Decoder.from_pretrained(t5_dir, device="cpu")
+    for name, tensor in local.state_dict().items():
+        torch.testing.assert_close(proxy.state_dict()[name], tensor, rtol=0, atol=0)
+
+    # A whole BLIP-2 (vision tower + Q-Former + T5 language model): only the vision shards come.
+    vision = json.loads((resolve_model_dir("tiny:blip2-vision") / "config.json").read_text())
+    text = json.loads((t5_dir / "config.json").read_text())
+    config = Blip2Config(vision_config=vision, text_config=text,
+                         qformer_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                         "intermediate_size": 64, "encoder_hidden_size": vision["hidden_size"]})  # fmt: skip
+    torch.manual_seed(0)
+    blip2 = Blip2ForConditionalGeneration(config)
+    blip2.save_pretrained(tmp_path / "blip2-repo", max_shard_size="60KB")
+    repos["org/blip2"] = tmp_path / "blip2-repo"
+    weight_map = json.loads((tmp_path / "blip2-repo" / "model.safetensors.index.json").read_text())["weight_map"]
+    vision_shards = {s for k, s in weight_map.items() if k.startswith("vision_model.")}
+    assert vision_shards != set(weight_map.values())
+    tower = CLIPVisionFeatures.from_pretrained("org/blip2", device="cpu", dtype=torch.float32)
+    got = {f.split(":")[1] for f in fetched if f.startswith("org/blip2:") and f.endswith(".safetensors")}
+    assert got == vision_shards
+    for name, tensor in blip2.vision_model.state_dict().items():
+        torch.testing.assert_close(tower.vision.state_dict()[name], tensor, rtol=0, atol=0)
+
+    # FLUX: the denoise stage fetches the transformer and VAE, not the root single-file copies.
+    flux_repo = tmp_path / "flux-repo"
+    import shutil
+
+    shutil.copytree(resolve_model_dir("tiny:flux"), flux_repo)
+    (flux_repo / "flux1-dev.safetensors").write_bytes(b"a single-file copy of the transformer")
+    (flux_repo / "ae.safetensors").write_bytes(b"a single-file copy of the VAE")
+    repos["org/flux"] = flux_repo
+    spec = DecoderSpec.inspect("org/flux")
+    pipe = FluxDecoder(spec, torch.device("cpu"), torch.float32).load(["transformer", "vae"])
+    assert pipe.transformer is not None and pipe.text_encoder_2 is None
+    got = {f.split(":")[1] for f in fetched if f.startswith("org/flux:")}
+    assert not {"flux1-dev.safetensors", "ae.safetensors"} & got
+    # (DecoderSpec.inspect read the components' configs; nothing else of the text encoders.)
+    assert not any(f.startswith(("text_encoder", "tokenizer")) and not f.endswith(".json") for f in got)
+    assert any(f.startswith("transformer/") and f.endswith(".safetensors") for f in got)

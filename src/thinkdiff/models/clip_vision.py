@@ -65,7 +65,10 @@ class CLIPVisionFeatures(nn.Module):
         pool_factor: int = 2,
     ) -> CLIPVisionFeatures:
         """Load from a BLIP-2 checkpoint (hub id or folder) or a ``Blip2VisionModel`` folder."""
-        folder = resolve_model_dir(name_or_path, kind="BLIP-2 vision model")
+        # From the hub: only the shards of BLIP-2 that hold its vision tower (not the 11 B LLM).
+        folder = resolve_model_dir(
+            name_or_path, kind="BLIP-2 vision model", tensors=lambda name: name.startswith("vision_model.")
+        )
         config = AutoConfig.from_pretrained(folder)
         device = (
             torch.device(device)

@@ -83,7 +83,10 @@ class ProxyT5Decoder(nn.Module):
             dtype: weight dtype; default bf16 on GPU and fp32 on CPU.
             device: where to put the weights; default CUDA when available.
         """
-        folder = resolve_model_dir(name_or_path, kind="T5 encoder-decoder")
+        # From the hub without the encoder: only the shards holding something besides its blocks
+        # (Flan-T5-XXL's encoder is 18 GB in fp32).
+        skip_encoder = None if with_encoder else (lambda name: not name.startswith("encoder.block."))
+        folder = resolve_model_dir(name_or_path, kind="T5 encoder-decoder", tensors=skip_encoder)
         config = AutoConfig.from_pretrained(folder)
         if not isinstance(config, T5Config) or not config.is_encoder_decoder:
             raise ValueError(

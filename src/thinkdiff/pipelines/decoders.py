@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from thinkdiff.models.loading import resolve_model_dir
+from thinkdiff.models.loading import diffusers_files, resolve_model_dir
 from thinkdiff.pipelines.constants import DECODER_DESCRIPTOR, DEFAULT_DECODER, OFFLOAD_MODES, Offload
 
 if TYPE_CHECKING:
@@ -534,7 +534,10 @@ class DiffusionDecoder:
         """The stock pipeline with only ``components`` loaded (on the CPU), in ``dtype``."""
         skipped = {name: None for name in self.all_components if name not in components}
         skipped.update(dict.fromkeys(self.absent_components))
-        folder = resolve_model_dir(self.spec.name, kind="diffusion decoder")
+        # From the hub, only the loaded components' subfolders (not FLUX.1-dev's root copies).
+        configs = resolve_model_dir(self.spec.name, kind="diffusion decoder", files=_CONFIG_FILES)
+        files = diffusers_files(configs, skipped=skipped, extra=[DECODER_DESCRIPTOR])
+        folder = resolve_model_dir(self.spec.name, kind="diffusion decoder", files=files)
         return self.pipeline_cls.from_pretrained(folder, **{_dtype_kwarg(): self.dtype}, **skipped)
 
     def place(self, pipe: DiffusionPipeline) -> None:
