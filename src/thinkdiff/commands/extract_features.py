@@ -51,6 +51,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0.0,
         help="query-contrastive decoding weight against the image without the prompt (hf engine; default 0: off)",
     )
+    parser.add_argument(
+        "--task-shots",
+        type=int,
+        nargs="+",
+        default=[],
+        help="task-format calibration data: group consecutive samples into interleaved prompts of K "
+        "images with short texts + a final text (ThinkDiff's instruction; several K are cycled). The "
+        "source must be disjoint from the benchmark you evaluate on; see docs/calibration.md",
+    )
+    parser.add_argument(
+        "--task-text-words", type=int, default=0, help="task format: words kept of each caption (0: all)"
+    )
+    parser.add_argument("--greedy", action="store_true", help="greedy answers (as at test time)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per generation batch (default: 8)")
     parser.add_argument(
         "--dtype", choices=_DTYPES, default="auto", help="model dtype (auto: bf16 on GPU, fp32 on CPU)"
@@ -119,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         prompt_features=args.prompt_features,
         samples_per_shard=args.samples_per_shard,
+        task_shots=tuple(args.task_shots),
+        task_text_words=args.task_text_words,
+        greedy=args.greedy,
         qcd_alpha=args.qcd_alpha,
     )
     # Check the cheap things (ranks, the source) before loading a large model.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 
@@ -23,6 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--seed", type=int, default=0, help="seed of everything (scenes, inits, data order)")
     b.add_argument("--quick", action="store_true", help="a reduced world: every step, a few dozen iterations")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 2)")
+    b.add_argument(
+        "--only-calibration",
+        action="store_true",
+        help="run only the calibration steps (issue 17) on top of the models already in OUT_DIR, e.g. "
+        "the committed weights; the other components are kept as they are",
+    )
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=run_build)
 
@@ -42,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--transfer-steps", type=int, default=400, help="training steps of each premise-test aligner"
     )
     r.add_argument("--transfer-n", type=int, default=200, help="held-out captions of the premise test")
+    r.add_argument("--no-qcd", action="store_true", help="skip the query-contrastive baseline's rows")
     r.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=run_report)
@@ -63,6 +71,22 @@ def run_build(args: argparse.Namespace) -> int:
     config = quick_config(args.seed) if args.quick else full_config(args.seed)
     if args.threads is not None:
         config.threads = args.threads
+    if args.only_calibration:
+        import json
+
+        from thinkdiff.miniworld.build import BuildConfig, build_calibration
+
+        record_file = args.out_dir / "build.json"
+        if not record_file.is_file():
+            raise FileNotFoundError(f"{args.out_dir} holds no build.json: build the world first")
+        # The world's own budgets and seed; the calibration budgets of this preset.
+        built = BuildConfig(**json.loads(record_file.read_text())["config"])
+        calib = {k: v for k, v in dataclasses.asdict(config).items() if k.startswith(("calib", "clip_calib"))}
+        config = dataclasses.replace(built, threads=config.threads, **calib)
+        record = build_calibration(args.out_dir, config, progress=not args.no_progress)
+        for name, seconds in record["calibration_seconds"].items():
+            print(f"{name:28s} {seconds:8.1f} s")
+        return 0
     record = build(args.out_dir, config, progress=not args.no_progress)
     for name, seconds in record["seconds"].items():
         print(f"{name:16s} {seconds:8.1f} s")
@@ -88,6 +112,7 @@ def run_report(args: argparse.Namespace) -> int:
         retrain=not args.no_retrain,
         transfer_steps=args.transfer_steps,
         transfer_n=args.transfer_n,
+        qcd=not args.no_qcd,
         threads=args.threads,
         progress=not args.no_progress,
     )

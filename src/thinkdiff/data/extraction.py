@@ -115,12 +115,22 @@ class ExtractionSettings:
     """Also store the prompt tokens' features (the paper's input-tokens ablation)."""
     samples_per_shard: int = 1000
     """Slice size for folder and manifest sources (a tar file is always one shard)."""
+    task_shots: tuple[int, ...] = ()
+    """Task-format mode (:mod:`thinkdiff.data.task_prompts`): group consecutive samples into
+    interleaved prompts of these many demonstrations (cycled); empty: describe each image."""
+    task_text_words: int = 0
+    """Task-format mode: words of each caption kept as its short text (0: the whole caption)."""
+    greedy: bool = False
+    """Decode greedily (as at test time) instead of sampling."""
     qcd_alpha: float = 0.0
     """Query-contrastive decoding weight (:mod:`thinkdiff.models.qcd`; contrast: the image without
     the prompt); 0 samples plainly. The hf engine only."""
 
     def __post_init__(self) -> None:
         self.prompts = tuple(self.prompts)
+        self.task_shots = tuple(self.task_shots)
+        if any(k < 1 for k in self.task_shots) or self.task_text_words < 0:
+            raise ValueError("task_shots must be >= 1 and task_text_words >= 0")
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise ValueError("prompts must be a non-empty list of non-empty strings")
         if self.temperature <= 0:
@@ -198,9 +208,14 @@ class HFEngine:
         self.model = model
 
     def run(self, images: Sequence[Image.Image], prompts: Sequence[str], seed: int) -> list[Generated]:
+        return self.run_items([[image, prompt] for image, prompt in zip(images, prompts)], seed)
+
+    def run_items(self, items: Sequence[list[Any]], seed: int) -> list[Generated]:
+        """Answers to interleaved inputs (texts and PIL images), e.g. task-format prompts."""
         from thinkdiff.models.lvlm import SamplingSettings
 
         sampling = SamplingSettings(
+            do_sample=not self.settings.greedy,
             max_new_tokens=self.settings.max_new_tokens,
             temperature=self.settings.temperature,
             top_p=self.settings.top_p,
@@ -431,6 +446,8 @@ def make_engine(
         # vLLM samples inside its own engine loop, with no hook to run a second (contrast) prompt
         # in step with each request short of patching it.
         raise ValueError("--qcd-alpha > 0 needs the hf engine: vLLM cannot run query-contrastive decoding")
+    if engine == "vllm" and settings.task_shots:
+        raise ValueError("task-format prompts (--task-shots) hold several images: use the hf engine")
     if engine == "vllm":
         _import_vllm()  # fail before loading anything
     from thinkdiff.models.loading import resolve_model_dir
@@ -641,6 +658,10 @@ def _extract_shard(
 ) -> dict[str, Any]:
     for stale in out_dir.glob(f"{shard_name(shard.index)}.*.tmp"):
         stale.unlink()  # left by a killed run
+    if settings.task_shots:
+        from thinkdiff.data.task_prompts import extract_task_shard
+
+        return extract_task_shard(shard, out_dir, engine, settings, batch_size, bar)
     skips = SkipLog()
     started = time.perf_counter()
     with FeatureShardWriter(out_dir, shard.index, prompt_features=settings.prompt_features) as writer:

@@ -32,7 +32,15 @@ import torch
 
 from thinkdiff.utils import atomic_write_text
 
-__all__ = ["BuildConfig", "build", "full_config", "quick_config"]
+__all__ = [
+    "CALIBRATION_RUNS",
+    "BuildConfig",
+    "build",
+    "build_calibration",
+    "calibrated_dir",
+    "full_config",
+    "quick_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +77,16 @@ class BuildConfig:
     clip_train: int = 3000
     clip_steps: int = 500
     clip_batch: int = 32
+    calib_prompts: int = 3000
+    """Task-format prompts (training cells only) the VLM answers greedily for calibration."""
+    calib_steps: int = 300
+    calib_batch: int = 64
+    calib_lr: float = 1e-3
+    calib_proxy_weight: float = 0.1
+    """Weight of the no-split proxy loss added to velocity distillation."""
+    calib_noise: str = "pure"
+    """Noisy inputs of the calibration ('pure', 'teacher'; CLIP also 'source')."""
+    clip_calib_steps: int = 300
     note: str = field(default="full", metadata={"help": "preset name"})
 
     def __post_init__(self) -> None:
@@ -110,6 +128,10 @@ def quick_config(seed: int = 0) -> BuildConfig:
         clip_train=48,
         clip_steps=10,
         clip_batch=8,
+        calib_prompts=24,
+        calib_steps=10,
+        calib_batch=8,
+        clip_calib_steps=5,
         note="quick",
     )
 
@@ -221,6 +243,82 @@ def build(out_dir: Path, config: BuildConfig, *, progress: bool = True) -> dict[
         train_clip_aligner(out_dir, work, config, target=out_dir / "thinkdiff" / "clip")
     record["seconds"]["total"] = round(time.perf_counter() - started, 1)
     _write_json(out_dir / "build.json", record)
+    return build_calibration(out_dir, config, progress=progress)
+
+
+CALIBRATION_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lvlm": ("lvlm", {}),
+    "no split": ("no split", {}),
+    "input tokens": ("input tokens", {"features": "prompt"}),
+    "lvlm regress": ("no split", {"calibration_loss": "regress", "token_alignment": "one-to-one", "proxy_weight": 0.0}),
+    "no split, no proxy term": ("no split", {"proxy_weight": 0.0}),
+    "no split, teacher noise": ("no split", {"noise_source": "teacher"}),
+}
+"""The calibrated ThinkDiff-LVLM aligners: name -> (the proxy aligner it starts from, overrides of
+the calibration config). Each lands in ``thinkdiff/<name>-calibrated`` (spaces as dashes)."""
+
+
+def calibrated_dir(out_dir: Path, name: str) -> Path:
+    """Model folder of a calibrated aligner (``thinkdiff/lvlm-calibrated``, ...)."""
+    return Path(out_dir) / "thinkdiff" / f"{name.replace(', ', '-').replace(' ', '-')}-calibrated"
+
+
+def _calibrate_one(out_dir: Path, config: BuildConfig, name: str, threads: int) -> tuple[str, float]:
+    from thinkdiff.miniworld.experiments import calibration_config, run_training, train_clip_calibrated
+
+    torch.set_num_threads(threads)
+    work = out_dir / "work"
+    started = time.perf_counter()
+    if name == "clip":
+        train_clip_calibrated(
+            out_dir, work, config, init=out_dir / "thinkdiff" / "clip", target=calibrated_dir(out_dir, "clip")
+        )
+    else:
+        start, overrides = CALIBRATION_RUNS[name]
+        init = out_dir / "thinkdiff" / "lvlm" if start == "lvlm" else work / "runs" / start.replace(" ", "-") / "model"
+        run_training(calibration_config(out_dir, work, config, name, init, **overrides), calibrated_dir(out_dir, name))
+    return name, round(time.perf_counter() - started, 1)
+
+
+def build_calibration(out_dir: Path, config: BuildConfig | None = None, *, progress: bool = True) -> dict[str, Any]:
+    """The calibration steps (issue 17) on top of a built world, e.g. the committed weights: the
+    describe features and the no-split / input-token proxy aligners they start from, task-format
+    features from training cells, then every run of :data:`CALIBRATION_RUNS` and the calibrated
+    ThinkDiff-CLIP aligner (two at a time in forked processes when ``threads >= 2``). The other
+    components are not touched. Updates ``build.json`` (``calibration`` config and seconds)."""
+    from thinkdiff.miniworld.experiments import train_lvlm_aligner, write_lvlm_features, write_task_features
+
+    out_dir = Path(out_dir)
+    record = json.loads((out_dir / "build.json").read_text())
+    if config is None:
+        config = BuildConfig(**record["config"])
+    record["config"] = dataclasses.asdict(config)
+    work = out_dir / "work"
+    seconds: dict[str, float] = {}
+    torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    with _Timer("describe_features", seconds):
+        write_lvlm_features(out_dir, work, config, progress=progress)
+    with _Timer("proxy_starts", seconds):
+        train_lvlm_aligner(out_dir, work, config, name="no-split", split=False)
+        train_lvlm_aligner(out_dir, work, config, name="input-tokens", features="prompt")
+    with _Timer("task_features", seconds):
+        write_task_features(out_dir, work, config, progress=progress)
+    names = [*CALIBRATION_RUNS, "clip"]
+    if config.threads >= 2:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork")) as ex:
+            half = max(1, config.threads // 2)
+            done = list(ex.map(_calibrate_one, *zip(*[(out_dir, config, n, half) for n in names])))
+    else:
+        done = [_calibrate_one(out_dir, config, n, config.threads) for n in names]
+    seconds.update({f"calibrate {n}": s for n, s in done})
+    seconds["wall"] = round(time.perf_counter() - started, 1)
+    record["calibration_seconds"] = seconds
+    _write_json(out_dir / "build.json", record)
+    return record
     logger.info("built the miniature world in %.0f s into %s", record["seconds"]["total"], out_dir)
     return record
 

@@ -49,15 +49,19 @@ __all__ = [
     "PromptRun",
     "aligner_config",
     "alignment_diagnostics",
+    "calibration_config",
     "proxy_transfer",
     "run_training",
     "run_vlm",
     "score_clip",
     "score_lvlm_methods",
     "train_clip_aligner",
+    "train_clip_calibrated",
     "train_lvlm_aligner",
     "write_image_caption_folder",
     "write_lvlm_features",
+    "write_task_features",
+    "write_task_source",
 ]
 
 logger = logging.getLogger(__name__)
@@ -202,6 +206,126 @@ def train_clip_aligner(
     return run_training(train_config, target)
 
 
+# ----------------------------------------------------------------------------------- calibration
+def write_task_source(folder: Path, n_prompts: int, shots: Sequence[int], seed: str) -> Path:
+    """An image-caption folder whose consecutive groups of ``k + 1`` samples are mini-CoBSAT-style
+    tasks of *training* cells only (fresh renders, random task, theta and words): what
+    ``extract-features --task-shots`` groups into task-format prompts. Each caption is the word
+    (the short text); the last sample of a group is the target's render."""
+    from thinkdiff.miniworld.minicobsat import MINI_TASKS
+
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    rng = scene_rng("task-source", seed)
+    tasks = [MINI_TASKS[t] for t in sorted(MINI_TASKS)]
+    from thinkdiff.miniworld.world import HELD_OUT
+
+    for j in range(n_prompts):
+        k = shots[j % len(shots)]
+        task = rng.choice(tasks)
+        while True:
+            theta = rng.choice(task.theta_items)
+            xs = rng.sample(task.x_items, k + 1)
+            cells = [(x, theta) if task.x_category != "shape" else (theta, x) for x in xs]
+            if not any(c in HELD_OUT[task.theme] for c in cells):
+                break
+        for i, (x, (detail, shape)) in enumerate(zip(xs, cells)):
+            scene = sample_scene(rng, shape=shape, **{task.detail_category: detail})
+            stem = folder / f"{j:06d}-{i}"
+            to_pil(render(scene)).save(stem.with_suffix(".png"))
+            stem.with_suffix(".txt").write_text(x + "\n")
+    return folder
+
+
+def write_task_features(world_root: Path, work: Path, config: BuildConfig, *, progress: bool = True) -> Path:
+    """Task-format calibration features ``work/features/task``: the VLM's greedy answers (and
+    prompt-token features) to prompts built from training cells by ``extract-features``' task mode."""
+    from thinkdiff.data.extraction import ExtractionSettings, extract_features, make_engine
+    from thinkdiff.miniworld.components.vlm import max_answer_tokens
+    from thinkdiff.models.lvlm import load_processor
+
+    tokenizer = load_processor(world_root / "vlm").tokenizer
+    shots = (2, 4)
+    source = write_task_source(work / "task-source", config.calib_prompts, shots, f"{config.seed}:task")
+    settings = ExtractionSettings(
+        max_new_tokens=max_answer_tokens(tokenizer),
+        prompt_features=True,
+        seed=config.seed,
+        samples_per_shard=(max(shots) + 1) * 1000,
+        task_shots=shots,
+        greedy=True,
+    )
+    engine = make_engine("hf", str(world_root / "vlm"), settings, device="cpu", dtype=torch.float32)
+    target = work / "features" / "task"
+    if target.exists():
+        shutil.rmtree(target)
+    summary = extract_features(source, target, engine, settings, batch_size=64, progress=progress)
+    logger.info("task-format features: %s", summary)
+    return target
+
+
+def calibration_config(
+    world_root: Path, work: Path, config: BuildConfig, name: str, init: Path, **overrides: Any
+):
+    """The project's TrainConfig of one ThinkDiff-LVLM calibration run in the miniature world."""
+    steps, lr = config.calib_steps, config.calib_lr
+    values: dict[str, Any] = {
+        "objective": "calibrate",
+        "init_aligner": str(init),
+        "split": False,
+        "data": [str(work / "features" / "task")],
+        "val_data": [],
+        "global_batch_size": config.calib_batch,
+        "max_steps": steps,
+        "lr": lr,
+        "warmup_start_lr": lr / 100,
+        "warmup_steps": max(1, steps // 20),
+        "min_lr": lr / 10,
+        "val_every": 0,
+        "decode_every": 0,
+        "proxy_weight": config.calib_proxy_weight,
+        "noise_source": config.calib_noise,
+    }
+    values.update(overrides)
+    return aligner_config(world_root, work, config, f"calibrate-{name.replace(' ', '-')}", **values)
+
+
+def train_clip_calibrated(
+    world_root: Path, work: Path, config: BuildConfig, *, init: Path, target: Path | None = None, **overrides: Any
+) -> Path:
+    """Calibrate the ThinkDiff-CLIP aligner: FLUX on its aligned image tokens (+ T5 of the caption's
+    first part) must act as on the whole caption."""
+    folder = work / "clip-data"
+    if not folder.is_dir():
+        write_image_caption_folder(folder, config.clip_train, f"{config.seed}:clip")
+    steps = config.clip_calib_steps
+    values: dict[str, Any] = {
+        "variant": "clip",
+        "data": [str(folder)],
+        "val_data": [],
+        "vision_model": str(world_root / "vision"),
+        "global_batch_size": config.clip_batch,
+        "max_steps": steps,
+        "warmup_steps": max(1, steps // 20),
+        "log_every": max(1, min(10, steps // 10)),
+        "save_every": steps,
+        "split": True,
+        "noise_source": config.calib_noise,
+        "init_aligner": str(init),
+        "objective": "calibrate",
+        "val_every": 0,
+        "decode_every": 0,
+        "proxy_weight": config.calib_proxy_weight,
+        "lr": config.calib_lr,
+        "warmup_start_lr": config.calib_lr / 100,
+        "min_lr": config.calib_lr / 10,
+    }
+    values.update(overrides)
+    return run_training(aligner_config(world_root, work, config, "calibrate-clip", **values), target)
+
+
 # ----------------------------------------------------------------------------------- inference
 @dataclass
 class PromptRun:
@@ -221,24 +345,37 @@ class PromptRun:
 
 @torch.no_grad()
 def run_vlm(
-    world: MiniWorld, prompts: Sequence[MiniPrompt], *, batch_size: int = 64, progress: bool = True
+    world: MiniWorld,
+    prompts: Sequence[MiniPrompt],
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+    qcd_alpha: float = 0.0,
+    hint: str | None = None,
 ) -> list[PromptRun]:
-    """Greedy answers and features of the VLM for every prompt (batched, left padded)."""
+    """Greedy answers and features of the VLM for every prompt (batched, left padded).
+
+    ``qcd_alpha``: query-contrastive decoding weight (:mod:`thinkdiff.models.qcd`; the features stay
+    the full prompt's); ``hint``: a sentence appended to the CoBSAT instruction.
+    """
     from tqdm.auto import tqdm
 
+    from thinkdiff.evaluation.cobsat.protocol import COBSAT_INSTRUCTION
     from thinkdiff.miniworld.components.vlm import max_answer_tokens
     from thinkdiff.models.lvlm import SamplingSettings
+    from thinkdiff.pipelines.constants import hinted
 
     sampling = SamplingSettings(
-        max_new_tokens=max_answer_tokens(world.vlm.processor.tokenizer), do_sample=False
+        max_new_tokens=max_answer_tokens(world.vlm.processor.tokenizer), do_sample=False, qcd_alpha=qcd_alpha
     )
+    instruction = hinted(COBSAT_INSTRUCTION, hint)
     runs: list[PromptRun] = []
     for start in tqdm(
         range(0, len(prompts), batch_size), desc="VLM", disable=not progress, dynamic_ncols=True
     ):
         chunk = prompts[start : start + batch_size]
         out = world.vlm.generate(
-            [p.items() for p in chunk], sampling, teacher_forced=True, return_prompt_features=True
+            [p.items(instruction) for p in chunk], sampling, teacher_forced=True, return_prompt_features=True
         )
         assert out.prompt_features is not None and out.prompt_mask is not None
         for b, prompt in enumerate(chunk):

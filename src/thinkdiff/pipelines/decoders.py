@@ -643,6 +643,57 @@ class DiffusionDecoder:
         # (``_execution_device``) walks every module and costs milliseconds per call.
         return tensor.to(self.device, pipe.transformer.dtype)
 
+    # ---- calibration: the decoder in the training loop ----------------------------------------
+    # Calibration (thinkdiff.training.calibration) trains the aligner through the frozen denoiser:
+    # it needs one differentiable model call and the noise process, nothing of the sampler. The
+    # defaults below are rectified flow (FLUX, SD3, Chroma, LTX); a decoder with another process
+    # (e.g. epsilon prediction) overrides add_noise / euler_step.
+
+    def calibration_conditioning(
+        self, pipe: DiffusionPipeline, text: str | None, max_length: int | None
+    ) -> dict[str, torch.Tensor]:
+        """One sample's conditioning as :meth:`velocity` takes it (batch dimension 1): the
+        teacher's ``prompt_embeds`` of ``text`` with the decoder's other keys, or, with
+        ``text=None``, only the other keys, those that go with aligned features at inference
+        (FLUX: the pooled CLIP vector of ``""``). ``max_length=None``: the text at its own token
+        count (no padding); else padded or cut to ``max_length`` as the text bridge does."""
+        raise NotImplementedError(f"{type(self).__name__} does not support calibration yet")
+
+    def latent_shape(self, pipe: DiffusionPipeline, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one sample's latents (FLUX: packed tokens x channels) at a pixel size."""
+        raise NotImplementedError(f"{type(self).__name__} does not support calibration yet")
+
+    def image_latents(self, pipe: DiffusionPipeline, images_BHWC: np.ndarray) -> torch.Tensor:
+        """Clean latents ``[B, *latent_shape]`` of uint8 images (the 'source' noisy inputs)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support calibration yet")
+
+    def velocity(
+        self,
+        pipe: DiffusionPipeline,
+        latents: torch.Tensor,
+        sigmas_B: torch.Tensor,
+        conditioning: Mapping[str, torch.Tensor],
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        """The denoiser's output on ``latents`` at noise levels ``sigmas_B`` in [0, 1] (1 = pure
+        noise), conditioned on ``conditioning`` (``prompt_embeds [B, L, D]`` plus the decoder's other
+        keys); same shape as ``latents``. One transformer call, differentiable in the conditioning
+        (the transformer's own weights stay frozen). Guidance-distilled models get their default
+        guidance; no classifier-free guidance (one pass)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support calibration yet")
+
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, sigmas_B: torch.Tensor) -> torch.Tensor:
+        """``x_sigma`` of the forward process: rectified flow ``(1 - sigma) x0 + sigma noise``."""
+        s = sigmas_B.reshape(-1, *[1] * (clean.ndim - 1)).to(clean.dtype)
+        return (1 - s) * clean + s * noise
+
+    def euler_step(
+        self, latents: torch.Tensor, output: torch.Tensor, sigma: float, sigma_next: float
+    ) -> torch.Tensor:
+        """One sampler step from ``sigma`` to ``sigma_next`` given :meth:`velocity`'s output."""
+        return latents + (sigma_next - sigma) * output
+
 
 class FluxDecoder(DiffusionDecoder):
     """FLUX.1-dev / schnell (any ``FluxPipeline``-compatible folder): images.
@@ -751,6 +802,79 @@ class FluxDecoder(DiffusionDecoder):
             output_type="latent",
         ).images
         return [Image.fromarray(image) for image in latents_to_pixels(latents_BNC, height, width, r)]
+
+    # ---- calibration ---------------------------------------------------------------------------
+
+    def _latent_grid(self, pipe: DiffusionPipeline, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of FLUX's packed 2x2 latent tokens for an image of this size."""
+        if self.pixel_space:
+            assert self.spec.pixel_unshuffle is not None
+            step = 2 * self.spec.pixel_unshuffle
+        else:
+            step = 2 * pipe.vae_scale_factor  # the VAE's downscaling, then the 2x2 packing
+        return height // step, width // step
+
+    def latent_shape(self, pipe: DiffusionPipeline, height: int, width: int) -> tuple[int, ...]:
+        rows, cols = self._latent_grid(pipe, height, width)
+        return (rows * cols, int(pipe.transformer.config.in_channels))
+
+    def image_latents(self, pipe: DiffusionPipeline, images_BHWC: np.ndarray) -> torch.Tensor:
+        if self.pixel_space:
+            assert self.spec.pixel_unshuffle is not None
+            return pixels_to_latents(images_BHWC, self.spec.pixel_unshuffle).to(self.device)
+        if getattr(pipe, "vae", None) is None:
+            raise ValueError("'source' noisy inputs need the decoder's VAE loaded")
+        x_B3HW = torch.as_tensor(np.asarray(images_BHWC)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        vae = pipe.vae
+        with torch.no_grad():
+            z = vae.encode(x_B3HW.to(self.device, vae.dtype)).latent_dist.sample()
+        z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+        return pipe._pack_latents(z, *z.shape)
+
+    def calibration_conditioning(
+        self, pipe: DiffusionPipeline, text: str | None, max_length: int | None
+    ) -> dict[str, torch.Tensor]:
+        if text is None:
+            return dict(self.empty_conditioning(pipe))
+        if max_length is None:  # FLUX takes prompts of any length (it has no text mask)
+            max_length = len(pipe.tokenizer_2(text).input_ids)
+        encoded = self.encode_text(pipe, [text], max_length)
+        assert encoded.pooled is not None
+        return {"prompt_embeds": encoded.embeds, "pooled_prompt_embeds": encoded.pooled}
+
+    def velocity(
+        self,
+        pipe: DiffusionPipeline,
+        latents: torch.Tensor,
+        sigmas_B: torch.Tensor,
+        conditioning: Mapping[str, torch.Tensor],
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        transformer = pipe.transformer
+        prompt_BLD = conditioning["prompt_embeds"].to(self.device, transformer.dtype)
+        batch = prompt_BLD.shape[0]
+        pooled_BP = conditioning["pooled_prompt_embeds"].to(self.device, transformer.dtype)
+        if pooled_BP.shape[0] == 1 and batch > 1:
+            pooled_BP = pooled_BP.expand(batch, -1)
+        rows, cols = self._latent_grid(pipe, height, width)
+        img_ids = pipe._prepare_latent_image_ids(batch, rows, cols, self.device, transformer.dtype)
+        txt_ids = torch.zeros(prompt_BLD.shape[1], 3, device=self.device, dtype=transformer.dtype)
+        guidance = None
+        if self.spec.guidance_embeds:
+            scale = float(self.default_settings().get("guidance_scale", 3.5))
+            guidance = torch.full((batch,), scale, device=self.device, dtype=torch.float32)
+        # FluxPipeline passes timestep / 1000 with timesteps in [0, 1000]: the sigma itself.
+        return transformer(
+            hidden_states=latents.to(self.device, transformer.dtype),
+            timestep=sigmas_B.to(self.device, transformer.dtype),
+            guidance=guidance,
+            pooled_projections=pooled_BP,
+            encoder_hidden_states=prompt_BLD,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
 
 
 class CogVideoXDecoder(DiffusionDecoder):

@@ -1,0 +1,153 @@
+"""Calibration data in the task's format: interleaved in-context prompts from an image-caption source.
+
+ThinkDiff-LVLM is asked, at test time, prompts like CoBSAT's: an instruction, k images each with a
+short text, and a final text whose picture the model must imagine. Describe data (one image, one
+of the paper's 16 prompts, a sampled description) is the paper's proxy-stage data, but it differs
+from what the aligner sees at test time (long sampled descriptions vs short task answers). This
+module builds prompts of the task's layout from *any* image-caption source: consecutive samples
+are grouped ``k + 1`` at a time; the first ``k`` become (image, short text) demonstrations, the last
+one's short text is the final text, and its image is the target the answer should describe.
+``thinkdiff extract-features --task-shots K`` has the LVLM answer these greedily (as at test time)
+and stores the answer's features and text as usual (metadata: ``target_key``, ``caption``,
+``shots``).
+
+The source of calibration prompts must be disjoint from the benchmark evaluated later (at real
+scale: not CoBSAT's images or words); the mini world builds them from training cells only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from thinkdiff.evaluation.cobsat.protocol import COBSAT_INSTRUCTION
+
+__all__ = ["TASK_INSTRUCTION", "TaskPrompt", "group_task_prompts", "interleaved_items", "short_text"]
+
+TASK_INSTRUCTION = COBSAT_INSTRUCTION
+"""The instruction of task-format prompts: ThinkDiff's CoBSAT instruction."""
+
+
+def interleaved_items(texts: Sequence[str], images: Sequence[Any], instruction: str | None) -> list[Any]:
+    """ThinkDiff's interleaved layout: instruction, ``"Word 1: red, "``, image, ``"\\n\\nWord 2: ..."``.
+
+    ``texts`` has one more entry than ``images`` (the final text has no image); the same layout as
+    :meth:`thinkdiff.evaluation.cobsat.protocol.CobsatPrompt.thinkdiff_items`.
+    """
+    if len(texts) != len(images) + 1:
+        raise ValueError(f"{len(texts)} texts for {len(images)} images: need one text more than images")
+    out: list[Any] = [] if instruction is None else [instruction]
+    for i, text in enumerate(texts):
+        out.append(f"{'' if i == 0 else chr(10) * 2}Word {i + 1}: {text}, ")
+        if i < len(images):
+            out.append(images[i])
+    return out
+
+
+def short_text(caption: str, max_words: int = 0) -> str:
+    """A caption's short text: its first ``max_words`` words (0: the whole caption), no final stop."""
+    words = caption.strip().rstrip(".").split()
+    return " ".join(words[:max_words] if max_words else words)
+
+
+@dataclass(frozen=True)
+class TaskPrompt:
+    """One task-format prompt built from ``shots + 1`` consecutive source samples."""
+
+    key: str
+    """``{target_key}:task{shots}``."""
+    shots: int
+    items: list[Any]
+    """The interleaved LVLM input (instruction, texts, PIL images)."""
+    final_text: str
+    target_key: str
+    """The source key of the last sample, whose image the answer should describe."""
+    target_caption: str
+
+
+def group_task_prompts(
+    samples: Iterable[Any],
+    shots: Sequence[int],
+    *,
+    text_words: int = 0,
+    instruction: str | None = TASK_INSTRUCTION,
+) -> Iterator[TaskPrompt]:
+    """Task prompts from a stream of ``ImageCaptionSample`` (``key``, ``image``, ``caption``).
+
+    Prompt ``j`` takes the next ``shots[j % len(shots)] + 1`` samples; a trailing group too short
+    for its prompt is dropped.
+    """
+    if not shots or any(k < 1 for k in shots):
+        raise ValueError(f"task shots must be >= 1, got {list(shots)}")
+    group: list[Any] = []
+    j = 0
+    for sample in samples:
+        group.append(sample)
+        k = shots[j % len(shots)]
+        if len(group) < k + 1:
+            continue
+        texts = [short_text(s.caption, text_words) for s in group]
+        target = group[-1]
+        yield TaskPrompt(
+            key=f"{target.key}:task{k}",
+            shots=k,
+            items=interleaved_items(texts, [s.image for s in group[:-1]], instruction),
+            final_text=texts[-1],
+            target_key=target.key,
+            target_caption=target.caption,
+        )
+        group, j = [], j + 1
+
+
+def extract_task_shard(
+    shard: Any, out_dir: Any, engine: Any, settings: Any, batch_size: int, bar: Any
+) -> dict[str, Any]:
+    """One output shard of task-format prompts (``extract_features`` with ``settings.task_shots``).
+
+    Each prompt's key, final text (as ``prompt``), the LVLM's answer (``text``), the target's
+    caption and key and the shot count are stored with the answer's features.
+    """
+    import time
+
+    from thinkdiff.data.feature_shards import FeatureShardWriter
+    from thinkdiff.data.sources import SkipLog, iter_samples
+
+    if not hasattr(engine, "run_items"):
+        raise ValueError(f"the {engine.name} engine cannot answer interleaved prompts; use the hf engine")
+    skips = SkipLog()
+    started = time.perf_counter()
+    prompts = group_task_prompts(
+        iter_samples(shard, skips), settings.task_shots, text_words=settings.task_text_words
+    )
+    with FeatureShardWriter(out_dir, shard.index, prompt_features=settings.prompt_features) as writer:
+        batch_index = 0
+        while True:
+            batch = [p for _, p in zip(range(batch_size), prompts)]
+            if not batch:
+                break
+            results = engine.run_items([p.items for p in batch], settings.batch_seed(shard.index, batch_index))
+            for prompt, result in zip(batch, results):
+                writer.add(
+                    prompt.key,
+                    result.token_ids_N,
+                    result.features_NH,
+                    prompt=prompt.final_text,
+                    text=result.text,
+                    prompt_features_PH=result.prompt_features_PH,
+                    caption=prompt.target_caption,
+                    target_key=prompt.target_key,
+                    shots=prompt.shots,
+                )
+            bar.update(sum(p.shots + 1 for p in batch))
+            batch_index += 1
+        return writer.finish(
+            {
+                "source": shard.name,
+                "engine": engine.name,
+                "task_shots": list(settings.task_shots),
+                "seconds": round(time.perf_counter() - started, 3),
+                "skipped": skips.counts(),
+                "skipped_samples": [s.to_json() for s in skips.skips],
+            }
+        )
