@@ -324,3 +324,107 @@ def test_generate_out_below_a_file_is_one_line(
     assert code == 2
     assert_one_line_error(err, "File exists", str(tmp_path / "file"))
     assert (tmp_path / "file").read_text() == "mine"
+
+
+# ---- item 3: training checks its data -----------------------------------------------------------
+
+
+@pytest.fixture()
+def own_features(feature_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the session's feature folder, to damage."""
+    return Path(shutil.copytree(feature_dir, tmp_path / "features"))
+
+
+def flip_a_byte(path: Path, offset: int = -10) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "workers"),
+    [("shard-000000.safetensors", 0), ("shard-000000.safetensors", 1), ("shard-000000.jsonl", 1)],
+)
+def test_a_shard_whose_checksum_differs_is_refused_on_first_read(
+    own_features: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str, workers: int
+) -> None:
+    for shard in ("shard-000000", "shard-000001"):  # every shard, so the very first batch hits one
+        target = own_features / damage.replace("shard-000000", shard)
+        if target.suffix == ".jsonl":  # an edited caption, same length
+            edited = target.read_text().replace('"text": "a ', '"text": "A ', 1)
+            assert edited != target.read_text()
+            target.write_text(edited)
+        else:
+            flip_a_byte(target)
+    out = tmp_path / "run"
+    code, err = cli(capsys, *train_cli(own_features, out, "--max-steps=3", f"--num-workers={workers}"))
+    assert code == 2
+    assert_one_line_error(err, "feature shard file", damage.removeprefix("shard-000000"), "SHA-256 differs")
+    assert not (out / "checkpoints").exists() and not (out / "model").exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        ("truncate", "shard-000001.safetensors: "),
+        ("record", "shard-000001.json: the shard's record is missing"),
+        ("index", "shard-000001.json: differs from index.json"),
+    ],
+)
+def test_a_shard_that_does_not_match_its_record_is_refused_before_the_first_step(
+    own_features: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str, needle: str
+) -> None:
+    shard = own_features / "shard-000001.safetensors"
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "record":
+        (own_features / "shard-000001.json").unlink()
+    else:
+        record = json.loads((own_features / "shard-000001.json").read_text())
+        record["num_samples"] -= 1
+        (own_features / "shard-000001.json").write_text(json.dumps(record))
+    out = tmp_path / "run"
+    code, err = cli(capsys, *train_cli(own_features, out, "--max-steps=3"))
+    assert code == 2
+    assert_one_line_error(err, f"feature folder {own_features} does not match its records", needle)
+    assert not out.exists()
+
+
+def test_a_shard_header_that_contradicts_its_record_is_refused(own_features: Path) -> None:
+    from thinkdiff.data.feature_shards import ShardMismatchError, check_feature_folder
+
+    shard = own_features / "shard-000000.safetensors"
+    data = shard.read_bytes()
+    # The same bytes, but the header claims one token more (same length: padding absorbs it).
+    header = data[8:4096]
+    tokens = json.loads(header)["token_ids"]["shape"][0]
+    forged = header.replace(f'"token_ids":{{"dtype":"I32","shape":[{tokens}]'.encode(),
+                            f'"token_ids":{{"dtype":"I32","shape":[{tokens + 1}]'.encode())
+    assert forged != header
+    shard.write_bytes(data[:8] + forged[: len(header)].ljust(len(header), b" ") + data[4096:])
+    record = json.loads((own_features / "shard-000000.json").read_text())
+    assert shard.stat().st_size == record["files"]["features"]["bytes"]
+    with pytest.raises(ShardMismatchError, match=rf"shard-000000.safetensors: token_ids is I32 \[{tokens + 1}\]"):
+        check_feature_folder(own_features)
+
+
+def test_features_of_another_width_or_lvlm_are_refused(
+    tiny_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import AutoTokenizer
+
+    from tests.conftest import write_feature_folder
+    from thinkdiff.data.feature_shards import write_index
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_env / "qwen2-vl")
+    narrow = write_feature_folder(tmp_path / "narrow", tokenizer, width=48, shards=1, per_shard=8)
+    out = tmp_path / "run"
+    code, err = cli(capsys, *train_cli(narrow, out, "--max-steps=3"))
+    assert code == 2
+    assert_one_line_error(err, f"{narrow} holds 48-wide features", "LVLM tiny:qwen2-vl has hidden size 64")
+    other = write_feature_folder(tmp_path / "other", tokenizer, shards=1, per_shard=8)
+    write_index(other, num_source_shards=1, model="Qwen/Qwen2.5-VL-7B-Instruct")
+    code, err = cli(capsys, *train_cli(other, out, "--max-steps=3"))
+    assert code == 2
+    assert_one_line_error(err, "made by LVLM Qwen/Qwen2.5-VL-7B-Instruct", "lvlm is tiny:qwen2-vl")
+    assert not out.exists()

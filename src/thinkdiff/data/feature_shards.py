@@ -34,12 +34,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+from safetensors import SafetensorError
 
 __all__ = [
     "FORMAT",
     "INDEX_NAME",
     "FeatureShardWriter",
     "FeatureShards",
+    "ShardMismatchError",
+    "check_feature_folder",
     "load_index",
     "read_shard_records",
     "shard_name",
@@ -340,7 +343,129 @@ def verify_shards(root: Path) -> list[str]:
     return problems
 
 
+class ShardMismatchError(ValueError):
+    """A feature shard whose files do not match its record (missing, size, header or SHA-256)."""
+
+
+def worker_error_message(exc: BaseException) -> str:
+    """The message of an error raised in a DataLoader worker, without the traceback torch wraps
+    around it (the worker's traceback is useless to someone whose data file is bad)."""
+    lines = str(exc).strip().splitlines()
+    marker = f"{type(exc).__name__}: "
+    for line in reversed(lines):
+        if marker in line:
+            return line.split(marker, 1)[1]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the byte where its data start."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", head)
+        if length > 100 << 20:
+            raise ValueError(f"a header of {length} bytes: not a safetensors file")
+        text = f.read(length)
+    if len(text) < length:
+        raise ValueError("truncated inside its header")
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"unreadable header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ValueError("unreadable header")
+    return header, 8 + length
+
+
+def _header_problems(path: Path, expected: dict[str, tuple[str, list[int]]]) -> list[str]:
+    """What is wrong with a shard's safetensors header, given the tensors its record implies."""
+    try:
+        header, start = _safetensors_header(path)
+    except (OSError, ValueError) as exc:
+        return [f"{path.name}: {exc}"]
+    problems = []
+    for name, (dtype, shape) in expected.items():
+        entry = header.get(name)
+        if not isinstance(entry, dict):
+            problems.append(f"{path.name}: no tensor {name!r}")
+        elif entry.get("dtype") != dtype or entry.get("shape") != shape:
+            problems.append(
+                f"{path.name}: {name} is {entry.get('dtype')} {entry.get('shape')}, its record implies {dtype} {shape}"
+            )
+    ends = [e["data_offsets"][1] for k, e in header.items() if k != "__metadata__" and isinstance(e, dict)]
+    size = path.stat().st_size
+    if ends and start + max(ends) != size:
+        problems.append(f"{path.name}: its header describes {start + max(ends)} bytes, the file has {size}")
+    return problems
+
+
+def _shard_problems(root: Path, entry: dict[str, Any], hidden: int | None) -> list[str]:
+    name = entry["name"]
+    record_path = root / f"{name}.json"
+    try:
+        with open(record_path, encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return [f"{record_path.name}: the shard's record is missing"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return [f"{record_path.name}: unreadable record ({exc})"]
+    if record.get("files") != entry.get("files") or record.get("num_samples") != entry.get("num_samples"):
+        return [f"{record_path.name}: differs from {INDEX_NAME} (rebuild it: thinkdiff extract-features --merge-only)"]
+    problems = []
+    for kind, file in record["files"].items():
+        path = root / file["name"]
+        if not path.is_file():
+            problems.append(f"{file['name']}: missing")
+        elif path.stat().st_size != file["bytes"]:
+            problems.append(f"{file['name']}: {path.stat().st_size} bytes, its record says {file['bytes']}")
+        elif kind == "features":
+            tokens, samples = record["num_tokens"], record["num_samples"]
+            problems += _header_problems(
+                path,
+                {
+                    "features": ("BF16", [tokens, record["hidden_size"] or 0]),
+                    "token_ids": ("I32", [tokens]),
+                    "offsets": ("I32", [samples + 1]),
+                },
+            )
+        elif kind == "prompt_features":
+            problems += _header_problems(path, {"prompt_offsets": ("I32", [record["num_samples"] + 1])})
+    if hidden and record.get("hidden_size") not in (None, hidden):
+        problems.append(f"{record_path.name}: features {record['hidden_size']} wide, the folder's are {hidden}")
+    return problems
+
+
+def check_feature_folder(root: Path) -> dict[str, Any]:
+    """Check every shard of a feature folder against its record before training reads it: the
+    record exists and agrees with the index, every file exists with its recorded size, and the
+    safetensors headers hold the tensors and shapes the record implies. Cheap (no data read); the
+    SHA-256 of each file is checked when it is first read (:class:`FeatureShards`).
+
+    Returns the index; raises :class:`ShardMismatchError` naming the shards and their problems.
+    """
+    root = Path(root)
+    index = load_index(root)
+    problems = [p for shard in index["shards"] for p in _shard_problems(root, shard, index.get("hidden_size"))]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ShardMismatchError(f"feature folder {root} does not match its records: {shown}")
+    return index
+
+
 # ---- reading -------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ShardMismatchError(f"{path} line {number} is not JSON ({exc})") from exc
+    return rows
 
 
 @dataclass
@@ -361,13 +486,21 @@ class FeatureShards:
     ``shards[i]`` or ``shards.get(shard, row)`` return ``{"key", "features" [N, H] bf16,
     "token_ids" [N] long, "text"}`` plus ``"prompt_features"`` [P, H] when ``prompt_features=True``.
     A few shards stay open at a time (``max_open``): the datasets read shard by shard.
+
+    With ``verify`` (the default), the first sample read of a shard first checks the SHA-256 of
+    its files against the record (once per shard and process, so in the DataLoader workers, not
+    at start-up); a mismatch is a :class:`ShardMismatchError` naming the file.
     """
 
-    def __init__(self, root: Path, *, prompt_features: bool = False, max_open: int = 4) -> None:
+    def __init__(
+        self, root: Path, *, prompt_features: bool = False, max_open: int = 4, verify: bool = True
+    ) -> None:
         self.root = Path(root)
         self.index = load_index(self.root)
         self.prompt_features = prompt_features
         self.max_open = max_open
+        self.verify = verify
+        self._verified: set[int] = set()
         self.shard_names: list[str] = [s["name"] for s in self.index["shards"]]
         self.shard_sizes: list[int] = [s["num_samples"] for s in self.index["shards"]]
         self._starts = [0]
@@ -403,6 +536,8 @@ class FeatureShards:
 
     def get(self, shard: int, row: int) -> dict[str, Any]:
         """Sample ``row`` of shard number ``shard``; tensors are copies (safe to send between processes)."""
+        if self.verify and shard not in self._verified:
+            self._check_checksums(shard)
         opened = self._shard(shard)
         start, stop = opened.offsets[row], opened.offsets[row + 1]
         # clone(): a slice is a view of the whole mapped file, and DataLoader workers would move the
@@ -418,6 +553,21 @@ class FeatureShards:
             sample["prompt_features"] = opened.prompt_features[p0:p1].clone()
         return sample
 
+    def _check_checksums(self, shard: int) -> None:
+        entry = self.index["shards"][shard]
+        for file in entry["files"].values():
+            path = self.root / file["name"]
+            try:
+                digest = _sha256(path)
+            except OSError as exc:
+                raise ShardMismatchError(f"cannot read feature shard file {path}: {exc}") from exc
+            if digest != file["sha256"]:
+                raise ShardMismatchError(
+                    f"feature shard file {path} does not match its record {entry['name']}.json "
+                    "(SHA-256 differs: changed or damaged after extraction); re-extract that shard"
+                )
+        self._verified.add(shard)
+
     def metadata(self, shard: int) -> list[dict[str, Any]]:
         """The JSONL lines of a shard (key, prompt, text, caption, num_tokens)."""
         return self._shard(shard).metadata
@@ -429,9 +579,11 @@ class FeatureShards:
         from safetensors import safe_open
 
         name = self.shard_names[shard]
-        handle = safe_open(str(self.root / f"{name}.safetensors"), framework="pt")
-        with open(self.root / f"{name}.jsonl", encoding="utf-8") as f:
-            metadata = [json.loads(line) for line in f]
+        try:
+            handle = safe_open(str(self.root / f"{name}.safetensors"), framework="pt")
+            metadata = _read_jsonl(self.root / f"{name}.jsonl")
+        except (OSError, SafetensorError) as exc:
+            raise ShardMismatchError(f"cannot read feature shard {self.root / name}: {exc}") from exc
         opened = _OpenShard(
             handle=handle,
             features=handle.get_slice("features"),
@@ -440,7 +592,9 @@ class FeatureShards:
             metadata=metadata,
         )
         if len(metadata) != len(opened.offsets) - 1:
-            raise ValueError(f"{name}: {len(metadata)} metadata lines for {len(opened.offsets) - 1} samples")
+            raise ShardMismatchError(
+                f"{self.root / name}.jsonl: {len(metadata)} lines for {len(opened.offsets) - 1} samples"
+            )
         if self.prompt_features:
             opened.prompt_handle = safe_open(str(self.root / f"{name}.prompt.safetensors"), framework="pt")
             opened.prompt_features = opened.prompt_handle.get_slice("prompt_features")

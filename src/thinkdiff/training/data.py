@@ -16,6 +16,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from thinkdiff.data.feature_shards import ShardMismatchError, worker_error_message
 from thinkdiff.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ class StepData:
                 batch = next(self._iterator)
                 self.samples_seen += len(batch.keys)
                 return batch
+            except ShardMismatchError as exc:
+                # From a DataLoader worker, the message carries the worker's traceback: keep the line.
+                raise ShardMismatchError(worker_error_message(exc)) from None
             except StopIteration:
                 self._iterator = None
                 self.dataset.set_epoch(self.dataset.epoch + 1)
@@ -75,14 +79,60 @@ class StepData:
 
 
 def feature_width(config: TrainConfig) -> int:
-    """Width of the stored LVLM features (the aligner's input), read from the feature index."""
-    from thinkdiff.data.feature_shards import load_index
+    """Width of the stored LVLM features (the aligner's input), after checking the feature folders.
+
+    Before the first step: every shard of the training and validation folders matches its record
+    (sizes, safetensors headers; the SHA-256 follows on first read, in the workers), the folders
+    were made by the configured LVLM (``config.lvlm``, as recorded by ``extract-features``), and
+    their width is that LVLM's hidden size: an aligner trained on other features could not serve it.
+    """
+    from thinkdiff.data.extraction import recorded_model_name
+    from thinkdiff.data.feature_shards import check_feature_folder
 
     root = _single_feature_root(config.data)
-    width = load_index(root).get("hidden_size")
+    index = check_feature_folder(root)
+    width = index.get("hidden_size")
     if not width:
         raise ValueError(f"feature folder {root} holds no features yet")
+    folders = [(root, index)]
+    if config.val_data:
+        val_root = _single_feature_root(config.val_data)
+        folders.append((val_root, check_feature_folder(val_root)))
+    configured = recorded_model_name(config.lvlm)
+    for folder, folder_index in folders:
+        made_by = folder_index.get("model")
+        if made_by is not None and made_by != configured:
+            raise ValueError(
+                f"feature folder {folder} was made by LVLM {made_by}, but the config's lvlm is {config.lvlm}; "
+                f"pass --lvlm {made_by} (its tokenizer decodes the targets, its model serves the aligner)"
+            )
+        if folder_index.get("hidden_size") not in (None, width):
+            raise ValueError(
+                f"feature folder {folder} holds {folder_index['hidden_size']}-wide features, the training "
+                f"folder {root} {width}-wide"
+            )
+    hidden = lvlm_hidden_size(config.lvlm)
+    if hidden is not None and hidden != width:
+        raise ValueError(
+            f"feature folder {root} holds {width}-wide features, but LVLM {config.lvlm} has hidden size {hidden}: "
+            "an aligner trained on them could not serve it; extract the features with that LVLM"
+        )
     return int(width)
+
+
+def lvlm_hidden_size(name: str) -> int | None:
+    """The hidden size of an LVLM's language model, from its config alone (no weights fetched);
+    ``None`` (with a warning) when its config cannot be read."""
+    from transformers import AutoConfig
+
+    from thinkdiff.models.loading import TOKENIZER_FILES, resolve_model_dir
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_dir(name, kind="LVLM", files=TOKENIZER_FILES))
+        return int(config.get_text_config().hidden_size)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        logger.warning("cannot read the hidden size of LVLM %s (%s); feature width not checked", name, exc)
+        return None
 
 
 def _single_feature_root(data: list[str]) -> Path:
