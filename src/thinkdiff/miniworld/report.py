@@ -85,6 +85,8 @@ class ReportConfig:
     """Held-out captions the premise test draws (half from held-out cells)."""
     transfer_steps: int = 400
     """Training steps of each oracle aligner of the premise test."""
+    qcd: bool = True
+    """Measure the query-contrastive baseline's rows (:mod:`thinkdiff.miniworld.qcd`)."""
     threads: int = 2
     progress: bool = True
 
@@ -129,6 +131,14 @@ def write_report(models_dir: Path, out_dir: Path, config: ReportConfig) -> dict[
     lvlm, examples = measure_lvlm(world, aligners, config, sampling)
     report["lvlm"] = lvlm
     report["seconds"]["lvlm"] = round(time.perf_counter() - t0, 1)
+
+    if config.qcd:
+        t0 = time.perf_counter()
+        from thinkdiff.miniworld.qcd import measure_qcd
+
+        prompts = list(build_prompts(TASK_COLUMN_ORDER, config.shots, range(config.num_prompts)))
+        report["qcd"] = measure_qcd(world, prompts, aligners["lvlm"], progress=config.progress, **sampling)
+        report["seconds"]["qcd"] = round(time.perf_counter() - t0, 1)
     report["fidelity"]["vlm_cobsat_text"] = lvlm["tables"]["vlm text answer"]
 
     t0 = time.perf_counter()
@@ -629,6 +639,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     for name, d in report["lvlm"]["alignment"].items():
         reads = "-" if d["proxy_reads_answer"] != d["proxy_reads_answer"] else _pct(d["proxy_reads_answer"])
         lines.append(f"| {name} | {reads} | {d['cosine_to_t5_states']:.3f} | {d['rms']:.3f} |")
+    if "qcd" in report:
+        from thinkdiff.miniworld.qcd import qcd_markdown
+
+        lines += qcd_markdown(report["qcd"])
     lines += [
         "",
         "## The paper's claims, tested",

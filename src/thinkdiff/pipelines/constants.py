@@ -39,6 +39,12 @@ HINT_INSTRUCTION = (
 baseline's instruction change, telling the LVLM which part of a CoBSAT-style input is the query
 (the last ``Word k: x, ``) and where the latent attribute comes from."""
 
+
+def hinted(instruction: str, hint: str | None) -> str:
+    """The instruction with the hint sentence appended (``hint`` ``None``: unchanged)."""
+    return instruction if hint is None else f"{instruction} {hint}"
+
+
 DEFAULT_QCD_ALPHA = 0.5
 """Query-contrastive decoding weight used when ``--qcd-alpha`` is given without a value."""
 

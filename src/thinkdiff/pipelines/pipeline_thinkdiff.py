@@ -48,6 +48,7 @@ from thinkdiff.pipelines.constants import (
     HINT_INSTRUCTION,
     MODES,
     Offload,
+    hinted,
 )
 from thinkdiff.pipelines.decoders import (
     DecoderSpec,
@@ -594,7 +595,7 @@ class ThinkDiffPipeline:
         hint = (s.hint or HINT_INSTRUCTION) if use_hint else None
         if hint is not None and s.instruction is None:
             raise ValueError("a hint is appended to the instruction, and this pipeline has none")
-        instruction = s.instruction if hint is None else f"{s.instruction} {hint}"
+        instruction = s.instruction if s.instruction is None else hinted(s.instruction, hint)
         alpha = s.qcd_alpha if request.qcd_alpha is None else request.qcd_alpha
         return {"instruction": instruction, "hint": hint, "qcd_alpha": alpha}
 
