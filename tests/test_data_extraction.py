@@ -143,6 +143,7 @@ def test_vllm_engine_glue_with_a_stand_in_vllm(
 
         def generate(self, requests: list[dict], params: list, use_tqdm: bool = True) -> list:
             seen.setdefault("requests", []).extend(requests)
+            seen.setdefault("params", []).extend(params)
             ids = [_fake_ids(p.seed, p.max_tokens) for p in params]
             return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=i)]) for i in ids]
 
@@ -166,6 +167,12 @@ def test_vllm_engine_glue_with_a_stand_in_vllm(
     assert _check_against_direct(engine.extractor, tmp_path, kit["tars"]) == PER_SHARD
     lengths = {len(s["token_ids"]) for s in FeatureShards(tmp_path)}
     assert len(lengths) > 1  # ragged answers are stored at their own lengths
+    # vLLM bans the vision tokens the hf engine suppresses; each bad word is exactly its one token.
+    vision = engine.extractor.vision_token_ids
+    assert engine.bad_words == ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer = engine.extractor.processor.tokenizer
+    assert [tokenizer.encode(w, add_special_tokens=False) for w in engine.bad_words] == [[i] for i in vision]
+    assert all(p.bad_words == engine.bad_words for p in seen["params"])
 
 
 def test_both_hf_ways_give_the_same_shards(kit: dict) -> None:
@@ -363,3 +370,42 @@ def test_a_sample_the_lvlm_rejects_is_skipped_not_fatal(kit: dict, tmp_path: Pat
     )
     assert summary.skipped == {"lvlm_error": 1}
     assert [s["key"] for s in FeatureShards(tmp_path / "out")] == ["a", "b"]
+
+
+def test_the_lvlm_never_samples_a_vision_token_so_no_valid_image_is_dropped(kit: dict, tmp_path: Path) -> None:
+    """The tiny random Qwen2-VL samples vision special tokens; a sampled <|image_pad|> breaks the
+    teacher-forced feature pass (one more image slot than image features) and lost the sample."""
+    import io
+    import tarfile
+
+    from thinkdiff.data.synthetic import jpeg_bytes
+
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for i in range(16):
+            for name, data in ((f"{i:03d}.jpg", jpeg_bytes(i)), (f"{i:03d}.txt", b"a caption")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    settings = ExtractionSettings(max_new_tokens=32, seed=7)
+    engine = make_engine("hf", str(kit["model"]), settings)
+    config = engine.extractor.model.config
+    vision = engine.extractor.vision_token_ids  # read from the config and the tokenizer
+    assert {config.image_token_id, config.video_token_id, config.vision_start_token_id} < set(vision)
+    tokens = engine.extractor.processor.tokenizer.convert_ids_to_tokens(vision)
+    assert "<|vision_pad|>" in tokens and not set(engine.extractor.eos_token_ids) & set(vision)
+
+    def run(out: Path) -> tuple[dict, int]:
+        summary = extract_features(tmp_path / "00000.tar", out, engine, settings, batch_size=8, progress=False)
+        stored = [t for s in FeatureShards(out) for t in s["token_ids"].tolist()]
+        return summary.skipped, sum(t in vision for t in stored)
+
+    engine.extractor.vision_token_ids = []  # as before: nothing suppressed
+    try:
+        skipped, sampled = run(tmp_path / "unsuppressed")
+    finally:
+        engine.extractor.vision_token_ids = vision
+    assert skipped == {"lvlm_error": 1} and sampled > 0  # what the audit saw
+
+    skipped, sampled = run(tmp_path / "suppressed")
+    assert skipped == {} and sampled == 0
+    assert len(FeatureShards(tmp_path / "suppressed")) == 16

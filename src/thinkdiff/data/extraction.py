@@ -257,6 +257,7 @@ class VLLMEngine:
         self.settings = settings
         self.model = model
         self._sampling_params = vllm.SamplingParams
+        self.bad_words = _vision_bad_words(extractor)
         self.llm = vllm.LLM(
             **vllm_engine_args(
                 extractor,
@@ -280,6 +281,7 @@ class VLLMEngine:
                 top_p=self.settings.top_p,
                 max_tokens=self.settings.max_new_tokens,
                 seed=seed + i,
+                bad_words=self.bad_words,  # the vision tokens the hf engine suppresses
             )
             for i in range(len(items))
         ]
@@ -305,6 +307,19 @@ pin ``transformers >= 4.56, < 5``."""
 VLLM_TEXT_TOKENS = 512
 """Prompt tokens besides the image in ``max_model_len``: the chat template, system prompt and
 instruction (about 40 with the description prompts), with room for a longer prompts file."""
+
+
+def _vision_bad_words(extractor: LVLMFeatureExtractor) -> list[str]:
+    """The vision special tokens as vLLM ``bad_words``; vLLM tokenizes each word, so each must be
+    exactly its one token (a single-token bad word gets a -inf logit at every step)."""
+    tokenizer = extractor.processor.tokenizer
+    words = tokenizer.convert_ids_to_tokens(extractor.vision_token_ids)
+    for word, token_id in zip(words, extractor.vision_token_ids):
+        if tokenizer.encode(word, add_special_tokens=False) != [token_id]:
+            raise ValueError(
+                f"vision token {word!r} does not tokenize to its own id {token_id}: cannot ban it in vLLM"
+            )
+    return words
 
 
 def _import_vllm() -> Any:

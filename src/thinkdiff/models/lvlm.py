@@ -38,7 +38,9 @@ from transformers import (
     AutoConfig,
     BatchFeature,
     GenerationConfig,
+    PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     ProcessorMixin,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -56,6 +58,7 @@ __all__ = [
     "SamplingSettings",
     "load_lvlm",
     "load_processor",
+    "vision_token_ids",
 ]
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -91,6 +94,29 @@ _IMAGE_ONLY_PROCESSORS: dict[str, type[ProcessorMixin]] = {
     "qwen2_vl": _Qwen2VLProcessorNoVideo,
     "qwen2_5_vl": _Qwen2_5_VLProcessorNoVideo,
 }
+
+
+def vision_token_ids(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids of the vision special tokens: the config's ``*_token_id`` fields and the tokenizer's
+    special tokens that name an image, a video or vision (placeholders, vision start/end/pad).
+
+    The LVLM must never sample one: the teacher-forced feature pass would take a sampled image
+    placeholder for a slot of the prompt's image and miscount (the sample is then lost).
+    """
+    ids = {
+        value
+        for name, value in config.to_dict().items()
+        if name.endswith("_token_id") and any(w in name for w in _VISION_WORDS) and isinstance(value, int)
+    }
+    ids |= {
+        tokenizer.convert_tokens_to_ids(token)
+        for token in tokenizer.all_special_tokens
+        if any(w in token.lower() for w in _VISION_WORDS)
+    }
+    return sorted(ids)
+
+
+_VISION_WORDS = ("vision", "image", "video")
 
 
 def _model_type(name_or_path: str | Path) -> str:
@@ -234,6 +260,10 @@ class LVLMFeatureExtractor:
         self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos)
         pad = gen_config.pad_token_id
         self.pad_token_id: int = pad if pad is not None else processor.tokenizer.pad_token_id
+        # Never sampled, by either engine (see vision_token_ids).
+        self.vision_token_ids: list[int] = [
+            i for i in vision_token_ids(model.config, processor.tokenizer) if i not in self.eos_token_ids
+        ]
 
     @classmethod
     def from_pretrained(
@@ -333,6 +363,7 @@ class LVLMFeatureExtractor:
             min_new_tokens=sampling.min_new_tokens,
             do_sample=sampling.do_sample,
             repetition_penalty=1.0,
+            suppress_tokens=self.vision_token_ids or None,
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
             output_hidden_states=with_states,
