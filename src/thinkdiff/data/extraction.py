@@ -223,7 +223,7 @@ class HFEngine:
             qcd_alpha=self.settings.qcd_alpha,
         )
         out = self.extractor.generate(
-            [[image, prompt] for image, prompt in zip(images, prompts)],
+            list(items),
             sampling,
             teacher_forced=self.features == "recompute",
             return_prompt_features=self.settings.prompt_features,
