@@ -212,7 +212,8 @@ class ThinkDiffEmbeddings:
         ``pooled_prompt_embeds`` [1, P] (and the negatives when computed: pass ``true_cfg_scale``
         too); SD3 the same (``guidance_scale``); CogVideoX: ``prompt_embeds`` and
         ``negative_prompt_embeds``; Chroma, PixArt-Sigma, LTX-Video: those and their
-        ``prompt_attention_mask`` / ``negative_prompt_attention_mask``.
+        ``prompt_attention_mask`` / ``negative_prompt_attention_mask`` (PixArt-Sigma: pass
+        ``negative_prompt=None`` too; its default ``""`` is refused beside negative embeddings).
 
         The tensors are moved to ``device`` (default: :attr:`device`, the computing pipeline's
         device) and cast to ``dtype`` (default: unchanged, the pipeline's dtype): the stock
