@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -85,11 +85,15 @@ def hub_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def cached_snapshot(repo_id: str, needs: Sequence[str] | None = None) -> Path:
+def cached_snapshot(
+    repo_id: str, needs: Sequence[str] | None = None, tensors: Callable[[str], bool] | None = None
+) -> Path:
     """The cached snapshot of ``repo_id`` with every file of ``needs``; ``pytest.skip`` otherwise.
 
-    Only the local cache is read (never the network). A ``*.index.json`` in the snapshot must have
-    every shard it names, so a half-finished download skips instead of failing in the loader.
+    Only the local cache is read (never the network). The weight index of each folder (safetensors
+    preferred, as the loaders choose) must have every shard it names, or, with ``tensors``, every
+    shard holding a tensor ``tensors`` accepts (what the project downloads for BLIP-2's vision
+    tower). So a half-finished download skips instead of failing in the loader.
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -103,13 +107,27 @@ def cached_snapshot(repo_id: str, needs: Sequence[str] | None = None) -> Path:
             f"fetch it first (hf download {repo_id})"
         )
     missing = [p for p in (needs if needs is not None else NEEDS[repo_id]) if not _present(folder, p)]
-    for index in sorted(folder.rglob("*.index.json")):
-        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
-        missing += [str((index.parent / s).relative_to(folder)) for s in sorted(shards) if not (index.parent / s).is_file()]  # fmt: skip
+    for index in _weight_indexes(folder):
+        weight_map: dict[str, str] = json.loads(index.read_text()).get("weight_map", {})
+        shards = sorted({shard for key, shard in weight_map.items() if tensors is None or tensors(key)})
+        missing += [str((index.parent / s).relative_to(folder)) for s in shards if not (index.parent / s).is_file()]  # fmt: skip
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         pytest.skip(f"{repo_id} is in the local Hugging Face cache ({cache}) but incomplete: missing {shown}")
     return folder
+
+
+def _weight_indexes(folder: Path) -> list[Path]:
+    """The index each loader reads: per folder, the safetensors one when there is one.
+
+    A repository with both formats (Flan-T5-XXL) keeps the ``.bin`` index in the cache while the
+    project downloads only the safetensors shards; that index's shards are not needed.
+    """
+    chosen: dict[Path, Path] = {}
+    for index in sorted(folder.rglob("*.index.json")):
+        if index.parent not in chosen or ".safetensors." in index.name:
+            chosen[index.parent] = index
+    return sorted(chosen.values())
 
 
 def _present(folder: Path, pattern: str) -> bool:
@@ -239,10 +257,15 @@ def test_released_thinkdiff_checkpoint_converts_and_draws_a_cobsat_prompt(offlin
     found = sorted(release.glob(f"**/{name}"))
     if not found:
         pytest.skip(f"{name} is not in {release}")
-    source = cached_snapshot(QWEN2_VL_7B if variant == "lvlm" else BLIP2)
+    if variant == "lvlm":
+        source = str(cached_snapshot(QWEN2_VL_7B))
+    else:
+        # By hub id, offline: the project reads only the shards of BLIP-2's vision tower from the cache.
+        cached_snapshot(BLIP2, tensors=lambda name: name.startswith("vision_model."))
+        source = BLIP2
     flux = cached_snapshot(FLUX_DEV)
     device = cuda_device()
-    model = convert_official_checkpoint(found[0], tmp_path / "model", variant, source_model=str(source), diffusion_decoder=str(flux))  # fmt: skip
+    model = convert_official_checkpoint(found[0], tmp_path / "model", variant, source_model=source, diffusion_decoder=str(flux))  # fmt: skip
     pipe = ThinkDiffPipeline.from_pretrained(
         model, device=device, dtype=torch.bfloat16, offload="none" if gpu_gib() >= 48 else "model"
     )
@@ -322,6 +345,16 @@ def test_skip_names_missing_files_and_shards_then_finds_a_complete_snapshot(tmp_
     (snapshot / "tokenizer_config.json").write_text("{}")
     (snapshot / "model-00002-of-00002.safetensors").write_text("x")
     assert cached_snapshot("org/model", needs) == snapshot
+    # A pickled-weights index beside the safetensors one is not the loaders' choice: its shards
+    # may be absent (the project skips *.bin when safetensors exist).
+    (snapshot / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "pytorch_model-1.bin"}}))
+    assert cached_snapshot("org/model", needs) == snapshot
+    # Only the shards holding the wanted tensors are needed with a tensor filter.
+    (snapshot / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(pytest.skip.Exception, match="model-00001-of-00002"):
+        cached_snapshot("org/model", needs)
+    assert cached_snapshot("org/model", needs, tensors=lambda name: name == "b") == snapshot
+    (snapshot / "model-00001-of-00002.safetensors").write_text("x")
     # A dangling link (an unfinished blob) counts as missing.
     (snapshot / "model-00002-of-00002.safetensors").unlink()
     (snapshot / "model-00002-of-00002.safetensors").symlink_to(tmp_path / "no-such-blob")
