@@ -7,11 +7,14 @@
    bucketed batches (our default) vs the released order, with achieved FLOP/s against this CPU's
    own matmul rate (a CPU "MFU"), the padding fraction and the share of step time spent waiting
    for data.
-3. On a GPU, when there is one: the real dimensions with random weights (bf16 decoder, fp32
-   aligner, bf16 autocast), samples/s, MFU against the card's bf16 peak, and peak memory, with and
-   without activation checkpointing.
+3. On a GPU, when there is one: the real dimensions with random weights through the project's
+   own step (``ProxyT5Decoder`` built in bf16 in place, ``lvlm_loss``, the fp32 aligner under
+   accelerate's bf16 autocast, fused AdamW): samples/s, MFU against the card's bf16 peak, and the
+   peak allocated and reserved memory of training alone (the weights counted, their construction
+   not), with and without activation checkpointing.
 
-Run: ``python benchmarks/bench_training.py [--scale 8] [--steps 4] [--batch 16]``
+Run: ``python benchmarks/bench_training.py [--scale 8] [--steps 4] [--batch 16]``;
+``--smoke`` runs every part on the CPU in about a minute (narrow models, one step).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from common import QWEN2VL_7B_HIDDEN, XXL, scaled_t5_config
+from common import QWEN2VL_7B_HIDDEN, XXL, random_proxy_t5, scaled_t5_config
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -62,6 +65,22 @@ def write_scaled_t5(folder: Path, scale: int) -> dict[str, int]:
     return dict(XXL, d_model=config.d_model, d_ff=config.d_ff, num_heads=config.num_heads)
 
 
+def write_scaled_lvlm(folder: Path, width: int) -> Path:
+    """The tiny kit's Qwen2-VL tokenizer and config, its hidden size set to ``width``, no weights:
+    what the LVLM variant's training reads of its LVLM (the tokenizer decodes the targets; the
+    hidden size must be the features' width)."""
+    import shutil
+
+    from thinkdiff.models.loading import resolve_tiny
+
+    kit = resolve_tiny("tiny:qwen2-vl")
+    shutil.copytree(kit, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    config = json.loads((folder / "config.json").read_text())
+    config.setdefault("text_config", {})["hidden_size"] = width
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
 def write_features(folder: Path, tokenizer, width: int, samples: int, tokens: int = 64) -> None:
     from thinkdiff.data.feature_shards import FeatureShardWriter, write_index
 
@@ -75,6 +94,20 @@ def write_features(folder: Path, tokenizer, width: int, samples: int, tokens: in
     write_index(folder, num_source_shards=1)
 
 
+def fresh_accelerator(**kwargs: object):
+    """An ``Accelerator`` with these settings even if one with others exists in this process.
+
+    accelerate keeps one state per process and refuses a second ``Accelerator`` that differs; this
+    benchmark runs a CPU/fp32 part and a GPU/bf16 part in turn, so the state is reset between
+    them (as accelerate's own tests do; one process, no process group).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(**kwargs)
+
+
 def cpu_runs(args: argparse.Namespace) -> dict[str, object]:
     from transformers import AutoTokenizer
 
@@ -86,7 +119,7 @@ def cpu_runs(args: argparse.Namespace) -> dict[str, object]:
         root = Path(tmp)
         dims = write_scaled_t5(root / "t5", args.scale)
         feature_dim = QWEN2VL_7B_HIDDEN // args.scale
-        lvlm = "tiny:qwen2-vl"
+        lvlm = str(write_scaled_lvlm(root / "lvlm", feature_dim))
         from thinkdiff.models.loading import resolve_model_dir
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(lvlm))
@@ -94,6 +127,10 @@ def cpu_runs(args: argparse.Namespace) -> dict[str, object]:
         write_features(root / "features", tokenizer, feature_dim, samples=args.batch * steps * 2)
         matmul = cpu_matmul_flops()
         results["cpu_matmul_GFLOPs"] = matmul / 1e9
+        # On a GPU machine the trainer would pick the GPU (and bf16); this section measures the CPU
+        # against its own matmul rate, so it is told to stay there, in fp32.
+        accelerator = fresh_accelerator(cpu=True, mixed_precision="no")
+        results["accelerator"] = {"device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision}
         for name, bucket in (("bucketed (default)", 4), ("released order", 0)):
             config = debug_lvlm().updated(
                 data=[str(root / "features")],
@@ -110,7 +147,7 @@ def cpu_runs(args: argparse.Namespace) -> dict[str, object]:
                 save_every=10_000,
                 shuffle_buffer=256,
             )
-            trainer = Trainer(config)
+            trainer = Trainer(config, accelerator=accelerator)
             trainer.fit(resume="never")
             rows = [
                 json.loads(line)
@@ -129,12 +166,13 @@ def cpu_runs(args: argparse.Namespace) -> dict[str, object]:
                 "cpu_mfu": sps * useful / matmul,
             }
         # The debug preset as shipped: every tiny:* model, 64-wide features, batch 8.
-        write_features(root / "tiny-features", tokenizer, 64, samples=8 * 40)
+        debug_steps = 4 if args.smoke else 40
+        write_features(root / "tiny-features", tokenizer, 64, samples=8 * debug_steps)
         config = debug_lvlm().updated(
-            data=[str(root / "tiny-features")], output_dir=str(root / "run-debug"), max_steps=40, log_every=10,
-            val_every=0, decode_every=0, save_every=10_000,
+            data=[str(root / "tiny-features")], output_dir=str(root / "run-debug"), max_steps=debug_steps,
+            log_every=debug_steps // 4, val_every=0, decode_every=0, save_every=10_000,
         )  # fmt: skip
-        Trainer(config).fit(resume="never")
+        Trainer(config, accelerator=accelerator).fit(resume="never")
         rows = [json.loads(line) for line in (root / "run-debug" / "metrics.jsonl").read_text().splitlines()][
             1:
         ]
@@ -144,62 +182,71 @@ def cpu_runs(args: argparse.Namespace) -> dict[str, object]:
     return results
 
 
-def gpu_run(batch: int, checkpointing: bool) -> dict[str, float]:
-    """Real dimensions, random weights: one Flan-T5-XXL decoder in bf16 on the GPU."""
-    from transformers import T5Config, T5ForConditionalGeneration
-    from transformers.modeling_outputs import BaseModelOutput
+def gpu_run(
+    batch: int,
+    checkpointing: bool,
+    device: str = "cuda",
+    scale: int = 1,
+    layers: int | None = None,
+    steps: int = 10,
+) -> dict[str, float | str | None]:
+    """Real dimensions (widths / ``scale``, ``layers`` decoder layers), random weights, the project's
+    training step: ``lvlm_loss`` of the fp32 aligner and a bf16 ``ProxyT5Decoder`` under
+    accelerate's bf16 autocast, ``accelerator.backward``, fused AdamW (on CUDA).
 
+    Peak memory is reset after construction: it is training's own (weights, optimizer state,
+    activations), not the building of the model.
+    """
     from thinkdiff.models.aligner import Aligner
+    from thinkdiff.objectives import LVLMBatch, lvlm_loss
 
-    config = T5Config(
-        **{k: XXL[k] for k in ("d_model", "d_ff", "d_kv", "num_heads", "vocab_size")},
-        num_layers=0,
-        num_decoder_layers=XXL["num_layers"],
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
-        use_cache=False,
-    )
-    torch.cuda.reset_peak_memory_stats()
-    with torch.device("cuda"):
-        t5 = T5ForConditionalGeneration(config).to(torch.bfloat16).requires_grad_(False)
-        aligner = Aligner(QWEN2VL_7B_HIDDEN, XXL["d_model"])
+    accelerator = fresh_accelerator(mixed_precision="bf16", cpu=device == "cpu")
+    cuda = accelerator.device.type == "cuda"
+    proxy = random_proxy_t5(accelerator.device, torch.bfloat16, scale=scale, num_decoder_layers=layers)
     if checkpointing:
-        t5.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        t5.train()
-    else:
-        t5.eval()
-    optimizer = torch.optim.AdamW(aligner.parameters(), lr=1e-4, fused=True)
-    features = torch.randn(batch, 32, QWEN2VL_7B_HIDDEN, device="cuda", dtype=torch.bfloat16)
-    mask = torch.ones(batch, 32, dtype=torch.bool, device="cuda")
-    labels = torch.randint(0, 32000, (batch, 33), device="cuda")
+        proxy.enable_activation_checkpointing()
+    proxy.train()  # as the trainer does: its mode decides whether checkpointing runs
+    width, hidden = proxy.d_model, QWEN2VL_7B_HIDDEN // scale
+    aligner = Aligner(hidden, width).to(accelerator.device)
+    optimizer = torch.optim.AdamW(aligner.parameters(), lr=1e-4, fused=cuda)
+    aligner, optimizer = accelerator.prepare(aligner, optimizer)
+    generator = torch.Generator().manual_seed(0)
+    # The paper's mean sample: 32 feature tokens in, 32 target tokens (+ EOS) out; bf16 features.
+    features = torch.randn(batch, 32, hidden, generator=generator).to(accelerator.device, torch.bfloat16)
+    labels = torch.randint(0, XXL["vocab_size"], (batch, 33), generator=generator)
+    step_batch = LVLMBatch(features, torch.ones(batch, 32, dtype=torch.bool), labels, [""] * batch,
+                           [str(i) for i in range(batch)], [32] * batch, [[]] * batch)  # fmt: skip
 
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            memory = aligner(features).to(torch.bfloat16)
-            loss = t5(
-                encoder_outputs=BaseModelOutput(last_hidden_state=memory), attention_mask=mask, labels=labels
-            ).loss
-        loss.backward()
+    def step() -> float:
+        with accelerator.autocast():
+            loss = lvlm_loss(aligner, proxy, step_batch)
+        accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return float(loss)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    n = 10
+    if cuda:
+        torch.cuda.synchronize()
+        weights = torch.cuda.memory_allocated() / 1024**3
+        torch.cuda.reset_peak_memory_stats()
+    losses = [step() for _ in range(3)]  # warm-up (kernels, allocator, optimizer state)
     start = time.perf_counter()
-    for _ in range(n):
-        step()
-    torch.cuda.synchronize()
-    sps = batch * n / (time.perf_counter() - start)
-    name = torch.cuda.get_device_name()
+    losses += [step() for _ in range(steps)]  # float(loss) waits for the device
+    sps = batch * steps / (time.perf_counter() - start)
+    dims = dict(XXL, d_model=width, d_ff=proxy.t5.config.d_ff, num_heads=proxy.t5.config.num_heads,
+                num_layers=proxy.t5.config.num_decoder_layers)  # fmt: skip
+    name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
     return {
+        "device": name,
         "samples_per_s": sps,
-        "mfu": sps * flops_per_sample(XXL, QWEN2VL_7B_HIDDEN, 32, 32) / peak,
-        "peak_memory_GiB": torch.cuda.max_memory_allocated() / 1024**3,
+        "mfu": sps * flops_per_sample(dims, hidden, 32, 32) / peak if cuda else None,
+        "weights_GiB": weights if cuda else None,
+        "peak_allocated_GiB": torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
+        "peak_reserved_GiB": torch.cuda.max_memory_reserved() / 1024**3 if cuda else None,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "loss_dtype_fp32": lvlm_loss(aligner, proxy, step_batch).dtype == torch.float32,
     }
 
 
@@ -212,7 +259,11 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=4, help="timed optimiser steps per CPU run")
     parser.add_argument("--batch", type=int, default=16, help="CPU global batch")
+    parser.add_argument("--smoke", action="store_true", help="every part on the CPU, narrow and short")
+    parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
+    if args.smoke:
+        args.scale, args.steps, args.batch = 64, 1, 4
     os.environ.setdefault("THINKDIFF_TINY_DIR", str(Path(tempfile.gettempdir()) / "thinkdiff-bench-tiny"))
 
     real = flops_per_sample(XXL, QWEN2VL_7B_HIDDEN, 32, 32)
@@ -225,7 +276,9 @@ def main() -> None:
         "target_per_H100": {"samples_per_s": 300, "mfu": 300 * real / PEAK_BF16["H100"]},
     }
     report["cpu"] = cpu_runs(args)
-    if torch.cuda.is_available():
+    if args.smoke:  # the GPU part's code on the CPU: 1/64 width, 2 decoder layers
+        report["gpu"] = {f"smoke{'_ckpt' if c else ''}": gpu_run(2, c, "cpu", 64, 2, 1) for c in (False, True)}
+    elif torch.cuda.is_available():
         report["gpu"] = {
             f"batch{b}{'_ckpt' if c else ''}": gpu_run(b, c)
             for b, c in ((32, False), (96, False), (96, True))
@@ -235,6 +288,8 @@ def main() -> None:
             "no GPU here: run this script on one to measure samples/s, MFU and memory at real dimensions"
         )
     print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     cpu = report["cpu"]
     print(
         f"\nreal dims: {real / 1e9:.0f} GFLOP/sample; the paper ran at {report['paper_rate_per_A100']['samples_per_s']:.1f} "
@@ -248,6 +303,11 @@ def main() -> None:
         )
     print(f"bucketed / released order: {cpu['speedup_bucketed_over_released_order']:.2f}x")  # type: ignore[index]
     print(f"debug-lvlm preset (tiny kit): {cpu['debug-lvlm preset']['samples_per_s']:.0f} samples/s")  # type: ignore[index]
+    for name, r in report["gpu"].items() if isinstance(report["gpu"], dict) else ():
+        memory = (f", peak {r['peak_allocated_GiB']:.1f} GiB allocated / {r['peak_reserved_GiB']:.1f} GiB reserved "
+                  f"(weights {r['weights_GiB']:.1f})") if r["peak_allocated_GiB"] is not None else ""  # fmt: skip
+        mfu = f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""
+        print(f"{r['device']} {name}: {r['samples_per_s']:.1f} samples/s{mfu}{memory}")
 
 
 if __name__ == "__main__":

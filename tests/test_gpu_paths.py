@@ -414,3 +414,23 @@ def test_hub_loads_fetch_only_the_shards_and_components_they_use(tiny_env, tmp_p
     # (DecoderSpec.inspect read the components' configs; nothing else of the text encoders.)
     assert not any(f.startswith(("text_encoder", "tokenizer")) and not f.endswith(".json") for f in got)
     assert any(f.startswith("transformer/") and f.endswith(".safetensors") for f in got)
+
+
+# ---- F6 / F7: bench_training's GPU step is the project's own, in bf16 ---------------------------
+
+
+def test_bench_training_gpu_step_runs_the_projects_code_in_bf16() -> None:
+    """The GPU function on the CPU (1/64 width, 2 decoder layers), in a process of its own:
+    accelerate keeps one state per process."""
+    import json
+    import subprocess
+    import sys
+
+    code = "import json, bench_training as b; print(json.dumps(b.gpu_run(2, True, 'cpu', 64, 2, 1)))"
+    bench = Path(__file__).parents[1] / "benchmarks"
+    done = subprocess.run([sys.executable, "-c", code], cwd=bench, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["device"] == "cpu" and row["loss_dtype_fp32"] is True
+    # A random untied head at std d_model^-0.5 starts near ln(vocab) = 10.4, not at ~3000.
+    assert 9 < row["loss_first"] < 12 and row["samples_per_s"] > 0
