@@ -215,6 +215,9 @@ def test_kill_and_resume_gives_the_same_shards(kit: dict) -> None:
         "shard-000000"
     ]  # only the shard in progress is lost
     assert (out / "shard-000001.safetensors").exists() and list(out.glob("shard-000001.*.tmp"))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (out / f"index.json.{gone.pid}.tmp").write_text("{")  # an earlier version's debris, its process gone
 
     summary = extract_features(kit["tars"], out, kit["engine"], SETTINGS, batch_size=2, progress=False)
     assert summary.shards_done_before == 1 and summary.shards_written == NUM_SHARDS - 1

@@ -428,3 +428,64 @@ def test_features_of_another_width_or_lvlm_are_refused(
     assert code == 2
     assert_one_line_error(err, "made by LVLM Qwen/Qwen2.5-VL-7B-Instruct", "lvlm is tiny:qwen2-vl")
     assert not out.exists()
+
+
+# ---- item 8: no debris ---------------------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_rerun_removes_the_temporary_files_of_a_killed_run_only(
+    feature_dir: Path, short_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import subprocess
+
+    from thinkdiff.utils import _host_tag
+
+    run = copy_run(short_run, tmp_path)
+    host, dead = _host_tag(), dead_pid()
+    debris = [
+        run / "checkpoints" / f".step-0000009.{host}-{dead}.tmp",  # a checkpoint cut off mid-write
+        run / f".model.{host}-{dead}.tmp",  # the model export
+        run / f".model.{dead}.old",  # an earlier version's name
+    ]
+    for folder in debris:
+        folder.mkdir()
+        (folder / "aligner.safetensors").write_bytes(b"half")
+    (run / f".metrics.jsonl.{host}-{dead}.tmp").write_text("{")
+    debris.append(run / f".metrics.jsonl.{host}-{dead}.tmp")
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        kept = [
+            run / "checkpoints" / f".step-0000012.{host}-{live.pid}.tmp",  # a live process is writing it
+            run / "checkpoints" / f".step-0000012.0000beef-{dead}.tmp",  # another machine's: cannot tell
+            run / "notes.2024.tmp",  # not one of our names
+        ]
+        for path in kept:
+            path.write_text("x")
+        code, err = cli(capsys, *train_cli(feature_dir, run, "--max-steps=6"))
+        assert code == 0, err
+        assert [p for p in debris if p.exists()] == []
+        assert all(p.read_text() == "x" for p in kept)
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_remove_debris_of_feature_folders(tmp_path: Path) -> None:
+    from thinkdiff.utils import remove_debris
+
+    dead = dead_pid()
+    names = [f"index.json.{dead}.tmp", f"shard-000003.json.{dead}.tmp", f"skipped.jsonl.{dead}.tmp"]
+    for name in [*names, "index.json", "shard-000003.safetensors.tmp", f"other.json.{dead}.tmp"]:
+        (tmp_path / name).write_text("x")
+    assert remove_debris(tmp_path) == sorted(names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["index.json", "shard-000003.safetensors.tmp", f"other.json.{dead}.tmp"]
+    )

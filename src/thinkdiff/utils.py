@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,13 +26,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     _remove(tmp)
     try:
         yield tmp
         if tmp.is_dir() and path.is_dir():
             # Folders cannot be replaced in one rename: move the old one aside first.
-            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            old = temporary_path(path, "old")
             _remove(old)
             path.rename(old)
             tmp.rename(path)
@@ -39,6 +42,60 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def temporary_path(path: str | Path, kind: str = "tmp") -> Path:
+    """``.NAME.HOST-PID.tmp`` beside ``path``: unique to this process, even among the ranks of a
+    multi-node run sharing a folder, and recognisable by :func:`remove_debris` once it is dead."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{_host_tag()}-{os.getpid()}.{kind}")
+
+
+# Our temporary names: ``.NAME.HOST-PID.tmp`` / ``.old``; from earlier versions also without the
+# host, and the feature folders' ``index.json.PID.tmp`` (no leading dot) and its kin.
+_DEBRIS = re.compile(
+    r"^(?:\..+\.(?:(?P<host>[0-9a-f]{8})-)?|(?:(?:index|report|extraction|shard-\d+)\.json|skipped\.jsonl)\.)"
+    r"(?P<pid>\d+)\.(?:tmp|old)$"
+)
+
+
+def remove_debris(folder: str | Path) -> list[str]:
+    """Delete the temporary files and folders that killed processes of this package left in
+    ``folder`` (see :func:`temporary_path`); return their names.
+
+    Only names of that pattern are touched, and only when their process is gone: a live process
+    (another rank, a second run) may be writing one, and an entry from another machine is left
+    alone because its process cannot be checked from here.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        match = _DEBRIS.match(entry.name)
+        if match is None:
+            continue
+        if match["host"] not in (None, _host_tag()) or _process_alive(int(match["pid"])):
+            continue
+        _remove(entry)
+        removed.append(entry.name)
+    return removed
+
+
+def _host_tag() -> str:
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -45,7 +45,7 @@ from thinkdiff.data.sources import (
     iter_samples,
     list_source_shards,
 )
-from thinkdiff.utils import compare_settings, record_changes
+from thinkdiff.utils import compare_settings, record_changes, remove_debris, temporary_path
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -746,6 +746,9 @@ def extract_features(
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output folder {out_dir} is an existing file")
     out_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_debris(out_dir)  # of killed runs; a live rank's temporary files are kept
+    if removed:
+        logger.info("%s: removed %d temporary files of killed runs: %s", out_dir, len(removed), ", ".join(removed))
     shards = list_source_shards(source, samples_per_shard=settings.samples_per_shard)
     _check_settings(
         out_dir,
@@ -811,7 +814,7 @@ def write_report(out_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
     (one line per skipped sample: key, shard, reason, detail) from the complete shards."""
     out_dir = Path(out_dir)
     records = read_shard_records(out_dir)
-    tmp = out_dir / f"{SKIPPED_NAME}.{os.getpid()}.tmp"
+    tmp = temporary_path(out_dir / SKIPPED_NAME)
     with open(tmp, "w", encoding="utf-8") as f:
         for record in records:
             for skip in record.get("skipped_samples", []):

@@ -36,6 +36,8 @@ from typing import Any, BinaryIO
 import torch
 from safetensors import SafetensorError
 
+from thinkdiff.utils import temporary_path
+
 __all__ = [
     "FORMAT",
     "INDEX_NAME",
@@ -65,7 +67,7 @@ def shard_name(index: int) -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` through a temp file and a rename (readers never see half a file)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # pid: ranks may write the same file
+    tmp = temporary_path(path)  # per process: ranks may write the same file
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
         f.write("\n")

@@ -36,7 +36,7 @@ from thinkdiff.training.config import TrainConfig
 from thinkdiff.training.data import StepData, build_step_data, feature_width
 from thinkdiff.training.resume import agree_on_checkpoint, config_changes, record_config_changes
 from thinkdiff.training.schedule import build_optimizer, lr_at, set_lr
-from thinkdiff.utils import atomic_write_text
+from thinkdiff.utils import atomic_write_text, remove_debris
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +284,11 @@ class Trainer:
         ``allow_change``: config fields that may differ from the resumed checkpoint's.
         """
         config = self.config
+        if self.is_main:  # only rank 0 writes in the run folder
+            for folder in (self.output_dir, self.output_dir / "checkpoints"):
+                removed = remove_debris(folder)
+                if removed:
+                    logger.info("%s: removed temporary files of a killed run: %s", folder, ", ".join(removed))
         self.resume(resume, allow_change)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
