@@ -1,0 +1,193 @@
+"""Property-based fuzzing of the input parsers: job files, manifests, captions and image files.
+
+Whatever the bytes, a parser either accepts them or refuses them with the error the CLI prints as
+one line (``ValueError`` / ``FileNotFoundError``, no newline, naming the file); the data sources
+never raise at all: every bad sample becomes a skip, and every row is either a sample or a skip.
+Derandomized and without an example database, so a run is the same everywhere and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from thinkdiff.commands import generate
+from thinkdiff.data.sources import RawSample, SkipLog, decode_image, iter_samples, list_source_shards
+from thinkdiff.data.synthetic import jpeg_bytes
+from thinkdiff.imaging import open_rgb
+
+FUZZ = settings(
+    max_examples=120,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+ONE_LINE_ERRORS = (ValueError, FileNotFoundError)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+job_keys = st.sampled_from([*generate.JOB_KEYS, "meta", "sed", "image", ""])
+# Mostly well-formed jobs with one odd field (what reaches the deeper checks), some anything.
+well_formed_jobs = st.fixed_dictionaries(
+    {"items": st.lists(st.text(max_size=8) | st.dictionaries(st.sampled_from(["text", "image"]), json_values, max_size=2), max_size=3)},
+    optional={
+        "seed": st.integers() | json_values,
+        "out": st.sampled_from(["../x.png", "/tmp/x.png", "a/../b.png", "ok.png", "ok.jpg", "./ok.png"]) | json_values,
+        "meta": json_values,
+    },
+)
+jobs = st.one_of(well_formed_jobs, well_formed_jobs, st.dictionaries(job_keys, json_values, max_size=5), json_values)
+job_lines = st.lists(
+    st.one_of(jobs.map(lambda j: json.dumps(j).encode()), st.binary(max_size=40), st.just(b"")), min_size=1, max_size=4
+)
+
+
+def _assert_one_line(error: Exception, path: Path | None = None) -> None:
+    message = str(error)
+    assert message and "\n" not in message, message
+    if path is not None:
+        assert str(path) in message, message
+
+
+@FUZZ
+@given(lines=job_lines, single=st.booleans())
+def test_job_files_parse_or_fail_in_one_line(lines: list[bytes], single: bool) -> None:
+    parser = argparse.ArgumentParser()
+    generate.register(parser.add_subparsers())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / ("job.json" if single else "jobs.jsonl")
+        path.write_bytes(lines[0] if single else b"\n".join(lines))
+        out = Path(tmp) / "out"
+        args = parser.parse_args(["generate", "--job" if single else "--jobs", str(path), "--out", str(out)])
+        try:
+            requests = generate._read_requests(args)
+            generate._output_paths(args, requests, "image", "lvlm")
+        except ONE_LINE_ERRORS as error:
+            _assert_one_line(error, None if "several jobs" in str(error) or "output" in str(error) else path)
+        assert not out.exists()  # parsing writes nothing
+
+
+manifest_rows = st.lists(
+    st.one_of(
+        st.fixed_dictionaries(
+            {"image_path": st.sampled_from(["0.jpg", "missing.jpg", "broken.jpg", "", "sub/../0.jpg"]) | json_values},
+            optional={"caption": json_values | st.text(max_size=10), "key": json_values},
+        ).map(lambda row: json.dumps(row).encode()),
+        st.binary(max_size=30),
+        st.just(b""),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@FUZZ
+@given(rows=manifest_rows, csv_bytes=st.binary(max_size=60), per_shard=st.integers(1, 3))
+def test_manifests_account_for_every_row(rows: list[bytes], csv_bytes: bytes, per_shard: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "0.jpg").write_bytes(jpeg_bytes(0))
+        (root / "broken.jpg").write_bytes(jpeg_bytes(1)[:40])
+        manifest = root / "m.jsonl"
+        manifest.write_bytes(b"\n".join(rows))
+        try:
+            shards = list_source_shards(manifest, samples_per_shard=per_shard)
+        except ONE_LINE_ERRORS as error:
+            _assert_one_line(error, manifest)
+            assert not any(row.strip() for row in b"\n".join(rows).splitlines())  # only "no rows"
+        else:
+            log = SkipLog()
+            samples = [s for shard in shards for s in iter_samples(shard, log)]
+            real_rows = [row for row in b"\n".join(rows).splitlines() if row.strip()]
+            assert len(samples) + len(log.skips) == len(real_rows)
+            assert all(s.image.mode == "RGB" and s.caption == s.caption.strip() != "" for s in samples)
+
+        csv_manifest = root / "m.csv"
+        csv_manifest.write_bytes(b"image_path,caption\n" + csv_bytes)
+        try:
+            for shard in list_source_shards(csv_manifest):
+                list(iter_samples(shard, SkipLog()))
+        except ONE_LINE_ERRORS as error:
+            _assert_one_line(error, csv_manifest)
+
+
+caption_members = st.dictionaries(
+    st.sampled_from(["txt", "json", "jpg", "png", "cls"]),
+    st.one_of(st.binary(max_size=24), st.text(max_size=12).map(str.encode), json_values.map(lambda v: json.dumps({"caption": v}).encode())),
+    max_size=3,
+)
+
+
+@FUZZ
+@given(samples=st.lists(caption_members, min_size=1, max_size=4), cut=st.integers(0, 4000))
+def test_tar_captions_and_members_never_raise(samples: list[dict[str, bytes]], cut: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "00000.tar"
+        with tarfile.open(path, "w") as tar:
+            for i, members in enumerate(samples):
+                for ext, data in {"jpg": jpeg_bytes(i), **members}.items():
+                    info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        data = path.read_bytes()
+        path.write_bytes(data[: max(0, len(data) - cut)])  # often cut short
+        log = SkipLog()
+        found = list(iter_samples(list_source_shards(path)[0], log))
+        for sample in found:
+            assert sample.caption and sample.caption == sample.caption.strip() and "\ufffd" not in sample.caption
+        if cut == 0:  # a whole tar: every sample is kept or skipped with its key
+            assert len(found) + len([s for s in log.skips if s.key]) == len(samples)
+
+
+def _encoded(seed: int, fmt: str) -> bytes:
+    modes = {"PNG": "RGBA", "GIF": "P", "TIFF": "I;16", "JPEG": "CMYK", "WEBP": "RGB", "BMP": "L"}
+    image = Image.open(io.BytesIO(jpeg_bytes(seed, size=8))).convert("RGB")
+    image = image.convert(modes[fmt]) if modes[fmt] != "I;16" else image.convert("L").convert("I;16")
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@FUZZ
+@given(
+    fmt=st.sampled_from(["PNG", "GIF", "TIFF", "JPEG", "WEBP", "BMP"]),
+    seed=st.integers(0, 5),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    keep=st.integers(0, 10_000),
+    noise=st.binary(max_size=64),
+)
+def test_image_files_decode_or_fail_in_one_line(fmt: str, seed: int, flips, keep: int, noise: bytes) -> None:
+    data = bytearray(_encoded(seed, fmt))
+    for position, value in flips:
+        data[position % len(data)] = value
+    for candidate in (bytes(data[: max(1, keep)]), bytes(data), noise):
+        try:
+            image = open_rgb(candidate)
+        except ValueError as error:
+            _assert_one_line(error)
+            assert str(error).startswith("cannot read image bytes: ")
+        else:
+            assert image.mode == "RGB"
+        skips = SkipLog()
+        sample = decode_image(RawSample("k", "s", candidate, "c"), skips)
+        assert (sample is None) == (len(skips.skips) == 1)
+
+
+@pytest.fixture(autouse=True)
+def _small_image_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A flipped header byte can claim a huge canvas; a low limit keeps each case fast (the refusal,
+    # DecompressionBombError, is one of the paths under test).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1 << 20)
