@@ -105,7 +105,11 @@ def direct_run(pipe: Any, mode: str, items: list[Any], seed: int, size: int, ste
         else:
             sampling = SamplingSettings(max_new_tokens=128, temperature=0.6, top_p=0.9, seed=seed)
         with clock("lvlm"):
-            out = extractor.generate([[DEFAULT_INSTRUCTION, *items]], sampling)
+            # As the pipeline does: no hidden states kept by generate (lvlm: one teacher-forced
+            # pass for the features; text-bridge: the text only).
+            out = extractor.generate(
+                [[DEFAULT_INSTRUCTION, *items]], sampling, teacher_forced=True, with_states=mode == "lvlm"
+            )
         if mode == "lvlm":
             with clock("aligner"):
                 prompt_embeds = pipe.aligner(out.features)
@@ -351,9 +355,10 @@ def parameter_counts() -> dict[str, int]:
 def activation_estimates(size: int, text_tokens: int = 128) -> dict[str, float]:
     """Rough activation peaks in GiB at batch 1, bf16 (to be replaced by measurements on a GPU).
 
-    - LVLM: prompt of ~1.4k tokens (4 CoBSAT images at ~324 tokens each + text): generate's kept
-      hidden states of every layer (29 x 1.4k x 3584 x 2 B = 0.29 GB), KV cache (0.09 GB), the
-      prefill MLP (1.4k x 18944 x 3 tensors x 2 B = 0.16 GB), vision tower (< 0.1 GB): ~0.7, taken as 1.0.
+    - LVLM: prompt of ~1.4k tokens (4 CoBSAT images at ~324 tokens each + text): generate keeps no
+      hidden states (the features come from one teacher-forced pass: final states 1.5k x 3584 x 2 B
+      = 0.01 GB), KV cache (0.09 GB), the prefill MLP (1.4k x 18944 x 3 tensors x 2 B = 0.16 GB),
+      vision tower (< 0.1 GB): ~0.4, taken as 1.0.
     - FLUX transformer: T = (size/16)^2 + text tokens; a single-stream block holds ~52k values per
       token at once (norm, qkv, attention out, 4x MLP, concat): T x 52k x 2 B, x1.5 for the residual
       streams and the scheduler's latents.
@@ -440,6 +445,18 @@ def random_flux_decoder_class() -> type:
 
     class RandomFluxDecoder(FluxDecoder):
         """FLUX.1-dev with random weights, built directly where it will run (no files)."""
+
+        def __init__(self, spec: Any, device: torch.device, dtype: torch.dtype, offload: str = "none") -> None:
+            # --smoke runs the offload branch (build, move to the CPU, diffusers' hooks) with the
+            # CPU as the hooks' execution device. The library refuses that, for it saves nothing.
+            if offload not in ("none", "model", "sequential"):
+                raise ValueError(f"unknown offload mode {offload!r}")
+            if offload == "sequential" and device.type == "cpu":
+                # accelerate 1.15's sequential hooks fail with the CPU as execution device (a
+                # TypeError moving a weight back to meta); on a GPU this branch is unverified.
+                raise ValueError("sequential offload needs a GPU as the hooks' execution device")
+            super().__init__(spec, device, dtype, "none" if device.type == "cpu" else offload)  # type: ignore[arg-type]
+            self.offload = offload  # type: ignore[assignment]
 
         depth: int | None = None
         narrow: bool = False
@@ -554,13 +571,21 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any]:
     depth = 1 if args.smoke else None
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if not args.smoke else "cpu",
+        "dtype": "fp32" if dtype == torch.float32 else "bf16",
         "runs": [],
     }
     for offload in args.offload:
-        if args.smoke and offload != "none":
+        if args.smoke and offload == "sequential":
+            print("smoke: sequential offload skipped (its hooks need a GPU execution device)", flush=True)
             continue
-        for size in args.sizes:
-            run = gpu_run(offload, size, args.steps, device, dtype, depth)
+        sizes, steps = args.sizes, args.steps
+        if offload == "sequential":
+            # It moves the whole transformer host-to-device at every step (28 x 23.8 GB at the
+            # defaults): a few steps at the small size show its cost without dominating the run.
+            sizes = [s for s in sizes if s <= args.sequential_max_size] or [min(sizes)]
+            steps = min(steps, args.sequential_steps)
+        for size in sizes:
+            run = gpu_run(offload, size, steps, device, dtype, depth, narrow=args.narrow)
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
     return results
@@ -568,7 +593,8 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_gpu(results: dict[str, Any]) -> None:
     print(
-        f"\n{results['device']}: ThinkDiff-LVLM, Qwen2-VL-7B + FLUX.1-dev architectures, random bf16 weights"
+        f"\n{results['device']}: ThinkDiff-LVLM, Qwen2-VL-7B + FLUX.1-dev architectures, random "
+        f"{results.get('dtype', 'bf16')} weights"
     )
     print("| offload | px | steps | s / image (no loads) | peak GiB (compute stages) | decoder s |")
     print("|---|---|---|---|---|---|")
@@ -596,9 +622,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p = sub.add_parser("gpu", help="seconds and peak memory per offload mode (CUDA)")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
-    p.add_argument("--offload", nargs="+", default=["none", "model", "sequential"])
+    p.add_argument("--offload", nargs="+", default=["none", "model", "sequential"], choices=["none", "model", "sequential"])
     p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--smoke", action="store_true", help="1-layer models on the CPU: checks the code path")
+    p.add_argument("--sequential-steps", type=int, default=4, help="most denoising steps of a sequential-offload run")
+    p.add_argument("--sequential-max-size", type=int, default=512, help="largest size run with sequential offload")
+    p.add_argument("--smoke", action="store_true",
+                   help="1-layer models on the CPU: checks the code path (offload none and model)")  # fmt: skip
+    p.add_argument("--narrow", action="store_true", help="narrow widths too (a quicker smoke)")
     p.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 

@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 import torch
 
-from thinkdiff.pipelines import DEFAULT_INSTRUCTION, DecoderSpec, InferenceSettings, Request, ThinkDiffPipeline
+from thinkdiff.pipelines import (
+    DEFAULT_INSTRUCTION,
+    DecoderSpec,
+    InferenceSettings,
+    Request,
+    ThinkDiffPipeline,
+)
 from thinkdiff.pipelines import decoders as decoders_module
 
 from .test_pipeline import FLUX_FAST, image, make_model
@@ -434,3 +440,41 @@ def test_bench_training_gpu_step_runs_the_projects_code_in_bf16() -> None:
     assert row["device"] == "cpu" and row["loss_dtype_fp32"] is True
     # A random untied head at std d_model^-0.5 starts near ln(vocab) = 10.4, not at ~3000.
     assert 9 < row["loss_first"] < 12 and row["samples_per_s"] > 0
+
+
+# ---- F16: the benchmark's offload branch runs in the smoke run ----------------------------------
+
+
+@torch.no_grad()
+def test_bench_inference_offload_branch_runs_on_the_cpu(tiny_env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The random FLUX of ``bench_inference gpu`` with model offload: built on the device, moved to
+    the CPU, diffusers' hooks installed (the CPU as execution device), same image as without."""
+    import sys
+
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    bench = __import__("bench_inference")
+    modules = bench.flux_dev_modules(1, narrow=True)
+    prompt_width = modules["transformer"][1].get("joint_attention_dim", bench.T5_XXL["d_model"])
+    pooled_width = modules["text_encoder"][1].hidden_size
+    spec = DecoderSpec("random:FLUX.1-dev", "flux", "FluxPipeline", prompt_width, pooled_width, None, True)
+    decoder_cls = bench.random_flux_decoder_class()
+    decoder_cls.depth, decoder_cls.narrow = 1, True
+    cpu = torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+    embeds = {"prompt_embeds": torch.randn(1, 8, prompt_width, generator=generator),
+              "pooled_prompt_embeds": torch.randn(1, pooled_width, generator=generator)}  # fmt: skip
+    images = {}
+    for offload in ("none", "model"):
+        torch.manual_seed(0)  # the same random weights for both
+        decoder = decoder_cls(spec, cpu, torch.float32, offload)
+        pipe = decoder.load(list(decoder.denoise_components))
+        hooked = getattr(pipe.transformer, "_hf_hook", None) is not None
+        assert hooked == (offload == "model")
+        settings = {"height": 32, "width": 32, "num_inference_steps": 1, "guidance_scale": 3.5}
+        images[offload] = np.asarray(decoder.generate(pipe, embeds, [torch.Generator().manual_seed(1)], settings)[0])
+    np.testing.assert_array_equal(images["none"], images["model"])
+    with pytest.raises(ValueError, match="sequential offload needs a GPU"):
+        decoder_cls(spec, cpu, torch.float32, "sequential")
+    sys.modules.pop("bench_inference", None)
