@@ -34,6 +34,7 @@ from thinkdiff.utils import atomic_write_text
 
 __all__ = [
     "CALIBRATION_RUNS",
+    "DEMO_CALIBRATED",
     "BuildConfig",
     "build",
     "build_calibration",
@@ -79,14 +80,14 @@ class BuildConfig:
     clip_batch: int = 32
     calib_prompts: int = 3000
     """Task-format prompts (training cells only) the VLM answers greedily for calibration."""
-    calib_steps: int = 300
-    calib_batch: int = 64
+    calib_steps: int = 200
+    calib_batch: int = 32
     calib_lr: float = 1e-3
     calib_proxy_weight: float = 0.1
     """Weight of the no-split proxy loss added to velocity distillation."""
     calib_noise: str = "pure"
     """Noisy inputs of the calibration ('pure', 'teacher'; CLIP also 'source')."""
-    clip_calib_steps: int = 300
+    clip_calib_steps: int = 200
     note: str = field(default="full", metadata={"help": "preset name"})
 
     def __post_init__(self) -> None:
@@ -258,6 +259,10 @@ CALIBRATION_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
 the calibration config). Each lands in ``thinkdiff/<name>-calibrated`` (spaces as dashes)."""
 
 
+DEMO_CALIBRATED = "no split"
+"""The calibrated aligner ``make demo`` draws with (the distillation recipe from the no-split start)."""
+
+
 def calibrated_dir(out_dir: Path, name: str) -> Path:
     """Model folder of a calibrated aligner (``thinkdiff/lvlm-calibrated``, ...)."""
     return Path(out_dir) / "thinkdiff" / f"{name.replace(', ', '-').replace(' ', '-')}-calibrated"
@@ -298,7 +303,9 @@ def build_calibration(out_dir: Path, config: BuildConfig | None = None, *, progr
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
     with _Timer("describe_features", seconds):
-        write_lvlm_features(out_dir, work, config, progress=progress)
+        # Deterministic from the seed: a complete folder from this world's build is reused.
+        if not all((work / "features" / split / "index.json").is_file() for split in ("train", "val")):
+            write_lvlm_features(out_dir, work, config, progress=progress)
     with _Timer("proxy_starts", seconds):
         train_lvlm_aligner(out_dir, work, config, name="no-split", split=False)
         train_lvlm_aligner(out_dir, work, config, name="input-tokens", features="prompt")

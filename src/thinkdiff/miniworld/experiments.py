@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from thinkdiff.miniworld.models import MiniWorld
 
 __all__ = [
+    "TRANSFER_CALIBRATED",
     "TRANSFER_CEILING",
     "TRANSFER_MAPPED",
     "TRANSFER_SOURCES",
@@ -599,6 +601,8 @@ FLUX reads, one learnt map away), and the T5 input embeddings of its words (no c
 TRANSFER_CEILING = "T5 encoder states (FLUX's own input)"
 """The row of :func:`proxy_transfer` where FLUX reads the T5 states themselves (no aligner)."""
 TRANSFER_MAPPED = "{source}, then a linear map fitted to T5 states"
+TRANSFER_CALIBRATED = "{source}, then calibrated (decoder in the loop)"
+"""Row name pattern of the T5-states aligner after calibration (:func:`proxy_transfer`)."""
 """Row name pattern of a source's aligned features after the fitted linear map."""
 
 
@@ -611,6 +615,8 @@ def proxy_transfer(
     batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
+    calibration_steps: int = 0,
+    proxy_weight: float = 0.1,
     **sampling: Any,
 ) -> dict[str, Any]:
     """Does the proxy objective transfer to FLUX when the source features are perfect?
@@ -629,6 +635,10 @@ def proxy_transfer(
     (fitted on 500 training captions, measured on the test ones), and the judge's reading of
     FLUX's images (per attribute and all four); then the same features after that linear map, a
     correction that needs the T5 *encoder*, which ThinkDiff-LVLM does not use.
+
+    ``calibration_steps``: then continue the T5-states aligner with decoder-in-the-loop calibration
+    (velocity distillation + ``proxy_weight`` x the proxy loss, pure noise at high sigma, through
+    :class:`thinkdiff.training.calibration.Calibration`) and add the row :data:`TRANSFER_CALIBRATED`.
     """
     import random
 
@@ -712,7 +722,54 @@ def proxy_transfer(
             **judged(mapped),
         }
         logger.info("proxy transfer from %s: %s", name, results[name])
+        if calibration_steps and name == TRANSFER_SOURCES[0]:
+            started = time.perf_counter()
+            calibration = _transfer_calibration(world, seed, proxy_weight)
+            aligner.train()
+            calibration_losses = []
+            for _ in range(calibration_steps):
+                batch = batch_rng.sample(train_scenes, batch_size)
+                aligned_batch = [aligner(source(s)) for s in batch]
+                memory, mask = pad_features(aligned_batch)
+                labels = torch.nn.utils.rnn.pad_sequence(
+                    [ids[s] for s in batch], batch_first=True, padding_value=-100
+                )
+                loss = calibration.distill(aligned_batch, [full_caption(s) for s in batch])
+                loss = loss + proxy_weight * proxy.loss(memory, mask, labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                calibration_losses.append(loss.item())
+            aligner.eval()
+            with torch.no_grad():
+                aligned = [aligner(source(s)) for s in test_scenes]
+                memory, mask = pad_features(aligned)
+                texts = proxy.generate_text(memory, mask, max_new_tokens=24)
+            results[TRANSFER_CALIBRATED.format(source=name)] = {
+                "proxy_exact": float(np.mean([t.strip() == full_caption(s) for t, s in zip(texts, test_scenes)])),
+                "cosine": float(np.mean([_cosine(a, t) for a, t in zip(aligned, targets)])),
+                "final_loss": float(np.mean(calibration_losses[-20:])),
+                "calibration_steps": calibration_steps,
+                "calibration_seconds": round(time.perf_counter() - started, 1),
+                **judged(aligned),
+            }
     return {"n": n_test, "steps": train_steps, "batch_size": batch_size, "rows": results}
+
+
+def _transfer_calibration(world: MiniWorld, seed: int, proxy_weight: float):
+    """The project's calibration (FLUX of ``world``, pure noise) for the premise test's own loop."""
+    from thinkdiff.training.calibration import Calibration
+    from thinkdiff.training.config import TrainConfig
+
+    config = TrainConfig(
+        objective="calibrate",
+        split=False,
+        data=[str(world.root)],
+        diffusion_decoder=str(world.root / "flux"),
+        proxy_weight=proxy_weight,
+        seed=seed,
+    )
+    return Calibration(config, torch.device("cpu"), torch.float32)
 
 
 def _with_bias(x_LD: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,17 @@ import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
-from thinkdiff.evaluation.cobsat.protocol import COBSAT_INSTRUCTION, NUM_PROMPTS, PROMPT_SEED, prompts_list
+from thinkdiff.evaluation.cobsat.protocol import (
+    COBSAT_INSTRUCTION,
+    NUM_PROMPTS,
+    PROMPT_SEED,
+    CobsatTask,
+    prompts_list,
+)
 from thinkdiff.miniworld.world import (
     ATTRIBUTES,
     HELD_OUT,
@@ -52,44 +59,24 @@ SHOTS: tuple[int, ...] = (2, 4)
 """The shot settings reported (the papers' 2 and 4)."""
 
 
-@dataclass(frozen=True)
-class MiniTask:
-    """One task: ``x`` is given as words, ``theta`` is shown only by the images."""
+MiniTask = CobsatTask
+"""A mini-CoBSAT task is the benchmark's own task type with the world's vocabulary
+(:data:`~thinkdiff.miniworld.world.ATTRIBUTES`): one task type for both."""
 
-    task_id: int
-    name: str
-    theme: str
-    x_category: str
-    theta_category: str
 
-    @property
-    def detail_category(self) -> str:
-        """``color``, ``background`` or ``texture``."""
-        return self.theme.split("_")[0]
-
-    @property
-    def x_items(self) -> tuple[str, ...]:
-        return ATTRIBUTES[self.x_category]
-
-    @property
-    def theta_items(self) -> tuple[str, ...]:
-        return ATTRIBUTES[self.theta_category]
-
-    @property
-    def short_name(self) -> str:
-        head, roman = self.name.split("-")
-        return f"{head[0]}-{roman}"
+def _task(task_id: int, name: str, theme: str, x: str, theta: str) -> CobsatTask:
+    return CobsatTask(task_id, name, theme, x, theta, vocabulary=MappingProxyType(ATTRIBUTES))
 
 
 MINI_TASKS: dict[int, MiniTask] = {
     t.task_id: t
     for t in (
-        MiniTask(1, "Color-I", "color_shape", "color", "shape"),
-        MiniTask(2, "Color-II", "color_shape", "shape", "color"),
-        MiniTask(3, "Background-I", "background_shape", "background", "shape"),
-        MiniTask(4, "Background-II", "background_shape", "shape", "background"),
-        MiniTask(5, "Texture-I", "texture_shape", "texture", "shape"),
-        MiniTask(6, "Texture-II", "texture_shape", "shape", "texture"),
+        _task(1, "Color-I", "color_shape", "color", "shape"),
+        _task(2, "Color-II", "color_shape", "shape", "color"),
+        _task(3, "Background-I", "background_shape", "background", "shape"),
+        _task(4, "Background-II", "background_shape", "shape", "background"),
+        _task(5, "Texture-I", "texture_shape", "texture", "shape"),
+        _task(6, "Texture-II", "texture_shape", "shape", "texture"),
     )
 }
 """The six tasks by id (the benchmark's numbering pattern: odd -I, even -II)."""
@@ -164,13 +151,9 @@ class MiniPrompt:
         The same layout as :meth:`thinkdiff.evaluation.cobsat.protocol.CobsatPrompt.thinkdiff_items`,
         with PIL images.
         """
-        images = [to_pil(im) for im in self.context_images()]
-        out: list = [] if instruction is None else [instruction]
-        for i, x in enumerate(self.x_items):
-            out.append(f"{'' if i == 0 else chr(10) * 2}Word {i + 1}: {x}, ")
-            if i < self.shot:
-                out.append(images[i])
-        return out
+        from thinkdiff.data.task_prompts import interleaved_items
+
+        return interleaved_items(self.x_items, [to_pil(im) for im in self.context_images()], instruction)
 
     @property
     def stem(self) -> str:

@@ -54,7 +54,15 @@ if TYPE_CHECKING:
     from thinkdiff.models.proxy_decoder import ProxyT5Decoder
     from thinkdiff.training.config import TrainConfig
 
-__all__ = ["Calibration", "align_tokens", "calibration_loss", "calibration_step", "token_char_spans"]
+__all__ = [
+    "Calibration",
+    "align_tokens",
+    "alignment_word_agreement",
+    "calibration_loss",
+    "calibration_step",
+    "init_aligner_weights",
+    "token_char_spans",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +93,7 @@ def align_tokens(
     ``one-to-one``: the texts must tokenize to the same number of tokens, paired in order (else
     ``None``). ``offsets``: each source token is paired with the target token holding its first
     non-space character (many to one where the target's tokens are longer).
+    :func:`alignment_word_agreement` measures how often a pair lies within one word.
     """
     special = set(source_tokenizer.all_special_ids)
     words = [i for i in source_ids if i not in special]
@@ -109,14 +118,41 @@ def align_tokens(
             if first >= end:
                 continue  # a whitespace-only token stands for nothing T5 keeps
             char = first + shift
-            match = next((t for t, (a, b) in target_words if a <= char < b), None)
-            if match is not None:
-                pairs.append((i, match))
+            # The last target token holding the character: a bare "▁" piece shares its span
+            # with the word piece after it.
+            matches = [t for t, (a, b) in target_words if a <= char < b]
+            if matches:
+                pairs.append((i, matches[-1]))
     else:
         raise ValueError(f"token alignment must be 'one-to-one' or 'offsets', got {mode!r}")
     if has_eos and target_eos:
         pairs.append((len(source_ids) - 1, target_eos[-1]))
     return pairs
+
+
+def alignment_word_agreement(
+    texts: Sequence[str], source_tokenizer: PreTrainedTokenizerBase, target_tokenizer: PreTrainedTokenizerBase
+) -> dict[str, float]:
+    """How well :func:`align_tokens` (``offsets``) works for two tokenizers: the share of source
+    word tokens paired at all (``coverage``) and the share of pairs whose two tokens lie in the same
+    whitespace word of the text (``same_word``)."""
+    paired = total = same = 0
+    for text in texts:
+        ids = source_tokenizer(text, add_special_tokens=False).input_ids
+        pairs = align_tokens(text, ids, source_tokenizer, target_tokenizer, "offsets") or []
+        enc = target_tokenizer(text, return_offsets_mapping=True)
+        words = [len(text[:i].split()) for i in range(len(text) + 1)]  # word index of each char
+        decoded = source_tokenizer.decode(ids, skip_special_tokens=True)
+        spans = token_char_spans(source_tokenizer, ids)
+        shift = text.find(decoded.strip()) - (len(decoded) - len(decoded.lstrip()))
+        total += sum(1 for a, b in spans if decoded[a:b].strip())
+        for s, t in pairs:
+            a, b = spans[s]
+            first = a + (len(decoded[a:b]) - len(decoded[a:b].lstrip())) + shift
+            ta, tb = enc.offset_mapping[t]
+            paired += 1
+            same += words[first + 1] == words[max(ta, tb - 1) + 1] if tb > ta else 0
+    return {"coverage": paired / max(total, 1), "same_word": same / max(paired, 1), "tokens": total}
 
 
 # ----------------------------------------------------------------------------- the decoder in the loop

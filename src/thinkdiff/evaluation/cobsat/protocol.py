@@ -13,9 +13,10 @@ CLIP metric's bare word lists use items; text items and judge options use shown 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 __all__ = [
     "COBSAT_INSTRUCTION",
@@ -128,6 +129,11 @@ class CobsatTask:
     """Category of the word given as text, e.g. ``color`` for Color-I."""
     theta_category: str
     """Category of the latent attribute shown only by the images."""
+    vocabulary: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: MappingProxyType(ITEMS), compare=False, hash=False, repr=False
+    )
+    """Category -> items in option order: the benchmark's :data:`ITEMS`, or another world's (the
+    miniature world's mini-CoBSAT tasks are this type with its own vocabulary)."""
 
     @property
     def detail_category(self) -> str:
@@ -147,13 +153,13 @@ class CobsatTask:
 
     @property
     def x_items(self) -> tuple[str, ...]:
-        """The ten possible text words (items), in option order."""
-        return ITEMS[self.x_category]
+        """The possible text words (items), in option order."""
+        return tuple(self.vocabulary[self.x_category])
 
     @property
     def theta_items(self) -> tuple[str, ...]:
-        """The ten possible latent attributes (items), in option order."""
-        return ITEMS[self.theta_category]
+        """The possible latent attributes (items), in option order."""
+        return tuple(self.vocabulary[self.theta_category])
 
 
 def _task(task_id: int, name: str, theme: str, x: str, theta: str) -> CobsatTask:
