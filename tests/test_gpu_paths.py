@@ -478,3 +478,32 @@ def test_bench_inference_offload_branch_runs_on_the_cpu(tiny_env, monkeypatch: p
     with pytest.raises(ValueError, match="sequential offload needs a GPU"):
         decoder_cls(spec, cpu, torch.float32, "sequential")
     sys.modules.pop("bench_inference", None)
+
+
+# ---- F4: bench_features' vLLM model has a head size vLLM's kernels take -------------------------
+
+
+@torch.no_grad()
+def test_bench_features_vllm_model_and_its_failure_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    import sys
+
+    from thinkdiff.data.extraction import ExtractionSettings
+    from thinkdiff.models.lvlm import LVLMFeatureExtractor, SamplingSettings
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    bench = __import__("bench_features")
+    folder = bench.save_vllm_sized_qwen(tmp_path / "qwen")
+    extractor = LVLMFeatureExtractor.from_pretrained(folder, device="cpu")
+    text, vision = extractor.model.config.text_config, extractor.model.config.vision_config
+    assert text.hidden_size // text.num_attention_heads == bench.VLLM_HEAD_SIZE
+    assert vision.embed_dim // vision.num_heads == bench.VLLM_HEAD_SIZE
+    out = extractor.generate([[image((200, 30, 30)), "Describe the image."]], SamplingSettings(max_new_tokens=4, seed=0))
+    assert out.features.shape[-1] == 2 * bench.VLLM_HEAD_SIZE
+
+    if importlib.util.find_spec("vllm") is None:  # the engine fails: reported, not raised
+        results: dict[str, Any] = {}
+        bench.bench_vllm(tmp_path, ExtractionSettings(max_new_tokens=4), results)
+        assert results["extract_vllm_error"].startswith("ValueError: the vllm engine needs vLLM")
+        assert "extract_vllm" not in results
+    sys.modules.pop("bench_features", None)
