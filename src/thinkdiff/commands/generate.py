@@ -66,7 +66,7 @@ class _AppendItem(argparse.Action):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from thinkdiff.pipelines.constants import DEFAULT_QCD_ALPHA, MODES, OFFLOAD_MODES
+    from thinkdiff.pipelines.constants import DEFAULT_QCD_ALPHA, MODES, OFFLOAD_MODES, QUANTIZE_MODES
 
     parser = subparsers.add_parser(
         "generate",
@@ -175,6 +175,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="frozen models' dtype (auto: bfloat16 on GPU, float32 on CPU)",
     )
     running.add_argument("--offload", choices=OFFLOAD_MODES, default="none", help="decoder CPU offload")
+    running.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        default="none",
+        help="LVLM and decoder transformer weights: nf4 (bitsandbytes, CUDA), int8 (torchao, also CPU), "
+        "fp8 (torchao, compute capability 8.9+)",
+    )
+    running.add_argument(
+        "--transformer-file",
+        type=Path,
+        default=None,
+        metavar="GGUF",
+        help="a GGUF file of the decoder's transformer (e.g. a Q4/Q8 FLUX.1-dev), loaded in place of its weights",
+    )
     running.add_argument("--batch-size", type=int, default=1, help="requests per decoder call")
     running.add_argument(
         "--lvlm-batch-size",
@@ -420,6 +434,8 @@ def _sidecar(
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "offload": pipe.decoder.offload,
+        "quantize": pipe.quantize,
+        "transformer_file": None if pipe.decoder.transformer_file is None else str(pipe.decoder.transformer_file),
         # Stages run once for a whole batch of requests: these are the batch's times.
         "timings": {k: round(v, 4) for k, v in output.timings.items()},
         "timings_cover_requests": batch_size,
@@ -483,6 +499,8 @@ def run(args: argparse.Namespace) -> int:
         dtype=dtype,
         offload=args.offload,
         settings=settings,
+        quantize=args.quantize,
+        transformer_file=args.transformer_file,
     )
     if pipe.mode == "clip":  # the mode may come from the model folder: known only now
         for flag, given, applies in (

@@ -31,6 +31,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -147,17 +148,23 @@ def load_processor(name_or_path: str | Path, max_pixels: int | None = None) -> P
 
 
 def load_lvlm(
-    name_or_path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    name_or_path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    quantization_config: Any = None,
 ) -> PreTrainedModel:
     """Load a Qwen2-VL or Qwen2.5-VL (hub id or local folder), frozen and in eval mode.
 
     ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on GPU and float32 on CPU.
+    ``quantization_config``: a transformers quantization config (see
+    :func:`thinkdiff.models.quantization.transformers_quantization`), applied while loading.
     Raises ``ValueError`` for any other ``model_type``.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model_class = _MODEL_CLASSES[_model_type(name_or_path)]
-    model = model_class.from_pretrained(name_or_path, dtype=dtype, device_map=str(device))
+    quantized = {} if quantization_config is None else {"quantization_config": quantization_config}
+    model = model_class.from_pretrained(name_or_path, dtype=dtype, device_map=str(device), **quantized)
     return model.eval().requires_grad_(False)
 
 
@@ -273,9 +280,10 @@ class LVLMFeatureExtractor:
         dtype: torch.dtype | None = None,
         max_images: int = 16,
         max_pixels: int | None = None,
+        quantization_config: Any = None,
     ) -> LVLMFeatureExtractor:
         """Load model and processor (see :func:`load_lvlm` and :func:`load_processor`)."""
-        model = load_lvlm(name_or_path, device=device, dtype=dtype)
+        model = load_lvlm(name_or_path, device=device, dtype=dtype, quantization_config=quantization_config)
         return cls(model, load_processor(name_or_path, max_pixels=max_pixels), max_images=max_images)
 
     @property

@@ -8,11 +8,16 @@ Mode = Literal["lvlm", "clip", "text-bridge"]
 MODES: tuple[str, ...] = ("lvlm", "clip", "text-bridge")
 """ThinkDiff-LVLM, ThinkDiff-CLIP, and the baseline where the LVLM writes a text prompt."""
 
-Offload = Literal["none", "model", "sequential"]
-OFFLOAD_MODES: tuple[str, ...] = ("none", "model", "sequential")
+Offload = Literal["none", "model", "sequential", "group"]
+OFFLOAD_MODES: tuple[str, ...] = ("none", "model", "sequential", "group")
 """``none``: every loaded component on the device; ``model``: diffusers' ``enable_model_cpu_offload``
 (one whole model on the device at a time); ``sequential``: ``enable_sequential_cpu_offload``
-(one submodule at a time: least memory, slowest)."""
+(one submodule at a time: least memory, slowest); ``group``: ``enable_group_offload`` (one block
+at a time, the next copied on a CUDA stream while it computes; for video transformers)."""
+
+QUANTIZE_MODES: tuple[str, ...] = ("none", "nf4", "int8", "fp8")
+"""``--quantize`` for the LVLM and the decoder's transformer (see :mod:`thinkdiff.models.quantization`):
+bitsandbytes NF4 (CUDA), torchao int8 weight-only (also the CPU), torchao fp8 (compute capability 8.9+)."""
 
 DEFAULT_DECODER = "black-forest-labs/FLUX.1-dev"
 """The decoder of the paper, used when neither the model folder nor the caller names one."""

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from thinkdiff.models.loading import diffusers_files, resolve_model_dir
+from thinkdiff.models.quantization import Quantize, check_quantize, gguf_quantization, pipeline_quantization
 from thinkdiff.pipelines.constants import DECODER_DESCRIPTOR, DEFAULT_DECODER, OFFLOAD_MODES, Offload
 
 if TYPE_CHECKING:
@@ -490,6 +491,8 @@ class DiffusionDecoder:
         device: torch.device,
         dtype: torch.dtype,
         offload: Offload = "none",
+        quantize: Quantize = "none",
+        transformer_file: str | Path | None = None,
     ) -> None:
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"unknown offload mode {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}")
@@ -497,10 +500,23 @@ class DiffusionDecoder:
             raise ValueError(
                 f"--offload {offload} moves weights between CPU and a GPU; it needs a GPU device"
             )
+        check_quantize(quantize, device)
+        if transformer_file is not None:
+            transformer_file = Path(transformer_file)
+            if transformer_file.suffix != ".gguf":
+                raise ValueError(f"--transformer-file {transformer_file}: expected a .gguf file")
+            if not transformer_file.is_file():
+                raise FileNotFoundError(f"--transformer-file {transformer_file}: no such file")
+            if quantize != "none":
+                raise ValueError("--transformer-file is a quantized GGUF transformer: leave --quantize at none")
         self.spec = spec
         self.device = device
         self.dtype = dtype
         self.offload = offload
+        self.quantize = quantize
+        """The transformer's quantization (:mod:`thinkdiff.models.quantization`)."""
+        self.transformer_file = transformer_file
+        """A GGUF transformer file loaded in place of the folder's transformer weights."""
 
     # ---- loading -------------------------------------------------------------------------------
 
@@ -538,7 +554,28 @@ class DiffusionDecoder:
         configs = resolve_model_dir(self.spec.name, kind="diffusion decoder", files=_CONFIG_FILES)
         files = diffusers_files(configs, skipped=skipped, extra=[DECODER_DESCRIPTOR])
         folder = resolve_model_dir(self.spec.name, kind="diffusion decoder", files=files)
-        return self.pipeline_cls.from_pretrained(folder, **{_dtype_kwarg(): self.dtype}, **skipped)
+        kwargs: dict[str, Any] = {_dtype_kwarg(): self.dtype}
+        if "transformer" in components:
+            kwargs.update(self._transformer_kwargs(folder))
+        return self.pipeline_cls.from_pretrained(folder, **kwargs, **skipped)
+
+    def _transformer_kwargs(self, folder: Path) -> dict[str, Any]:
+        """``from_pretrained`` arguments for a quantized transformer: a ``PipelineQuantizationConfig``
+        (``--quantize``), or the transformer itself loaded from a GGUF file; none otherwise."""
+        if self.transformer_file is None:
+            config = pipeline_quantization(self.quantize, self.dtype)
+            return {} if config is None else {"quantization_config": config}
+        import diffusers
+
+        name = json.loads((folder / "transformer" / "config.json").read_text())["_class_name"]
+        transformer = getattr(diffusers, name).from_single_file(
+            str(self.transformer_file),
+            config=str(folder),
+            subfolder="transformer",
+            quantization_config=gguf_quantization(self.dtype),
+            **{_dtype_kwarg(): self.dtype},
+        )
+        return {"transformer": transformer}
 
     def place(self, pipe: DiffusionPipeline) -> None:
         """Put the pipeline on the device, or install diffusers' offload hooks."""
@@ -546,6 +583,16 @@ class DiffusionDecoder:
             pipe.enable_model_cpu_offload(device=self.device)
         elif self.offload == "sequential":
             pipe.enable_sequential_cpu_offload(device=self.device)
+        elif self.offload == "group":
+            # Blocks stream to the GPU as they run, the next one copied while one computes: the
+            # offload diffusers recommends for video transformers.
+            pipe.enable_group_offload(
+                onload_device=self.device,
+                offload_device=torch.device("cpu"),
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                use_stream=True,
+            )
         else:
             pipe.to(self.device)
 
@@ -1076,7 +1123,12 @@ DECODER_CLASSES: dict[str, type[DiffusionDecoder]] = {
 
 
 def load_decoder(
-    spec: DecoderSpec, device: torch.device, dtype: torch.dtype, offload: Offload = "none"
+    spec: DecoderSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    offload: Offload = "none",
+    quantize: Quantize = "none",
+    transformer_file: str | Path | None = None,
 ) -> DiffusionDecoder:
     """The :class:`DiffusionDecoder` for a spec's family."""
-    return DECODER_CLASSES[spec.family](spec, device, dtype, offload)
+    return DECODER_CLASSES[spec.family](spec, device, dtype, offload, quantize, transformer_file)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from thinkdiff.models.loading import default_dtype, resolve_model_dir
+from thinkdiff.models.quantization import Quantize
 from thinkdiff.pipelines.constants import (
     DEFAULT_DECODER,
     DEFAULT_INSTRUCTION,
@@ -264,9 +265,12 @@ class ThinkDiffPipeline:
         source_model: the LVLM (lvlm, text-bridge) or BLIP-2 vision model (clip).
         device: where the models run (default: CUDA when available).
         dtype: of the frozen models (default: bf16 on GPU, fp32 on CPU); the aligner stays fp32.
-        offload: decoder offload mode (``none``, ``model``, ``sequential``); needs a GPU.
+        offload: decoder offload mode (``none``, ``model``, ``sequential``, ``group``); needs a GPU.
         keep_loaded: keep every stage's models between calls instead of releasing them.
         settings: see :class:`InferenceSettings`.
+        quantize: ``none``, ``nf4``, ``int8`` or ``fp8`` for the LVLM and the decoder's transformer
+            (:mod:`thinkdiff.models.quantization`); refused in one line where it cannot run.
+        transformer_file: a GGUF file of the decoder's transformer, loaded in place of its weights.
     """
 
     def __init__(
@@ -283,6 +287,8 @@ class ThinkDiffPipeline:
         keep_loaded: bool = False,
         settings: InferenceSettings | None = None,
         model_path: str | Path | None = None,
+        quantize: Quantize = "none",
+        transformer_file: str | Path | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -311,7 +317,10 @@ class ThinkDiffPipeline:
         self.dtype = dtype or default_dtype(self.device)
         self.settings = settings or InferenceSettings()
         self.keep_loaded = keep_loaded
-        self.decoder: DiffusionDecoder = load_decoder(decoder, self.device, self.dtype, offload)
+        self.quantize = quantize
+        self.decoder: DiffusionDecoder = load_decoder(
+            decoder, self.device, self.dtype, offload, quantize, transformer_file
+        )
         if keep_loaded and offload != "none":
             # Stage 1 always loads its LVLM or vision tower whole onto the device; kept, it would
             # sit beside the decoder that the offload is there to fit (Qwen2-VL-7B's 16.6 GB under
@@ -345,6 +354,8 @@ class ThinkDiffPipeline:
         offload: Offload = "none",
         keep_loaded: bool = False,
         settings: InferenceSettings | None = None,
+        quantize: Quantize = "none",
+        transformer_file: str | Path | None = None,
     ) -> ThinkDiffPipeline:
         """Read a model folder and the decoder's configs; load only the aligner (small).
 
@@ -383,6 +394,8 @@ class ThinkDiffPipeline:
             keep_loaded=keep_loaded,
             settings=settings,
             model_path=model,
+            quantize=quantize,
+            transformer_file=transformer_file,
         )
         pipe._check_source_width()
         return pipe
@@ -540,7 +553,16 @@ class ThinkDiffPipeline:
 
     def _load_lvlm(self) -> Any:
         from thinkdiff.models.lvlm import LVLMFeatureExtractor
+        from thinkdiff.models.quantization import transformers_quantization
 
+        return LVLMFeatureExtractor.from_pretrained(
+            resolve_model_dir(self.source_model, kind="LVLM"),
+            device=self.device,
+            dtype=self.dtype,
+            max_images=self.settings.max_images,
+            max_pixels=self.settings.max_pixels,
+            quantization_config=transformers_quantization(self.quantize, self.dtype),
+        )
         return LVLMFeatureExtractor.from_pretrained(
             resolve_model_dir(self.source_model, kind="LVLM"),
             device=self.device,

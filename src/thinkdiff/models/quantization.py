@@ -1,0 +1,123 @@
+"""Quantized low-VRAM modes for the LVLM and the decoder's transformer, through the libraries' own configs.
+
+``--quantize`` (:data:`QUANTIZE_MODES`):
+
+- ``none``: the weights in the pipeline's dtype (bf16 on a GPU);
+- ``nf4``: bitsandbytes 4-bit NormalFloat (``transformers.BitsAndBytesConfig`` for the LVLM,
+  ``diffusers.BitsAndBytesConfig`` for the transformer), compute in the pipeline's dtype. CUDA only;
+- ``int8``: torchao int8 weight-only (``TorchAoConfig(Int8WeightOnlyConfig())``). Runs on the CPU
+  too (tested there), where it saves memory but not time;
+- ``fp8``: torchao fp8 weight-only (``Float8WeightOnlyConfig``). Needs a CUDA GPU of compute
+  capability 8.9 or newer (Ada, Hopper).
+
+The decoder's transformer gets its config through ``diffusers.PipelineQuantizationConfig``
+(``quant_mapping={"transformer": ...}``), so the text encoders and the VAE stay as they are. A
+GGUF transformer file (``--transformer-file x.gguf``) is loaded with the transformer class's
+``from_single_file`` and ``GGUFQuantizationConfig`` and passed to the stock pipeline instead.
+
+:func:`check_quantize` says in one line why a mode cannot run here (no CUDA for bitsandbytes, no
+torchao, an older GPU for fp8) before any weights load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Literal
+
+import torch
+
+from thinkdiff.pipelines.constants import QUANTIZE_MODES
+
+__all__ = [
+    "QUANTIZE_MODES",
+    "Quantize",
+    "check_quantize",
+    "diffusers_quantization",
+    "gguf_quantization",
+    "pipeline_quantization",
+    "transformers_quantization",
+]
+
+Quantize = Literal["none", "nf4", "int8", "fp8"]
+"""One of :data:`QUANTIZE_MODES` (defined with the CLI's other names in ``pipelines.constants``)."""
+
+_INSTALL = "pip install 'thinkdiff[quantize]'"
+
+
+def check_quantize(mode: str, device: torch.device) -> None:
+    """Raise ``ValueError`` (one line) when ``mode`` cannot run on ``device`` with what is installed."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+    if mode == "none":
+        return
+    if mode == "nf4":
+        if device.type != "cuda":
+            raise ValueError(
+                "--quantize nf4 uses bitsandbytes, which needs a CUDA GPU; without one use --quantize int8 "
+                "(torchao, runs on the CPU too)"
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"--quantize nf4 needs bitsandbytes: {_INSTALL}")
+        return
+    if importlib.util.find_spec("torchao") is None:
+        raise ValueError(f"--quantize {mode} needs torchao: {_INSTALL}")
+    if mode == "fp8":
+        if device.type != "cuda":
+            raise ValueError("--quantize fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper)")
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ValueError(
+                f"--quantize fp8 needs compute capability 8.9 or newer (Ada, Hopper); this GPU has "
+                f"{major}.{minor}: use --quantize int8 or nf4"
+            )
+
+
+def _torchao_config(mode: str) -> Any:
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+    # version 2: the tensor subclasses torchao keeps (version 1 is deprecated and warns on every layer).
+    return Int8WeightOnlyConfig(version=2) if mode == "int8" else Float8WeightOnlyConfig()
+
+
+def transformers_quantization(mode: str, compute_dtype: torch.dtype) -> Any:
+    """The ``quantization_config`` for a transformers model (the LVLM); ``None`` for ``none``."""
+    if mode == "none":
+        return None
+    import transformers
+
+    if mode == "nf4":
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+    return transformers.TorchAoConfig(_torchao_config(mode))
+
+
+def diffusers_quantization(mode: str, compute_dtype: torch.dtype) -> Any:
+    """The ``quantization_config`` for a diffusers model (the decoder's transformer); ``None`` for ``none``."""
+    if mode == "none":
+        return None
+    import diffusers
+
+    if mode == "nf4":
+        return diffusers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+    return diffusers.TorchAoConfig(_torchao_config(mode))
+
+
+def pipeline_quantization(mode: str, compute_dtype: torch.dtype, components: tuple[str, ...] = ("transformer",)) -> Any:
+    """``diffusers.PipelineQuantizationConfig`` quantizing ``components`` (diffusers models) of a
+    stock pipeline's ``from_pretrained``; ``None`` for ``none``."""
+    config = diffusers_quantization(mode, compute_dtype)
+    if config is None:
+        return None
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    return PipelineQuantizationConfig(quant_mapping=dict.fromkeys(components, config))
+
+
+def gguf_quantization(compute_dtype: torch.dtype) -> Any:
+    """``GGUFQuantizationConfig`` for a transformer loaded with ``from_single_file`` from a ``.gguf`` file."""
+    from diffusers import GGUFQuantizationConfig
+
+    return GGUFQuantizationConfig(compute_dtype=compute_dtype)
