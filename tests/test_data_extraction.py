@@ -412,3 +412,34 @@ def test_the_lvlm_never_samples_a_vision_token_so_no_valid_image_is_dropped(kit:
     skipped, sampled = run(tmp_path / "suppressed")
     assert skipped == {} and sampled == 0
     assert len(FeatureShards(tmp_path / "suppressed")) == 16
+
+
+def test_a_cut_tar_and_a_non_utf8_caption_are_listed_in_the_report(kit: dict, tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from thinkdiff.data.synthetic import jpeg_bytes
+
+    members = [("a.jpg", jpeg_bytes(1)), ("a.txt", b"fine"), ("b.jpg", jpeg_bytes(2)), ("b.txt", b"caf\xe9")]
+    members += [("c.jpg", jpeg_bytes(3)), ("c.txt", b"fine too"), ("d.jpg", jpeg_bytes(4)), ("d.txt", b"lost")]
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(tmp_path / "00000.tar") as tar:
+        cut = tar.getmember("d.jpg").offset_data + 100  # inside d.jpg
+    data = (tmp_path / "00000.tar").read_bytes()
+    (tmp_path / "00000.tar").write_bytes(data[:cut])
+    out = tmp_path / "out"
+    summary = extract_features(tmp_path / "00000.tar", out, kit["engine"], SETTINGS, batch_size=2, progress=False)
+    expected = {"caption_not_utf8": 1, "truncated_sample": 1, "unreadable_shard": 1}
+    assert summary.skipped == expected and summary.samples_written == 2
+    assert json.loads((out / "report.json").read_text())["skipped"] == expected
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert {(s["key"], s["reason"]) for s in skipped} == {
+        ("b", "caption_not_utf8"),
+        ("d", "truncated_sample"),
+        ("", "unreadable_shard"),
+    }
+    assert [s["key"] for s in FeatureShards(out)] == ["a", "c"]
