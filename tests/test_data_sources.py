@@ -199,10 +199,13 @@ def test_image_caption_dataset_ranks_workers_and_resume(tmp_path: Path) -> None:
     assert _loader_keys(resumed, num_workers=2) == per_rank[0][2:]
 
 
-def test_image_caption_dataset_skips_bad_samples(tars: Path) -> None:
+def test_image_caption_dataset_skips_bad_samples(tars: Path, caplog: pytest.LogCaptureFixture) -> None:
     ds = ImageCaptionDataset(tars, shuffle_buffer=0, rank=0, world_size=1)
-    assert [s["key"] for s in ds] == GOOD_KEYS
+    with caplog.at_level("WARNING", logger="thinkdiff.data.image_caption"):
+        assert [s["key"] for s in ds] == GOOD_KEYS
     assert set(ds.skips.counts()) == set(BAD_SAMPLES.values())
+    # Each dropped training sample is in the log, with its reason.
+    assert sorted(r.getMessage().split()[1] for r in caplog.records) == sorted(BAD_SAMPLES)
 
 
 def test_a_non_image_member_beside_an_image_is_ignored(tmp_path: Path) -> None:

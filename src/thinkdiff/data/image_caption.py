@@ -165,4 +165,5 @@ class ImageCaptionDataset(IterableDataset):
         worker_id, _ = worker_info()
         if worker_id == 0 or skip.reason in ("unreadable_image", "truncated_image"):
             self.skips(skip)
-            logger.debug("skipped %s (%s): %s", skip.key, skip.reason, skip.detail)
+            # A dropped training sample must not pass silently (the log is the run's record of it).
+            logger.warning("skipped %s of %s (%s): %s", skip.key or "-", skip.shard, skip.reason, skip.detail)
