@@ -489,3 +489,35 @@ def test_remove_debris_of_feature_folders(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["index.json", "shard-000003.safetensors.tmp", f"other.json.{dead}.tmp"]
     )
+
+
+def test_shards_are_hashed_in_the_workers_and_not_again_next_epoch(
+    feature_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch.utils.data import DataLoader
+
+    from thinkdiff.data import feature_shards
+    from thinkdiff.data.feature_dataset import FeatureShardDataset
+
+    log = tmp_path / "hashed.log"
+    real = feature_shards._sha256
+
+    def logged(path: Path) -> str:  # forked workers inherit this; they append to one file
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {Path(path).name}\n")
+        return real(path)
+
+    monkeypatch.setattr(feature_shards, "_sha256", logged)
+    dataset = FeatureShardDataset(feature_dir, batch_size=4, shuffle_buffer=0)
+    assert not log.exists()  # nothing hashed at start-up
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=list)
+    counts = []
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        assert sum(len(batch) for batch in loader) == 48
+        counts.append(len(log.read_text().splitlines()))
+    rows = [line.split() for line in log.read_text().splitlines()]
+    assert os.getpid() not in {int(pid) for pid, _ in rows}  # in the workers
+    names = {name for _, name in rows}
+    assert names == {f"shard-00000{s}.{ext}" for s in (0, 1) for ext in ("safetensors", "jsonl")}
+    assert counts[0] <= 2 * len(names) and counts[1] == counts[0]  # at most once per worker, once per run

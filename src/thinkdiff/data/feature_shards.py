@@ -490,8 +490,10 @@ class FeatureShards:
     A few shards stay open at a time (``max_open``): the datasets read shard by shard.
 
     With ``verify`` (the default), the first sample read of a shard first checks the SHA-256 of
-    its files against the record (once per shard and process, so in the DataLoader workers, not
-    at start-up); a mismatch is a :class:`ShardMismatchError` naming the file.
+    its files against the record: in the DataLoader workers, not at start-up. Which shards are
+    verified is kept in shared memory, so the workers of a process (and the workers of later
+    epochs) do not hash a shard again once one of them has; a mismatch is a
+    :class:`ShardMismatchError` naming the file.
     """
 
     def __init__(
@@ -502,7 +504,8 @@ class FeatureShards:
         self.prompt_features = prompt_features
         self.max_open = max_open
         self.verify = verify
-        self._verified: set[int] = set()
+        # One flag per shard, shared with the DataLoader workers forked from this process.
+        self._verified = torch.zeros(len(self.index["shards"]), dtype=torch.uint8).share_memory_()
         self.shard_names: list[str] = [s["name"] for s in self.index["shards"]]
         self.shard_sizes: list[int] = [s["num_samples"] for s in self.index["shards"]]
         self._starts = [0]
@@ -538,7 +541,7 @@ class FeatureShards:
 
     def get(self, shard: int, row: int) -> dict[str, Any]:
         """Sample ``row`` of shard number ``shard``; tensors are copies (safe to send between processes)."""
-        if self.verify and shard not in self._verified:
+        if self.verify and not self._verified[shard]:
             self._check_checksums(shard)
         opened = self._shard(shard)
         start, stop = opened.offsets[row], opened.offsets[row + 1]
@@ -568,7 +571,7 @@ class FeatureShards:
                     f"feature shard file {path} does not match its record {entry['name']}.json "
                     "(SHA-256 differs: changed or damaged after extraction); re-extract that shard"
                 )
-        self._verified.add(shard)
+        self._verified[shard] = 1
 
     def metadata(self, shard: int) -> list[dict[str, Any]]:
         """The JSONL lines of a shard (key, prompt, text, caption, num_tokens)."""
