@@ -279,6 +279,7 @@ GOOD_JOB = {"items": ["a green square"]}
         ("through a subfolder", [{"items": ["a"], "out": "sub/../../y.png"}], "leads outside --out"),
         ("absolute", [{"items": ["a"], "out": "ABS"}], "leads outside --out"),
         ("symlink out", [{"items": ["a"], "out": "link/z.png"}], "'link/z.png' leads outside --out"),
+        ("symlink file", [{"items": ["a"], "out": "x.png"}], "'x.png' leads outside --out"),
         ("same file twice", [{"items": ["a"], "out": "a.png"}, {"items": ["b"], "out": "./a.png"}], "same file"),
         ("shared sidecar", [{"items": ["a"], "out": "a.png"}, {"items": ["b"], "out": "a.jpg"}], "a.json"),
     ],
@@ -292,6 +293,9 @@ def test_bad_job_files_are_refused_before_anything_runs(
     if case == "symlink out":
         out_dir.mkdir()
         (out_dir / "link").symlink_to(elsewhere, target_is_directory=True)
+    if case == "symlink file":  # an existing output that is a link to a file elsewhere
+        out_dir.mkdir()
+        (out_dir / "x.png").symlink_to(elsewhere / "target.png")
     absolute = str(elsewhere / "abs.png")
     jobs = root / "jobs.jsonl"
     jobs.write_bytes(
