@@ -26,8 +26,11 @@ WEIGHTS = default_weights_dir()
 MINI_LVLM = "mini world: lvlm"
 DEFAULT = "(the model's own)"
 # Settings after items and images: model, mode, decoder, seed, width, height, steps, guidance,
-# true CFG, LVLM tokens, also the text bridge.
-SETTINGS_ORDER = ("model", "mode", "decoder", "seed", "width", "height", "steps", "guidance", "true_cfg", "num_tokens", "bridge")  # fmt: skip
+# true CFG, LVLM tokens, QCD alpha, hint, also the text bridge.
+SETTINGS_ORDER = (
+    "model", "mode", "decoder", "seed", "width", "height", "steps", "guidance", "true_cfg", "num_tokens", "qcd_alpha",
+    "hint", "bridge",
+)  # fmt: skip
 
 
 def free_port() -> int:
@@ -79,6 +82,8 @@ def settings(**given) -> list:
         "guidance": None,
         "true_cfg": None,
         "num_tokens": None,
+        "qcd_alpha": None,
+        "hint": False,
         "bridge": False,
     }
     values.update(given)
@@ -133,7 +138,8 @@ def test_api_text_bridge_beside_and_settings(app, client) -> None:
     example = backend.example("Background-I", 2, 3)
     json_items, files = api_inputs(example["items"])
     paths, result = client.predict(
-        json_items, files, *settings(seed=7, steps=5, true_cfg=1.0, bridge=True), api_name="/generate"
+        json_items, files, *settings(seed=7, steps=5, true_cfg=1.0, qcd_alpha=0.5, hint=True, bridge=True),
+        api_name="/generate",
     )
     assert [r["mode"] for r in result["results"]] == ["lvlm", "text-bridge"]
     assert [Path(p).name for p in paths] == [
@@ -143,6 +149,8 @@ def test_api_text_bridge_beside_and_settings(app, client) -> None:
     assert lvlm["settings"]["num_inference_steps"] == 5 and lvlm["settings"]["true_cfg_scale"] == 1.0
     assert bridge["mode"] == "text-bridge" and bridge["seed"] == lvlm["seed"] == 7
     assert bridge["lvlm_text"] == lvlm["lvlm_text"]  # the same greedy answer, read once per mode
+    # QCD and the hint reached the LVLM (the sidecar records how it read the request).
+    assert lvlm["lvlm"]["qcd_alpha"] == 0.5 and lvlm["lvlm"]["hint"] in lvlm["lvlm"]["instruction"]
 
 
 def broken_png(folder: Path) -> Path:
@@ -163,6 +171,7 @@ def broken_png(folder: Path) -> Path:
         ("bad item", 'each item must be {"text": STR} or {"image": INDEX}'),
         ("wrong mode for the model", "is a ThinkDiff-LVLM model: mode clip needs a clip model"),
         ("huge image", "pixels, more than"),
+        ("steps not a number", "steps must be a number, got 'many'"),
     ],
 )
 def test_api_bad_input_is_one_readable_line(app, client, tmp_path, case, message) -> None:
@@ -181,6 +190,8 @@ def test_api_bad_input_is_one_readable_line(app, client, tmp_path, case, message
         items = [{"image": "/etc/hostname"}]
     elif case == "wrong mode for the model":
         given = {"mode": "clip"}
+    elif case == "steps not a number":
+        given = {"steps": "many"}
     elif case == "huge image":
         huge = tmp_path / "huge.png"
         Image.new("1", (5000, 4000)).save(huge)  # 20 MP, a few kB
@@ -226,7 +237,7 @@ def test_queue_position_progress_and_cancel(app) -> None:
     url, _, _ = app
     first, second = Client(url, verbose=False), Client(url, verbose=False)
     text = [{"text": "Word 1: red, Word 2: blue, Word 3: green, "}]
-    running = first.submit(text, [], *settings(steps=400), api_name="/generate")  # a few seconds
+    running = first.submit(text, [], *settings(steps=250), api_name="/generate")  # a few seconds
     progress: list[str] = []
 
     def poll_running() -> Status:

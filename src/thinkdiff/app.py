@@ -59,6 +59,11 @@ MAX_ROWS = 12
 """Rows of the page's sequence editor (images and texts together)."""
 MODEL_DEFAULT = "(the model's own)"
 """Decoder choice meaning: the decoder the model folder names."""
+CSS = """
+#output-image img, #bridge-image img, #history img { image-rendering: pixelated; }
+#output-image img, #bridge-image img { width: 100%; height: 100%; object-fit: contain; }
+"""
+"""The mini world draws 32-pixel images: shown enlarged, pixels kept sharp."""
 _IMAGE_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
 
 
@@ -114,6 +119,10 @@ class GenerateOptions:
     true_cfg: float | None = None
     num_tokens: int | None = None
     """LVLM tokens (default: the server's setting: the mini world's longest answer, else 128)."""
+    qcd_alpha: float | None = None
+    """lvlm / text-bridge: query-contrastive decoding weight (``None``: off)."""
+    hint: bool = False
+    """lvlm / text-bridge: append the pipeline's hint sentence to the instruction."""
     text_bridge: bool = False
     """Also run the text bridge on the same inputs and seed."""
     target: dict[str, str] | None = None
@@ -183,9 +192,15 @@ class Backend:
 
             self.world = miniworld.MiniWorld(Path(config.miniworld or miniworld.default_weights_dir()))
 
-            # Every aligner the world has (lvlm first, then clip and any added later, e.g. a
-            # calibrated one).
-            folders = sorted((self.world.root / "thinkdiff").iterdir(), key=lambda f: (f.name != "lvlm", f.name))
+            # Every aligner the world has: the calibrated one the demo draws with first (when the
+            # world has it), then lvlm, then the others (clip, other calibrated ones).
+            from thinkdiff.miniworld.build import DEMO_CALIBRATED, calibrated_dir
+
+            first = [calibrated_dir(self.world.root, DEMO_CALIBRATED).name, "lvlm"]
+            folders = sorted(
+                (self.world.root / "thinkdiff").iterdir(),
+                key=lambda f: (first.index(f.name) if f.name in first else len(first), f.name),
+            )
             for folder in folders:
                 if (folder / "thinkdiff.json").is_file():
                     label = f"mini world: {folder.name}"
@@ -246,7 +261,8 @@ class Backend:
                 image.load()  # decodes it all: a truncated file fails here
                 return _IMAGE_SUFFIXES.get(image.format or "", ".png")
         except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-            raise ValueError(f"{where}: not a readable image ({type(error).__name__}: {error})") from error
+            reason = str(error).replace(str(path), path.name)  # the server's upload folder is no one's business
+            raise ValueError(f"{where}: not a readable image ({type(error).__name__}: {reason})") from error
 
     def example(self, task: str = "Color-II", shot: int = 2, index: int | None = None) -> dict[str, Any]:
         """A mini-CoBSAT prompt as editor rows: ``{"items": [str | Path], "target": {...},
@@ -386,6 +402,8 @@ class Backend:
                 num_inference_steps=options.steps,
                 guidance_scale=options.guidance,
                 true_cfg_scale=options.true_cfg,
+                qcd_alpha=options.qcd_alpha or None,
+                hint=True if options.hint else None,
             )
             results = []
             for n, run_mode in enumerate(modes):
@@ -445,31 +463,24 @@ def describe(result: JobResult, target_caption: str | None = None) -> str:
 # ---- the page -----------------------------------------------------------------------------------
 
 
-def _image_slot(**kwargs: Any) -> Any:
-    """A ``gr.Image`` that hands over the uploaded file's path without opening it.
+def _upload_path(value: Any) -> str | None:
+    """The server path of an image slot's upload, as Gradio hands it over unprocessed.
 
-    Stock ``gr.Image`` opens every input with PIL in preprocessing, so a broken upload failed
-    there, outside the app, with a bare "Error". Gradio has already checked that the path is an
-    upload of this server; the backend checks the image and says what is wrong with it. (Set on
-    the instance: a ``gr.Image`` subclass would make Gradio write a ``.pyi`` beside this module.)
+    Events reading the image slots skip Gradio's preprocessing: stock ``gr.Image`` opens every
+    input with PIL there, so a broken upload failed outside the app with a bare "Error". Gradio
+    still checks, before this, that the path is an upload to this server; the backend then checks
+    the image and says what is wrong with it.
     """
-    import gradio as gr
-
-    image = gr.Image(**kwargs)
-    stock = image.preprocess
-
-    def preprocess(payload: Any) -> Any:
-        if payload is None or payload.path is None:
-            return stock(payload)
-        return str(payload.path)
-
-    image.preprocess = preprocess  # type: ignore[method-assign]
-    return image
+    if isinstance(value, dict):
+        return value.get("path")
+    return value or None
 
 
 def _rows(kinds: Sequence[str], images: Sequence[Any], texts: Sequence[Any]) -> list[dict[str, Any]]:
     return [
-        {"kind": kind, "image": images[i], "text": texts[i]} for i, kind in enumerate(kinds) if kind
+        {"kind": kind, "image": _upload_path(images[i]), "text": texts[i] or ""}
+        for i, kind in enumerate(kinds)
+        if kind
     ]
 
 
@@ -483,6 +494,21 @@ def _items(rows: Sequence[dict[str, Any]]) -> list[str | Path]:
         elif row["text"]:
             items.append(str(row["text"]))
     return items
+
+
+def _number(value: Any, name: str, kind: type[int] | type[float]) -> Any:
+    """A setting typed in the page: blank is ``None`` (the decoder's default)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if kind is int:
+        if number != int(number):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        return int(number)
+    return number
 
 
 def build_app(backend: Backend) -> "gr.Blocks":
@@ -517,12 +543,11 @@ def build_app(backend: Backend) -> "gr.Blocks":
         with gr.Row():
             with gr.Column(scale=3):
                 gr.Markdown("### Sequence")
-                groups, labels, images, texts, ups, downs, removes = [], [], [], [], [], [], []
+                groups, images, texts, ups, downs, removes = [], [], [], [], [], []
                 for i in range(MAX_ROWS):
                     with gr.Group(visible=False, elem_id=f"row-{i}") as group, gr.Row(equal_height=True):
-                        labels.append(gr.Markdown(f"{i + 1}", elem_id=f"row-{i}-label"))
                         images.append(
-                            _image_slot(
+                            gr.Image(
                                 type="filepath",
                                 sources=["upload", "clipboard"],
                                 label=f"image (row {i + 1})",
@@ -568,24 +593,38 @@ def build_app(backend: Backend) -> "gr.Blocks":
                 )
                 decoder = gr.Dropdown(backend.decoder_choices(), value=MODEL_DEFAULT, label="decoder")
                 with gr.Row():
-                    width = gr.Number(None, label="width (blank: decoder's)", precision=0)
-                    height = gr.Number(None, label="height (blank: decoder's)", precision=0)
+                    width = gr.Textbox("", label="width", placeholder="blank: the decoder's")
+                    height = gr.Textbox("", label="height", placeholder="blank: the decoder's")
                 with gr.Row():
-                    steps = gr.Number(None, label="steps", precision=0)
-                    guidance = gr.Number(None, label="guidance")
-                    true_cfg = gr.Number(None, label="true CFG")
+                    steps = gr.Textbox("", label="steps", placeholder="blank: the decoder's")
+                    guidance = gr.Textbox("", label="guidance", placeholder="blank: the decoder's")
+                    true_cfg = gr.Textbox("", label="true CFG", placeholder="blank: the decoder's")
                 with gr.Row():
                     seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
                     reseed = gr.Button("random", size="sm", elem_id="random-seed")
-                num_tokens = gr.Number(backend.default_num_tokens(), label="LVLM tokens", precision=0)
-                bridge = gr.Checkbox(False, label="also the text bridge (same inputs and seed)")
+                with gr.Row():
+                    num_tokens = gr.Number(backend.default_num_tokens(), label="LVLM tokens", precision=0)
+                    qcd = gr.Textbox("", label="QCD alpha", placeholder="blank: off")
+                    hint = gr.Checkbox(False, label="hint")
+                bridge = gr.Checkbox(
+                    False, label="also the text bridge (same inputs and seed)", elem_id="text-bridge"
+                )
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
         with gr.Row():
-            out_image = gr.Image(label="ThinkDiff", type="filepath", elem_id="output-image", interactive=False)
-            out_video = gr.Video(label="ThinkDiff (video)", visible=False, interactive=False)
-            bridge_image = gr.Image(label="text bridge", type="filepath", visible=False, interactive=False)
+            out_image = gr.Image(
+                label="ThinkDiff", type="filepath", elem_id="output-image", interactive=False, height=320
+            )
+            out_video = gr.Video(label="ThinkDiff (video)", visible=False, interactive=False, height=320)
+            bridge_image = gr.Image(
+                label="text bridge",
+                type="filepath",
+                visible=False,
+                interactive=False,
+                height=320,
+                elem_id="bridge-image",
+            )
         details = gr.Markdown("", elem_id="details")
         lvlm_text = gr.Textbox(label="the LVLM's text", interactive=False, elem_id="lvlm-text")
         downloads = gr.File(label="PNG + JSON sidecar", file_count="multiple", interactive=False)
@@ -600,14 +639,13 @@ def build_app(backend: Backend) -> "gr.Blocks":
 
         # ---- editor ---------------------------------------------------------------------------
         editor = [kinds, *images, *texts]
-        shown = [kinds, target, *groups, *labels, *images, *texts]
+        shown = [kinds, target, *groups, *images, *texts]
 
         def layout(rows: list[dict[str, Any]], note: str | None = None) -> list[Any]:
             """Updates drawing ``rows`` into the slots (+ the target, cleared by any edit)."""
             rows = rows[:MAX_ROWS]
             out: list[Any] = [[r["kind"] for r in rows] + [""] * (MAX_ROWS - len(rows)), None]
             out += [gr.update(visible=i < len(rows)) for i in range(MAX_ROWS)]
-            out += [gr.update(value=f"**{i + 1}**") for i in range(MAX_ROWS)]
             for i in range(MAX_ROWS):
                 row = rows[i] if i < len(rows) else None
                 is_image = row is not None and row["kind"] == "image"
@@ -649,15 +687,17 @@ def build_app(backend: Backend) -> "gr.Blocks":
             return handler
 
         ui = {"concurrency_limit": None, "api_visibility": "private", "show_progress": "hidden"}
-        add_image.click(add("image"), editor, shown, **ui)
-        add_text.click(add("text"), editor, shown, **ui)
-        clear.click(lambda *values: layout([]), editor, shown, **ui)
+        raw = {**ui, "preprocess": False}  # image slots are read unprocessed (see _upload_path)
+        add_image.click(add("image"), editor, shown, **raw)
+        add_text.click(add("text"), editor, shown, **raw)
+        clear.click(lambda *values: layout([]), editor, shown, **raw)
         for i in range(MAX_ROWS):
-            ups[i].click(move(i, -1), editor, shown, **ui)
-            downs[i].click(move(i, +1), editor, shown, **ui)
-            removes[i].click(remove(i), editor, shown, **ui)
+            ups[i].click(move(i, -1), editor, shown, **raw)
+            downs[i].click(move(i, +1), editor, shown, **raw)
+            removes[i].click(remove(i), editor, shown, **raw)
 
-        def on_upload(path: str | None, index: int) -> tuple[Any, str]:
+        def on_upload(value: Any, index: int) -> tuple[Any, str]:
+            path = _upload_path(value)
             if not path:
                 return gr.update(), ""
             try:
@@ -669,7 +709,7 @@ def build_app(backend: Backend) -> "gr.Blocks":
 
         for i in range(MAX_ROWS):
             images[i].upload(
-                lambda path, i=i: on_upload(path, i), images[i], [images[i], status], **ui
+                lambda value, i=i: on_upload(value, i), images[i], [images[i], status], **raw
             )
 
         def on_example(task_name: str, shots: int) -> list[Any]:
@@ -694,27 +734,27 @@ def build_app(backend: Backend) -> "gr.Blocks":
         )
 
         # ---- generation -----------------------------------------------------------------------
-        settings = [model, mode, decoder, seed, width, height, steps, guidance, true_cfg, num_tokens, bridge]
+        settings = [
+            model, mode, decoder, seed, width, height, steps, guidance, true_cfg, num_tokens, qcd, hint, bridge,
+        ]  # fmt: skip
         running: dict[str, threading.Event] = {}
 
         def options(values: Sequence[Any], goal: dict[str, Any] | None) -> GenerateOptions:
             """The settings' values, in the order of ``settings``."""
-            m, md, dec, sd, w, h, st, g, cfg, nt, br = values
-
-            def whole(value: Any) -> int | None:
-                return None if value is None else int(value)
-
+            m, md, dec, sd, w, h, st, g, cfg, nt, a, hn, br = values
             return GenerateOptions(
                 model=m,
                 mode=md,
                 decoder=dec or MODEL_DEFAULT,
-                seed=int(sd or 0),
-                width=whole(w),
-                height=whole(h),
-                steps=whole(st),
-                guidance=None if g is None else float(g),
-                true_cfg=None if cfg is None else float(cfg),
-                num_tokens=whole(nt),
+                seed=_number(sd, "seed", int) or 0,
+                width=_number(w, "width", int),
+                height=_number(h, "height", int),
+                steps=_number(st, "steps", int),
+                guidance=_number(g, "guidance", float),
+                true_cfg=_number(cfg, "true CFG", float),
+                num_tokens=_number(nt, "LVLM tokens", int),
+                qcd_alpha=_number(a, "QCD alpha", float),
+                hint=bool(hn),
                 text_bridge=bool(br),
                 target=None if goal is None else goal["target"],
             )
@@ -746,9 +786,10 @@ def build_app(backend: Backend) -> "gr.Blocks":
             goal, past = data[target], data[history]
             try:
                 items = _items(rows)
+                opts = options([data[c] for c in settings], goal)
             except ValueError as error:
                 raise gr.Error(str(error)) from None
-            results = run_job(items, options([data[c] for c in settings], goal), request, progress)
+            results = run_job(items, opts, request, progress)
             main, rest = results[0], results[1:]
             caption = None if goal is None else goal["caption"].split("should show ")[-1]
             notes = [describe(r, caption) for r in results]
@@ -775,6 +816,7 @@ def build_app(backend: Backend) -> "gr.Blocks":
             api_visibility="private",
             concurrency_id="device",
             concurrency_limit=1,
+            preprocess=False,  # see _upload_path; options() parses the settings
         )
 
         def on_cancel(request: gr.Request) -> None:
@@ -792,12 +834,14 @@ def build_app(backend: Backend) -> "gr.Blocks":
             mode_: str,
             decoder_: str,
             seed_: float | None,
-            width_: float | None,
-            height_: float | None,
-            steps_: float | None,
-            guidance_: float | None,
-            true_cfg_: float | None,
+            width_: str | float | None,
+            height_: str | float | None,
+            steps_: str | float | None,
+            guidance_: str | float | None,
+            true_cfg_: str | float | None,
             num_tokens_: float | None,
+            qcd_alpha_: str | float | None,
+            hint_: bool,
             bridge_: bool,
             request: gr.Request,
             progress: gr.Progress = gr.Progress(),  # noqa: B008 (how gradio asks for it)
@@ -805,7 +849,8 @@ def build_app(backend: Backend) -> "gr.Blocks":
             """``items``: [{"text": str} | {"image": k}], k indexing the uploaded ``files``; then
             the settings (in the order of ``settings``)."""
             values = [
-                model_, mode_, decoder_, seed_, width_, height_, steps_, guidance_, true_cfg_, num_tokens_, bridge_,
+                model_, mode_, decoder_, seed_, width_, height_, steps_, guidance_, true_cfg_, num_tokens_,
+                qcd_alpha_, hint_, bridge_,
             ]  # fmt: skip
             files = list(files or [])
             sequence: list[str | Path] = []
@@ -821,9 +866,10 @@ def build_app(backend: Backend) -> "gr.Blocks":
                         sequence.append(Path(files[item["image"]]))
                     else:
                         raise ValueError(f'each item must be {{"text": STR}} or {{"image": INDEX}}, got {item!r}')
+                opts = options(values, None)
             except ValueError as error:
                 raise gr.Error(str(error)) from None
-            results = run_job(sequence, options(values, None), request, progress)
+            results = run_job(sequence, opts, request, progress)
             return (
                 [str(p) for r in results for p in (r.path, r.sidecar_path)],
                 {"results": [r.summary() for r in results]},
@@ -854,6 +900,7 @@ def launch(backend: Backend, host: str = "127.0.0.1", port: int | None = None, b
         show_error=False,  # only the app's own one-line messages reach the page
         prevent_thread_lock=not block,
         ssr_mode=False,
+        css=CSS,
         quiet=not block,
         inbrowser=False,
         share=False,
