@@ -179,7 +179,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--quantize",
         choices=QUANTIZE_MODES,
         default="none",
-        help="LVLM and decoder transformer weights: nf4 (bitsandbytes, CUDA), int8 (torchao, also CPU), "
+        help="LVLM, decoder transformer and T5 weights: nf4 (bitsandbytes, CUDA), int8 (torchao, also CPU), "
         "fp8 (torchao, compute capability 8.9+)",
     )
     running.add_argument(

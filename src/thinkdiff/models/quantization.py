@@ -10,10 +10,12 @@
 - ``fp8``: torchao fp8 weight-only (``Float8WeightOnlyConfig``). Needs a CUDA GPU of compute
   capability 8.9 or newer (Ada, Hopper).
 
-The decoder's transformer gets its config through ``diffusers.PipelineQuantizationConfig``
-(``quant_mapping={"transformer": ...}``), so the text encoders and the VAE stay as they are. A
-GGUF transformer file (``--transformer-file x.gguf``) is loaded with the transformer class's
-``from_single_file`` and ``GGUFQuantizationConfig`` and passed to the stock pipeline instead.
+The decoder's transformer and its T5 encoder (T5-XXL: 9.5 GB in bf16, loaded for extra text,
+guidance negatives and text-bridge) get their configs through ``diffusers.PipelineQuantizationConfig``
+(``quant_mapping={"transformer": <diffusers config>, "text_encoder_2": <transformers config>}``);
+CLIP and the VAE stay as they are. A GGUF transformer file (``--transformer-file x.gguf``) is
+loaded with the transformer class's ``from_single_file`` and ``GGUFQuantizationConfig`` and passed
+to the stock pipeline instead (``--quantize`` then applies to the LVLM and T5).
 
 :func:`check_quantize` says in one line why a mode cannot run here (no CUDA for bitsandbytes, no
 torchao, an older GPU for fp8) before any weights load.
@@ -105,15 +107,23 @@ def diffusers_quantization(mode: str, compute_dtype: torch.dtype) -> Any:
     return diffusers.TorchAoConfig(_torchao_config(mode))
 
 
-def pipeline_quantization(mode: str, compute_dtype: torch.dtype, components: tuple[str, ...] = ("transformer",)) -> Any:
-    """``diffusers.PipelineQuantizationConfig`` quantizing ``components`` (diffusers models) of a
-    stock pipeline's ``from_pretrained``; ``None`` for ``none``."""
-    config = diffusers_quantization(mode, compute_dtype)
-    if config is None:
+def pipeline_quantization(
+    mode: str,
+    compute_dtype: torch.dtype,
+    diffusers_components: tuple[str, ...] = ("transformer",),
+    transformers_components: tuple[str, ...] = (),
+) -> Any:
+    """``diffusers.PipelineQuantizationConfig`` for a stock pipeline's ``from_pretrained``: the
+    ``diffusers_components`` (the transformer) with a diffusers config, the
+    ``transformers_components`` (the T5 encoder) with a transformers one; ``None`` for ``none`` or
+    no component."""
+    if mode == "none" or not (diffusers_components or transformers_components):
         return None
     from diffusers.quantizers import PipelineQuantizationConfig
 
-    return PipelineQuantizationConfig(quant_mapping=dict.fromkeys(components, config))
+    mapping = {name: diffusers_quantization(mode, compute_dtype) for name in diffusers_components}
+    mapping |= {name: transformers_quantization(mode, compute_dtype) for name in transformers_components}
+    return PipelineQuantizationConfig(quant_mapping=mapping)
 
 
 def gguf_quantization(compute_dtype: torch.dtype) -> Any:

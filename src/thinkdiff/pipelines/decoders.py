@@ -507,16 +507,15 @@ class DiffusionDecoder:
                 raise ValueError(f"--transformer-file {transformer_file}: expected a .gguf file")
             if not transformer_file.is_file():
                 raise FileNotFoundError(f"--transformer-file {transformer_file}: no such file")
-            if quantize != "none":
-                raise ValueError("--transformer-file is a quantized GGUF transformer: leave --quantize at none")
         self.spec = spec
         self.device = device
         self.dtype = dtype
         self.offload = offload
         self.quantize = quantize
-        """The transformer's quantization (:mod:`thinkdiff.models.quantization`)."""
+        """The quantization of the transformer and the T5 encoder (:mod:`thinkdiff.models.quantization`)."""
         self.transformer_file = transformer_file
-        """A GGUF transformer file loaded in place of the folder's transformer weights."""
+        """A GGUF transformer file loaded in place of the folder's transformer weights (``quantize``
+        then applies to the T5 encoder only)."""
 
     # ---- loading -------------------------------------------------------------------------------
 
@@ -555,27 +554,36 @@ class DiffusionDecoder:
         files = diffusers_files(configs, skipped=skipped, extra=[DECODER_DESCRIPTOR])
         folder = resolve_model_dir(self.spec.name, kind="diffusion decoder", files=files)
         kwargs: dict[str, Any] = {_dtype_kwarg(): self.dtype}
-        if "transformer" in components:
-            kwargs.update(self._transformer_kwargs(folder))
+        kwargs.update(self._quantization_kwargs(folder, components))
         return self.pipeline_cls.from_pretrained(folder, **kwargs, **skipped)
 
-    def _transformer_kwargs(self, folder: Path) -> dict[str, Any]:
-        """``from_pretrained`` arguments for a quantized transformer: a ``PipelineQuantizationConfig``
-        (``--quantize``), or the transformer itself loaded from a GGUF file; none otherwise."""
-        if self.transformer_file is None:
-            config = pipeline_quantization(self.quantize, self.dtype)
-            return {} if config is None else {"quantization_config": config}
-        import diffusers
+    def _quantization_kwargs(self, folder: Path, components: Sequence[str]) -> dict[str, Any]:
+        """``from_pretrained`` arguments that quantize the loaded transformer and T5 encoder: a
+        ``PipelineQuantizationConfig`` (``--quantize``) and, with a GGUF file, the transformer itself
+        loaded from it (the file is quantized already); none otherwise."""
+        kwargs: dict[str, Any] = {}
+        transformer = "transformer" in components
+        if transformer and self.transformer_file is not None:
+            import diffusers
 
-        name = json.loads((folder / "transformer" / "config.json").read_text())["_class_name"]
-        transformer = getattr(diffusers, name).from_single_file(
-            str(self.transformer_file),
-            config=str(folder),
-            subfolder="transformer",
-            quantization_config=gguf_quantization(self.dtype),
-            **{_dtype_kwarg(): self.dtype},
+            name = json.loads((folder / "transformer" / "config.json").read_text())["_class_name"]
+            kwargs["transformer"] = getattr(diffusers, name).from_single_file(
+                str(self.transformer_file),
+                config=str(folder),
+                subfolder="transformer",
+                quantization_config=gguf_quantization(self.dtype),
+                **{_dtype_kwarg(): self.dtype},
+            )
+        t5 = [c for c in self.text_encoder_components.get("t5", ())[:1] if c in components]
+        config = pipeline_quantization(
+            self.quantize,
+            self.dtype,
+            diffusers_components=("transformer",) if transformer and self.transformer_file is None else (),
+            transformers_components=tuple(t5),
         )
-        return {"transformer": transformer}
+        if config is not None:
+            kwargs["quantization_config"] = config
+        return kwargs
 
     def place(self, pipe: DiffusionPipeline) -> None:
         """Put the pipeline on the device, or install diffusers' offload hooks."""
