@@ -250,3 +250,53 @@ def test_generate_cli_records_qcd_and_hint(tiny_env: Path, tmp_path: Path, capsy
     assert main(["generate", *common, "--jobs", str(jobs), "--out", str(tmp_path / "bad")]) == 2
     assert "hint must be true or false" in capsys.readouterr().err
     assert main(["generate", *common, "--text", "x", "--hint", "--no-instruction"]) == 2
+
+
+# ---- CoBSAT: generate, results, the qcd ablation -------------------------------------------------
+
+
+def test_qcd_ablation_and_the_results_record_generation(tiny_env: Path, tmp_path: Path) -> None:
+    import json
+
+    from transformers import AutoTokenizer
+
+    from tests.conftest import write_feature_folder
+    from thinkdiff.cli import main
+    from thinkdiff.evaluation.cobsat import PUBLISHED, write_synthetic_dataset
+    from thinkdiff.pipelines import HINT_INSTRUCTION
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_env / "qwen2-vl")
+    features = write_feature_folder(tmp_path / "features", tokenizer, per_shard=8)
+    dataset = write_synthetic_dataset(tmp_path / "datasets")
+    out = tmp_path / "ablation"
+    argv = [
+        "eval", "cobsat", "ablation", "qcd", "--features", str(features), "--preset", "debug-lvlm",
+        "--dataset", str(dataset), "--out", str(out), "--train-args", "--max-steps 2 --val-every 0 --decode-every 0",
+        "--tasks", "2", "--shots", "2", "--num-prompts", "1", "--steps", "1", "--size", "64",
+        "--judge", "tiny:llava", "--max-new-tokens", "2", "--qcd-alpha", "0.7",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    expected = {
+        "text-bridge": ("text-bridge", 0.0, None),
+        "text-bridge-hint": ("text-bridge", 0.0, HINT_INSTRUCTION),
+        "text-bridge-qcd": ("text-bridge", 0.7, None),
+        "text-bridge-hint-qcd": ("text-bridge", 0.7, HINT_INSTRUCTION),
+        "lvlm-qcd": ("lvlm", 0.7, None),
+    }
+    for variant, (mode, alpha, hint) in expected.items():
+        sidecar = json.loads(next((out / "images" / variant).rglob("*.json")).read_text())
+        generator = sidecar["generator"]
+        assert (generator["mode"], generator["qcd_alpha"], generator["hint"]) == (mode, alpha, hint)
+        assert (sidecar["output"]["lvlm"]["qcd_alpha"], sidecar["output"]["lvlm"]["hint"]) == (alpha, hint)
+        results = json.loads((out / "results" / variant / "cobsat-results.json").read_text())
+        assert results["generation"] == [generator]
+        assert any(f"qcd_alpha={alpha!r}" in note for note in results["notes"])
+    assert not (out / "runs" / "lvlm-qcd").exists()  # lvlm + QCD decodes with the method's model
+    compare = (out / "compare" / "cobsat-compare.md").read_text()
+    for label in ("text-bridge-hint-qcd", "lvlm-qcd", *PUBLISHED[2]):
+        assert label in compare
+    assert "Text bridge + hint + QCD (2026 follow-up, its method; avg only) (published) | - " in compare
+    assert "| 0.693 |" in compare  # 2-shot only here; the CSV holds every published row
+    assert '"Text bridge + hint + QCD (2026 follow-up, its method; avg only)",published,4,,avg,0.767' in (
+        out / "compare" / "cobsat-compare.csv"
+    ).read_text()

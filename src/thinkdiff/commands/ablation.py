@@ -25,11 +25,13 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Variant:
-    """One arm of an ablation: how it is trained (None: not trained) and the inference mode."""
+    """One arm of an ablation: how it is trained (None: not trained, the method's model is used),
+    the inference mode, and extra ``eval cobsat generate`` flags."""
 
     name: str
     mode: str = "lvlm"
     train_args: tuple[str, ...] | None = field(default=())
+    generate_args: tuple[str, ...] = ()
 
 
 METHOD = Variant("lvlm")
@@ -45,10 +47,24 @@ ABLATIONS: dict[str, tuple[Variant, ...]] = {
     ),
     # The strongest published baseline: the LVLM writes a prompt, FLUX's own encoders read it.
     "text-bridge": (METHOD, Variant("text-bridge", mode="text-bridge", train_args=None)),
+    # The 2026 follow-up's training-free method: the text bridge with a hint and query-contrastive
+    # decoding (--qcd-alpha A of this command, 0.5 by default), and ThinkDiff-LVLM with QCD.
+    "qcd": (
+        METHOD,
+        Variant("text-bridge", mode="text-bridge", train_args=None),
+        Variant("text-bridge-hint", mode="text-bridge", train_args=None, generate_args=("--hint",)),
+        Variant("text-bridge-qcd", mode="text-bridge", train_args=None, generate_args=("--qcd-alpha",)),
+        Variant(
+            "text-bridge-hint-qcd", mode="text-bridge", train_args=None, generate_args=("--hint", "--qcd-alpha")
+        ),
+        Variant("lvlm-qcd", train_args=None, generate_args=("--qcd-alpha",)),
+    ),
 }
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from thinkdiff.pipelines.constants import DEFAULT_QCD_ALPHA
+
     p = sub.add_parser(
         "ablation",
         help="train, generate, judge and compare the variants of one ablation",
@@ -75,6 +91,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--judge", help="judge hub id or folder (default: llava-hf/llava-1.5-13b-hf)")
     p.add_argument("--max-new-tokens", help="judge reply limit (protocol: 512)")
     p.add_argument("--device", help="torch device for generation and judging")
+    p.add_argument(
+        "--qcd-alpha",
+        type=float,
+        default=DEFAULT_QCD_ALPHA,
+        help=f"QCD weight of the qcd ablation's variants (default {DEFAULT_QCD_ALPHA}; images are kept on "
+        "a rerun, so another weight needs another --out)",
+    )
     p.set_defaults(func=run)
 
 
@@ -142,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
                 args.size,
                 *selection,
                 *_pairs(args, "decoder", "device"),
+                *[f"--qcd-alpha={args.qcd_alpha}" if a == "--qcd-alpha" else a for a in variant.generate_args],
             ]
         )
         result_dir = out / "results" / variant.name

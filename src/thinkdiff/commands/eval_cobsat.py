@@ -26,6 +26,8 @@ DEFAULT_SHOTS = [2, 4]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from thinkdiff.commands.generate import add_qcd_and_hint
+
     # ``eval`` is a group so other benchmarks can join it as ``thinkdiff eval NAME``.
     eval_parser = subparsers.add_parser(
         "eval", help="run a benchmark", description="Run a benchmark. See `thinkdiff eval cobsat --help`."
@@ -79,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="prompts per generator call")
     p.add_argument("--seed", type=int, default=123, help="seed, reset for every sample (protocol: 123)")
     p.add_argument("--device", help="torch device (default: cuda if available)")
+    add_qcd_and_hint(p)
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser(
@@ -221,12 +224,22 @@ def run_check_dataset(args: argparse.Namespace) -> int:
 
 def _load_generator(args: argparse.Namespace) -> ImageGenerator:
     """The ThinkDiff pipeline for ``--mode``, kept loaded across batches (protocol: 28 steps, 3.5, 512 px)."""
-    from thinkdiff.pipelines import SeededImageGenerator, ThinkDiffPipeline
+    from thinkdiff.commands.generate import hint_of
+    from thinkdiff.pipelines import InferenceSettings, SeededImageGenerator, ThinkDiffPipeline
 
     if args.model is None and args.mode != "text-bridge":
         raise ValueError(f"--mode {args.mode} needs --model (a trained ThinkDiff model folder)")
+    if args.mode == "clip" and (args.qcd_alpha > 0 or args.hint is not None):
+        raise ValueError("--qcd-alpha and --hint apply to the LVLM (lvlm and text-bridge modes); clip uses none")
+    settings = InferenceSettings(qcd_alpha=args.qcd_alpha, hint=hint_of(args))
     pipeline = ThinkDiffPipeline.from_pretrained(
-        args.model, decoder=args.decoder, mode=args.mode, lvlm=args.lvlm, device=args.device, keep_loaded=True
+        args.model,
+        decoder=args.decoder,
+        mode=args.mode,
+        lvlm=args.lvlm,
+        device=args.device,
+        keep_loaded=True,
+        settings=settings,
     )
     return SeededImageGenerator(
         pipeline,
@@ -243,6 +256,7 @@ def run_generate(args: argparse.Namespace) -> int:
     Files: OUT/shot_{k}/task_{id}/{index}_{theta}_{x_0}_..._{x_k}.jpg plus a .json sidecar.
     Split work over GPUs with --tasks, --shots and --prompt-range; every process may share OUT.
     """
+    from thinkdiff.commands.generate import hint_of
     from thinkdiff.evaluation.cobsat import CobsatDataset, generate_cobsat
 
     tasks, shots, indices = _selection(args)
@@ -257,7 +271,14 @@ def run_generate(args: argparse.Namespace) -> int:
         indices=indices,
         seed=args.seed,
         batch_size=args.batch_size,
-        metadata={"mode": args.mode, "model": str(args.model), "decoder": args.decoder, "steps": args.steps},
+        metadata={
+            "mode": args.mode,
+            "model": str(args.model),
+            "decoder": args.decoder,
+            "steps": args.steps,
+            "qcd_alpha": args.qcd_alpha,
+            "hint": hint_of(args),
+        },
     )
     print(
         f"generated {report.written}, kept {report.skipped} existing, of {report.total} ({report.seconds:.0f} s)"

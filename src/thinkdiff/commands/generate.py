@@ -56,6 +56,37 @@ Examples:
 """
 
 
+def add_qcd_and_hint(group: argparse._ActionsContainer) -> None:
+    """``--qcd-alpha [A]`` and ``--hint [SENTENCE]`` (lvlm and text-bridge; read back with :func:`hint_of`)."""
+    from thinkdiff.pipelines.constants import DEFAULT_QCD_ALPHA
+
+    group.add_argument(
+        "--qcd-alpha",
+        type=float,
+        nargs="?",
+        const=DEFAULT_QCD_ALPHA,
+        default=0.0,
+        metavar="A",
+        help="lvlm and text-bridge: query-contrastive decoding, (1+A)*logits(input) - A*logits(input without "
+        f"its last text) before temperature/top-p (bare flag: {DEFAULT_QCD_ALPHA}; default 0: off)",
+    )
+    group.add_argument(
+        "--hint",
+        nargs="?",
+        const="",
+        metavar="SENTENCE",
+        help="lvlm and text-bridge: append a hint to the instruction (bare flag: ours, that the last word is "
+        "the key clue and the shared attribute comes from the pictures)",
+    )
+
+
+def hint_of(args: argparse.Namespace) -> str | None:
+    """The hint sentence ``--hint`` asked for (bare flag: ``HINT_INSTRUCTION``), or ``None``."""
+    from thinkdiff.pipelines.constants import HINT_INSTRUCTION
+
+    return None if args.hint is None else (args.hint.strip() or HINT_INSTRUCTION)
+
+
 class _AppendItem(argparse.Action):
     """--image and --text append to one shared list, so their order is the interleaved order."""
 
@@ -66,7 +97,7 @@ class _AppendItem(argparse.Action):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from thinkdiff.pipelines.constants import DEFAULT_QCD_ALPHA, MODES, OFFLOAD_MODES, QUANTIZE_MODES
+    from thinkdiff.pipelines.constants import MODES, OFFLOAD_MODES, QUANTIZE_MODES
 
     parser = subparsers.add_parser(
         "generate",
@@ -141,24 +172,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     conditioning.add_argument("--temperature", type=float, default=0.6, help="LVLM sampling (default 0.6)")
     conditioning.add_argument("--top-p", type=float, default=0.9, help="LVLM nucleus mass (default 0.9)")
-    conditioning.add_argument(
-        "--qcd-alpha",
-        type=float,
-        nargs="?",
-        const=DEFAULT_QCD_ALPHA,
-        default=0.0,
-        metavar="A",
-        help="lvlm and text-bridge: query-contrastive decoding, (1+A)*logits(input) - A*logits(input without "
-        f"its last text) before temperature/top-p (bare flag: {DEFAULT_QCD_ALPHA}; default 0: off)",
-    )
-    conditioning.add_argument(
-        "--hint",
-        nargs="?",
-        const="",
-        metavar="SENTENCE",
-        help="lvlm and text-bridge: append a hint to the instruction (bare flag: ours, that the last word is "
-        "the key clue and the shared attribute comes from the pictures)",
-    )
+    add_qcd_and_hint(conditioning)
     conditioning.add_argument(
         "--text-max-length", type=int, default=128, help="T5 tokens of text (default 128)"
     )
@@ -456,7 +470,7 @@ def run(args: argparse.Namespace) -> int:
     """Check everything, then generate in chunks and write each output with its sidecar."""
     import torch
 
-    from thinkdiff.pipelines import HINT_INSTRUCTION, InferenceSettings, ThinkDiffPipeline
+    from thinkdiff.pipelines import InferenceSettings, ThinkDiffPipeline
 
     # 1. Inputs and settings: parsed and checked before any model loads.
     requests = _read_requests(args)
@@ -477,7 +491,7 @@ def run(args: argparse.Namespace) -> int:
         encoder_batch_size=args.lvlm_batch_size,
         decoder_batch_size=args.batch_size,
         qcd_alpha=args.qcd_alpha,
-        hint=None if args.hint is None else (args.hint.strip() or HINT_INSTRUCTION),
+        hint=hint_of(args),
     )
     if args.hint is not None and args.no_instruction:
         raise ValueError("--hint is appended to the instruction: give it without --no-instruction")

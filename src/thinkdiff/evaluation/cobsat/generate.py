@@ -35,6 +35,7 @@ __all__ = [
     "ImageGenerator",
     "find_output",
     "generate_cobsat",
+    "generation_settings",
     "output_path",
 ]
 
@@ -198,3 +199,25 @@ def generate_cobsat(
         skipped=len(prompts) - len(pending),
         seconds=time.perf_counter() - start,
     )
+
+
+def generation_settings(images_dir: str | Path, prompts: Iterable[CobsatPrompt]) -> list[dict[str, Any]]:
+    """The distinct generator settings recorded in the sidecars of ``prompts`` under ``images_dir``.
+
+    Each is a sidecar's ``generator`` record (mode, model, decoder, steps, QCD weight, hint
+    sentence, ...), in first-seen order; images without a readable sidecar (another system's) add
+    nothing. What the results files carry about how their images were made.
+    """
+    seen: dict[str, dict[str, Any]] = {}
+    for prompt in prompts:
+        image = find_output(images_dir, prompt)
+        sidecar = None if image is None else image.with_suffix(".json")
+        if sidecar is None or not sidecar.is_file():
+            continue
+        try:
+            record = json.loads(sidecar.read_text(encoding="utf-8")).get("generator")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(record, dict) and record:
+            seen.setdefault(json.dumps(record, sort_keys=True), record)
+    return list(seen.values())

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from thinkdiff.evaluation.cobsat.generate import find_output
+from thinkdiff.evaluation.cobsat.generate import find_output, generation_settings
 from thinkdiff.evaluation.cobsat.judge import JudgeInfo, read_judgements
 from thinkdiff.evaluation.cobsat.protocol import NUM_PROMPTS, TASK_COLUMN_ORDER, TASKS, build_prompts
 
@@ -57,6 +57,10 @@ PUBLISHED: dict[int, dict[str, _P]] = {
             0.016,
         ),
         "Text bridge, Qwen2-VL + FLUX.1-dev 256px (2026 follow-up; avg only)": (None, 0.537),
+        "Text bridge + hint (2026 follow-up; avg only)": (None, 0.601),
+        "Text bridge + QCD (2026 follow-up; avg only)": (None, 0.638),
+        "Text bridge + hint + QCD (2026 follow-up, its method; avg only)": (None, 0.693),
+        "Text bridge + hint + QCD, InternVL3 (2026 follow-up; avg only)": (None, 0.683),
     },
     4: {
         "SEED-LLaMA": ((0.482, 0.211, 0.141, 0.053, 0.122, 0.252, 0.076, 0.268, 0.207, 0.105), 0.192),
@@ -64,6 +68,10 @@ PUBLISHED: dict[int, dict[str, _P]] = {
         "GILL": ((0.106, 0.044, 0.041, 0.073, 0.087, 0.022, 0.059, 0.044, 0.032, 0.067), 0.058),
         "ThinkDiff-LVLM": ((0.638, 0.362, 0.254, 0.434, 0.317, 0.610, 0.590, 0.432, 0.664, 0.332), 0.463),
         "Text bridge, Qwen2-VL + FLUX.1-dev 256px (2026 follow-up; avg only)": (None, 0.614),
+        "Text bridge + hint (2026 follow-up; avg only)": (None, 0.673),
+        "Text bridge + QCD (2026 follow-up; avg only)": (None, 0.745),
+        "Text bridge + hint + QCD (2026 follow-up, its method; avg only)": (None, 0.767),
+        "Text bridge + hint + QCD, InternVL3 (2026 follow-up; avg only)": (None, 0.769),
     },
 }
 """Published CoBSAT accuracies by shot and method: (ten task values in column order, or None; avg)."""
@@ -132,6 +140,9 @@ class CobsatResults:
     indices: list[int]
     clip: dict[tuple[int, int], CellResult] | None = None
     """The CLIP metric's cells, when it was run."""
+    generation: list[dict[str, Any]] | None = None
+    """How the images were made, from their sidecars (mode, model, QCD weight, hint, ...); ``None``
+    when unknown (scored without the images folder, or another system's images)."""
 
     @property
     def shots(self) -> list[int]:
@@ -178,6 +189,8 @@ class CobsatResults:
                 out.append(
                     f"{shot}-shot: only {len(self.tasks(shot))} of 10 tasks; its avg is not the papers' avg."
                 )
+        for g in self.generation or []:
+            out.append("Generated with " + ", ".join(f"{k}={v!r}" for k, v in g.items() if v is not None) + ".")
         pending = sum(c.pending for c in self.cells.values())
         if pending:
             out.append(f"INCOMPLETE: {pending} images were not judged yet and count as wrong.")
@@ -200,6 +213,7 @@ class CobsatResults:
             "summary": shots,
             "cells": [self.cells[k].to_dict() for k in sorted(self.cells)],
             "clip_cells": [self.clip[k].to_dict() for k in sorted(self.clip)] if self.clip else None,
+            "generation": self.generation,
             "published": {
                 str(s): {m: {"tasks": list(v) if v else None, "average": a} for m, (v, a) in rows.items()}
                 for s, rows in PUBLISHED.items()
@@ -220,6 +234,7 @@ class CobsatResults:
             cells=cells(d["cells"]),
             indices=list(d["prompt_indices"]),
             clip=cells(d["clip_cells"]) if d.get("clip_cells") else None,
+            generation=d.get("generation"),
         )
 
 
@@ -551,7 +566,14 @@ def load_results(
         if clip_dirs
         else None
     )
-    return CobsatResults(label=label, judge=info, cells=cells, indices=indices, clip=clip)
+    generation = (
+        None
+        if images_dir is None
+        else generation_settings(images_dir, build_prompts(list(tasks), list(shots), list(indices)))
+    )
+    return CobsatResults(
+        label=label, judge=info, cells=cells, indices=indices, clip=clip, generation=generation or None
+    )
 
 
 def compare_results(
