@@ -521,3 +521,28 @@ def test_shards_are_hashed_in_the_workers_and_not_again_next_epoch(
     names = {name for _, name in rows}
     assert names == {f"shard-00000{s}.{ext}" for s in (0, 1) for ext in ("safetensors", "jsonl")}
     assert counts[0] <= 2 * len(names) and counts[1] == counts[0]  # at most once per worker, once per run
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda s: s.update(step="6"), "step, skipped_steps and world_size must be integers"),
+        (lambda s: s.update(config=[1]), "optimizer, rng, data and config must be mappings"),
+        (lambda s: s["rng"].update(python=5), "does not fit this run"),
+        (lambda s: s.update(optimizer={"state": {}, "param_groups": []}), "does not fit this run"),
+        (lambda s: s.update(extra={"__tensor__": "t999"}), "refers to tensor 't999'"),
+    ],
+)
+def test_a_malformed_trainer_state_is_one_line(
+    feature_dir: Path, short_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], edit, needle: str
+) -> None:
+    run = copy_run(short_run, tmp_path)
+    newest = checkpoint_dirs(run)[-1]
+    state = json.loads((newest / STATE_JSON).read_text())
+    edit(state)
+    (newest / STATE_JSON).write_text(json.dumps(state))
+    before = snapshot(run)
+    code, err = cli(capsys, *train_cli(feature_dir, run, "--max-steps=6", "--resume", str(newest)))
+    assert code == 2
+    assert_one_line_error(err, str(newest), needle)
+    assert snapshot(run) == before

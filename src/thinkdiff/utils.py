@@ -132,7 +132,8 @@ def compare_settings(
     change the result; a field missing from ``saved`` (an older version's folder) is not compared.
     """
     allowed = set(allowed)
-    current = json.loads(json.dumps(current))  # as it reads back from JSON: tuples are lists
+    # Both as they read back from JSON (tuples are lists), whichever way they were stored.
+    saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))
     changes = [
         {"field": k, "old": saved[k], "new": v} for k, v in current.items() if k in saved and saved[k] != v
     ]

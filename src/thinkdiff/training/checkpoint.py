@@ -194,7 +194,7 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
         path = folder / STATE_JSON
         try:
             tree = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointError(f"cannot read trainer state {path} (truncated or not ours): {exc}") from exc
         tensors_path = folder / STATE_TENSORS
         try:
@@ -205,7 +205,7 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
             ) from exc
         try:
             state = decode_state(tree, tensors)
-        except ValueError as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise CheckpointError(f"trainer state {path} is not one this code wrote: {exc}") from exc
     elif (folder / LEGACY_STATE).is_file():
         path = folder / LEGACY_STATE
@@ -214,8 +214,10 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder} is not a complete checkpoint: it has no {STATE_JSON}")
     if not isinstance(state, dict) or (missing := [k for k in _STATE_KEYS if k not in state]):
         raise CheckpointError(f"trainer state {path} lacks {missing if isinstance(state, dict) else _STATE_KEYS}")
-    if not isinstance(state["step"], int) or not isinstance(state["world_size"], int):
-        raise CheckpointError(f"trainer state {path}: step and world_size must be integers")
+    if not all(isinstance(state[k], int) for k in ("step", "skipped_steps", "world_size")):
+        raise CheckpointError(f"trainer state {path}: step, skipped_steps and world_size must be integers")
+    if not all(isinstance(state[k], dict) for k in ("optimizer", "rng", "data", "config")):
+        raise CheckpointError(f"trainer state {path}: optimizer, rng, data and config must be mappings")
     return state
 
 

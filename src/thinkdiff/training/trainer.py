@@ -261,12 +261,12 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.data.load_state_dict(state["data"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"trainer state of {chosen.folder} does not fit this run: {exc}") from exc
+            set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise CheckpointError(f"trainer state of {chosen.folder} does not fit this run: {exc!r}") from exc
         self.unwrapped_aligner().load_state_dict(chosen.aligner_state, strict=True)
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
-        set_rng_state(state["rng"])
         if self.is_main:
             record_config_changes(self.output_dir, changes, chosen)
         logger.info("resumed from %s at step %d", chosen.folder, self.step)
