@@ -236,6 +236,15 @@ def test_a_truncated_checkpoint_falls_back_to_the_newest_good_one(
     assert final["step"] == 6 and final["loss"] == pytest.approx(whole["loss"], abs=1e-6)
 
 
+def test_resume_naming_a_run_folder_says_so(
+    feature_dir: Path, short_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = cli(capsys, *train_cli(feature_dir, tmp_path / "new", "--max-steps=6", "--resume", str(short_run)))
+    assert code == 2
+    assert_one_line_error(err, f"{short_run} is a run folder, not a checkpoint", "--resume auto")
+    assert not (tmp_path / "new").exists()
+
+
 def test_no_good_checkpoint_at_all_is_one_line(
     feature_dir: Path, short_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -252,6 +252,11 @@ def read_checkpoint(folder: Path, aligner: nn.Module) -> Checkpoint:
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {folder} does not exist (or is not a folder)")
+    if (folder / "checkpoints").is_dir() and not (folder / ALIGNER_FILE).exists():
+        raise CheckpointError(
+            f"{folder} is a run folder, not a checkpoint: pass one of {folder / 'checkpoints'}/step-*, "
+            f"or --output-dir {folder} --resume auto"
+        )
     aligner_state = read_aligner_weights(aligner, folder / ALIGNER_FILE)
     return Checkpoint(folder, aligner_state, read_trainer_state(folder))
 
