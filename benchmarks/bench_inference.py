@@ -499,6 +499,19 @@ def random_lvlm(device: torch.device, dtype: torch.dtype, depth: int | None, nar
     return LVLMFeatureExtractor(model, load_processor(kit), max_images=16)
 
 
+def random_flux(depth: int | None = None, narrow: bool = False) -> tuple[Any, type]:
+    """The spec of a random FLUX.1-dev (or :data:`NARROW`) and the decoder class that builds it."""
+    from thinkdiff.pipelines import DecoderSpec
+
+    modules = flux_dev_modules(depth, narrow)
+    prompt_width = modules["transformer"][1].get("joint_attention_dim", T5_XXL["d_model"])
+    pooled_width = modules["text_encoder"][1].hidden_size
+    spec = DecoderSpec("random:FLUX.1-dev", "flux", "FluxPipeline", prompt_width, pooled_width, None, True)
+    decoder_cls = random_flux_decoder_class()
+    decoder_cls.depth, decoder_cls.narrow = depth, narrow
+    return spec, decoder_cls
+
+
 def gpu_run(
     offload: str,
     size: int,
@@ -514,19 +527,15 @@ def gpu_run(
     """
     from thinkdiff.models.aligner import Aligner
     from thinkdiff.models.bundle import ThinkDiffInfo
-    from thinkdiff.pipelines import DecoderSpec, Request, ThinkDiffPipeline
+    from thinkdiff.pipelines import Request, ThinkDiffPipeline
 
     ensure_tiny_kit()
     features = NARROW["text"]["hidden_size"] if narrow else QWEN2_VL_7B_TEXT["hidden_size"]
-    modules = flux_dev_modules(depth, narrow)
-    prompt_width = modules["transformer"][1].get("joint_attention_dim", T5_XXL["d_model"])
-    pooled_width = modules["text_encoder"][1].hidden_size
-    spec = DecoderSpec("random:FLUX.1-dev", "flux", "FluxPipeline", prompt_width, pooled_width, None, True)
+    spec, decoder_cls = random_flux(depth, narrow)
+    prompt_width = spec.prompt_width
     info = ThinkDiffInfo(
         "lvlm", "random:Qwen2-VL-7B", "google/flan-t5-xxl", spec.name, in_dim=features, out_dim=prompt_width
     )
-    decoder_cls = random_flux_decoder_class()
-    decoder_cls.depth, decoder_cls.narrow = depth, narrow
     items = sample_items(size=448)  # 2 images of 256 visual tokens each after merging
     pipe = ThinkDiffPipeline(
         "lvlm",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -74,3 +76,19 @@ def random_proxy_t5(
     # The offline kit's T5 tokenizer (ids within the real 32128 vocabulary) stands in for Flan-T5's.
     tokenizer = AutoTokenizer.from_pretrained(resolve_tiny("tiny:t5"))
     return ProxyT5Decoder(t5.eval(), tokenizer, dropout=False)
+
+
+def write_scaled_lvlm(folder: Path, width: int) -> Path:
+    """The tiny kit's Qwen2-VL tokenizer and config, its hidden size set to ``width``, no weights:
+    what the LVLM variant's training reads of its LVLM (the tokenizer decodes the targets; the
+    hidden size must be the features' width)."""
+    import shutil
+
+    from thinkdiff.models.loading import resolve_tiny
+
+    kit = resolve_tiny("tiny:qwen2-vl")
+    shutil.copytree(kit, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    config = json.loads((folder / "config.json").read_text())
+    config.setdefault("text_config", {})["hidden_size"] = width
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
 
-from common import QWEN2VL_7B_HIDDEN, XXL, random_proxy_t5
+from common import QWEN2VL_7B_HIDDEN, XXL, random_proxy_t5, write_scaled_lvlm
 
 GiB = 1024**3
 PARTS = ("training", "features", "inference", "calibration", "quantized")
@@ -90,6 +90,8 @@ class Settings:
     """Image size named in the report -> pixels run (the smoke run scales them down)."""
     steps: int
     sequential_steps: int
+    calibration_batch: int
+    calibration_size: int
     budgets: dict[str, float]
     max_seconds: float
 
@@ -117,6 +119,8 @@ def settings_for(smoke: bool) -> Settings:
             sizes={512: 64, 1024: 128},
             steps=2,
             sequential_steps=1,
+            calibration_batch=2,
+            calibration_size=64,
             # About 3x what each part takes on 2 busy cores (~60 s in all), so that a slow machine
             # still runs every branch; the budgets' own logic runs as on the GPU.
             budgets={"training": 60, "features": 45, "inference": 90, "calibration": 30, "quantized": 45},
@@ -143,8 +147,10 @@ def settings_for(smoke: bool) -> Settings:
         sizes={512: 512, 1024: 1024},
         steps=28,
         sequential_steps=4,
-        budgets={"training": 110, "features": 70, "inference": 200, "calibration": 30, "quantized": 45},
-        max_seconds=470,
+        calibration_batch=4,
+        calibration_size=256,  # the calibrate preset's
+        budgets={"training": 110, "features": 70, "inference": 180, "calibration": 45, "quantized": 45},
+        max_seconds=460,
     )
 
 
@@ -357,7 +363,6 @@ def part_training(s: Settings, budget: Budget, emit: Emit, note: Callable[[str],
     from transformers import AutoTokenizer
 
     from bench_training import flops_per_sample, write_features
-    from thinkdiff.models.loading import resolve_model_dir
     from thinkdiff.models.proxy_decoder import ProxyT5Decoder
     from thinkdiff.training.config import debug_lvlm
     from thinkdiff.training.trainer import Trainer
@@ -366,8 +371,8 @@ def part_training(s: Settings, budget: Budget, emit: Emit, note: Callable[[str],
     t5 = proxy.t5.config
     dims = dict(XXL, d_model=t5.d_model, d_ff=t5.d_ff, num_heads=t5.num_heads, num_layers=t5.num_decoder_layers)
     steps = s.warmup_steps + s.timed_steps
-    lvlm_tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("tiny:qwen2-vl"))
-    write_features(work / "features", lvlm_tokenizer, s.feature_width, samples=max(s.micro_batches) * steps)
+    lvlm = write_scaled_lvlm(work / "lvlm", s.feature_width)
+    write_features(work / "features", AutoTokenizer.from_pretrained(lvlm), s.feature_width, samples=max(s.micro_batches) * steps)
     peak, peak_source = peak_flops(s)
     note(f"MFU against {peak_source}; model FLOPs of the padded batches, "
          "recomputation under activation checkpointing not counted")  # fmt: skip
@@ -382,7 +387,7 @@ def part_training(s: Settings, budget: Budget, emit: Emit, note: Callable[[str],
                 data=[str(work / "features")],
                 output_dir=str(work / f"run-{batch}-{checkpointing}"),
                 proxy_t5="random:flan-t5-xxl-decoder",
-                lvlm="tiny:qwen2-vl",  # its tokenizer decodes the feature shards' token ids
+                lvlm=str(lvlm),  # the tiny kit's tokenizer decodes the token ids; the config gives the width
                 global_batch_size=batch,
                 micro_batch_size=batch,
                 max_steps=steps,
@@ -518,12 +523,57 @@ def part_inference(s: Settings, budget: Budget, emit: Emit, note: Callable[[str]
 
 
 def part_calibration(s: Settings, budget: Budget, emit: Emit, note: Callable[[str], None], work: Path) -> None:
-    """One calibration step, once the calibration code exists."""
-    import importlib.util
+    """One calibration step (``calibration_step``: the trainer with FLUX.1-dev in the loop)."""
+    from unittest import mock
 
-    if importlib.util.find_spec("thinkdiff.training.calibration") is None:
-        raise Unavailable("this version has no calibration step (thinkdiff.training.calibration)")
-    raise Unavailable("the calibration step is not wired into gpu-check yet")
+    try:
+        from thinkdiff.training.calibration import calibration_step
+        from thinkdiff.training.config import calibrate_lvlm_flux
+    except ImportError as exc:
+        raise Unavailable(f"this version has no calibration step ({exc})") from exc
+    from transformers import AutoTokenizer
+
+    from bench_inference import random_flux
+    from bench_training import write_features
+    from thinkdiff.models.proxy_decoder import ProxyT5Decoder
+    from thinkdiff.pipelines import decoders
+
+    proxy = random_proxy_t5(s.device, s.frozen_dtype, s.t5_scale, s.t5_layers)
+    spec, decoder_cls = random_flux(s.depth, s.narrow)
+    batch = s.calibration_batch
+    lvlm = write_scaled_lvlm(work / "lvlm", s.feature_width)
+    write_features(work / "features", AutoTokenizer.from_pretrained(lvlm), s.feature_width, samples=4 * batch, tokens=32)
+    config = calibrate_lvlm_flux().updated(
+        data=[str(work / "features")],
+        output_dir=str(work / "run"),
+        proxy_t5="random:flan-t5-xxl-decoder",
+        lvlm=str(lvlm),
+        diffusion_decoder=spec.name,
+        global_batch_size=batch,
+        micro_batch_size=batch,
+        calibration_size=s.calibration_size,
+        num_workers=0,
+        shuffle_buffer=4 * batch,
+        val_every=0,
+        decode_every=0,
+    )
+    # Random weights have no files: the proxy and a random FLUX.1-dev stand in where the trainer
+    # and the calibration would load them; the rest is calibration_step's own code.
+    with (
+        mock.patch.object(ProxyT5Decoder, "from_pretrained", return_value=proxy),
+        mock.patch.object(decoders.DecoderSpec, "inspect", return_value=spec),
+        mock.patch.object(decoders, "load_decoder", side_effect=lambda spec, device, dtype, offload="none": decoder_cls(spec, device, dtype, offload)),
+    ):  # fmt: skip
+        reset_peak(s.device)
+        result = calibration_step(config)
+    emit({
+        "micro_batch": batch, "size": s.calibration_size, "loss": result["loss"], "grad_norm": result["grad_norm"],
+        "finite": result["finite"], "step_s": result["seconds"], **peaks(s.device),
+    })  # fmt: skip
+    note(
+        f"{config.calibration_loss} loss, noise {config.noise_source}, activation checkpointing "
+        f"{'on' if config.activation_checkpointing else 'off'}; the peaks are the step's (calibration_step resets them after building)"
+    )
 
 
 def part_quantized(s: Settings, budget: Budget, emit: Emit, note: Callable[[str], None], work: Path) -> None:

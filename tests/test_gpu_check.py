@@ -86,6 +86,9 @@ def test_smoke_runs_every_part(smoke: tuple[dict, str], gpu_check) -> None:
     skipped = [n for n in parts["inference"]["notes"] if n.startswith("skipped")]
     assert len(ran) + len(skipped) == 5
 
+    (calibration,) = parts["calibration"]["rows"]  # calibration_step exists in this version
+    assert calibration["finite"] and calibration["step_s"] > 0 and calibration["micro_batch"] == 2
+
     assert "| micro-batch | act. ckpt | samples/s | MFU |" in md
     assert "| none | 1024 | 128 | 2 |" in md
 
