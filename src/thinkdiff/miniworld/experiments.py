@@ -727,14 +727,14 @@ def proxy_transfer(
             calibration = _transfer_calibration(world, seed, proxy_weight)
             aligner.train()
             calibration_losses = []
-            for _ in range(calibration_steps):
+            for step in range(calibration_steps):
                 batch = batch_rng.sample(train_scenes, batch_size)
                 aligned_batch = [aligner(source(s)) for s in batch]
                 memory, mask = pad_features(aligned_batch)
                 labels = torch.nn.utils.rnn.pad_sequence(
                     [ids[s] for s in batch], batch_first=True, padding_value=-100
                 )
-                loss = calibration.distill(aligned_batch, [full_caption(s) for s in batch])
+                loss = calibration.distill(aligned_batch, [full_caption(s) for s in batch], key=f"premise:{step}")
                 loss = loss + proxy_weight * proxy.loss(memory, mask, labels)
                 optimizer.zero_grad()
                 loss.backward()

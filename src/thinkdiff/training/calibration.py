@@ -33,6 +33,7 @@ Shapes: B batch, L aligned tokens, T teacher tokens, D prompt width, N latent to
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -221,25 +222,29 @@ class Calibration:
 
     # ---- noisy inputs --------------------------------------------------------------------------
     def _noisy(
-        self, n: int, teacher: dict[str, torch.Tensor], clean: torch.Tensor | None
+        self, n: int, teacher: dict[str, torch.Tensor], clean: torch.Tensor | None, key: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noisy latents and their levels for ``n`` samples of one group (global torch RNG, so an
-        exact resume draws the same noise)."""
+        """Noisy latents and their levels for ``n`` samples of one group, drawn from a generator
+        seeded by ``key`` (step and sample keys): a resumed run draws exactly the same noise, with
+        no RNG state to restore (the data loader draws from the global one when it restarts)."""
+        seed = int(hashlib.sha256(f"{self.config.seed}:{key}".encode()).hexdigest()[:15], 16)
+        gen = torch.Generator().manual_seed(seed)
         shape = (n, *self.decoder.latent_shape(self.pipe, self.height, self.width))
-        noise = torch.randn(shape, device=self.device)
+        noise = torch.randn(shape, generator=gen).to(self.device)
         source = self.config.noise_source
         if source == "pure":
             low = self.config.noise_min_sigma
-            sigmas = low + (1 - low) * torch.rand(n, device=self.device)
+            sigmas = (low + (1 - low) * torch.rand(n, generator=gen)).to(self.device)
             return noise, sigmas
         if source == "source":
             assert clean is not None
-            sigmas = torch.sigmoid(torch.randn(n, device=self.device))  # logit-normal, as FLUX trains
+            # logit-normal levels, as FLUX trains
+            sigmas = torch.sigmoid(torch.randn(n, generator=gen)).to(self.device)
             return self.decoder.add_noise(clean.to(noise.dtype), noise, sigmas), sigmas
         # teacher: j Euler steps of the teacher from pure noise along the sampler's schedule.
         steps = self.config.teacher_steps
         schedule = torch.linspace(1.0, 0.0, steps + 1).tolist()
-        j = int(torch.randint(0, steps, (1,)).item())
+        j = int(torch.randint(0, steps, (1,), generator=gen).item())
         x = noise
         with torch.no_grad():
             for i in range(j):
@@ -254,8 +259,10 @@ class Calibration:
         students: list[torch.Tensor],
         texts: list[str],
         clean: torch.Tensor | None = None,
+        key: str = "",
     ) -> torch.Tensor:
-        """Mean MSE between student and teacher outputs; ``students[i]`` is ``[L_i, D]``."""
+        """Mean MSE between student and teacher outputs; ``students[i]`` is ``[L_i, D]``; ``key``
+        seeds the noise (with each group's first text)."""
         teachers = [self.text_conditioning(t) for t in texts]
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, (s, t) in enumerate(zip(students, teachers)):
@@ -268,7 +275,7 @@ class Calibration:
                 **{k: v.expand(len(members), *v.shape[1:]) for k, v in self.student_extra.items()},
             }
             group_clean = clean[members] if clean is not None else None
-            x, sigmas = self._noisy(len(members), teacher, group_clean)
+            x, sigmas = self._noisy(len(members), teacher, group_clean, f"{key}:{members[0]}:{texts[members[0]]}")
             with torch.no_grad():
                 target = self.decoder.velocity(self.pipe, x, sigmas, teacher, self.height, self.width)
             pred = self.decoder.velocity(self.pipe, x, sigmas, student, self.height, self.width)
@@ -314,9 +321,12 @@ def calibration_loss(
     batch: LVLMBatch | CLIPBatch,
     proxy: ProxyT5Decoder,
     image_tokens_BND: torch.Tensor | None = None,
+    step: int = 0,
 ) -> torch.Tensor:
-    """The configured calibration loss of one micro-batch (see the module docstring)."""
+    """The configured calibration loss of one micro-batch (see the module docstring); ``step``
+    and the batch's keys seed its noise."""
     config = calibration.config
+    key = f"{step}:{batch.keys[0]}:{len(batch.keys)}"
     if isinstance(batch, CLIPBatch):
         assert image_tokens_BND is not None
         aligned_BND = aligner(image_tokens_BND)
@@ -329,7 +339,7 @@ def calibration_loss(
         if config.noise_source == "source":
             images = calibration.source_images(batch.pixel_values_BCHW)
             clean = calibration.decoder.image_latents(calibration.pipe, images)
-        loss = calibration.distill(students, texts, clean)
+        loss = calibration.distill(students, texts, clean, key)
         if config.proxy_weight:
             loss = loss + config.proxy_weight * clip_loss(image_tokens_BND, aligner, proxy, batch)
         return loss
@@ -339,7 +349,7 @@ def calibration_loss(
     if config.calibration_loss == "regress":
         loss = calibration.regress(students, batch.target_texts, batch.token_ids)
     else:
-        loss = calibration.distill(students, batch.target_texts)
+        loss = calibration.distill(students, batch.target_texts, key=key)
     if config.proxy_weight:
         loss = loss + config.proxy_weight * lvlm_loss(aligner, proxy, batch)
     return loss

@@ -152,7 +152,7 @@ class Trainer:
             from thinkdiff.training.calibration import calibration_loss
 
             tokens = self.vision(batch.pixel_values_BCHW) if isinstance(batch, CLIPBatch) else None
-            return calibration_loss(self.aligner, self.calibration, batch, self.proxy, tokens)
+            return calibration_loss(self.aligner, self.calibration, batch, self.proxy, tokens, self.step)
         if isinstance(batch, CLIPBatch):
             return clip_loss(self.vision(batch.pixel_values_BCHW), self.aligner, self.proxy, batch)
         return lvlm_loss(self.aligner, self.proxy, batch)
