@@ -295,6 +295,8 @@ def test_cli_refuses_bad_flags_in_one_line(capsys) -> None:
     assert "--model /no/such/model: no such folder" in capsys.readouterr().err
     assert main(["app", "--max-images", "0"]) == 2
     assert "--max-images must be >= 1" in capsys.readouterr().err
+    assert main(["app", "--quantize", "int8"]) == 2
+    assert "apply to real models (--model)" in capsys.readouterr().err
 
 
 def test_app_binds_loopback_by_default(app) -> None:

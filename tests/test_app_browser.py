@@ -150,9 +150,14 @@ def test_a_session_in_the_browser(browser, app, tmp_path) -> None:
     assert ("CORRECT" in details or "WRONG" in details) and "(target: " in details
     assert "Traceback" not in page_text(driver)
 
+    # The earlier messages' toasts are closed for the picture (they were read above).
+    for button in driver.find_elements(By.CSS_SELECTOR, ".toast-close"):
+        if button.is_displayed():
+            button.click()
+    wait(driver, lambda d: not any(e.is_displayed() for e in d.find_elements(By.CSS_SELECTOR, ".toast-body")))
+    driver.execute_script("window.scrollTo(0, 0)")
     for path in [tmp_path / "app.png", os.environ.get("THINKDIFF_APP_SCREENSHOT")]:
         if path:
-            driver.execute_script("window.scrollTo(0, 0)")
             assert driver.save_screenshot(str(path))
     assert Image.open(tmp_path / "app.png").size[0] >= 1000
     print(f"browser session: {time.perf_counter() - started:.1f} s")  # kept under a minute

@@ -91,6 +91,10 @@ class AppConfig:
     device: str | None = None
     dtype: str = "auto"
     offload: str = "none"
+    quantize: str = "none"
+    """Real models: the LVLM's and the decoder transformer's quantization (see ``--quantize``)."""
+    transformer_file: str | None = None
+    """Real models: a GGUF file for the decoder transformer."""
     keep_loaded: bool = False
     """Real models: keep every stage's weights between jobs (fast, needs memory for all of them)."""
     out_dir: Path = Path("thinkdiff-app-out")
@@ -320,6 +324,8 @@ class Backend:
                 device=self.config.device,
                 dtype=self._dtype,
                 offload=self.config.offload,  # type: ignore[arg-type]
+                quantize=self.config.quantize,  # type: ignore[arg-type]
+                transformer_file=self.config.transformer_file,
                 keep_loaded=self.config.keep_loaded,
             )
         self._base_settings = self._base_settings or pipe.settings

@@ -15,7 +15,7 @@ It listens on 127.0.0.1 unless --host says otherwise (e.g. --host 0.0.0.0 to ser
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from thinkdiff.pipelines.constants import OFFLOAD_MODES
+    from thinkdiff.pipelines.constants import OFFLOAD_MODES, QUANTIZE_MODES
 
     parser = subparsers.add_parser(
         "app",
@@ -42,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
     parser.add_argument("--offload", choices=OFFLOAD_MODES, default="none", help="decoder CPU offload")
     parser.add_argument(
+        "--quantize", choices=QUANTIZE_MODES, default="none", help="LVLM + decoder transformer quantization"
+    )
+    parser.add_argument("--transformer-file", help="a GGUF file for the decoder transformer")
+    parser.add_argument(
         "--keep-loaded", action="store_true", help="keep every model loaded between jobs (needs the memory)"
     )
     parser.add_argument(
@@ -63,6 +67,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.miniworld is not None and args.model:
         raise ValueError("give --model (real models) or --miniworld, not both")
+    if not args.model and (args.quantize != "none" or args.transformer_file or args.decoder):
+        raise ValueError("--quantize, --transformer-file and --decoder apply to real models (--model)")
+    if args.quantize != "none":
+        import torch
+
+        from thinkdiff.models.quantization import check_quantize
+
+        check_quantize(args.quantize, torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     for name in ("port", "max_images"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -82,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             offload=args.offload,
+            quantize=args.quantize,
+            transformer_file=args.transformer_file,
             keep_loaded=args.keep_loaded,
             out_dir=args.out,
             max_images=args.max_images,
