@@ -300,3 +300,44 @@ def test_qcd_ablation_and_the_results_record_generation(tiny_env: Path, tmp_path
     assert '"Text bridge + hint + QCD (2026 follow-up, its method; avg only)",published,4,,avg,0.767' in (
         out / "compare" / "cobsat-compare.csv"
     ).read_text()
+
+
+def test_task_format_extraction_with_hint_and_qcd(
+    tiny_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from thinkdiff.data.extraction import ExtractionSettings, extract_features, make_engine
+    from thinkdiff.data.feature_shards import FeatureShards
+    from thinkdiff.data.sources import SkipLog, iter_samples, list_source_shards
+    from thinkdiff.data.task_prompts import TASK_INSTRUCTION, group_task_prompts
+    from thinkdiff.pipelines.constants import HINT_INSTRUCTION
+
+    folder = tmp_path / "source"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (32, 32), (40 * i, 10, 200)).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(f"thing {i}\n")
+    settings = ExtractionSettings(
+        max_new_tokens=5, task_shots=(2,), greedy=True, qcd_alpha=2.0, hint=HINT_INSTRUCTION
+    )
+    engine = make_engine("hf", "tiny:qwen2-vl", settings, device="cpu", dtype=torch.float32)
+    asked: list[tuple[str, float]] = []
+    original = LVLMFeatureExtractor.generate
+
+    def recording(self, prompts, sampling=None, **kwargs):
+        asked.extend((p[0], sampling.qcd_alpha) for p in prompts)
+        return original(self, prompts, sampling, **kwargs)
+
+    monkeypatch.setattr(LVLMFeatureExtractor, "generate", recording)
+    extract_features(folder, tmp_path / "out", engine, settings, batch_size=2, progress=False)
+    monkeypatch.undo()
+    assert asked == [(f"{TASK_INSTRUCTION} {HINT_INSTRUCTION}", 2.0)] * 2
+    assert json.loads((tmp_path / "out" / "extraction.json").read_text())["hint"] == HINT_INSTRUCTION
+    stored = [m["text"] for m in FeatureShards(tmp_path / "out").metadata(0)]
+    samples = iter_samples(list_source_shards(folder)[0], SkipLog())
+    hinted = [p.items for p in group_task_prompts(samples, (2,), instruction=f"{TASK_INSTRUCTION} {HINT_INSTRUCTION}")]
+    sampling = SamplingSettings(max_new_tokens=5, do_sample=False, qcd_alpha=2.0)
+    assert stored == engine.extractor.generate(hinted, sampling, with_states=False).texts
+    with pytest.raises(ValueError, match="task-format mode"):
+        ExtractionSettings(hint=HINT_INSTRUCTION)

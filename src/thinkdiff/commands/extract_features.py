@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--qcd-alpha",
         type=float,
         default=0.0,
-        help="query-contrastive decoding weight against the image without the prompt (hf engine; default 0: off)",
+        help="query-contrastive decoding weight against the prompt without its last text (the image alone; "
+        "task format: without the final word); hf engine; default 0: off",
     )
     parser.add_argument(
         "--task-shots",
@@ -64,6 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--task-text-words", type=int, default=0, help="task format: words kept of each caption (0: all)"
     )
     parser.add_argument("--greedy", action="store_true", help="greedy answers (as at test time)")
+    parser.add_argument(
+        "--hint",
+        nargs="?",
+        const="",
+        metavar="SENTENCE",
+        help="task format: append a hint to the instruction (bare flag: ours, as thinkdiff generate --hint)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="images per generation batch (default: 8)")
     parser.add_argument(
         "--dtype", choices=_DTYPES, default="auto", help="model dtype (auto: bf16 on GPU, fp32 on CPU)"
@@ -100,6 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from thinkdiff.commands.generate import hint_of
     from thinkdiff.data.extraction import (
         DESCRIPTION_PROMPTS,
         ExtractionSettings,
@@ -136,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         task_text_words=args.task_text_words,
         greedy=args.greedy,
         qcd_alpha=args.qcd_alpha,
+        hint=hint_of(args),
     )
     # Check the cheap things (ranks, the source) before loading a large model.
     from thinkdiff.data.sharding import rank_and_world_size

@@ -123,8 +123,11 @@ class ExtractionSettings:
     greedy: bool = False
     """Decode greedily (as at test time) instead of sampling."""
     qcd_alpha: float = 0.0
-    """Query-contrastive decoding weight (:mod:`thinkdiff.models.qcd`; contrast: the image without
-    the prompt); 0 samples plainly. The hf engine only."""
+    """Query-contrastive decoding weight (:mod:`thinkdiff.models.qcd`; contrast: the prompt without
+    its last text: the image alone, or a task prompt without its final word); 0 samples plainly. The
+    hf engine only."""
+    hint: str | None = None
+    """Task-format mode: a sentence appended to the task instruction (``HINT_INSTRUCTION`` is ours)."""
 
     def __post_init__(self) -> None:
         self.prompts = tuple(self.prompts)
@@ -143,6 +146,8 @@ class ExtractionSettings:
             raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
         if self.qcd_alpha < 0:
             raise ValueError(f"qcd_alpha must be >= 0, got {self.qcd_alpha}")
+        if self.hint is not None and not (self.task_shots and self.hint.strip()):
+            raise ValueError("hint applies to the task-format mode (task_shots) and must be a non-empty sentence")
 
     def prompt_for(self, key: str) -> str:
         """The prompt of one sample: fixed by ``seed`` and the key, whatever the order or rank."""

@@ -117,8 +117,13 @@ def extract_task_shard(
         raise ValueError(f"the {engine.name} engine cannot answer interleaved prompts; use the hf engine")
     skips = SkipLog()
     started = time.perf_counter()
+    from thinkdiff.pipelines.constants import hinted
+
     prompts = group_task_prompts(
-        iter_samples(shard, skips), settings.task_shots, text_words=settings.task_text_words
+        iter_samples(shard, skips),
+        settings.task_shots,
+        text_words=settings.task_text_words,
+        instruction=hinted(TASK_INSTRUCTION, settings.hint),
     )
     with FeatureShardWriter(out_dir, shard.index, prompt_features=settings.prompt_features) as writer:
         batch_index = 0
