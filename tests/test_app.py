@@ -7,6 +7,7 @@ upload routes exactly as a remote client's would.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -206,6 +207,16 @@ def test_api_bad_input_is_one_readable_line(app, client, tmp_path, case, message
         [{"text": "Word 1: red, "}, {"image": 0}], [handle_file(str(good))], *settings(), api_name="/generate"
     )
     assert result["results"][0]["mode"] == "lvlm"
+
+
+def test_an_oversized_upload_is_refused_before_it_arrives(app, client, tmp_path) -> None:
+    _, backend, _ = app
+    big = tmp_path / "big.png"
+    big.write_bytes(os.urandom(int(backend.config.max_upload_mb * 2**20) + 1024))
+    with pytest.raises(Exception) as caught:
+        client.predict([{"image": 0}], [handle_file(str(big))], *settings(), api_name="/generate")
+    assert "size" in str(caught.value).lower(), str(caught.value)
+    assert all(p.stat().st_size != big.stat().st_size for p in Path(backend.out_dir).rglob("input-*"))
 
 
 def test_the_server_never_reads_a_path_the_client_names(app, tmp_path) -> None:
