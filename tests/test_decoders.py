@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.test_calibration import calibrate_config
+from tests.test_calibration import proxy_model as proxy_model  # a fixture, shared
 from tests.test_pipeline import image, make_model, pixels
 from thinkdiff.models.bundle import load_model
 from thinkdiff.pipelines import (
@@ -351,3 +353,37 @@ def test_sd3_whose_clip_widths_do_not_fit_is_refused(tiny_env: Path, tmp_path: P
     (folder / "transformer/config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"CLIP widths \[8, 16\] .* pooled_projection_dim 2048"):
         DecoderSpec.inspect(folder)
+
+
+# ---- calibration: the decoder in the training loop ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "noise_source"),
+    [("chroma", "pure"), ("pixart-sigma", "pure"), ("pixart-sigma", "teacher"), ("sd3", "teacher"), ("ltx-video", "pure")],
+)
+def test_one_calibration_step_on_each_decoder(name, noise_source, feature_dir, proxy_model, tmp_path) -> None:
+    from thinkdiff.training.calibration import calibration_step
+
+    config = calibrate_config(
+        feature_dir, proxy_model, tmp_path / "one", diffusion_decoder=f"tiny:{name}", noise_source=noise_source,
+        proxy_weight=0.0,
+    )  # fmt: skip
+    out = calibration_step(config)
+    assert out["finite"] and out["applied"] and out["grad_norm"] > 0
+
+
+@torch.no_grad()
+def test_pixart_noise_process_is_its_training_diffusion(tiny_env) -> None:
+    from thinkdiff.pipelines.decoders import DecoderSpec, load_decoder
+
+    decoder = load_decoder(DecoderSpec.inspect("tiny:pixart-sigma"), torch.device("cpu"), torch.float32)
+    clean, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    sigmas = torch.tensor([0.3, 0.9])
+    noisy = decoder.add_noise(clean, noise, sigmas)
+    alphas = stock("pixart-sigma").scheduler.alphas_cumprod[torch.tensor([300, 899])].reshape(2, 1, 1, 1)
+    torch.testing.assert_close(noisy, alphas.sqrt() * clean + (1 - alphas).sqrt() * noise)
+    # Given the true noise, one DDIM step to sigma 0 lands on timestep 0's mix (all but clean).
+    back = decoder.euler_step(noisy[:1], noise[:1], 0.3, 0.0)
+    alpha_0 = stock("pixart-sigma").scheduler.alphas_cumprod[0]
+    torch.testing.assert_close(back, alpha_0.sqrt() * clean[:1] + (1 - alpha_0).sqrt() * noise[:1])

@@ -749,6 +749,24 @@ class DiffusionDecoder:
         """One sampler step from ``sigma`` to ``sigma_next`` given :meth:`velocity`'s output."""
         return latents + (sigma_next - sigma) * output
 
+    def _calibration_length(self, pipe: DiffusionPipeline, text: str, max_length: int | None) -> int:
+        """T5 tokens of a teacher text: ``max_length``, or the text's own count within the limit."""
+        if max_length is not None:
+            return max_length
+        tokenizer = getattr(pipe, self.text_encoder_components["t5"][1])
+        count = len(tokenizer(text).input_ids)
+        return count if self.spec.max_length is None else min(count, self.spec.max_length)
+
+    def _vae_latents(self, pipe: DiffusionPipeline, images_BHWC: np.ndarray) -> torch.Tensor:
+        """Scaled VAE latents ``[B, C, h, w]`` of uint8 images (SD3, PixArt-Sigma, Chroma before packing)."""
+        if getattr(pipe, "vae", None) is None:
+            raise ValueError("'source' noisy inputs need the decoder's VAE loaded")
+        x_B3HW = torch.as_tensor(np.asarray(images_BHWC)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        vae = pipe.vae
+        with torch.no_grad():
+            z = vae.encode(x_B3HW.to(self.device, vae.dtype)).latent_dist.sample()
+        return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
 
 class FluxDecoder(DiffusionDecoder):
     """FLUX.1-dev / schnell (any ``FluxPipeline``-compatible folder): images.
@@ -877,13 +895,7 @@ class FluxDecoder(DiffusionDecoder):
         if self.pixel_space:
             assert self.spec.pixel_unshuffle is not None
             return pixels_to_latents(images_BHWC, self.spec.pixel_unshuffle).to(self.device)
-        if getattr(pipe, "vae", None) is None:
-            raise ValueError("'source' noisy inputs need the decoder's VAE loaded")
-        x_B3HW = torch.as_tensor(np.asarray(images_BHWC)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        vae = pipe.vae
-        with torch.no_grad():
-            z = vae.encode(x_B3HW.to(self.device, vae.dtype)).latent_dist.sample()
-        z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+        z = self._vae_latents(pipe, images_BHWC)
         return pipe._pack_latents(z, *z.shape)
 
     def calibration_conditioning(
@@ -980,6 +992,24 @@ class _MaskedT5Decoder(DiffusionDecoder):
     conditioning_names: ClassVar[tuple[str, ...]] = ("prompt_embeds", "prompt_attention_mask")
     cfg_setting: ClassVar[str | None] = "guidance_scale"
 
+    def calibration_conditioning(
+        self, pipe: DiffusionPipeline, text: str | None, max_length: int | None
+    ) -> dict[str, torch.Tensor]:
+        # Aligned features need nothing else: every token is attended (the mask defaults to ones).
+        if text is None:
+            return {}
+        encoded = self.encode_text(pipe, [text], self._calibration_length(pipe, text, max_length))
+        assert encoded.mask is not None
+        return {"prompt_embeds": encoded.embeds, "prompt_attention_mask": encoded.mask}
+
+    def _calibration_mask(self, conditioning: Mapping[str, torch.Tensor], prompt_BLD: torch.Tensor) -> torch.Tensor:
+        """The conditioning's mask on the device, or all ones (aligned features) in the stock dtype."""
+        mask = conditioning.get("prompt_attention_mask")
+        if mask is None:
+            dtype = self.attention_mask_dtype
+            mask = torch.ones(prompt_BLD.shape[:2], dtype=dtype if dtype is not None else torch.bool)
+        return mask.expand(prompt_BLD.shape[0], -1).to(self.device)
+
 
 class ChromaDecoder(_MaskedT5Decoder):
     """Chroma (``ChromaPipeline``, e.g. Chroma1-HD): images from T5 alone, no CLIP.
@@ -998,6 +1028,39 @@ class ChromaDecoder(_MaskedT5Decoder):
     def attention_mask_dtype(self) -> torch.dtype | None:
         # ChromaPipeline._get_t5_prompt_embeds returns its mask in the embeddings' dtype.
         return self.dtype
+
+    # Calibration: Chroma packs its latents 2x2 and places them with image ids exactly as FLUX does.
+    pixel_space: ClassVar[bool] = False
+    _latent_grid = FluxDecoder._latent_grid
+    latent_shape = FluxDecoder.latent_shape
+    image_latents = FluxDecoder.image_latents
+
+    def velocity(
+        self,
+        pipe: DiffusionPipeline,
+        latents: torch.Tensor,
+        sigmas_B: torch.Tensor,
+        conditioning: Mapping[str, torch.Tensor],
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        transformer = pipe.transformer
+        prompt_BLD = conditioning["prompt_embeds"].to(self.device, transformer.dtype)
+        batch, length = prompt_BLD.shape[:2]
+        rows, cols = self._latent_grid(pipe, height, width)
+        # As ChromaPipeline.__call__: the text mask extended with ones for the image tokens.
+        mask = pipe._prepare_attention_mask(
+            batch, rows * cols, transformer.dtype, self._calibration_mask(conditioning, prompt_BLD)
+        )
+        return transformer(
+            hidden_states=latents.to(self.device, transformer.dtype),
+            timestep=sigmas_B.to(self.device, transformer.dtype),  # the pipeline's timestep / 1000
+            encoder_hidden_states=prompt_BLD,
+            txt_ids=torch.zeros(length, 3, device=self.device, dtype=transformer.dtype),
+            img_ids=pipe._prepare_latent_image_ids(batch, rows, cols, self.device, transformer.dtype),
+            attention_mask=mask,
+            return_dict=False,
+        )[0]
 
     def encode_text(self, pipe: DiffusionPipeline, texts: list[str], max_length: int) -> TextEncoding:
         embeds, _, mask, *_ = pipe.encode_prompt(
@@ -1046,6 +1109,67 @@ class PixArtSigmaDecoder(_MaskedT5Decoder):
         )
         return TextEncoding(embeds, mask=mask)
 
+    # Calibration: PixArt predicts the noise of a discrete diffusion (DDPM betas), not a flow. A
+    # noise level sigma in [0, 1] is the training timestep round(sigma * (T - 1)).
+
+    @functools.cached_property
+    def _alphas_cumprod(self) -> torch.Tensor:
+        from diffusers import DDPMScheduler
+
+        folder = resolve_model_dir(self.spec.name, kind="diffusion decoder", files=_CONFIG_FILES)
+        return DDPMScheduler.from_pretrained(folder, subfolder="scheduler").alphas_cumprod.float()
+
+    def _timesteps(self, sigmas_B: torch.Tensor) -> torch.Tensor:
+        return (sigmas_B.float().cpu() * (len(self._alphas_cumprod) - 1)).round().long()
+
+    def _signal_noise(self, sigmas: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha = self._alphas_cumprod[self._timesteps(sigmas.reshape(-1))].reshape(-1, *[1] * (ndim - 1))
+        return alpha.sqrt().to(self.device), (1 - alpha).sqrt().to(self.device)
+
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, sigmas_B: torch.Tensor) -> torch.Tensor:
+        signal, noise_scale = self._signal_noise(sigmas_B, clean.ndim)
+        return signal.to(clean.dtype) * clean + noise_scale.to(clean.dtype) * noise
+
+    def euler_step(
+        self, latents: torch.Tensor, output: torch.Tensor, sigma: float, sigma_next: float
+    ) -> torch.Tensor:
+        # A deterministic DDIM step with the predicted noise.
+        signal, noise_scale = self._signal_noise(torch.tensor([sigma]), latents.ndim)
+        signal_next, noise_next = self._signal_noise(torch.tensor([sigma_next]), latents.ndim)
+        clean = (latents - noise_scale * output) / signal
+        return signal_next * clean + noise_next * output
+
+    def latent_shape(self, pipe: DiffusionPipeline, height: int, width: int) -> tuple[int, ...]:
+        scale = pipe.vae_scale_factor
+        return (int(pipe.transformer.config.in_channels), height // scale, width // scale)
+
+    def image_latents(self, pipe: DiffusionPipeline, images_BHWC: np.ndarray) -> torch.Tensor:
+        return self._vae_latents(pipe, images_BHWC)
+
+    def velocity(
+        self,
+        pipe: DiffusionPipeline,
+        latents: torch.Tensor,
+        sigmas_B: torch.Tensor,
+        conditioning: Mapping[str, torch.Tensor],
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        """PixArt's noise prediction (the learned-variance half dropped, as the pipeline does)."""
+        transformer = pipe.transformer
+        prompt_BLD = conditioning["prompt_embeds"].to(self.device, transformer.dtype)
+        out = transformer(
+            latents.to(self.device, transformer.dtype),
+            encoder_hidden_states=prompt_BLD,
+            encoder_attention_mask=self._calibration_mask(conditioning, prompt_BLD),
+            timestep=self._timesteps(sigmas_B).to(self.device),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )[0]
+        if transformer.config.out_channels // 2 == latents.shape[1]:
+            out = out.chunk(2, dim=1)[0]
+        return out
+
 
 class LTXVideoDecoder(_MaskedT5Decoder):
     """LTX-Video (``LTXPipeline``) text-to-video: frames from T5 states with their mask, 128 tokens.
@@ -1070,6 +1194,54 @@ class LTXVideoDecoder(_MaskedT5Decoder):
             prompt=texts, do_classifier_free_guidance=False, max_sequence_length=max_length, device=self.device
         )
         return TextEncoding(embeds, mask=mask)
+
+    # Calibration on single frames (one latent frame): the text conditioning is the same for a
+    # still as for a clip, and a frame costs a clip's 1/21.
+
+    def _latent_size(self, pipe: DiffusionPipeline, height: int, width: int) -> tuple[int, int]:
+        ratio = pipe.vae_spatial_compression_ratio
+        return height // ratio, width // ratio
+
+    def latent_shape(self, pipe: DiffusionPipeline, height: int, width: int) -> tuple[int, ...]:
+        rows, cols = self._latent_size(pipe, height, width)
+        patch = pipe.transformer_spatial_patch_size
+        return ((rows // patch) * (cols // patch), int(pipe.transformer.config.in_channels))
+
+    def image_latents(self, pipe: DiffusionPipeline, images_BHWC: np.ndarray) -> torch.Tensor:
+        if getattr(pipe, "vae", None) is None:
+            raise ValueError("'source' noisy inputs need the decoder's VAE loaded")
+        x_B3FHW = torch.as_tensor(np.asarray(images_BHWC)).permute(0, 3, 1, 2)[:, :, None].float() / 127.5 - 1.0
+        vae = pipe.vae
+        with torch.no_grad():
+            z = vae.encode(x_B3FHW.to(self.device, vae.dtype)).latent_dist.sample()
+        z = pipe._normalize_latents(z, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
+        return pipe._pack_latents(z, pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size)
+
+    def velocity(
+        self,
+        pipe: DiffusionPipeline,
+        latents: torch.Tensor,
+        sigmas_B: torch.Tensor,
+        conditioning: Mapping[str, torch.Tensor],
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        transformer = pipe.transformer
+        prompt_BLD = conditioning["prompt_embeds"].to(self.device, transformer.dtype)
+        rows, cols = self._latent_size(pipe, height, width)
+        frame_rate = call_defaults(self.pipeline_cls)["frame_rate"].default
+        spatial = pipe.vae_spatial_compression_ratio
+        return transformer(
+            hidden_states=latents.to(self.device, transformer.dtype),
+            encoder_hidden_states=prompt_BLD,
+            timestep=(sigmas_B * 1000).to(self.device),  # LTXPipeline's timesteps: sigma x 1000
+            encoder_attention_mask=self._calibration_mask(conditioning, prompt_BLD),
+            num_frames=1,
+            height=rows,
+            width=cols,
+            rope_interpolation_scale=(pipe.vae_temporal_compression_ratio / frame_rate, spatial, spatial),
+            return_dict=False,
+        )[0]
 
 
 class StableDiffusion3Decoder(DiffusionDecoder):
@@ -1117,6 +1289,46 @@ class StableDiffusion3Decoder(DiffusionDecoder):
         block = torch.cat(states, dim=-1)
         block = F.pad(block, (0, self.spec.prompt_width - block.shape[-1]))
         return {"prefix": block, "pooled_prompt_embeds": torch.cat(pooled, dim=-1)}
+
+    # ---- calibration: prompt_embeds are the T5 positions; the CLIP block goes in as "prefix" ----
+
+    def calibration_conditioning(
+        self, pipe: DiffusionPipeline, text: str | None, max_length: int | None
+    ) -> dict[str, torch.Tensor]:
+        if text is None:  # aligned features: the CLIP block and pooled vector of "", as at inference
+            return self.empty_conditioning(pipe)
+        encoded = self.encode_text(pipe, [text], self._calibration_length(pipe, text, max_length))
+        assert encoded.prefix is not None and encoded.pooled is not None
+        return {"prompt_embeds": encoded.embeds, "prefix": encoded.prefix, "pooled_prompt_embeds": encoded.pooled}
+
+    def latent_shape(self, pipe: DiffusionPipeline, height: int, width: int) -> tuple[int, ...]:
+        scale = pipe.vae_scale_factor
+        return (int(pipe.transformer.config.in_channels), height // scale, width // scale)
+
+    def image_latents(self, pipe: DiffusionPipeline, images_BHWC: np.ndarray) -> torch.Tensor:
+        return self._vae_latents(pipe, images_BHWC)
+
+    def velocity(
+        self,
+        pipe: DiffusionPipeline,
+        latents: torch.Tensor,
+        sigmas_B: torch.Tensor,
+        conditioning: Mapping[str, torch.Tensor],
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        transformer = pipe.transformer
+        t5_BLD = conditioning["prompt_embeds"].to(self.device, transformer.dtype)
+        batch = t5_BLD.shape[0]
+        prefix = conditioning["prefix"].to(self.device, transformer.dtype).expand(batch, -1, -1)
+        pooled = conditioning["pooled_prompt_embeds"].to(self.device, transformer.dtype).expand(batch, -1)
+        return transformer(
+            hidden_states=latents.to(self.device, transformer.dtype),
+            timestep=(sigmas_B * 1000).to(self.device, transformer.dtype),  # the pipeline's timesteps
+            encoder_hidden_states=torch.cat([prefix, t5_BLD], dim=1),
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
 
 
 DECODER_CLASSES: dict[str, type[DiffusionDecoder]] = {

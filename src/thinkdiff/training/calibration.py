@@ -177,7 +177,7 @@ class Calibration:
         self.config = config
         spec = DecoderSpec.inspect(config.diffusion_decoder)
         self.decoder = load_decoder(spec, device, dtype)
-        roles = ("pooled", "t5") if spec.pooled_width is not None else ("t5",)
+        roles = self.decoder.text_roles(needs_t5=True)  # FLUX: CLIP + T5; SD3: its CLIPs + T5; others: T5
         components = [*self.decoder.components_for(roles), "transformer"]
         if config.noise_source == "source" and "vae" in self.decoder.denoise_components:
             components.append("vae")
@@ -302,7 +302,7 @@ class Calibration:
 
     @property
     def decoder_t5_tokenizer(self) -> PreTrainedTokenizerBase:
-        return self.pipe.tokenizer_2 if hasattr(self.pipe, "tokenizer_2") else self.pipe.tokenizer
+        return getattr(self.pipe, self.decoder.text_encoder_components["t5"][1])  # SD3: tokenizer_3
 
     def source_images(self, pixel_values_BCHW: torch.Tensor) -> np.ndarray:
         """uint8 images at the calibration size from BLIP-2-normalised pixels (the 'source' input)."""
