@@ -209,6 +209,20 @@ def test_api_bad_input_is_one_readable_line(app, client, tmp_path, case, message
     assert result["results"][0]["mode"] == "lvlm"
 
 
+def test_a_bug_reaches_the_page_as_one_line_without_its_details(app, client, monkeypatch) -> None:
+    _, backend, _ = app
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret detail\nTraceback (most recent call last): ...")
+
+    monkeypatch.setattr(backend, "generate", broken)
+    with pytest.raises(Exception) as caught:
+        client.predict([{"text": "Word 1: red, "}], [], *settings(), api_name="/generate")
+    text = str(caught.value)
+    assert "internal error (RuntimeError); the server log has the details" in text
+    assert "secret detail" not in text and "Traceback" not in text
+
+
 def test_an_oversized_upload_is_refused_before_it_arrives(app, client, tmp_path) -> None:
     _, backend, _ = app
     big = tmp_path / "big.png"

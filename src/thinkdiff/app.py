@@ -26,7 +26,6 @@ import itertools
 import logging
 import os
 import random
-import resource
 import shutil
 import sys
 import threading
@@ -270,7 +269,8 @@ class Backend:
 
     def example(self, task: str = "Color-II", shot: int = 2, index: int | None = None) -> dict[str, Any]:
         """A mini-CoBSAT prompt as editor rows: ``{"items": [str | Path], "target": {...},
-        "caption": str, "seed": int}``; the images are written under ``out_dir/examples``."""
+        "target_caption": str, "caption": str, "seed": int}``; the images are written under
+        ``out_dir/examples``."""
         from thinkdiff.evaluation.cobsat.protocol import NUM_PROMPTS, prompts_list
         from thinkdiff.miniworld.experiments import prompt_seed
         from thinkdiff.miniworld.minicobsat import MINI_TASKS, build_prompt
@@ -295,6 +295,7 @@ class Backend:
         return {
             "items": items,
             "target": prompt.target,
+            "target_caption": prompt.target_caption,
             "caption": f"{task}, {shot}-shot, prompt {index}: the answer should show {prompt.target_caption}",
             "seed": prompt_seed(prompt),
         }
@@ -460,6 +461,8 @@ def describe(result: JobResult, target_caption: str | None = None) -> str:
     if memory:
         lines.append("peak GPU memory: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items()))
     else:
+        import resource  # POSIX only, like the CPU-memory reading it gives
+
         # ru_maxrss is KiB on Linux, bytes on macOS.
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         lines.append(f"peak memory: {rss / 2**30:.2f} GiB (the server process, CPU)")
@@ -523,12 +526,14 @@ def build_app(backend: Backend) -> "gr.Blocks":
 
     models = backend.model_choices()
     first = models[0]
-    examples_on = True  # the mini-CoBSAT examples need nothing but the world's renderer
 
     def page_error(error: BaseException) -> gr.Error:
         """The one-line message the page shows; a real bug is logged here, never sent."""
-        if isinstance(error, ValueError | FileNotFoundError | OSError | KeyError):
+        if isinstance(error, ValueError | FileNotFoundError | OSError):
             return gr.Error(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        if type(error).__name__ == "OutOfMemoryError":  # torch.cuda's
+            logger.warning("job ran out of GPU memory: %s", str(error).splitlines()[0])
+            return gr.Error("out of GPU memory: a smaller size, or start the app with --offload model or --quantize")
         logger.exception("job failed")
         return gr.Error(f"internal error ({type(error).__name__}); the server log has the details")
 
@@ -586,10 +591,10 @@ def build_app(backend: Backend) -> "gr.Blocks":
                         ["Color-I", "Color-II", "Background-I", "Background-II", "Texture-I", "Texture-II"],
                         value="Color-II",
                         label="example task (mini-CoBSAT)",
-                        visible=examples_on,
                     )
-                    shot = gr.Dropdown([1, 2, 3, 4], value=2, label="shots", visible=examples_on)
-                    load_example = gr.Button("load an example", elem_id="load-example", visible=examples_on)
+                    # The examples need only the world's renderer: real models get them too.
+                    shot = gr.Dropdown([1, 2, 3, 4], value=2, label="shots")
+                    load_example = gr.Button("load an example", elem_id="load-example")
                 status = gr.Markdown("", elem_id="status")
             with gr.Column(scale=2):
                 gr.Markdown("### Settings")
@@ -730,7 +735,7 @@ def build_app(backend: Backend) -> "gr.Blocks":
                 for item in example["items"]
             ]
             out = layout(rows)
-            out[1] = {"target": example["target"], "caption": example["caption"]}
+            out[1] = {"target": example["target"], "caption": example["target_caption"]}
             return [*out, example["seed"], example["caption"]]
 
         load_example.click(on_example, [task, shot], [*shown, seed, status], **ui)
@@ -797,7 +802,7 @@ def build_app(backend: Backend) -> "gr.Blocks":
                 raise gr.Error(str(error)) from None
             results = run_job(items, opts, request, progress)
             main, rest = results[0], results[1:]
-            caption = None if goal is None else goal["caption"].split("should show ")[-1]
+            caption = None if goal is None else goal["caption"]
             notes = [describe(r, caption) for r in results]
             video = main.path.suffix == ".mp4"
             past = [*past, (str(main.path), f"{main.mode} · seed {main.sidecar['seed']}")]
