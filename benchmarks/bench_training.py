@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from common import QWEN2VL_7B_HIDDEN, XXL, random_proxy_t5, scaled_t5_config
+from common import QWEN2VL_7B_HIDDEN, XXL, random_proxy_t5, scaled_t5_config, write_scaled_lvlm
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -63,22 +63,6 @@ def write_scaled_t5(folder: Path, scale: int) -> dict[str, int]:
     T5ForConditionalGeneration(config).save_pretrained(folder)
     save_t5_tokenizer(folder)
     return dict(XXL, d_model=config.d_model, d_ff=config.d_ff, num_heads=config.num_heads)
-
-
-def write_scaled_lvlm(folder: Path, width: int) -> Path:
-    """The tiny kit's Qwen2-VL tokenizer and config, its hidden size set to ``width``, no weights:
-    what the LVLM variant's training reads of its LVLM (the tokenizer decodes the targets; the
-    hidden size must be the features' width)."""
-    import shutil
-
-    from thinkdiff.models.loading import resolve_tiny
-
-    kit = resolve_tiny("tiny:qwen2-vl")
-    shutil.copytree(kit, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    config = json.loads((folder / "config.json").read_text())
-    config.setdefault("text_config", {})["hidden_size"] = width
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
 
 
 def write_features(folder: Path, tokenizer, width: int, samples: int, tokens: int = 64) -> None:
