@@ -313,6 +313,24 @@ def test_backend_cancel_and_a_model_that_does_not_load(tmp_path) -> None:
     assert str(caught.value) and "\n" not in str(caught.value).strip()
 
 
+def test_the_worlds_calibrated_aligner_comes_first_when_it_has_one(tmp_path) -> None:
+    from thinkdiff.miniworld.build import DEMO_CALIBRATED, calibrated_dir
+
+    world = tmp_path / "world"
+    (world / "thinkdiff").mkdir(parents=True)
+    for part in ("t5", "flux", "vlm", "vision", "judge"):
+        (world / part).symlink_to(WEIGHTS / part)
+    for name in ("lvlm", "clip"):
+        (world / "thinkdiff" / name).symlink_to(WEIGHTS / "thinkdiff" / name)
+    plain = Backend(AppConfig(miniworld=world, out_dir=tmp_path / "out"))
+    assert plain.model_choices() == ["mini world: lvlm", "mini world: clip"]
+    calibrated = calibrated_dir(world, DEMO_CALIBRATED)
+    calibrated.symlink_to(WEIGHTS / "thinkdiff" / "lvlm")  # stands in for a calibrated lvlm aligner
+    backend = Backend(AppConfig(miniworld=world, out_dir=tmp_path / "out"))
+    assert backend.model_choices()[:2] == [f"mini world: {calibrated.name}", "mini world: lvlm"]
+    assert backend.variant(backend.model_choices()[0]) == "lvlm"
+
+
 def test_cli_refuses_bad_flags_in_one_line(capsys) -> None:
     from thinkdiff.cli import main
 
