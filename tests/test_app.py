@@ -154,6 +154,20 @@ def test_api_text_bridge_beside_and_settings(app, client) -> None:
     assert lvlm["lvlm"]["qcd_alpha"] == 0.5 and lvlm["lvlm"]["hint"] in lvlm["lvlm"]["instruction"]
 
 
+def test_api_clip_mode_with_the_bridge_beside(app, client) -> None:
+    _, backend, _ = app
+    json_items, files = api_inputs(backend.example("Texture-I", 2, 5)["items"])
+    paths, result = client.predict(
+        json_items, files, *settings(model="mini world: clip", mode="clip", seed=3, bridge=True), api_name="/generate"
+    )
+    clip, bridge = result["results"]
+    assert (clip["mode"], bridge["mode"]) == ("clip", "text-bridge")
+    assert clip["lvlm_text"] is None and bridge["lvlm_text"]  # clip mode uses no LVLM; the bridge reads with the VLM
+    sidecar = json.loads(Path(paths[1]).read_text())
+    assert sidecar["components"]["vision"] == str(WEIGHTS / "vision")
+    assert set(clip["judge"]) == {"shape", "color", "background", "texture"}
+
+
 def broken_png(folder: Path) -> Path:
     path = folder / "broken.png"
     good = folder / "good.png"
