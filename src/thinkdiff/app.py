@@ -417,7 +417,9 @@ class Backend:
                 if cancelled.is_set():
                     raise Cancelled
                 pipe = self._pipeline(model, run_mode, options.decoder)
-                if self.world is None and not self.config.keep_loaded:
+                if self.world is None:
+                    # Real models: only this pipeline's weights on the device (with --keep-loaded
+                    # every other cached pipeline would still hold all of its own).
                     for other in self._pipelines.values():
                         if other is not pipe:
                             other.release()
