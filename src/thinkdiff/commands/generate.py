@@ -137,7 +137,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     decoding.add_argument(
         "--steps", type=int, help="denoising steps (FLUX.1-dev 28, schnell 4, CogVideoX 50)"
     )
-    decoding.add_argument("--guidance", type=float, help="guidance scale (FLUX.1-dev 3.5, CogVideoX 6)")
+    decoding.add_argument(
+        "--guidance",
+        type=float,
+        help="guidance scale (stock: FLUX.1-dev 3.5, Chroma 5, PixArt-Sigma 4.5, SD3 7, LTX-Video 3, CogVideoX 6)",
+    )
     decoding.add_argument(
         "--true-cfg",
         type=float,
