@@ -327,6 +327,24 @@ def test_backend_cancel_and_a_model_that_does_not_load(tmp_path) -> None:
     assert str(caught.value) and "\n" not in str(caught.value).strip()
 
 
+def test_backend_on_models_given_by_flags(tmp_path) -> None:
+    """The --model path (real models on a GPU), run here on the mini world's folders as if they were."""
+    model = str(WEIGHTS / "thinkdiff" / "lvlm")
+    backend = Backend(
+        AppConfig(
+            models=[model], decoders=[str(WEIGHTS / "flux")], lvlm=str(WEIGHTS / "vlm"), device="cpu",
+            out_dir=tmp_path / "out",
+        )
+    )  # fmt: skip
+    assert backend.world is None and backend.model_choices() == [model] and backend.variant(model) == "lvlm"
+    options = GenerateOptions(decoder=str(WEIGHTS / "flux"), steps=2, num_tokens=4, seed=1, text_bridge=True)
+    lvlm, bridge = backend.generate(["Word 1: red, ", "Word 2: blue, "], options)
+    assert (lvlm.mode, bridge.mode) == ("lvlm", "text-bridge") and lvlm.verdict is None  # no judge here
+    assert lvlm.sidecar["components"]["model"] == model and lvlm.sidecar["settings"]["num_inference_steps"] == 2
+    assert lvlm.sidecar["conditioning"]["num_tokens"] == 4 and not lvlm.sidecar["conditioning"]["greedy"]
+    assert Image.open(lvlm.path).size == (32, 32) and lvlm.sidecar_path.is_file()
+
+
 def test_the_worlds_calibrated_aligner_comes_first_when_it_has_one(tmp_path) -> None:
     from thinkdiff.miniworld.build import DEMO_CALIBRATED, calibrated_dir
 
