@@ -520,18 +520,27 @@ def gpu_run(
     dtype: torch.dtype,
     depth: int | None = None,
     narrow: bool = False,
+    *,
+    decoder_folder: Path | None = None,
+    quantize: str = "none",
+    lvlm_tokens: int = 128,
 ) -> dict[str, Any]:
     """One ThinkDiff-LVLM image through ThinkDiffPipeline with random Qwen2-VL-7B + FLUX.1-dev.
 
+    ``depth``/``narrow`` shape the random models built in place. With ``decoder_folder`` the
+    decoder is instead loaded from that folder by the pipeline's own loader (with ``quantize``).
+    ``lvlm_tokens``: the tokens the LVLM generates (ThinkDiff's 128; fewer for a quick CPU run).
     Returns seconds per image (stages without loads), the stage timings and peak memory per stage.
     """
     from thinkdiff.models.aligner import Aligner
     from thinkdiff.models.bundle import ThinkDiffInfo
-    from thinkdiff.pipelines import Request, ThinkDiffPipeline
+    from thinkdiff.pipelines import DecoderSpec, InferenceSettings, Request, ThinkDiffPipeline
 
     ensure_tiny_kit()
     features = NARROW["text"]["hidden_size"] if narrow else QWEN2_VL_7B_TEXT["hidden_size"]
     spec, decoder_cls = random_flux(depth, narrow)
+    if decoder_folder is not None:
+        spec = DecoderSpec.inspect(decoder_folder)
     prompt_width = spec.prompt_width
     info = ThinkDiffInfo(
         "lvlm", "random:Qwen2-VL-7B", "google/flan-t5-xxl", spec.name, in_dim=features, out_dim=prompt_width
@@ -545,8 +554,12 @@ def gpu_run(
         source_model=info.source_model,
         device=device,
         dtype=dtype,
+        offload=offload,  # type: ignore[arg-type]
+        quantize=quantize,  # type: ignore[arg-type]
+        settings=InferenceSettings(num_tokens=lvlm_tokens),
     )
-    pipe.decoder = decoder_cls(spec, device, dtype, offload)
+    if decoder_folder is None:
+        pipe.decoder = decoder_cls(spec, device, dtype, offload)
     pipe._load_lvlm = lambda: random_lvlm(device, dtype, depth, narrow)  # type: ignore[method-assign]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -559,6 +572,7 @@ def gpu_run(
     compute = {k: v for k, v in out.timings.items() if not k.startswith("load_")}
     return {
         "offload": offload,
+        "quantize": quantize,
         "size": size,
         "steps": steps,
         "seconds_per_image": sum(compute.values()),

@@ -92,6 +92,9 @@ class Settings:
     sequential_steps: int
     calibration_batch: int
     calibration_size: int
+    quantized_depth: int
+    lvlm_tokens: int
+    """Tokens the LVLM generates in the pipeline runs (ThinkDiff's 128 on the GPU)."""
     budgets: dict[str, float]
     max_seconds: float
 
@@ -121,6 +124,8 @@ def settings_for(smoke: bool) -> Settings:
             sequential_steps=1,
             calibration_batch=2,
             calibration_size=64,
+            quantized_depth=1,
+            lvlm_tokens=16,
             # About 3x what each part takes on 2 busy cores (~60 s in all), so that a slow machine
             # still runs every branch; the budgets' own logic runs as on the GPU.
             budgets={"training": 60, "features": 45, "inference": 90, "calibration": 30, "quantized": 45},
@@ -149,6 +154,8 @@ def settings_for(smoke: bool) -> Settings:
         sequential_steps=4,
         calibration_batch=4,
         calibration_size=256,  # the calibrate preset's
+        quantized_depth=2,
+        lvlm_tokens=128,
         budgets={"training": 110, "features": 70, "inference": 180, "calibration": 45, "quantized": 45},
         max_seconds=460,
     )
@@ -233,6 +240,14 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("seconds_per_image", "s / image", "{:.2f}"),
         ("seconds_with_loads", "s with loads", "{:.1f}"),
         ("stages", "stage s (peak GiB)", "{}"),
+    ],
+    "quantized": [
+        ("quantize", "quantize", "{}"),
+        ("seconds_per_image", "s / image", "{:.2f}"),
+        ("decoder_s", "decoder s", "{:.2f}"),
+        ("load_decoder_s", "load decoder s", "{:.1f}"),
+        ("load_decoder_peak_gib", "load peak GiB", "{:.2f}"),
+        ("decoder_peak_gib", "denoise peak GiB", "{:.2f}"),
     ],
 }
 
@@ -505,7 +520,8 @@ def part_inference(s: Settings, budget: Budget, emit: Emit, note: Callable[[str]
             note(f"skipped {name}: over the part's budget")
             continue
         try:
-            run = gpu_run(offload, s.sizes[size], steps, s.device, torch.bfloat16, s.depth, s.narrow)
+            run = gpu_run(offload, s.sizes[size], steps, s.device, torch.bfloat16, s.depth, s.narrow,
+                          lvlm_tokens=s.lvlm_tokens)  # fmt: skip
         except ValueError as exc:  # an offload mode this device cannot run (no GPU in the smoke run)
             note(f"skipped {name}: {exc}")
             continue
@@ -576,9 +592,66 @@ def part_calibration(s: Settings, budget: Budget, emit: Emit, note: Callable[[st
     )
 
 
+def write_flux_folder(folder: Path, s: Settings) -> Path:
+    """A FLUX.1-dev folder with random weights: its real widths (or NARROW), ``s.quantized_depth``
+    blocks of each kind, the tiny kit's tokenizers and scheduler; loaded by the pipeline's own
+    loader, where the quantization configs apply."""
+    import shutil
+
+    from bench_inference import build, flux_dev_modules
+    from common import default_dtype
+    from thinkdiff.models.loading import resolve_tiny
+
+    kit = resolve_tiny("tiny:flux")
+    folder.mkdir(parents=True)
+    shutil.copy(kit / "model_index.json", folder)
+    for name in ("scheduler", "tokenizer", "tokenizer_2"):
+        shutil.copytree(kit / name, folder / name)
+    for name, (cls, spec) in flux_dev_modules(s.quantized_depth, s.narrow).items():
+        with torch.device(s.device), default_dtype(torch.bfloat16):
+            module = build(cls, spec)
+        module.save_pretrained(folder / name)
+        del module
+        free_memory(s.device)
+    return folder
+
+
 def part_quantized(s: Settings, budget: Budget, emit: Emit, note: Callable[[str], None], work: Path) -> None:
-    """The quantized decoder modes, once they exist."""
-    raise Unavailable("this version has no quantized decoder modes")
+    """ThinkDiffPipeline with ``quantize`` none / int8 / nf4 / fp8 on a FLUX.1-dev-wide decoder."""
+    try:
+        from thinkdiff.models.quantization import QUANTIZE_MODES, check_quantize
+    except ImportError as exc:
+        raise Unavailable(f"this version has no quantized decoder modes ({exc})") from exc
+    from bench_inference import gpu_run
+
+    folder = write_flux_folder(work / "flux", s)
+    note(
+        f"FLUX.1-dev widths with {s.quantized_depth} + {s.quantized_depth} of its 19 + 38 blocks (weights and "
+        f"time scale with the blocks), random weights saved and loaded by the pipeline's loader; a 1-layer LVLM; "
+        f"{s.sizes[512]} px, {s.sequential_steps} steps"
+    )
+    for mode in ("none", *(m for m in QUANTIZE_MODES if m != "none")):
+        if budget.over():
+            note(f"skipped quantize {mode}: over the part's budget")
+            continue
+        try:
+            check_quantize(mode, s.device)
+        except ValueError as exc:
+            note(f"skipped quantize {mode}: {exc}")
+            continue
+        try:
+            run = gpu_run("none", s.sizes[512], s.sequential_steps, s.device, torch.bfloat16, 1, s.narrow,
+                          decoder_folder=folder, quantize=mode, lvlm_tokens=s.lvlm_tokens)  # fmt: skip
+        except torch.cuda.OutOfMemoryError as exc:
+            emit({"run": f"quantize {mode}", "error": f"out of memory: {str(exc).splitlines()[0]}"})
+            free_memory(s.device)
+            continue
+        peak = run["peak_gib"]
+        emit({"quantize": mode, "decoder_s": run["timings"].get("decoder"),
+              "load_decoder_s": run["timings"].get("load_decoder"),
+              "load_decoder_peak_gib": peak.get("load_decoder"), "decoder_peak_gib": peak.get("decoder"),
+              "seconds_per_image": run["seconds_per_image"], "timings": run["timings"], "peak_gib": peak})  # fmt: skip
+        free_memory(s.device)
 
 
 class Unavailable(Exception):

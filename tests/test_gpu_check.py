@@ -80,7 +80,7 @@ def test_smoke_runs_every_part(smoke: tuple[dict, str], gpu_check) -> None:
     ran = {(r["offload"], r["size"]) for r in inference}
     assert {("none", 512), ("none", 1024)} <= ran
     for row in inference:
-        assert row["seconds_per_image"] > 0 and row["steps"] == 2
+        assert row["seconds_per_image"] > 0 and row["steps"] == 2 and row["quantize"] == "none"
         assert {"lvlm", "aligner", "decoder"} <= set(row["timings"])
     # Offload modes the CPU cannot run are skipped with the reason, never silently.
     skipped = [n for n in parts["inference"]["notes"] if n.startswith("skipped")]
@@ -88,6 +88,13 @@ def test_smoke_runs_every_part(smoke: tuple[dict, str], gpu_check) -> None:
 
     (calibration,) = parts["calibration"]["rows"]  # calibration_step exists in this version
     assert calibration["finite"] and calibration["step_s"] > 0 and calibration["micro_batch"] == 2
+
+    quantized = parts["quantized"]
+    modes = [r["quantize"] for r in quantized["rows"]]
+    assert modes[0] == "none" and all(r["seconds_per_image"] > 0 for r in quantized["rows"])
+    skipped = [n for n in quantized["notes"] if n.startswith("skipped quantize")]
+    assert len(modes) + len(skipped) == 4  # none, nf4, int8, fp8: each ran or says why not
+    assert any("nf4" in n and "CUDA" in n for n in skipped)  # bitsandbytes needs a GPU
 
     assert "| micro-batch | act. ckpt | samples/s | MFU |" in md
     assert "| none | 1024 | 128 | 2 |" in md
