@@ -152,6 +152,15 @@ def test_task_format_extraction_groups_samples_and_answers_greedily(tiny_env, tm
     other = FeatureShards(tmp_path / "b")
     assert [m["text"] for m in meta] == [m["text"] for m in other.metadata(0)]
     assert torch.equal(shards[0]["features"], other[0]["features"])
+    # The stretch signal: flow matching onto each prompt's target image (the group's last image).
+    config = debug_calibrate_lvlm().updated(
+        data=[str(tmp_path / "a")], val_data=[], output_dir=str(tmp_path / "flow"), global_batch_size=3,
+        max_steps=2, calibration_loss="flow", target_images=str(folder), calibration_size=64, val_every=0,
+    )  # fmt: skip
+    result = train(config, resume="never")
+    assert result.model_dir is not None and all(torch.isfinite(torch.tensor(result.losses)))
+    with pytest.raises(ValueError, match="needs target_images"):
+        config.updated(target_images=None).validate()
     items = interleaved_items(["red", "blue"], ["IMG"], "Do it.")
     assert items == ["Do it.", "Word 1: red, ", "IMG", "\n\nWord 2: blue, "]
     with pytest.raises(ValueError, match="one text more"):

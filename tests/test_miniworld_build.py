@@ -45,6 +45,19 @@ def test_quick_build_trains_every_component(quick_world):
         "total",
     }
     assert (root / ".gitignore").read_text() == "work/\n"
+    # Calibration (issue 17): every calibrated aligner, from task-format data of training cells.
+    from thinkdiff.data.feature_shards import FeatureShards
+    from thinkdiff.miniworld.build import CALIBRATION_RUNS, calibrated_dir
+    from thinkdiff.models.bundle import load_model
+
+    for name in [*CALIBRATION_RUNS, "clip"]:
+        _, info = load_model(calibrated_dir(root, name))
+        assert info.extra["objective"] == "calibrate", name
+    assert set(record["calibration_seconds"]) >= {f"calibrate {n}" for n in CALIBRATION_RUNS}
+    task = FeatureShards(root / "work" / "features" / "task")
+    assert {m["shots"] for m in task.metadata(0)} == {2, 4}
+    words = (root / "work" / "task-source").glob("*.txt")
+    assert all(p.read_text().strip() for p in words)
 
 
 def test_built_components_load_with_the_project_loaders(quick_world):
@@ -133,6 +146,7 @@ def test_report_numbers_come_from_the_evaluation(quick_world, tmp_path, monkeypa
         transfer_train=64,
         transfer_n=4,
         transfer_steps=2,
+        transfer_calibration_steps=2,
         threads=1,
         progress=False,
     )
@@ -146,7 +160,15 @@ def test_report_numbers_come_from_the_evaluation(quick_world, tmp_path, monkeypa
     assert report["premise"]["n"] == 4
     rows = report["premise"]["rows"]
     mapped = [TRANSFER_MAPPED.format(source=source) for source in TRANSFER_SOURCES]
-    assert set(rows) == {TRANSFER_CEILING, *TRANSFER_SOURCES, *mapped}
+    from thinkdiff.miniworld.experiments import TRANSFER_CALIBRATED
+
+    calibrated = TRANSFER_CALIBRATED.format(source=TRANSFER_SOURCES[0])
+    assert set(rows) == {TRANSFER_CEILING, *TRANSFER_SOURCES, *mapped, calibrated}
+    assert rows[calibrated]["all"] == 1.0 and rows[calibrated]["calibration_steps"] == 2
+    for name in ("calibrated lvlm", "calibrated no split", "calibrated input tokens", "calibrated lvlm regress"):
+        assert tables[name]["2"]["average"]["accuracy"] == 1.0, name
+    assert report["clip_calibrated"]["image"]["all"] == 1.0
+    assert "## Calibration: the decoder in the loop" in (tmp_path / "report.md").read_text()
     for source, fitted in zip(TRANSFER_SOURCES, mapped, strict=True):
         # The map is fitted to the T5 states, so it moves the features towards them.
         assert rows[fitted]["cosine"] > rows[source]["cosine"]

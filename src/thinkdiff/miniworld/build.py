@@ -80,7 +80,7 @@ class BuildConfig:
     clip_batch: int = 32
     calib_prompts: int = 3000
     """Task-format prompts (training cells only) the VLM answers greedily for calibration."""
-    calib_steps: int = 200
+    calib_steps: int = 300
     calib_batch: int = 32
     calib_lr: float = 1e-3
     calib_proxy_weight: float = 0.1
@@ -254,6 +254,7 @@ CALIBRATION_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "lvlm regress": ("no split", {"calibration_loss": "regress", "token_alignment": "one-to-one", "proxy_weight": 0.0}),
     "no split, no proxy term": ("no split", {"proxy_weight": 0.0}),
     "no split, teacher noise": ("no split", {"noise_source": "teacher"}),
+    "no split, flow matching": ("no split", {"calibration_loss": "flow"}),
 }
 """The calibrated ThinkDiff-LVLM aligners: name -> (the proxy aligner it starts from, overrides of
 the calibration config). Each lands in ``thinkdiff/<name>-calibrated`` (spaces as dashes)."""
@@ -280,6 +281,8 @@ def _calibrate_one(out_dir: Path, config: BuildConfig, name: str, threads: int) 
         )
     else:
         start, overrides = CALIBRATION_RUNS[name]
+        if overrides.get("calibration_loss") == "flow":  # the targets: the task source's last images
+            overrides = {**overrides, "target_images": str(work / "task-source")}
         init = out_dir / "thinkdiff" / "lvlm" if start == "lvlm" else work / "runs" / start.replace(" ", "-") / "model"
         run_training(calibration_config(out_dir, work, config, name, init, **overrides), calibrated_dir(out_dir, name))
     return name, round(time.perf_counter() - started, 1)

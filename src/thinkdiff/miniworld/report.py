@@ -68,6 +68,7 @@ METHODS: tuple[str, ...] = (
     "calibrated lvlm regress",
     "calibrated no split, no proxy term",
     "calibrated no split, teacher noise",
+    "calibrated no split, flow matching",
 )
 """Rows of the mini-CoBSAT table, in order."""
 

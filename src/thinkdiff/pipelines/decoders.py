@@ -749,6 +749,10 @@ class DiffusionDecoder:
         """One sampler step from ``sigma`` to ``sigma_next`` given :meth:`velocity`'s output."""
         return latents + (sigma_next - sigma) * output
 
+    def flow_target(self, clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What :meth:`velocity` should output on :meth:`add_noise`'s result (flow matching)."""
+        return noise - clean
+
     def _calibration_length(self, pipe: DiffusionPipeline, text: str, max_length: int | None) -> int:
         """T5 tokens of a teacher text: ``max_length``, or the text's own count within the limit."""
         if max_length is not None:

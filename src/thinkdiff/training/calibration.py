@@ -19,7 +19,11 @@ Losses (``TrainConfig.calibration_loss``):
   tokenisations can be aligned (:func:`align_tokens`: one to one, or through character offsets);
   no decoder call at all.
 
-Either can add ``proxy_weight`` x the no-split proxy cross-entropy, which keeps the proxy decoder
+- ``flow`` (ThinkDiff-LVLM on task-format data): distillation on the target image's noised
+  latents, towards the mean of the teacher's output and the flow-matching target of that image (a
+  signal beyond the text bridge: the picture the answer should describe).
+
+Each can add ``proxy_weight`` x the no-split proxy cross-entropy, which keeps the proxy decoder
 reading the features. Noisy inputs (``noise_source``): ``pure`` noise at a high noise level
 (``sigma >= noise_min_sigma``; no extra calls), the ``teacher``'s own partial samples (a few
 teacher Euler steps from noise; on the sampler's path), or the ``source`` image's latents noised
@@ -179,7 +183,8 @@ class Calibration:
         self.decoder = load_decoder(spec, device, dtype)
         roles = self.decoder.text_roles(needs_t5=True)  # FLUX: CLIP + T5; SD3: its CLIPs + T5; others: T5
         components = [*self.decoder.components_for(roles), "transformer"]
-        if config.noise_source == "source" and "vae" in self.decoder.denoise_components:
+        needs_images = config.noise_source == "source" or config.calibration_loss == "flow"
+        if needs_images and "vae" in self.decoder.denoise_components:
             components.append("vae")
         self.pipe = self.decoder.load(components)
         for name in components:
@@ -223,24 +228,24 @@ class Calibration:
     # ---- noisy inputs --------------------------------------------------------------------------
     def _noisy(
         self, n: int, teacher: dict[str, torch.Tensor], clean: torch.Tensor | None, key: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noisy latents and their levels for ``n`` samples of one group, drawn from a generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Noisy latents, their levels and the noise drawn for ``n`` samples of one group, drawn from a generator
         seeded by ``key`` (step and sample keys): a resumed run draws exactly the same noise, with
         no RNG state to restore (the data loader draws from the global one when it restarts)."""
         seed = int(hashlib.sha256(f"{self.config.seed}:{key}".encode()).hexdigest()[:15], 16)
         gen = torch.Generator().manual_seed(seed)
         shape = (n, *self.decoder.latent_shape(self.pipe, self.height, self.width))
         noise = torch.randn(shape, generator=gen).to(self.device)
-        source = self.config.noise_source
+        source = "source" if clean is not None else self.config.noise_source
         if source == "pure":
             low = self.config.noise_min_sigma
             sigmas = (low + (1 - low) * torch.rand(n, generator=gen)).to(self.device)
-            return noise, sigmas
+            return noise, sigmas, noise
         if source == "source":
             assert clean is not None
             # logit-normal levels, as FLUX trains
             sigmas = torch.sigmoid(torch.randn(n, generator=gen)).to(self.device)
-            return self.decoder.add_noise(clean.to(noise.dtype), noise, sigmas), sigmas
+            return self.decoder.add_noise(clean.to(noise.dtype), noise, sigmas), sigmas, noise
         # teacher: j Euler steps of the teacher from pure noise along the sampler's schedule.
         steps = self.config.teacher_steps
         schedule = torch.linspace(1.0, 0.0, steps + 1).tolist()
@@ -251,7 +256,7 @@ class Calibration:
                 sig = torch.full((n,), schedule[i], device=self.device)
                 out = self.decoder.velocity(self.pipe, x, sig, teacher, self.height, self.width)
                 x = self.decoder.euler_step(x, out.float(), schedule[i], schedule[i + 1])
-        return x, torch.full((n,), schedule[j], device=self.device)
+        return x, torch.full((n,), schedule[j], device=self.device), noise
 
     # ---- losses --------------------------------------------------------------------------------
     def distill(
@@ -260,9 +265,12 @@ class Calibration:
         texts: list[str],
         clean: torch.Tensor | None = None,
         key: str = "",
+        flow: bool = False,
     ) -> torch.Tensor:
         """Mean MSE between student and teacher outputs; ``students[i]`` is ``[L_i, D]``; ``key``
-        seeds the noise (with each group's first text)."""
+        seeds the noise (with each group's first text). ``clean``: source-image latents to noise
+        (else ``noise_source``); ``flow``: the target is the mean of the teacher's output and the
+        flow-matching target of ``clean`` (a signal beyond the text bridge)."""
         teachers = [self.text_conditioning(t) for t in texts]
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, (s, t) in enumerate(zip(students, teachers)):
@@ -275,9 +283,12 @@ class Calibration:
                 **{k: v.expand(len(members), *v.shape[1:]) for k, v in self.student_extra.items()},
             }
             group_clean = clean[members] if clean is not None else None
-            x, sigmas = self._noisy(len(members), teacher, group_clean, f"{key}:{members[0]}:{texts[members[0]]}")
+            x, sigmas, noise = self._noisy(len(members), teacher, group_clean, f"{key}:{members[0]}:{texts[members[0]]}")
             with torch.no_grad():
                 target = self.decoder.velocity(self.pipe, x, sigmas, teacher, self.height, self.width)
+                if flow:
+                    assert group_clean is not None
+                    target = 0.5 * (target.float() + self.decoder.flow_target(group_clean.float(), noise))
             pred = self.decoder.velocity(self.pipe, x, sigmas, student, self.height, self.width)
             total = total + F.mse_loss(pred.float(), target.float(), reduction="mean") * len(members)
         return total / len(students)
@@ -303,6 +314,23 @@ class Calibration:
     @property
     def decoder_t5_tokenizer(self) -> PreTrainedTokenizerBase:
         return getattr(self.pipe, self.decoder.text_encoder_components["t5"][1])  # SD3: tokenizer_3
+
+    def target_images(self, keys: Sequence[str]) -> np.ndarray:
+        """uint8 images at the calibration size of task-format samples' targets (``{target_key}:taskK``
+        keys), read from ``config.target_images`` (the task-format source folder)."""
+        from PIL import Image
+
+        assert self.config.target_images is not None
+        folder = Path(self.config.target_images)
+        images = []
+        for key in keys:
+            target = key.rsplit(":task", 1)[0]
+            found = [p for p in folder.glob(f"{target}.*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")]
+            if not found:
+                raise FileNotFoundError(f"no target image {target}.* in {folder} for sample {key!r}")
+            image = Image.open(found[0]).convert("RGB").resize((self.width, self.height), Image.Resampling.BICUBIC)
+            images.append(np.asarray(image))
+        return np.stack(images)
 
     def source_images(self, pixel_values_BCHW: torch.Tensor) -> np.ndarray:
         """uint8 images at the calibration size from BLIP-2-normalised pixels (the 'source' input)."""
@@ -348,6 +376,9 @@ def calibration_loss(
     students = [aligned_BLD[i, : int(n)] for i, n in enumerate(lengths)]
     if config.calibration_loss == "regress":
         loss = calibration.regress(students, batch.target_texts, batch.token_ids)
+    elif config.calibration_loss == "flow":
+        clean = calibration.decoder.image_latents(calibration.pipe, calibration.target_images(batch.keys))
+        loss = calibration.distill(students, batch.target_texts, clean, key, flow=True)
     else:
         loss = calibration.distill(students, batch.target_texts, key=key)
     if config.proxy_weight:

@@ -96,8 +96,14 @@ class TrainConfig:
     calibration_loss: str = _help(
         "calibrate: 'distill' (MSE between the decoder's velocities on aligned features and on its "
         "own T5 states of the answer; any tokenizers) or 'regress' (per-position MSE onto those T5 "
-        "states where the tokens align; lvlm only)",
+        "states where the tokens align; lvlm only) or 'flow' (distillation on the target image's noised "
+        "latents towards the mean of the teacher and the image's flow-matching target; lvlm on "
+        "task-format data, needs target_images)",
         default="distill",
+    )
+    target_images: str | None = _help(
+        "'flow': the task-format source folder holding each sample's target image ({target_key}.png)",
+        default=None,
     )
     proxy_weight: float = _help(
         "calibrate: weight of the no-split proxy cross-entropy added to the loss (0: none)", default=0.1
@@ -196,8 +202,14 @@ class TrainConfig:
             problems.append(f"init_aligner {self.init_aligner} does not exist")
         if self.objective != "calibrate":
             return problems
-        if self.calibration_loss not in ("distill", "regress"):
-            problems.append(f"calibration_loss must be 'distill' or 'regress', got {self.calibration_loss!r}")
+        if self.calibration_loss not in ("distill", "regress", "flow"):
+            problems.append(
+                f"calibration_loss must be 'distill', 'regress' or 'flow', got {self.calibration_loss!r}"
+            )
+        if self.calibration_loss == "flow" and (self.variant != "lvlm" or self.target_images is None):
+            problems.append("calibration_loss 'flow' is for lvlm task-format data and needs target_images")
+        if self.target_images is not None and not Path(self.target_images).is_dir():
+            problems.append(f"target_images {self.target_images} does not exist")
         if self.token_alignment not in ("one-to-one", "offsets"):
             problems.append(f"token_alignment must be 'one-to-one' or 'offsets', got {self.token_alignment!r}")
         if self.noise_source not in ("pure", "teacher", "source"):
