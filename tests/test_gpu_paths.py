@@ -422,6 +422,38 @@ def test_hub_loads_fetch_only_the_shards_and_components_they_use(tiny_env, tmp_p
     assert any(f.startswith("transformer/") and f.endswith(".safetensors") for f in got)
 
 
+@pytest.mark.parametrize("listing_cached", [False, True])
+def test_cached_hub_id_resolves_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, listing_cached: bool) -> None:
+    """A whole-repo hub id (an LVLM by name) already in the cache loads with HF_HUB_OFFLINE=1.
+
+    The listing of the repo's files (to leave its .bin weights out beside safetensors) cannot come
+    from the hub then; the one the download cached gives the same patterns, which the hub client
+    checks the cached snapshot against (a .bin it lists but that was never fetched is fine).
+    """
+    from huggingface_hub import constants
+    from huggingface_hub._tree_cache import TreeCacheEntry, read_tree_cache, write_tree_cache
+
+    from thinkdiff.models.loading import resolve_model_dir
+
+    commit, repo = "a" * 40, tmp_path / "models--org--lvlm"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"weights")
+    if listing_cached:
+        listed = ["config.json", "model.safetensors", "pytorch_model.bin"]  # the .bin was never fetched
+        write_tree_cache(str(repo), commit, {name: TreeCacheEntry(size=7, blob_id="b" * 40) for name in listed})
+        assert read_tree_cache(str(repo), commit) is not None
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model_dir("org/lvlm", kind="LVLM") == snapshot
+    with pytest.raises(FileNotFoundError, match="could not find LVLM 'org/absent' locally or on the hub"):
+        resolve_model_dir("org/absent", kind="LVLM")
+
+
 # ---- F6 / F7: bench_training's GPU step is the project's own, in bf16 ---------------------------
 
 

@@ -170,9 +170,19 @@ def diffusers_files(folder: Path, skipped: Iterable[str] = (), extra: Iterable[s
 
 def _unneeded_files(repo_id: str) -> list[str]:
     """Skip other frameworks' weights, and pickled weights when safetensors are there (T5-XXL has both)."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, get_cached_repo_tree
 
     ignore = ["*.msgpack", "*.h5", "*.ot", "*.onnx", "*.onnx_data", "*.tflite"]
-    if any(f.endswith(".safetensors") for f in HfApi().list_repo_files(repo_id)):
+    try:
+        names = HfApi().list_repo_files(repo_id)
+    except Exception:  # HF_HUB_OFFLINE, no network, hub down: the listing the download cached
+        # Offline, snapshot_download checks the cached snapshot against that listing with these
+        # very patterns, so they must be the ones the download used (.bin left out beside
+        # safetensors), or a complete cached T5-XXL reads as incomplete.
+        try:
+            names = [entry.path for entry in get_cached_repo_tree(repo_id)]
+        except Exception:  # nothing cached to check against; snapshot_download says what is missing
+            return ignore
+    if any(f.endswith(".safetensors") for f in names):
         ignore += ["*.bin", "*.pt", "*.pth"]
     return ignore
