@@ -148,6 +148,8 @@ def test_a_session_in_the_browser(browser, app, tmp_path) -> None:
     wait(driver, lambda d: shown(d, "#bridge-image img"))
     details = driver.find_element(By.ID, "details").text
     assert ("CORRECT" in details or "WRONG" in details) and "(target: " in details
+    # The history gallery holds the session's images: the first job's, then this one's two.
+    wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history img")) >= 3)
     assert "Traceback" not in page_text(driver)
 
     # The earlier messages' toasts are closed for the picture (they were read above).
