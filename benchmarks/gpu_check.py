@@ -9,7 +9,7 @@ With one H100/H200 and nothing downloaded, this runs the project's own code at t
 ``features``     the hf extraction engine: features read out of ``generate`` vs the teacher-forced
                  pass on the same tokens, in bf16 (agreement), and extraction samples/s both ways.
 ``inference``    ThinkDiffPipeline: seconds per image and peak memory per stage at 512 and 1024 px
-                 for offload none and model, and sequential at 512 px with 4 steps.
+                 for offload none and model, and sequential and group at 512 px with 4 steps.
 ``calibration``  one calibration step (when the calibration code exists in this version).
 ``quantized``    the quantized decoder modes (when they exist in this version).
 
@@ -513,7 +513,7 @@ def part_inference(s: Settings, budget: Budget, emit: Emit, note: Callable[[str]
     from bench_inference import gpu_run
 
     plan = [("none", 512, s.steps), ("none", 1024, s.steps), ("model", 512, s.steps), ("model", 1024, s.steps),
-            ("sequential", 512, s.sequential_steps)]  # fmt: skip
+            ("sequential", 512, s.sequential_steps), ("group", 512, s.sequential_steps)]  # fmt: skip
     for offload, size, steps in plan:
         name = f"offload {offload}, {size} px, {steps} steps"
         if budget.over():

@@ -84,7 +84,7 @@ def test_smoke_runs_every_part(smoke: tuple[dict, str], gpu_check) -> None:
         assert {"lvlm", "aligner", "decoder"} <= set(row["timings"])
     # Offload modes the CPU cannot run are skipped with the reason, never silently.
     skipped = [n for n in parts["inference"]["notes"] if n.startswith("skipped")]
-    assert len(ran) + len(skipped) == 5
+    assert len(ran) + len(skipped) == 6
 
     (calibration,) = parts["calibration"]["rows"]  # calibration_step exists in this version
     assert calibration["finite"] and calibration["step_s"] > 0 and calibration["micro_batch"] == 2
