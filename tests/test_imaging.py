@@ -91,7 +91,7 @@ def test_16_bit_rgb_and_rgba_png() -> None:
 def test_float_images_are_refused() -> None:
     with pytest.raises(ValueError, match="mode F"):
         to_rgb(Image.new("F", (2, 2), 0.5))
-    with pytest.raises(ValueError, match="cannot read image bytes: .*mode F"):
+    with pytest.raises(ValueError, match=r"cannot read image bytes: .*mode F"):
         open_rgb(encoded(Image.new("F", (2, 2), 0.5), "TIFF"))
 
 
