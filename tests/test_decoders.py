@@ -19,6 +19,7 @@ from PIL import Image
 from tests.test_calibration import calibrate_config
 from tests.test_calibration import proxy_model as proxy_model  # a fixture, shared
 from tests.test_pipeline import image, make_model, pixels
+from tests.test_pipeline import no_heavy_loads as no_heavy_loads  # a fixture, shared
 from thinkdiff.models.bundle import load_model
 from thinkdiff.pipelines import (
     DEFAULT_INSTRUCTION,
@@ -293,20 +294,6 @@ def test_clip_images_beyond_the_limit_are_refused_before_models_load(models, ite
         pipe.encode(Request(items))
     with pytest.raises(ValueError, match="true_cfg_scale applies to FLUX decoders only"):
         ThinkDiffPipeline.from_pretrained(models["lvlm-chroma"], device="cpu")(Request(items), true_cfg_scale=2.0)
-
-
-@pytest.fixture
-def no_heavy_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    from diffusers import DiffusionPipeline
-
-    from thinkdiff.models.clip_vision import CLIPVisionFeatures
-    from thinkdiff.models.lvlm import LVLMFeatureExtractor
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the input was checked")
-
-    for cls in (LVLMFeatureExtractor, CLIPVisionFeatures, DiffusionPipeline):
-        monkeypatch.setattr(cls, "from_pretrained", refuse)
 
 
 # ---- specs: sizes and limits from the configs and the installed pipelines -------------------------

@@ -23,6 +23,7 @@ torchao, an older GPU for fp8) before any weights load.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from typing import Any, Literal
 
@@ -81,30 +82,27 @@ def _torchao_config(mode: str) -> Any:
     return Int8WeightOnlyConfig(version=2) if mode == "int8" else Float8WeightOnlyConfig()
 
 
-def transformers_quantization(mode: str, compute_dtype: torch.dtype) -> Any:
-    """The ``quantization_config`` for a transformers model (the LVLM); ``None`` for ``none``."""
+def _library_quantization(library: str, mode: str, compute_dtype: torch.dtype) -> Any:
+    """``library``'s (transformers' or diffusers') own config for ``mode``; ``None`` for ``none``.
+    Both libraries name them alike and take the same arguments."""
     if mode == "none":
         return None
-    import transformers
-
+    module = importlib.import_module(library)
     if mode == "nf4":
-        return transformers.BitsAndBytesConfig(
+        return module.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
         )
-    return transformers.TorchAoConfig(_torchao_config(mode))
+    return module.TorchAoConfig(_torchao_config(mode))
+
+
+def transformers_quantization(mode: str, compute_dtype: torch.dtype) -> Any:
+    """The ``quantization_config`` for a transformers model (the LVLM, T5); ``None`` for ``none``."""
+    return _library_quantization("transformers", mode, compute_dtype)
 
 
 def diffusers_quantization(mode: str, compute_dtype: torch.dtype) -> Any:
     """The ``quantization_config`` for a diffusers model (the decoder's transformer); ``None`` for ``none``."""
-    if mode == "none":
-        return None
-    import diffusers
-
-    if mode == "nf4":
-        return diffusers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
-        )
-    return diffusers.TorchAoConfig(_torchao_config(mode))
+    return _library_quantization("diffusers", mode, compute_dtype)
 
 
 def pipeline_quantization(

@@ -1073,7 +1073,18 @@ class ChromaDecoder(_MaskedT5Decoder):
         return TextEncoding(embeds, mask=mask)
 
 
-class PixArtSigmaDecoder(_MaskedT5Decoder):
+class _UnpackedLatents(DiffusionDecoder):
+    """Calibration latents as the VAE gives them, ``[C, H / f, W / f]`` (SD3, PixArt-Sigma)."""
+
+    def latent_shape(self, pipe: DiffusionPipeline, height: int, width: int) -> tuple[int, ...]:
+        scale = pipe.vae_scale_factor
+        return (int(pipe.transformer.config.in_channels), height // scale, width // scale)
+
+    def image_latents(self, pipe: DiffusionPipeline, images_BHWC: np.ndarray) -> torch.Tensor:
+        return self._vae_latents(pipe, images_BHWC)
+
+
+class PixArtSigmaDecoder(_UnpackedLatents, _MaskedT5Decoder):
     """PixArt-Sigma (``PixArtSigmaPipeline``, 0.6 B): images from T5 states with their mask, 300 tokens.
 
     Text is encoded without PixArt's optional caption cleaning (``clean_caption=False``, the
@@ -1142,13 +1153,6 @@ class PixArtSigmaDecoder(_MaskedT5Decoder):
         signal_next, noise_next = self._signal_noise(torch.tensor([sigma_next]), latents.ndim)
         clean = (latents - noise_scale * output) / signal
         return signal_next * clean + noise_next * output
-
-    def latent_shape(self, pipe: DiffusionPipeline, height: int, width: int) -> tuple[int, ...]:
-        scale = pipe.vae_scale_factor
-        return (int(pipe.transformer.config.in_channels), height // scale, width // scale)
-
-    def image_latents(self, pipe: DiffusionPipeline, images_BHWC: np.ndarray) -> torch.Tensor:
-        return self._vae_latents(pipe, images_BHWC)
 
     def velocity(
         self,
@@ -1248,7 +1252,7 @@ class LTXVideoDecoder(_MaskedT5Decoder):
         )[0]
 
 
-class StableDiffusion3Decoder(DiffusionDecoder):
+class StableDiffusion3Decoder(_UnpackedLatents):
     """Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``): images.
 
     Its ``prompt_embeds`` are CLIP-L and CLIP-G states side by side (77 tokens, zero-padded to the
@@ -1304,13 +1308,6 @@ class StableDiffusion3Decoder(DiffusionDecoder):
         encoded = self.encode_text(pipe, [text], self._calibration_length(pipe, text, max_length))
         assert encoded.prefix is not None and encoded.pooled is not None
         return {"prompt_embeds": encoded.embeds, "prefix": encoded.prefix, "pooled_prompt_embeds": encoded.pooled}
-
-    def latent_shape(self, pipe: DiffusionPipeline, height: int, width: int) -> tuple[int, ...]:
-        scale = pipe.vae_scale_factor
-        return (int(pipe.transformer.config.in_channels), height // scale, width // scale)
-
-    def image_latents(self, pipe: DiffusionPipeline, images_BHWC: np.ndarray) -> torch.Tensor:
-        return self._vae_latents(pipe, images_BHWC)
 
     def velocity(
         self,

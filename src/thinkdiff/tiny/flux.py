@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -12,10 +13,32 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Tokeniz
 from thinkdiff.tiny.t5 import T5_D_MODEL, tiny_t5_encoder
 from thinkdiff.tiny.tokenizers import save_clip_tokenizer, save_t5_tokenizer
 
-__all__ = ["CLIP_TEXT_HIDDEN", "save_tiny_flux"]
+__all__ = ["CLIP_TEXT_HIDDEN", "save_tiny_flux", "tiny_vae"]
 
 CLIP_TEXT_HIDDEN = 32
 """Width of the tiny CLIP text encoder = FLUX ``pooled_projection_dim`` (768 in FLUX.1)."""
+
+
+def tiny_vae(**overrides: Any) -> AutoencoderKL:
+    """A tiny ``AutoencoderKL`` like FLUX.1's: 4 levels (scale factor 8 like the real one), 4 latent
+    channels, no quant convs, FLUX's shift and scale constants; ``overrides`` for other decoders'
+    VAEs (SD3's constants, SDXL's quant convs for PixArt-Sigma)."""
+    kwargs: dict[str, Any] = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (8, 8, 8, 8),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 2,
+        "sample_size": 64,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "shift_factor": 0.1159,
+        "scaling_factor": 0.3611,
+    }
+    return AutoencoderKL(**{**kwargs, **overrides})
 
 
 def save_tiny_flux(path: Path, seed: int = 0) -> Path:
@@ -41,22 +64,7 @@ def save_tiny_flux(path: Path, seed: int = 0) -> Path:
         axes_dims_rope=(4, 4, 8),
     )
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=64,
-        # FLUX.1's VAE has no quant convs and shifts/scales latents with these constants.
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.1159,
-        scaling_factor=0.3611,
-    )
+    vae = tiny_vae()
     # FLUX.1-dev's scheduler settings (resolution-dependent shift).
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,

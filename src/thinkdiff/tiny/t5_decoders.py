@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     AutoencoderKLLTXVideo,
     ChromaPipeline,
     ChromaTransformer2DModel,
@@ -28,6 +27,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
 
+from thinkdiff.tiny.flux import tiny_vae
 from thinkdiff.tiny.t5 import T5_D_MODEL, tiny_t5_encoder
 from thinkdiff.tiny.tokenizers import save_clip_tokenizer, save_t5_tokenizer
 
@@ -55,25 +55,6 @@ def _t5_tokenizer() -> T5TokenizerFast:
         return T5TokenizerFast.from_pretrained(save_t5_tokenizer(Path(tmp) / "t5"))
 
 
-def _flux_like_vae() -> AutoencoderKL:
-    """4 levels (scale factor 8) and 4 latent channels: 2x2 packing gives 16 transformer channels."""
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=64,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.1159,
-        scaling_factor=0.3611,
-    )
-
-
 def save_tiny_chroma(path: Path, seed: int = 0) -> Path:
     """Write a tiny ``ChromaPipeline`` (Chroma1-HD layout: T5 only, no CLIP) into ``path``.
 
@@ -95,7 +76,7 @@ def save_tiny_chroma(path: Path, seed: int = 0) -> Path:
         approximator_layers=1,
     )
     torch.manual_seed(seed)
-    vae = _flux_like_vae()
+    vae = tiny_vae()
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
@@ -141,17 +122,9 @@ def save_tiny_pixart_sigma(path: Path, seed: int = 0) -> Path:
         norm_eps=1e-6,
     )
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=256,
-        scaling_factor=0.13025,  # the SDXL VAE's, as PixArt-Sigma uses it
+    # The SDXL VAE's layout and scale, as PixArt-Sigma uses it.
+    vae = tiny_vae(
+        sample_size=256, use_quant_conv=True, use_post_quant_conv=True, shift_factor=None, scaling_factor=0.13025
     )
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=1000,
@@ -213,21 +186,7 @@ def save_tiny_sd3(path: Path, seed: int = 0) -> Path:
         pos_embed_max_size=32,
     )
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=64,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,  # SD3's VAE constants
-        scaling_factor=1.5305,
-    )
+    vae = tiny_vae(shift_factor=0.0609, scaling_factor=1.5305)  # SD3's VAE constants
     with tempfile.TemporaryDirectory() as tmp:
         clip_tokenizer = CLIPTokenizer.from_pretrained(save_clip_tokenizer(Path(tmp) / "clip"))
     pipe = StableDiffusion3Pipeline(
