@@ -123,7 +123,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--mode", choices=MODES, help="default: the model folder's variant, text-bridge without --model"
     )
     models.add_argument(
-        "--decoder", help="FLUX.1 or CogVideoX folder or hub id (default: the model's decoder)"
+        "--decoder",
+        help="decoder folder or hub id: FLUX.1, Chroma, PixArt-Sigma, SD3/3.5, CogVideoX or LTX-Video "
+        "(default: the model's decoder)",
     )
     models.add_argument(
         "--lvlm", help="LVLM for lvlm/text-bridge (default: the model's; Qwen/Qwen2-VL-7B-Instruct)"

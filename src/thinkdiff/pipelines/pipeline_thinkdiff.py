@@ -1,8 +1,9 @@
 """ThinkDiff inference: interleaved images and text -> prompt embeddings -> a stock diffusion decoder.
 
 The pattern is diffusers' ``FluxPriorReduxPipeline``: this pipeline computes ``prompt_embeds``
-(+ a mask) and FLUX's ``pooled_prompt_embeds`` and hands them to an unmodified ``FluxPipeline`` or
-``CogVideoXPipeline``. Three modes:
+(+ a mask) and FLUX's ``pooled_prompt_embeds`` and hands them to an unmodified ``FluxPipeline``,
+``ChromaPipeline``, ``PixArtSigmaPipeline``, ``StableDiffusion3Pipeline``, ``CogVideoXPipeline`` or
+``LTXPipeline`` (see :mod:`thinkdiff.pipelines.decoders` and docs/decoders.md). Three modes:
 
 - ``lvlm`` (ThinkDiff-LVLM, paper 3.3): the LVLM reads the instruction and the interleaved items and
   generates exactly ``num_tokens`` tokens (EOS suppressed; or up to its EOS with
@@ -253,7 +254,8 @@ class ThinkDiffOutput:
 
 
 class ThinkDiffPipeline:
-    """Interleaved images + text -> prompt embeddings for a stock FLUX.1 / CogVideoX pipeline.
+    """Interleaved images + text -> prompt embeddings for a stock decoder pipeline (FLUX.1, Chroma,
+    PixArt-Sigma, SD3 / 3.5, CogVideoX, LTX-Video).
 
     Build it with :meth:`from_pretrained`. :meth:`encode` returns the embeddings only;
     calling the pipeline also runs the decoder and returns images or video frames.
@@ -960,7 +962,7 @@ class ThinkDiffPipeline:
         true_cfg_scale: float | None = None,
         num_frames: int | None = None,
     ) -> ThinkDiffOutput:
-        """Generate one image (FLUX) or video (CogVideoX) per request.
+        """Generate one image (image decoders) or video (CogVideoX, LTX-Video) per request.
 
         Settings left ``None`` here and in the request fall back to the decoder folder's
         descriptor, then to the stock pipeline's defaults (FLUX.1-dev: 1024 px, 28 steps, guidance
@@ -1102,7 +1104,7 @@ class SeededImageGenerator:
         if len(batch) != len(seeds):
             raise ValueError(f"{len(batch)} inputs but {len(seeds)} seeds")
         if self.pipeline.decoder_spec.kind != "image":
-            raise ValueError(f"{self.pipeline.decoder_spec.name} makes videos; an image generator needs FLUX")
+            raise ValueError(f"{self.pipeline.decoder_spec.name} makes videos; an image generator needs an image decoder")
         # Harnesses pass image paths as ``pathlib.Path`` (os.PathLike) and texts as ``str``.
         requests = [Request(items=list(items), seed=seed) for items, seed in zip(batch, seeds)]
         self.last_requests = requests
