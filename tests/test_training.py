@@ -40,6 +40,23 @@ def test_debug_lvlm_trains_and_exports(feature_dir, tmp_path) -> None:
     assert json.loads((run / "config.json").read_text())["max_steps"] == 40
 
 
+def test_train_step_puts_the_proxy_in_training_mode(feature_dir, tmp_path) -> None:
+    """activation_checkpointing and proxy_dropout act only in training mode: the trainer must set it."""
+    for overrides, recompute in (({}, False), ({"activation_checkpointing": True}, True)):
+        trainer = Trainer(lvlm_config(feature_dir, tmp_path / f"run-{recompute}", **overrides))
+        calls = [0]
+        trainer.proxy.t5.decoder.block[0].layer[0].register_forward_hook(
+            lambda *_, calls=calls: calls.__setitem__(0, calls[0] + 1)
+        )
+        trainer.train_step(trainer.data.next_step())
+        assert calls[0] == (2 if recompute else 1)  # checkpointed: the block runs again in backward
+    trainer = Trainer(lvlm_config(feature_dir, tmp_path / "dropout", proxy_dropout=True))
+    trainer.train_step(trainer.data.next_step())
+    assert trainer.proxy.t5.training  # dropout 0.1 active, as in the released code
+    trainer.validate()
+    assert not trainer.proxy.t5.training
+
+
 def test_kill_and_resume_equals_uninterrupted(feature_dir, tmp_path) -> None:
     common = {"max_steps": 12, "save_every": 3, "log_every": 1, "val_every": 0, "decode_every": 0}
     whole = Trainer(lvlm_config(feature_dir, tmp_path / "whole", **common)).fit(resume="never")

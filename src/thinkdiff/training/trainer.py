@@ -159,6 +159,7 @@ class Trainer:
 
     def decode(self, batch: LVLMBatch | CLIPBatch, n: int) -> list[dict[str, str]]:
         aligner = self.unwrapped_aligner()
+        self.proxy.eval()  # no dropout in the decoded samples
         batch = batch.to(self.accelerator.device)
         with self.accelerator.autocast():
             if isinstance(batch, CLIPBatch):
@@ -175,6 +176,9 @@ class Trainer:
     def train_step(self, micro_batches: list[Any]) -> tuple[float, float, bool]:
         """One optimiser step over this rank's micro-batches: (mean loss, grad norm, applied)."""
         self.aligner.train()
+        # The frozen proxy follows too: HF recomputes activations (activation_checkpointing) and
+        # applies dropout (proxy_dropout) only in training mode.
+        self.proxy.train()
         losses = []
         for i, batch in enumerate(micro_batches):
             # Gradients are all-reduced once per step, on the last micro-batch.
@@ -204,6 +208,7 @@ class Trainer:
     def validate(self) -> float:
         assert self.val_data is not None
         self.aligner.eval()
+        self.proxy.eval()
         self.val_data.load_state_dict({})  # the same held-out batches every time
         losses = []
         for _ in range(self.config.val_batches):
