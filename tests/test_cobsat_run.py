@@ -261,3 +261,29 @@ def test_judge_pads_images_to_square_like_llava() -> None:
     assert square.size == (6, 6)
     assert square.getpixel((0, 0)) == (122, 116, 104) and square.getpixel((0, 2)) == (255, 255, 255)
     assert _expand_to_square(square, (0, 0, 0)) is square
+
+
+def test_judge_reads_images_through_the_project_loader(
+    llava_judge: LlavaJudge, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Transparency lands on white and 16-bit is scaled, as for every model input (thinkdiff.imaging)."""
+    import numpy as np
+
+    seen: list[Image.Image] = []
+    processor_cls = type(llava_judge.processor)
+    original = processor_cls.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.extend(kwargs["images"] if "images" in kwargs else args[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(processor_cls, "__call__", spy)
+    clear = tmp_path / "clear.png"
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(clear)  # fully transparent red
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((8, 8), 0x8000, np.uint16)).save(deep)  # 16-bit mid grey
+    llava_judge.answer([clear, deep], [judge_questions("color_object")["detail"]] * 2)
+    assert [np.asarray(im).tolist() for im in seen] == [
+        np.full((8, 8, 3), 255).tolist(),
+        np.full((8, 8, 3), 128).tolist(),
+    ]

@@ -43,6 +43,7 @@ from thinkdiff.evaluation.cobsat.protocol import (
     judge_questions,
     parse_answer,
 )
+from thinkdiff.imaging import open_rgb
 from thinkdiff.models.loading import TINY_PREFIX, resolve_tiny
 
 if TYPE_CHECKING:
@@ -152,13 +153,6 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return dtype
 
 
-def _open_rgb(path: Path) -> Image.Image:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
 def _expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """LLaVA-1.5's ``expand2square``: centre the image on a square of the processor's mean colour."""
     from PIL import Image
@@ -237,7 +231,7 @@ class LlavaJudge:
 
     def answer(self, images: Sequence[Path], questions: Sequence[str]) -> list[str]:
         """Greedy replies, one per (image, question) pair, stripped of special tokens and spaces."""
-        pil = [_open_rgb(p) for p in images]
+        pil = [open_rgb(p) for p in images]
         if self.pad_to_square:
             mean = self.processor.image_processor.image_mean
             background = tuple(int(x * 255) for x in mean)
@@ -304,7 +298,7 @@ class ChatVLMJudge:
             )
             for q in questions
         ]
-        pil = [_open_rgb(p) for p in images]
+        pil = [open_rgb(p) for p in images]
         inputs = self.processor(images=pil, text=texts, padding=True, return_tensors="pt").to(
             self.model.device
         )
@@ -372,7 +366,7 @@ class ClipScorer:
         obj_list, detail_list = list(ITEMS[task.obj_category]), list(ITEMS[task.detail_category])
         d, o = prompt.target_detail, prompt.target_obj
         texts = [d, o, f"{d} {o}", *obj_list, *detail_list]
-        inputs = self.processor(text=texts, images=_open_rgb(image), return_tensors="pt", padding=True)
+        inputs = self.processor(text=texts, images=open_rgb(image), return_tensors="pt", padding=True)
         inputs = inputs.to(self.model.device)
         with torch.inference_mode():
             sims = self.model(**inputs).logits_per_image[0].float().clamp(min=0).cpu()
