@@ -88,11 +88,44 @@ def test_greedy_qcd_equals_a_two_pass_computation_by_hand(extractor: LVLMFeature
         logits_BV = (1 + alpha) * _next_logits(extractor, full, tokens_BT) - alpha * _next_logits(
             extractor, contrast, tokens_BT
         )
-        logits_BV[:, extractor.eos_token_ids] = -torch.inf  # min_new_tokens == steps
+        # min_new_tokens == steps; vision tokens are never sampled
+        logits_BV[:, [*extractor.eos_token_ids, *extractor.vision_token_ids]] = -torch.inf
         tokens_BT = torch.cat([tokens_BT, logits_BV.argmax(-1, keepdim=True)], 1)
     assert torch.equal(out.token_ids, tokens_BT)
     plain = extractor.generate(PROMPTS, SamplingSettings.exactly(steps, do_sample=False))
     assert not torch.equal(plain.token_ids, out.token_ids)  # the contrast changed the answers
+
+
+def test_top_p_applies_after_the_contrast(extractor: LVLMFeatureExtractor) -> None:
+    """generate's processed scores are contrast -> temperature -> top-p (top-p does not commute with
+    the contrast: applied first, it would keep the nucleus of the full prompt alone)."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    alpha = 10.0  # the tiny random LVLM's near-flat distribution needs a strong contrast to move
+    sampling = SamplingSettings.exactly(3, temperature=0.6, top_p=0.9, seed=11)
+    full = extractor.prepare_inputs(PROMPTS)
+    config = extractor._generation_config(sampling, with_states=False)
+    config.output_scores = True
+    processors = LogitsProcessorList([query_contrastive_processor(extractor, PROMPTS, alpha)])
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        scores_BV = extractor.model.generate(**full, generation_config=config, logits_processor=processors).scores[0]
+
+    contrast = extractor.prepare_inputs([contrast_items(p) for p in PROMPTS])
+    none_B0 = torch.zeros(len(PROMPTS), 0, dtype=torch.long)
+    full_BV, contrast_BV = (_next_logits(extractor, x, none_B0) for x in (full, contrast))
+
+    def warp(x_BV: torch.Tensor) -> torch.Tensor:
+        x_BV = x_BV.clone()
+        # min_new_tokens and the vision tokens' suppression (before the contrast or after: the same)
+        x_BV[:, [*extractor.eos_token_ids, *extractor.vision_token_ids]] = -torch.inf
+        return TopPLogitsWarper(0.9)(none_B0, TemperatureLogitsWarper(0.6)(none_B0, x_BV))
+
+    by_hand_BV = warp((1 + alpha) * full_BV - alpha * contrast_BV)
+    kept_BV = torch.isfinite(scores_BV)
+    assert torch.equal(kept_BV, torch.isfinite(by_hand_BV))
+    torch.testing.assert_close(scores_BV[kept_BV], by_hand_BV[kept_BV], atol=1e-4, rtol=1e-4)
+    assert not torch.equal(kept_BV, torch.isfinite(warp(full_BV)))  # the other order keeps other tokens
 
 
 def test_qcd_features_come_from_the_full_prompt(extractor: LVLMFeatureExtractor) -> None:
