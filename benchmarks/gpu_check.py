@@ -419,6 +419,12 @@ def part_training(s: Settings, budget: Budget, emit: Emit, note: Callable[[str],
             weights = torch.cuda.memory_allocated(s.device) / GiB if s.device.type == "cuda" else None
             reset_peak(s.device)
             losses, step_s, wait_s, flops, padding, lengths = [], 0.0, 0.0, 0.0, [], []
+            # Forward calls inside the first decoder block: 2 per micro-batch when checkpointing
+            # recomputes it (the block's own hooks stay outside the checkpoint, its layers' do not).
+            calls = [0]
+            hook = proxy.t5.decoder.block[0].layer[0].register_forward_hook(
+                lambda *_, calls=calls: calls.__setitem__(0, calls[0] + 1)
+            )
             try:
                 for step in range(steps):
                     start = time.perf_counter()
@@ -441,6 +447,8 @@ def part_training(s: Settings, budget: Budget, emit: Emit, note: Callable[[str],
                 del trainer
                 free_memory(s.device)
                 continue
+            finally:
+                hook.remove()
             samples = batch * s.timed_steps
             flop_rate = flops / (step_s + wait_s)
             row = {
@@ -460,6 +468,7 @@ def part_training(s: Settings, budget: Budget, emit: Emit, note: Callable[[str],
                 "loss_first": losses[0],
                 "loss_last": losses[-1],
                 "finite": all(math.isfinite(x) for x in losses),
+                "block_forwards_per_micro_batch": calls[0] / steps,
             }
             emit(row)
             del trainer

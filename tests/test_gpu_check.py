@@ -60,6 +60,8 @@ def test_smoke_runs_every_part(smoke: tuple[dict, str], gpu_check) -> None:
         (2, False), (6, False), (2, True), (6, True),
     ]  # fmt: skip
     for row in training:
+        # Checkpointing really recomputes: the first decoder block runs again in the backward pass.
+        assert row["block_forwards_per_micro_batch"] == (2 if row["activation_checkpointing"] else 1)
         assert row["finite"] and row["samples_per_s"] > 0 and row["mfu"] > 0
         # A random proxy with a unit-scale head starts near ln(vocab), not at thousands.
         assert 5 < row["loss_first"] < 20
