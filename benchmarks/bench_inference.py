@@ -449,12 +449,14 @@ def random_flux_decoder_class() -> type:
         def __init__(self, spec: Any, device: torch.device, dtype: torch.dtype, offload: str = "none") -> None:
             # --smoke runs the offload branch (build, move to the CPU, diffusers' hooks) with the
             # CPU as the hooks' execution device. The library refuses that, for it saves nothing.
-            if offload not in ("none", "model", "sequential"):
+            if offload not in ("none", "model", "sequential", "group"):
                 raise ValueError(f"unknown offload mode {offload!r}")
             if offload == "sequential" and device.type == "cpu":
                 # accelerate 1.15's sequential hooks fail with the CPU as execution device (a
                 # TypeError moving a weight back to meta); on a GPU this branch is unverified.
                 raise ValueError("sequential offload needs a GPU as the hooks' execution device")
+            if offload == "group" and device.type == "cpu":
+                raise ValueError("group offload streams blocks to a GPU (CUDA streams); it needs a GPU")
             super().__init__(spec, device, dtype, "none" if device.type == "cpu" else offload)  # type: ignore[arg-type]
             self.offload = offload  # type: ignore[assignment]
 
@@ -554,7 +556,9 @@ def gpu_run(
         source_model=info.source_model,
         device=device,
         dtype=dtype,
-        offload=offload,  # type: ignore[arg-type]
+        # The random decoder is swapped in below with the offload; the library's own decoder (from a
+        # folder) gets it here, and refuses an offload on the CPU.
+        offload=offload if decoder_folder is not None else "none",  # type: ignore[arg-type]
         quantize=quantize,  # type: ignore[arg-type]
         settings=InferenceSettings(num_tokens=lvlm_tokens),
     )
