@@ -135,6 +135,33 @@ def test_report_survives_failure_and_is_written_as_it_goes(gpu_check, tmp_path: 
     assert json.loads((tmp_path / "gpu-check.json").read_text())["parts"]["calibration"]["status"] == "skipped"
 
 
+def test_a_killed_run_keeps_what_it_measured(tiny_env: Path, tmp_path: Path) -> None:
+    """SIGKILL after the first measurement: the report on disk is whole and holds it."""
+    env = {**os.environ, "THINKDIFF_TINY_DIR": str(tiny_env), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), "--parts", "training", "features"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    report = tmp_path / "gpu-check.json"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if report.is_file() and json.loads(report.read_text())["parts"].get("training", {}).get("rows"):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.kill()
+    finally:
+        proc.wait(timeout=60)
+    data = json.loads(report.read_text())  # atomic writes: never a half-written file
+    training = data["parts"]["training"]
+    assert training["status"] == "running" and training["rows"][0]["micro_batch"] == 2
+    assert "features" not in data["parts"]
+    assert "| 2 | False |" in (tmp_path / "gpu-check.md").read_text()
+
+
 def test_feature_agreement_tolerance_separates_rounding_from_bugs(gpu_check) -> None:
     gen = torch.Generator().manual_seed(0)
     forced = torch.randn(2, 40, 3584, generator=gen)
