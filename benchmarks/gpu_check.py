@@ -635,7 +635,7 @@ def part_quantized(s: Settings, budget: Budget, emit: Emit, note: Callable[[str]
 
     folder = write_flux_folder(work / "flux", s)
     note(
-        f"FLUX.1-dev widths with {s.quantized_depth} + {s.quantized_depth} of its 19 + 38 blocks (weights and "
+        f"{'narrow' if s.narrow else 'FLUX.1-dev'} widths with {s.quantized_depth} + {s.quantized_depth} of its 19 + 38 blocks (weights and "
         f"time scale with the blocks), random weights saved and loaded by the pipeline's loader; a 1-layer LVLM; "
         f"{s.sizes[512]} px, {s.sequential_steps} steps"
     )
