@@ -303,7 +303,9 @@ def build_calibration(out_dir: Path, config: BuildConfig | None = None, *, progr
     record["config"] = dataclasses.asdict(config)
     work = out_dir / "work"
     seconds: dict[str, float] = {}
-    torch.set_num_threads(config.threads)
+    # One thread per process: these models are too small for two to help, and on a busy machine
+    # an OpenMP thread waiting for a descheduled sibling made the steps ~10x slower.
+    torch.set_num_threads(1)
     started = time.perf_counter()
     with _Timer("describe_features", seconds):
         # Deterministic from the seed: a complete folder from this world's build is reused.
