@@ -180,6 +180,20 @@ def test_feature_agreement_tolerance_separates_rounding_from_bugs(gpu_check) -> 
     assert gpu_check.feature_agreement(broken, forced, mask)["tokens"] == 70
 
 
+def test_the_gpu_settings_fit_eight_minutes_at_real_dimensions(gpu_check) -> None:
+    s = gpu_check.settings_for(smoke=False)
+    assert s.micro_batches == (32, 96) and s.sizes == {512: 512, 1024: 1024}
+    assert (s.steps, s.sequential_steps, s.feature_width, s.depth, s.narrow) == (28, 4, 3584, None, False)
+    # The parts' budgets end by the deadline, which leaves start-up and one overrunning run inside 8 min.
+    assert sum(s.budgets.values()) <= s.max_seconds <= 8 * 60 - 20
+    # The proxy it trains is Flan-T5-XXL's decoder with its own LM head (6.50 B, not the tied 6.37 B),
+    # built in bf16 (here on the meta device: no memory).
+    proxy = gpu_check.random_proxy_t5("meta", torch.bfloat16, s.t5_scale, s.t5_layers)
+    assert sum(p.numel() for p in proxy.parameters()) == 6_504_622_080
+    assert proxy.dtype == torch.bfloat16 and proxy.t5.lm_head.weight is not proxy.t5.shared.weight
+    assert not proxy.has_encoder and proxy.d_model == 4096
+
+
 def test_refuses_without_cuda_unless_smoke(gpu_check, capsys) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
