@@ -180,6 +180,8 @@ def no_heavy_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         ("two input kinds", "give only one of --image/--text, --jobs"),
         ("stop at eos in clip mode", "--stop-at-eos applies to lvlm mode; mode clip uses no LVLM"),
         ("greedy in clip mode", "--greedy applies to lvlm and text-bridge modes; mode clip uses no LVLM"),
+        ("out under a file", "is a file, not a folder"),
+        ("out is a folder", "is an existing folder; name a file"),
     ],
 )
 def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, capsys, no_heavy_loads) -> None:
@@ -211,7 +213,11 @@ def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, ca
         "two input kinds": ["--model", model, "--image", image, "--jobs", str(jobs)],
         "stop at eos in clip mode": ["--model", str(files["clip"]), "--image", image, "--stop-at-eos"],
         "greedy in clip mode": ["--model", str(files["clip"]), "--image", image, "--greedy"],
+        "out under a file": ["--model", model, "--image", image, "--out", str(tmp_path / "a-file" / "x.png")],
+        "out is a folder": ["--model", model, "--image", image, "--out", str(tmp_path / "folder.png")],
     }[case]
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "folder.png").mkdir()
     if "--out" not in args:
         args += ["--out", str(out_dir if "--jobs" in args else out)]
     code, _, stderr = run_cli([*args, *FAST], capsys)

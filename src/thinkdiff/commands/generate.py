@@ -372,6 +372,13 @@ def _output_paths(args: argparse.Namespace, requests: list[Request], kind: str, 
         if path.suffix.lower() not in suffixes:
             article = "an" if kind == "image" else "a"
             raise ValueError(f"output {path}: {article} {kind} decoder writes {' or '.join(suffixes)} files")
+        # Found now, not when the first image is written after minutes of model loading.
+        for written in (path, path.with_suffix(".json")):
+            if written.is_dir():
+                raise ValueError(f"output {written} is an existing folder; name a file")
+        above = next((parent for parent in path.parents if parent.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ValueError(f"output {path}: {above} is a file, not a folder")
     # The same file by two names ("a.png", "./a.png"), or two outputs sharing a sidecar ("a.png",
     # "a.jpg" -> "a.json"), would overwrite each other.
     written = [w.resolve() for p in paths for w in (p, p.with_suffix(".json"))]
