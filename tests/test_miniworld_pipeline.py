@@ -185,6 +185,10 @@ def test_demo_goes_through_the_pipeline(world, tmp_path, monkeypatch) -> None:
         torch.set_num_threads(threads)  # run_demo sets its own thread count
     assert result["path"] == tmp_path / "demo.png" and result["path"].stat().st_size > 1000
     assert "VLM answer:" in result["summary"] and "ThinkDiff-LVLM image, judged:" in result["summary"]
+    from thinkdiff.miniworld.build import DEMO_CALIBRATED, calibrated_dir
+
+    if calibrated_dir(WEIGHTS, DEMO_CALIBRATED).is_dir():  # the committed world draws with the calibrated aligner
+        assert f"aligner: {calibrated_dir(WEIGHTS, DEMO_CALIBRATED).name}" in result["summary"]
     # The answer and the judged image are the pipeline's.
     assert len(calls) == 1 and calls[0].lvlm_texts[0].strip() == result["answer"]
     (verdict,) = world.judge.read([np.asarray(calls[0].images[0])])

@@ -78,6 +78,7 @@ def run_demo(
         f"{task}, {shot}-shot, prompt {index}: {words}\n"
         f"  target: {prompt.target_caption}\n"
         f"  VLM answer: {answer!r}\n"
+        f"  aligner: {Path(aligner).name if aligner != 'lvlm' else 'lvlm'} (thinkdiff/ of the models folder)\n"
         f"  ThinkDiff-LVLM image, judged: {verdict.to_dict()} -> {'CORRECT' if ok else 'WRONG'}\n"
         f"  text-bridge image, judged: {bridge_verdict.to_dict()}\n"
         f"  written to {path} in {time.perf_counter() - started:.1f} s"
