@@ -132,6 +132,20 @@ def test_blip2_preprocess_matches_transformers_blip_processor() -> None:
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
 
 
+def test_blip2_preprocess_applies_the_exif_orientation_of_an_rgb_image() -> None:
+    """The same image the LVLM and the data sources see (thinkdiff.imaging), RGB included."""
+    buffer = io.BytesIO()
+    plain = Image.new("RGB", (40, 20), (200, 30, 30))
+    plain.paste((30, 30, 200), (0, 0, 20, 20))  # left half blue
+    exif = plain.getexif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees clockwise
+    plain.save(buffer, format="PNG", exif=exif)
+    tagged = Image.open(buffer)
+    assert tagged.mode == "RGB" and tagged.getexif().get(0x0112) == 6
+    upright = plain.transpose(Image.Transpose.ROTATE_270)
+    torch.testing.assert_close(blip2_preprocess(tagged, size=20), blip2_preprocess(upright, size=20), atol=0, rtol=0)
+
+
 def test_rank_and_world_size(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -44,7 +44,8 @@ def blip2_preprocess(image: Image.Image, size: int = 224) -> torch.Tensor:
 
     Returns a float32 tensor [3, size, size].
     """
-    rgb = (image if image.mode == "RGB" else to_rgb(image)).resize((size, size), Image.Resampling.BICUBIC)
+    # Always through to_rgb: an RGB image may still carry an EXIF orientation to apply.
+    rgb = to_rgb(image).resize((size, size), Image.Resampling.BICUBIC)
     pixels_HWC = np.asarray(rgb, dtype=np.float32) / 255.0
     pixels_HWC = (pixels_HWC - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(
         CLIP_STD, dtype=np.float32
