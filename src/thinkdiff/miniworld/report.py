@@ -97,6 +97,7 @@ class ReportConfig:
     qcd: bool = True
     """Measure the query-contrastive baseline's rows (:mod:`thinkdiff.miniworld.qcd`)."""
     threads: int = 2
+    """Two or more: the report's two independent halves run in two forked processes."""
     progress: bool = True
 
 
@@ -105,7 +106,8 @@ def write_report(models_dir: Path, out_dir: Path, config: ReportConfig) -> dict[
     from thinkdiff.miniworld.build import BuildConfig
     from thinkdiff.miniworld.models import MiniWorld
 
-    torch.set_num_threads(config.threads)
+    if config.threads < 2:
+        torch.set_num_threads(config.threads)
     started = time.perf_counter()
     models_dir, out_dir = Path(models_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,58 +117,26 @@ def write_report(models_dir: Path, out_dir: Path, config: ReportConfig) -> dict[
     sampling = {"steps": config.steps, "cfg": config.cfg}
     report: dict[str, Any] = {"config": dataclasses.asdict(config), "build": build_record, "seconds": {}}
 
-    t0 = time.perf_counter()
-    report["fidelity"] = measure_fidelity(world, config, sampling)
-    report["seconds"]["fidelity"] = round(time.perf_counter() - t0, 1)
+    parts = (_readers_part, _lvlm_part)
+    if config.threads >= 2:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-    t0 = time.perf_counter()
-    from thinkdiff.miniworld.experiments import proxy_transfer
-
-    report["premise"] = proxy_transfer(
-        world,
-        n_train=config.transfer_train,
-        n_test=config.transfer_n,
-        train_steps=config.transfer_steps,
-        seed=build_config.seed,
-        calibration_steps=config.transfer_calibration_steps,
-        proxy_weight=build_config.calib_proxy_weight,
-        **sampling,
-    )
-    report["seconds"]["premise"] = round(time.perf_counter() - t0, 1)
-
-    t0 = time.perf_counter()
-    aligners = ablation_aligners(world, out_dir / "work", build_config, retrain=config.retrain)
-    report["seconds"]["ablation_training"] = round(time.perf_counter() - t0, 1)
-
-    t0 = time.perf_counter()
-    lvlm, examples = measure_lvlm(world, aligners, config, sampling)
+        # Two independent halves in two forked one-thread processes (each seeds what it draws, so
+        # the numbers do not depend on the split); no torch op has run here yet.
+        with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork")) as ex:
+            futures = [ex.submit(part, world, config, build_config, sampling, out_dir) for part in parts]
+            (readers, clip_examples), (aligners, lvlm, examples, lvlm_seconds) = (f.result() for f in futures)
+    else:
+        (readers, clip_examples), (aligners, lvlm, examples, lvlm_seconds) = (
+            part(world, config, build_config, sampling, out_dir) for part in parts
+        )
+    report["seconds"].update(readers.pop("seconds"))
+    report["seconds"].update(lvlm_seconds)
+    report.update(readers)
     report["lvlm"] = lvlm
-    report["seconds"]["lvlm"] = round(time.perf_counter() - t0, 1)
-
-    if config.qcd:
-        t0 = time.perf_counter()
-        from thinkdiff.miniworld.qcd import measure_qcd
-
-        prompts = list(build_prompts(TASK_COLUMN_ORDER, config.shots, range(config.num_prompts)))
-        report["qcd"] = measure_qcd(world, prompts, aligners["lvlm"], progress=config.progress, **sampling)
-        report["seconds"]["qcd"] = round(time.perf_counter() - t0, 1)
     report["fidelity"]["vlm_cobsat_text"] = lvlm["tables"]["vlm text answer"]
-
-    t0 = time.perf_counter()
-    from thinkdiff.miniworld.experiments import score_clip
-
-    clip_aligner, _ = world.aligner("clip")
-    clip = score_clip(world, clip_aligner, config.clip_n, build_config.seed, **sampling)
-    clip_examples = clip.pop("examples")
-    report["clip"] = clip
-    from thinkdiff.miniworld.build import calibrated_dir
-
-    if calibrated_dir(models_dir, "clip").is_dir():
-        clip_calibrated, _ = world.aligner(str(calibrated_dir(models_dir, "clip")))
-        report["clip_calibrated"] = score_clip(world, clip_calibrated, config.clip_n, build_config.seed, **sampling)
-        report["clip_calibrated"].pop("examples")
     report["calibration_cost"] = calibration_cost(build_record)
-    report["seconds"]["clip"] = round(time.perf_counter() - t0, 1)
 
     report["norm_ablation"] = norm_curves(aligners)
     report["claims"] = claims(lvlm)
@@ -180,6 +150,69 @@ def write_report(models_dir: Path, out_dir: Path, config: ReportConfig) -> dict[
     atomic_write_text(out_dir / "report.json", json.dumps(_jsonable(report), indent=1) + "\n")
     atomic_write_text(out_dir / "report.md", render_markdown(report))
     return report
+
+
+def _readers_part(
+    world, config: ReportConfig, build_config, sampling: dict[str, Any], out_dir: Path
+) -> tuple[dict, Any]:
+    """Fidelity, the premise test (and after calibration), ThinkDiff-CLIP (and after calibration), QCD."""
+    from thinkdiff.miniworld.build import calibrated_dir
+    from thinkdiff.miniworld.experiments import proxy_transfer, score_clip
+
+    if config.threads >= 2:
+        torch.set_num_threads(max(1, config.threads // 2))
+    out: dict[str, Any] = {"seconds": {}}
+    t0 = time.perf_counter()
+    out["fidelity"] = measure_fidelity(world, config, sampling)
+    out["seconds"]["fidelity"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    out["premise"] = proxy_transfer(
+        world,
+        n_train=config.transfer_train,
+        n_test=config.transfer_n,
+        train_steps=config.transfer_steps,
+        seed=build_config.seed,
+        calibration_steps=config.transfer_calibration_steps,
+        proxy_weight=build_config.calib_proxy_weight,
+        **sampling,
+    )
+    out["seconds"]["premise"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    clip_aligner, _ = world.aligner("clip")
+    clip = score_clip(world, clip_aligner, config.clip_n, build_config.seed, **sampling)
+    clip_examples = clip.pop("examples")
+    out["clip"] = clip
+    if calibrated_dir(world.root, "clip").is_dir():
+        clip_calibrated, _ = world.aligner(str(calibrated_dir(world.root, "clip")))
+        out["clip_calibrated"] = score_clip(world, clip_calibrated, config.clip_n, build_config.seed, **sampling)
+        out["clip_calibrated"].pop("examples")
+    out["seconds"]["clip"] = round(time.perf_counter() - t0, 1)
+
+    if config.qcd:
+        t0 = time.perf_counter()
+        from thinkdiff.miniworld.qcd import measure_qcd
+
+        prompts = list(build_prompts(TASK_COLUMN_ORDER, config.shots, range(config.num_prompts)))
+        lvlm_model = world.root / "thinkdiff" / "lvlm"
+        out["qcd"] = measure_qcd(world, prompts, lvlm_model, progress=config.progress, **sampling)
+        out["seconds"]["qcd"] = round(time.perf_counter() - t0, 1)
+    return out, clip_examples
+
+
+def _lvlm_part(world, config: ReportConfig, build_config, sampling: dict[str, Any], out_dir: Path):
+    """The ablation aligners, then ThinkDiff-LVLM on mini-CoBSAT for every method."""
+    if config.threads >= 2:
+        torch.set_num_threads(max(1, config.threads // 2))
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    aligners = ablation_aligners(world, out_dir / "work", build_config, retrain=config.retrain)
+    seconds["ablation_training"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    lvlm, examples = measure_lvlm(world, aligners, config, sampling)
+    seconds["lvlm"] = round(time.perf_counter() - t0, 1)
+    return aligners, lvlm, examples, seconds
 
 
 # ----------------------------------------------------------------------------------- fidelity
