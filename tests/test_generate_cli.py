@@ -182,6 +182,7 @@ def no_heavy_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         ("greedy in clip mode", "--greedy applies to lvlm and text-bridge modes; mode clip uses no LVLM"),
         ("out under a file", "is a file, not a folder"),
         ("out is a folder", "is an existing folder; name a file"),
+        ("smaller than a latent", "request 0: height 8 is below 16, the smallest size decoder tiny:flux makes"),
     ],
 )
 def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, capsys, no_heavy_loads) -> None:
@@ -215,12 +216,13 @@ def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, ca
         "greedy in clip mode": ["--model", str(files["clip"]), "--image", image, "--greedy"],
         "out under a file": ["--model", model, "--image", image, "--out", str(tmp_path / "a-file" / "x.png")],
         "out is a folder": ["--model", model, "--image", image, "--out", str(tmp_path / "folder.png")],
+        "smaller than a latent": ["--model", model, "--image", image, "--height", "8"],
     }[case]
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "folder.png").mkdir()
     if "--out" not in args:
         args += ["--out", str(out_dir if "--jobs" in args else out)]
-    code, _, stderr = run_cli([*args, *FAST], capsys)
+    code, _, stderr = run_cli([*FAST, *args], capsys)  # a case may override FAST
     assert code == 2
     assert stderr.startswith("thinkdiff generate: error: ") and message in stderr
     assert len(stderr.strip().splitlines()) == 1  # one clear line, no traceback

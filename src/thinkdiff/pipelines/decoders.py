@@ -821,9 +821,17 @@ class FluxDecoder(DiffusionDecoder):
         return settings
 
     def check_size(self, height: int | None, width: int | None, where: str) -> None:
-        # The stock pipeline silently rounds a VAE FLUX's size; in pixel space every pixel is a
-        # latent value, so the size must fold into whole 2x2-packed tokens.
+        # The stock pipeline silently rounds a VAE FLUX's size down to a multiple of 16 (the AE's 8x
+        # downscaling, then the 2x2 packing): below 16 no latent row is left and the AE fails deep
+        # inside. In pixel space every pixel is a latent value, so the size must fold into whole
+        # 2x2-packed tokens.
         if not self.pixel_space:
+            for name, value in (("height", height), ("width", width)):
+                if value is not None and value < 16:
+                    raise ValueError(
+                        f"{where}: {name} {value} is below 16, the smallest size decoder {self.spec.name} makes "
+                        "(its autoencoder downscales by 8, then FLUX packs 2x2 latents)"
+                    )
             return
         assert self.spec.pixel_unshuffle is not None
         step = 2 * self.spec.pixel_unshuffle
