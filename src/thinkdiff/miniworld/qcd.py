@@ -31,7 +31,7 @@ from thinkdiff.miniworld.minicobsat import MINI_TASKS, TASK_COLUMN_ORDER, MiniPr
 from thinkdiff.miniworld.stats import cell, paired_test
 from thinkdiff.pipelines.constants import DEFAULT_QCD_ALPHA, HINT_INSTRUCTION
 
-__all__ = ["BASELINE", "LVLM_QCD", "TEXT_ROWS", "measure_qcd", "qcd_markdown"]
+__all__ = ["BASELINE", "LVLM_QCD", "TEXT_ROWS", "measure_qcd", "outcome_table", "qcd_markdown"]
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ Shapes: B batch, P prompt length (left padded), V vocabulary.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -63,7 +63,9 @@ class QueryContrastiveLogits(LogitsProcessor):
     as the generated rows. ``steps`` counts the calls (one per generated token).
     """
 
-    def __init__(self, extractor: LVLMFeatureExtractor, contrast_inputs, alpha: float) -> None:
+    def __init__(
+        self, extractor: LVLMFeatureExtractor, contrast_inputs: Mapping[str, torch.Tensor], alpha: float
+    ) -> None:
         if alpha < 0:
             raise ValueError(f"the QCD weight alpha must be >= 0, got {alpha}")
         self.extractor = extractor
