@@ -261,6 +261,23 @@ def test_max_pixels_caps_visual_tokens(tiny_qwen: Path) -> None:
     assert inputs["image_grid_thw"].tolist() == [[1, 4, 4]]
 
 
+def test_max_pixels_below_the_processors_minimum_is_refused_before_the_model_loads(
+    tiny_qwen: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import thinkdiff.models.lvlm as lvlm_module
+
+    smallest = load_processor(tiny_qwen).image_processor.size["shortest_edge"]
+    load_processor(tiny_qwen, max_pixels=smallest)  # the minimum itself is a valid cap
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before max_pixels was checked")
+
+    monkeypatch.setattr(lvlm_module, "load_lvlm", no_model)
+    for bad in (0, smallest - 1):
+        with pytest.raises(ValueError, match=f"max_pixels {bad} is below the {smallest} pixels"):
+            LVLMFeatureExtractor.from_pretrained(tiny_qwen, max_pixels=bad)
+
+
 def test_bad_inputs_raise(extractor: LVLMFeatureExtractor, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="non-empty list of prompts"):
         extractor.prepare_inputs([])

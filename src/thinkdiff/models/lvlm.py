@@ -143,6 +143,13 @@ def load_processor(name_or_path: str | Path, max_pixels: int | None = None) -> P
     except ImportError:
         processor = _IMAGE_ONLY_PROCESSORS[_model_type(name_or_path)].from_pretrained(name_or_path)
     if max_pixels is not None:
+        smallest = int(processor.image_processor.size["shortest_edge"])
+        if max_pixels < smallest:
+            # The image processor fails on every image otherwise (each sample lost as an LVLM error).
+            raise ValueError(
+                f"max_pixels {max_pixels} is below the {smallest} pixels that {name_or_path}'s processor "
+                "resizes every image to at least"
+            )
         processor.image_processor.size["longest_edge"] = max_pixels
     return processor
 
@@ -283,8 +290,9 @@ class LVLMFeatureExtractor:
         quantization_config: Any = None,
     ) -> LVLMFeatureExtractor:
         """Load model and processor (see :func:`load_lvlm` and :func:`load_processor`)."""
+        processor = load_processor(name_or_path, max_pixels=max_pixels)  # first: it checks max_pixels
         model = load_lvlm(name_or_path, device=device, dtype=dtype, quantization_config=quantization_config)
-        return cls(model, load_processor(name_or_path, max_pixels=max_pixels), max_images=max_images)
+        return cls(model, processor, max_images=max_images)
 
     @property
     def hidden_size(self) -> int:
