@@ -170,7 +170,7 @@ def diffusers_files(folder: Path, skipped: Iterable[str] = (), extra: Iterable[s
 
 def _unneeded_files(repo_id: str) -> list[str]:
     """Skip other frameworks' weights, and pickled weights when safetensors are there (T5-XXL has both)."""
-    from huggingface_hub import HfApi, get_cached_repo_tree
+    from huggingface_hub import HfApi
 
     ignore = ["*.msgpack", "*.h5", "*.ot", "*.onnx", "*.onnx_data", "*.tflite"]
     try:
@@ -180,6 +180,9 @@ def _unneeded_files(repo_id: str) -> list[str]:
         # very patterns, so they must be the ones the download used (.bin left out beside
         # safetensors), or a complete cached T5-XXL reads as incomplete.
         try:
+            # (huggingface_hub versions without it keep no listing, so check nothing against one.)
+            from huggingface_hub import get_cached_repo_tree
+
             names = [entry.path for entry in get_cached_repo_tree(repo_id)]
         except Exception:  # nothing cached to check against; snapshot_download says what is missing
             return ignore
