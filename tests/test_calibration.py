@@ -168,6 +168,23 @@ def test_task_format_extraction_groups_samples_and_answers_greedily(tiny_env, tm
     assert next(group_task_prompts([], (1,)), None) is None
 
 
+def test_flow_target_images_are_read_like_every_model_input(tmp_path) -> None:
+    """A transparent PNG target lands on white and a 16-bit one is scaled (thinkdiff.imaging)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from thinkdiff.training.calibration import Calibration
+
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "001.png")
+    Image.fromarray(np.full((8, 8), 0x8000, np.uint16)).save(tmp_path / "002.png")
+    reader = SimpleNamespace(config=SimpleNamespace(target_images=str(tmp_path)), width=8, height=8)
+    images = Calibration.target_images(reader, ["001:task1", "002:task2"])
+    assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8
+    assert (images[0] == 255).all() and (images[1] == 128).all()
+
+
 def test_mini_task_is_the_benchmark_task_type() -> None:
     from thinkdiff.evaluation.cobsat.protocol import TASKS, CobsatTask
     from thinkdiff.miniworld.minicobsat import MINI_TASKS, MiniTask

@@ -320,6 +320,8 @@ class Calibration:
         keys), read from ``config.target_images`` (the task-format source folder)."""
         from PIL import Image
 
+        from thinkdiff.imaging import open_rgb
+
         assert self.config.target_images is not None
         folder = Path(self.config.target_images)
         images = []
@@ -328,7 +330,7 @@ class Calibration:
             found = [p for p in folder.glob(f"{target}.*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")]
             if not found:
                 raise FileNotFoundError(f"no target image {target}.* in {folder} for sample {key!r}")
-            image = Image.open(found[0]).convert("RGB").resize((self.width, self.height), Image.Resampling.BICUBIC)
+            image = open_rgb(found[0]).resize((self.width, self.height), Image.Resampling.BICUBIC)
             images.append(np.asarray(image))
         return np.stack(images)
 
