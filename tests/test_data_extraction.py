@@ -251,6 +251,17 @@ def test_resuming_with_other_settings_is_refused(kit: dict) -> None:
         extract_features(kit["tars"], kit["full"], kit["engine"], other, progress=False)
 
 
+def test_a_rerun_with_another_image_size_cap_is_refused(kit: dict, tmp_path: Path) -> None:
+    """The cap decides the visual tokens, so the features: it is recorded and compared."""
+    source = f"{kit['tars']}/00001.tar"
+    extract_features(source, tmp_path, kit["engine"], SETTINGS, batch_size=2, progress=False)
+    recorded = json.loads((tmp_path / "extraction.json").read_text())["image_size"]
+    assert recorded["longest_edge"] == kit["engine"].extractor.processor.image_processor.size["longest_edge"]
+    capped = make_engine("hf", str(kit["model"]), SETTINGS, max_pixels=recorded["shortest_edge"])
+    with pytest.raises(ValueError, match=r"other settings \(image_size: .*--allow-change image_size"):
+        extract_features(source, tmp_path, capped, SETTINGS, batch_size=2, progress=False)
+
+
 def test_a_rerun_with_another_batch_size_is_refused_unless_allowed(
     kit: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -620,7 +620,8 @@ def _engine_settings(engine: FeatureEngine) -> dict[str, Any]:
         "engine": engine.name,
         "hf_features": getattr(engine, "features", None),
         "dtype": str(getattr(model, "dtype", None)),
-        "image_size": {k: size[k] for k in sorted(size.keys())} if hasattr(size, "keys") else None,
+        # A dict, or transformers' SizeDict (no keys(); dict() of it keeps the fields that are set).
+        "image_size": dict(sorted(dict(size).items())) if size is not None else None,
     }
 
 
