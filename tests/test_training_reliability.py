@@ -331,7 +331,7 @@ def test_generate_out_below_a_file_is_one_line(
     fast = ["--height", "64", "--width", "64", "--steps", "1"]
     code, err = cli(capsys, "generate", "--model", str(model), "--text", "a", "--out", str(tmp_path / "file" / "x.png"), *fast)
     assert code == 2
-    assert_one_line_error(err, "File exists", str(tmp_path / "file"))
+    assert_one_line_error(err, "is a file, not a folder", str(tmp_path / "file"))
     assert (tmp_path / "file").read_text() == "mine"
 
 

@@ -565,13 +565,6 @@ class ThinkDiffPipeline:
             max_pixels=self.settings.max_pixels,
             quantization_config=transformers_quantization(self.quantize, self.dtype),
         )
-        return LVLMFeatureExtractor.from_pretrained(
-            resolve_model_dir(self.source_model, kind="LVLM"),
-            device=self.device,
-            dtype=self.dtype,
-            max_images=self.settings.max_images,
-            max_pixels=self.settings.max_pixels,
-        )
 
     def _load_vision(self) -> Any:
         from thinkdiff.models.clip_vision import CLIPVisionFeatures

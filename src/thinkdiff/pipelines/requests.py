@@ -66,7 +66,8 @@ class Request:
 
 @dataclass
 class PreparedRequest:
-    """A :class:`Request` whose images are loaded (RGB) and counted; what the stages consume."""
+    """A :class:`Request` whose images are loaded (8-bit RGB by :func:`thinkdiff.imaging.to_rgb`) and
+    counted; what the stages consume."""
 
     request: Request
     items: list[str | Image.Image]
