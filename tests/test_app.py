@@ -379,3 +379,34 @@ def test_app_binds_loopback_by_default(app) -> None:
 
     assert build_parser().parse_args(["app"]).host == "127.0.0.1"
     assert app[2].server_name == "127.0.0.1"
+
+
+def test_another_client_cannot_guess_a_jobs_folder(app, client) -> None:
+    """Each job's folder (its uploads and outputs, served to its owner) carries a random part: a
+    second client that learns its own folder from its answer cannot derive the first one's."""
+    import httpx
+
+    url, backend, _ = app
+    example = backend.example("Color-II", 2, 1)
+    json_items, files = api_inputs(example["items"])
+    client.predict(json_items, files, *settings(), api_name="/generate")
+    Client(url, verbose=False).predict([{"text": "Word 1: red, "}], [], *settings(), api_name="/generate")
+    # The second client's answer names its folder on the server (in its download URLs).
+    jobs = sorted((p for p in Path(backend.out_dir).iterdir() if p.name != "examples"), key=lambda p: p.stat().st_mtime)
+    theirs, mine = jobs[-2:]
+    assert (theirs / "input-1.png").is_file()
+    from datetime import datetime, timedelta
+
+    day, clock, number = mine.name.split("-")[:3]
+    now = datetime.strptime(f"{day}-{clock}", "%Y%m%d-%H%M%S")
+    # Guesses from the second client's own folder: its clock (a few seconds back) and the previous
+    # job numbers, as the folder names would be without a random part.
+    guesses = {
+        f"{(now - timedelta(seconds=back)):%Y%m%d-%H%M%S}-{int(number) - n:04d}"
+        for back in range(5)
+        for n in range(1, 4)
+    }
+    assert theirs.name not in guesses
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for name in guesses:
+            assert http.get(f"gradio_api/file={backend.out_dir / name / 'input-1.png'}").status_code in (403, 404)

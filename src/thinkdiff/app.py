@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import random
+import secrets
 import shutil
 import sys
 import threading
@@ -389,7 +390,9 @@ class Backend:
         with self._device_lock:  # one job at a time per device, whatever the queue does
             if cancelled.is_set():
                 raise Cancelled
-            job = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._jobs):04d}"
+            # Gradio serves this folder to the job's owner by its path: a random part keeps other
+            # clients (who learn the naming from their own jobs) from fetching its uploads.
+            job = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._jobs):04d}-{secrets.token_hex(8)}"
             job.mkdir(parents=True, exist_ok=True)
             # The sidecar names the inputs as kept beside it, not the server's upload cache.
             kept = iter([job / f"input-{n + 1}{suffix}" for n, suffix in enumerate(suffixes)])
