@@ -410,3 +410,14 @@ def test_another_client_cannot_guess_a_jobs_folder(app, client) -> None:
     with httpx.Client(base_url=url, timeout=60) as http:
         for name in guesses:
             assert http.get(f"gradio_api/file={backend.out_dir / name / 'input-1.png'}").status_code in (403, 404)
+
+
+def test_out_folder_with_foreign_files_is_refused(tmp_path: Path, capsys) -> None:
+    """Everything under --out is served to the page's clients: a folder of the user's own files is refused."""
+    (tmp_path / "notes.txt").write_text("private")
+    with pytest.raises(ValueError, match="holds files the app did not write"):
+        Backend(AppConfig(out_dir=tmp_path))
+    (tmp_path / "notes.txt").unlink()
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "20261201-211546-0000-0123456789abcdef").mkdir()
+    Backend(AppConfig(out_dir=tmp_path))  # the app's own folders are fine

@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import random
+import re
 import secrets
 import shutil
 import sys
@@ -178,6 +179,7 @@ class Backend:
 
         self.config = config
         self.out_dir = Path(config.out_dir).resolve()
+        _check_out_dir(self.out_dir)
         self.world: MiniWorld | None = None  # the mini world, when it supplies the models
         self._models: dict[str, str] = {}  # label -> folder or hub id
         self._variants: dict[str, str] = {}
@@ -900,6 +902,28 @@ def build_app(backend: Backend) -> "gr.Blocks":
             concurrency_limit=1,
         )
     return demo
+
+
+# What the app writes under --out: the examples folder and one folder per job (see ``run``).
+_OWN_ENTRY = re.compile(r"examples|\d{8}-\d{6}-\d{4,}-[0-9a-f]{16}")
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an ``--out`` that holds anything the app did not write.
+
+    The page serves every file below ``--out`` to any client that names it (gradio's
+    ``allowed_paths``), so that folder must hold only the app's own outputs: ``--out ~`` would
+    otherwise publish the home folder.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder")
+    foreign = sorted(p.name for p in out_dir.iterdir() if not _OWN_ENTRY.fullmatch(p.name)) if out_dir.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(
+            f"--out {out_dir} holds files the app did not write ({shown}); every file under --out is "
+            "served to the page's clients, so give the app a folder of its own"
+        )
 
 
 def launch(backend: Backend, host: str = "127.0.0.1", port: int | None = None, block: bool = True) -> Any:
