@@ -317,15 +317,17 @@ class LVLMFeatureExtractor:
                 continue
             if isinstance(item, os.PathLike):
                 try:
-                    item = open_rgb(item)
+                    image = open_rgb(item)  # already through to_rgb
                 except FileNotFoundError as error:  # bad prompts are ValueErrors here
                     raise ValueError(str(error)) from error
-            if not isinstance(item, Image.Image):
+            elif isinstance(item, Image.Image):
+                image = to_rgb(item)
+            else:
                 raise ValueError(
                     f"prompt items must be str, PIL images or image paths, got {type(item).__name__}"
                 )
             content.append({"type": "image"})
-            images.append(to_rgb(item))
+            images.append(image)
         if len(images) > self.max_images:
             raise ValueError(f"a prompt has {len(images)} images, more than max_images={self.max_images}")
         return content, images
