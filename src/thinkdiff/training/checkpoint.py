@@ -259,10 +259,3 @@ def read_checkpoint(folder: Path, aligner: nn.Module) -> Checkpoint:
         )
     aligner_state = read_aligner_weights(aligner, folder / ALIGNER_FILE)
     return Checkpoint(folder, aligner_state, read_trainer_state(folder))
-
-
-def load_checkpoint(folder: Path, aligner: nn.Module) -> dict[str, Any]:
-    """Load a checkpoint's aligner weights (strictly) and return its trainer state."""
-    checkpoint = read_checkpoint(folder, aligner)
-    aligner.load_state_dict(checkpoint.aligner_state, strict=True)
-    return checkpoint.trainer_state
