@@ -250,7 +250,7 @@ def test_single_job_file_and_instruction_flags(files, tmp_path, capsys) -> None:
 def test_video_falls_back_to_frames_and_gif(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     import diffusers.utils
 
-    from thinkdiff.commands.generate import _write_video
+    from thinkdiff.pipelines.outputs import _write_video
 
     def broken_writer(*args, **kwargs):
         raise RuntimeError("no ffmpeg here")

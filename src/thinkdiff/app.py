@@ -2,7 +2,7 @@
 
 A thin layer over the same :class:`~thinkdiff.pipelines.ThinkDiffPipeline` that ``thinkdiff
 generate`` runs, writing the same outputs through the same writer
-(:func:`thinkdiff.commands.generate.write_output`): an image (or video) and its JSON sidecar.
+(:func:`thinkdiff.pipelines.outputs.write_output`): an image (or video) and its JSON sidecar.
 
 Two parts:
 
@@ -350,8 +350,8 @@ class Backend:
         ``FileNotFoundError`` / ``OSError`` with a message for the page, :class:`Cancelled` when
         ``cancelled`` is set before the job ends.
         """
-        from thinkdiff.commands.generate import write_output
         from thinkdiff.pipelines import Request
+        from thinkdiff.pipelines.outputs import write_output
 
         report = progress or (lambda fraction, text: None)
         cancelled = cancelled or threading.Event()
