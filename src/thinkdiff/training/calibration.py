@@ -422,9 +422,10 @@ def calibration_step(config: TrainConfig) -> dict[str, Any]:
 
 def init_aligner_weights(aligner: torch.nn.Module, folder: str | Path) -> None:
     """Start from a trained aligner model folder (what ``thinkdiff train`` exports)."""
+    from thinkdiff.models.bundle import WEIGHTS_FILE
     from thinkdiff.training.checkpoint import load_aligner_weights
 
-    weights = Path(folder) / "diffusion_pytorch_model.safetensors"
+    weights = Path(folder) / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"init_aligner {folder} is not an aligner model folder (no {weights.name})")
     load_aligner_weights(aligner, weights)
