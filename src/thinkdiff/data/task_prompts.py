@@ -110,6 +110,7 @@ def extract_task_shard(
     """
     import time
 
+    from thinkdiff.data.extraction import _batches
     from thinkdiff.data.feature_shards import FeatureShardWriter
     from thinkdiff.data.sources import SkipLog, iter_samples
 
@@ -126,11 +127,7 @@ def extract_task_shard(
         instruction=hinted(TASK_INSTRUCTION, settings.hint),
     )
     with FeatureShardWriter(out_dir, shard.index, prompt_features=settings.prompt_features) as writer:
-        batch_index = 0
-        while True:
-            batch = [p for _, p in zip(range(batch_size), prompts)]
-            if not batch:
-                break
+        for batch_index, batch in enumerate(_batches(prompts, batch_size)):
             results = engine.run_items([p.items for p in batch], settings.batch_seed(shard.index, batch_index))
             for prompt, result in zip(batch, results):
                 writer.add(
@@ -145,7 +142,6 @@ def extract_task_shard(
                     shots=prompt.shots,
                 )
             bar.update(sum(p.shots + 1 for p in batch))
-            batch_index += 1
         return writer.finish(
             {
                 "source": shard.name,
