@@ -463,6 +463,11 @@ class TextEncoding:
     prefix: torch.Tensor | None = None
     """[B, K, D]: SD3's CLIP-L/G block (77 tokens, zero-padded to D) that goes before the T5 tokens."""
 
+    def attended(self) -> torch.Tensor:
+        """``mask`` as bool (True: attended), every token where the decoder takes no mask; same
+        leading shape as ``embeds`` (a batch or one row)."""
+        return torch.ones(self.embeds.shape[:-1], dtype=torch.bool) if self.mask is None else self.mask.bool()
+
 
 class DiffusionDecoder:
     """Stage-wise loading and calling of one stock decoder pipeline.

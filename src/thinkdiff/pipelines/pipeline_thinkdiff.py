@@ -869,9 +869,7 @@ class ThinkDiffPipeline:
             part_masks = [] if aligned[i] is None else [torch.ones(aligned[i].shape[0], dtype=torch.bool)]
             if encoded is not None:
                 parts.append(encoded.embeds)
-                part_masks.append(
-                    torch.ones(encoded.embeds.shape[0], dtype=torch.bool) if encoded.mask is None else encoded.mask.bool()
-                )
+                part_masks.append(encoded.attended())
             body_LD = torch.cat(parts) if parts else torch.zeros(0, spec.prompt_width, dtype=self.dtype)
             mask_L = torch.cat(part_masks) if part_masks else torch.zeros(0, dtype=torch.bool)
             if cap is not None and body_LD.shape[0] > cap:
@@ -917,7 +915,7 @@ class ThinkDiffPipeline:
             for i, r in enumerate(rows):
                 assert body_lengths[i] == negative_lengths[i], "the negative must have the prompt's length"
                 empty = self._negatives[body_lengths[i]]
-                empty_mask = torch.ones(body_lengths[i], dtype=torch.bool) if empty.mask is None else empty.mask.bool()
+                empty_mask = empty.attended()
                 if empty_prefix is not None:
                     negative[i, :num_prefix] = empty_prefix
                     negative_mask_BL[i, :num_prefix] = True
