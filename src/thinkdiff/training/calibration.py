@@ -84,6 +84,20 @@ def token_char_spans(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> 
     return spans
 
 
+def _first_chars(text: str, ids: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, bool]]:
+    """Per token of ``ids``: the position in ``text`` of its first non-space character, and whether
+    it has one (a whitespace-only token stands for nothing T5 keeps)."""
+    decoded = tokenizer.decode(list(ids), skip_special_tokens=True)
+    # The decoded text may differ from ``text`` in leading spaces only; offsets are into ``text``.
+    shift = text.find(decoded.strip()) - (len(decoded) - len(decoded.lstrip()))
+    firsts = []
+    for start, end in token_char_spans(tokenizer, ids):
+        piece = decoded[start:end]
+        first = start + (len(piece) - len(piece.lstrip()))
+        firsts.append((first + shift, first < end))
+    return firsts
+
+
 def align_tokens(
     text: str,
     source_ids: Sequence[int],
@@ -114,15 +128,9 @@ def align_tokens(
             return None
         pairs = [(i, t) for i, (t, _) in enumerate(target_words)]
     elif mode == "offsets":
-        decoded = source_tokenizer.decode(words, skip_special_tokens=True)
-        # The decoded text may differ from ``text`` in leading spaces only; offsets are into ``text``.
-        shift = text.find(decoded.strip()) - (len(decoded) - len(decoded.lstrip()))
-        for i, (start, end) in enumerate(token_char_spans(source_tokenizer, words)):
-            piece = decoded[start:end]
-            first = start + (len(piece) - len(piece.lstrip()))
-            if first >= end:
-                continue  # a whitespace-only token stands for nothing T5 keeps
-            char = first + shift
+        for i, (char, is_word) in enumerate(_first_chars(text, words, source_tokenizer)):
+            if not is_word:
+                continue
             # The last target token holding the character: a bare "▁" piece shares its span
             # with the word piece after it.
             matches = [t for t, (a, b) in target_words if a <= char < b]
@@ -147,13 +155,10 @@ def alignment_word_agreement(
         pairs = align_tokens(text, ids, source_tokenizer, target_tokenizer, "offsets") or []
         enc = target_tokenizer(text, return_offsets_mapping=True)
         words = [len(text[:i].split()) for i in range(len(text) + 1)]  # word index of each char
-        decoded = source_tokenizer.decode(ids, skip_special_tokens=True)
-        spans = token_char_spans(source_tokenizer, ids)
-        shift = text.find(decoded.strip()) - (len(decoded) - len(decoded.lstrip()))
-        total += sum(1 for a, b in spans if decoded[a:b].strip())
+        firsts = _first_chars(text, ids, source_tokenizer)
+        total += sum(is_word for _, is_word in firsts)
         for s, t in pairs:
-            a, b = spans[s]
-            first = a + (len(decoded[a:b]) - len(decoded[a:b].lstrip())) + shift
+            first = firsts[s][0]
             ta, tb = enc.offset_mapping[t]
             paired += 1
             same += words[first + 1] == words[max(ta, tb - 1) + 1] if tb > ta else 0
