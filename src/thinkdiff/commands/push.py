@@ -8,9 +8,19 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-# The files a model folder is made of (what ``save_model`` writes); nothing else is uploaded, so a
-# stray file in the folder (a log, a private note) never leaves the machine.
-MODEL_FILES: tuple[str, ...] = ("README.md", "config.json", "diffusion_pytorch_model.safetensors", "thinkdiff.json")
+
+def model_files() -> tuple[str, ...]:
+    """The files a model folder is made of (what ``save_model`` writes), in upload order.
+
+    Nothing else is uploaded, so a stray file in the folder (a log, a private note) never leaves
+    the machine.
+    """
+    from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+
+    from thinkdiff.models.bundle import INFO_FILE
+    from thinkdiff.models.model_card import CARD_FILE
+
+    return (CARD_FILE, CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, INFO_FILE)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,12 +52,13 @@ def upload_plan(model_dir: Path, repo_id: str) -> list[Path]:
     if len(parts) != 2 or not all(parts) or any(c.isspace() for c in repo_id):
         raise ValueError(f"repository id must look like owner/name, got {repo_id!r}")
     load_model(model_dir)  # refuses a folder that `thinkdiff generate` could not load
-    missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
+    files = model_files()
+    missing = [name for name in files if not (model_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{model_dir} lacks {', '.join(missing)}; re-export it with this version of thinkdiff"
         )
-    return [model_dir / name for name in MODEL_FILES]
+    return [model_dir / name for name in files]
 
 
 def run(args: argparse.Namespace) -> int:

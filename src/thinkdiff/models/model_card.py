@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from thinkdiff.models.loading import TINY_PREFIX
+
 if TYPE_CHECKING:
     from thinkdiff.models.bundle import ThinkDiffInfo
 
@@ -27,7 +29,7 @@ _PAPER = "https://arxiv.org/abs/2502.10458"
 
 def _is_hub_id(name: str) -> bool:
     """A hub id is ``owner/name`` that is neither a local path nor an offline-kit ``tiny:`` model."""
-    if not name or name.startswith(("tiny:", "/", ".", "~")) or ":" in name:
+    if not name or name.startswith((TINY_PREFIX, "/", ".", "~")) or ":" in name:
         return False
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not Path(name).expanduser().exists()
