@@ -36,7 +36,7 @@ from typing import Any, BinaryIO
 import torch
 from safetensors import SafetensorError
 
-from thinkdiff.utils import temporary_path
+from thinkdiff.utils import atomic_path
 
 __all__ = [
     "FORMAT",
@@ -67,13 +67,12 @@ def shard_name(index: int) -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` through a temp file and a rename (readers never see half a file)."""
-    tmp = temporary_path(path)  # per process: ranks may write the same file
-    with open(tmp, "w", encoding="utf-8") as f:
+    # atomic_path: a per-process temporary name (ranks may write the same file), removed on failure.
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
