@@ -207,6 +207,7 @@ class Calibration:
             k: v.detach() for k, v in self.decoder.calibration_conditioning(self.pipe, None, None).items()
         }
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._alignments: dict[tuple[str, tuple[int, ...]], list[tuple[int, int]] | None] = {}
 
     @property
     def device(self) -> torch.device:
@@ -304,7 +305,13 @@ class Calibration:
         t5_tokenizer = self.decoder_t5_tokenizer
         preds, targets = [], []
         for student, text, ids in zip(students, texts, token_ids):
-            pairs = align_tokens(text, ids, self.lvlm_tokenizer, t5_tokenizer, self.config.token_alignment)
+            # The alignment depends on the text and ids alone: computed once per sample, not per step.
+            cache_key = (text, tuple(ids))
+            if cache_key not in self._alignments:
+                self._alignments[cache_key] = align_tokens(
+                    text, ids, self.lvlm_tokenizer, t5_tokenizer, self.config.token_alignment
+                )
+            pairs = self._alignments[cache_key]
             states = self.text_conditioning(text)["prompt_embeds"][0]
             pairs = [(s, t) for s, t in (pairs or []) if s < student.shape[0] and t < states.shape[0]]
             if not pairs:
