@@ -599,10 +599,6 @@ class ThinkDiffPipeline:
             "decoder", lambda: self.decoder.load(self.decoder.denoise_components), timings, memory
         )
 
-    def _text_roles(self, needs_t5: bool) -> list[str]:
-        """Decoder text encoders a call needs ('pooled': FLUX's CLIP, 'clip': SD3's, 't5')."""
-        return self.decoder.text_roles(needs_t5)
-
     # ---- encoding ----------------------------------------------------------------------------
 
     def lvlm_conditioning(self, request: Request) -> dict[str, Any]:
@@ -849,7 +845,7 @@ class ThinkDiffPipeline:
         missing_negatives = sorted({length for length in negative_lengths if length not in self._negatives})
         # lvlm mode without extra text or guidance needs no T5-XXL: FLUX and SD3 only CLIP (for
         # the pooled vector of ""), Chroma, PixArt-Sigma and LTX-Video nothing.
-        roles = self._text_roles(needs_t5=bool(jobs or missing_negatives))
+        roles = self.decoder.text_roles(needs_t5=bool(jobs or missing_negatives))
         text_out = self._encode_texts(jobs, roles, timings, memory, missing_negatives)
         assert self._empty is not None
 
