@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from thinkdiff.objectives import CLIPBatch, LVLMBatch, clip_loss, lvlm_loss
+from thinkdiff.objectives import CLIPBatch, LVLMBatch, clip_loss
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -396,7 +396,8 @@ def calibration_loss(
     else:
         loss = calibration.distill(students, batch.target_texts, key=key)
     if config.proxy_weight:
-        loss = loss + config.proxy_weight * lvlm_loss(aligner, proxy, batch)
+        # lvlm_loss on the aligned features computed above, without a second aligner forward.
+        loss = loss + config.proxy_weight * proxy.loss(aligned_BLD, batch.mask_BL, batch.labels_BT)
     return loss
 
 
