@@ -244,6 +244,7 @@ def build(out_dir: Path, config: BuildConfig, *, progress: bool = True) -> dict[
         train_clip_aligner(out_dir, work, config, target=out_dir / "thinkdiff" / "clip")
     record["seconds"]["total"] = round(time.perf_counter() - started, 1)
     _write_json(out_dir / "build.json", record)
+    logger.info("built the miniature world in %.0f s into %s", record["seconds"]["total"], out_dir)
     return build_calibration(out_dir, config, progress=progress)
 
 
@@ -330,8 +331,6 @@ def build_calibration(out_dir: Path, config: BuildConfig | None = None, *, progr
     seconds["wall"] = round(time.perf_counter() - started, 1)
     record["calibration_seconds"] = seconds
     _write_json(out_dir / "build.json", record)
-    return record
-    logger.info("built the miniature world in %.0f s into %s", record["seconds"]["total"], out_dir)
     return record
 
 
