@@ -298,7 +298,8 @@ def train_clip_calibrated(
     world_root: Path, work: Path, config: BuildConfig, *, init: Path, target: Path | None = None, **overrides: Any
 ) -> Path:
     """Calibrate the ThinkDiff-CLIP aligner: FLUX on its aligned image tokens (+ T5 of the caption's
-    first part) must act as on the whole caption."""
+    first part) must act as on the whole caption (:func:`calibration_config`'s recipe, CLIP's data
+    and budgets)."""
     folder = work / "clip-data"
     if not folder.is_dir():
         write_image_caption_folder(folder, config.clip_train, f"{config.seed}:clip")
@@ -306,7 +307,6 @@ def train_clip_calibrated(
     values: dict[str, Any] = {
         "variant": "clip",
         "data": [str(folder)],
-        "val_data": [],
         "vision_model": str(world_root / "vision"),
         "global_batch_size": config.clip_batch,
         "max_steps": steps,
@@ -314,18 +314,9 @@ def train_clip_calibrated(
         "log_every": max(1, min(10, steps // 10)),
         "save_every": steps,
         "split": True,
-        "noise_source": config.calib_noise,
-        "init_aligner": str(init),
-        "objective": "calibrate",
-        "val_every": 0,
-        "decode_every": 0,
-        "proxy_weight": config.calib_proxy_weight,
-        "lr": config.calib_lr,
-        "warmup_start_lr": config.calib_lr / 100,
-        "min_lr": config.calib_lr / 10,
     }
     values.update(overrides)
-    return run_training(aligner_config(world_root, work, config, "calibrate-clip", **values), target)
+    return run_training(calibration_config(world_root, work, config, "clip", init, **values), target)
 
 
 # ----------------------------------------------------------------------------------- inference
