@@ -456,16 +456,20 @@ def claims(lvlm: dict[str, Any]) -> list[dict[str, Any]]:
              "a_only": test.a_only, "b_only": test.b_only, "p_value": test.p_value, "verdict": verdict}
         )  # fmt: skip
 
+    def shot_accuracy(name: str, shot: int) -> float:
+        return float(np.mean([o for o, p in zip(outcomes[name], prompts) if p["shot"] == shot]))
+
+    def more_shots(name: str, claim: str) -> None:
+        if name in outcomes and {p["shot"] for p in prompts} >= {2, 4}:
+            acc4, acc2 = shot_accuracy(name, 4), shot_accuracy(name, 2)
+            out.append({"claim": claim, "accuracy_a": acc4, "accuracy_b": acc2,
+                        "verdict": "higher" if acc4 > acc2 else "not higher"})  # fmt: skip
+
     compare("lvlm", "input tokens", "ThinkDiff-LVLM far above input-token features")
     compare("lvlm", "no split", "ThinkDiff-LVLM above training without the random split")
     compare("lvlm", "untrained", "ThinkDiff-LVLM above an untrained aligner (chance)")
     compare("lvlm", "text bridge", "ThinkDiff-LVLM above the text bridge (the follow-up found the reverse)")
-    for shot in (4,):
-        if any(p["shot"] == shot for p in prompts) and any(p["shot"] == 2 for p in prompts):
-            acc4 = float(np.mean([o for o, p in zip(outcomes["lvlm"], prompts) if p["shot"] == 4]))
-            acc2 = float(np.mean([o for o, p in zip(outcomes["lvlm"], prompts) if p["shot"] == 2]))
-            out.append({"claim": "ThinkDiff-LVLM better at 4 shots than at 2", "accuracy_a": acc4, "accuracy_b": acc2,
-                        "verdict": "higher" if acc4 > acc2 else "not higher"})  # fmt: skip
+    more_shots("lvlm", "ThinkDiff-LVLM better at 4 shots than at 2")
     # Calibration (issue 17): beside the proxy-only aligners, and against the text bridge.
     for cal, proxy_only in (
         ("calibrated lvlm", "lvlm"),
@@ -477,20 +481,13 @@ def claims(lvlm: dict[str, Any]) -> list[dict[str, Any]]:
     compare("calibrated no split", "calibrated input tokens", "calibrated: generated tokens above input tokens")
     compare("calibrated no split", "calibrated lvlm", "calibrated: no-split start above the random-split start")
     compare("calibrated no split", "untrained", "calibrated ThinkDiff-LVLM above an untrained aligner (chance)")
-    if "calibrated no split" in outcomes and {p["shot"] for p in prompts} >= {2, 4}:
-        acc4, acc2 = (
-            float(np.mean([o for o, p in zip(outcomes["calibrated no split"], prompts) if p["shot"] == k]))
-            for k in (4, 2)
-        )
-        out.append({"claim": "calibrated ThinkDiff-LVLM better at 4 shots than at 2", "accuracy_a": acc4,
-                    "accuracy_b": acc2, "verdict": "higher" if acc4 > acc2 else "not higher"})  # fmt: skip
+    more_shots("calibrated no split", "calibrated ThinkDiff-LVLM better at 4 shots than at 2")
     for name in ("calibrated no split", "calibrated lvlm", "calibrated lvlm regress", "calibrated no split, flow matching"):
         compare(name, "text bridge", f"{name} above the text bridge")
         for shot in (2, 4):
             if name not in outcomes or not any(p["shot"] == shot for p in prompts):
                 continue
-            acc = float(np.mean([o for o, p in zip(outcomes[name], prompts) if p["shot"] == shot]))
-            bridge = float(np.mean([o for o, p in zip(outcomes["text bridge"], prompts) if p["shot"] == shot]))
+            acc, bridge = shot_accuracy(name, shot), shot_accuracy("text bridge", shot)
             ratio = acc / bridge if bridge else float("nan")
             out.append({"claim": f"{name} >= 0.8 x text bridge, {shot}-shot (issue 17 target)", "accuracy_a": acc,
                         "accuracy_b": bridge, "ratio": ratio, "verdict": "met" if ratio >= 0.8 else "not met"})  # fmt: skip
