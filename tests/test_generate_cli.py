@@ -182,7 +182,11 @@ def no_heavy_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         ("greedy in clip mode", "--greedy applies to lvlm and text-bridge modes; mode clip uses no LVLM"),
         ("out under a file", "is a file, not a folder"),
         ("out is a folder", "is an existing folder; name a file"),
-        ("smaller than a latent", "request 0: height 8 is below 16, the smallest size decoder tiny:flux makes"),
+        ("smaller than a latent", "--height 8 is below 16, the smallest size decoder tiny:flux makes"),
+        ("too wide", "--width 100000 is above 4096, the largest size decoder tiny:flux makes"),
+        ("width off the latent grid", "--width 1000 is not a multiple of 16 (decoder tiny:flux: its autoencoder"),
+        ("video height off the patch grid", "--height 24 is not a multiple of 16 (decoder tiny:cogvideox"),
+        ("beyond sd3's position table", "--height 1024 is above 512, the largest size decoder tiny:sd3 makes"),
     ],
 )
 def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, capsys, no_heavy_loads) -> None:
@@ -217,6 +221,12 @@ def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, ca
         "out under a file": ["--model", model, "--image", image, "--out", str(tmp_path / "a-file" / "x.png")],
         "out is a folder": ["--model", model, "--image", image, "--out", str(tmp_path / "folder.png")],
         "smaller than a latent": ["--model", model, "--image", image, "--height", "8"],
+        "too wide": ["--model", model, "--image", image, "--width", "100000"],
+        "width off the latent grid": ["--model", model, "--image", image, "--width", "1000"],
+        "video height off the patch grid": ["--model", str(make_model(tmp_path / "cog", "clip", decoder="tiny:cogvideox")),
+                                            "--image", image, "--height", "24", "--out", str(out_dir / "x.mp4")],
+        "beyond sd3's position table": ["--mode", "text-bridge", "--lvlm", "tiny:qwen2-vl", "--decoder", "tiny:sd3",
+                                        "--image", image, "--height", "1024"],
     }[case]
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "folder.png").mkdir()

@@ -438,6 +438,7 @@ def run(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         transformer_file=args.transformer_file,
     )
+    pipe.decoder.check_size(args.height, args.width, "", names=("--height", "--width"))
     if pipe.mode == "clip":  # the mode may come from the model folder: known only now
         for flag, given, applies in (
             ("--stop-at-eos", args.stop_at_eos, "lvlm mode"),

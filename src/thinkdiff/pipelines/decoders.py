@@ -628,8 +628,63 @@ class DiffusionDecoder:
         # FluxPipeline, ChromaPipeline and StableDiffusion3Pipeline: the first lines of __call__.
         return pipe.default_sample_size * pipe.vae_scale_factor
 
-    def check_size(self, height: int | None, width: int | None, where: str) -> None:
-        """Raise ``ValueError`` for an image size the decoder cannot make (``where`` names the input)."""
+    max_side: ClassVar[int] = 4096
+    """The largest height or width :meth:`check_size` takes: 4x the 1024 px most of these decoders
+    were trained at. The stock pipelines set none; past it a typo (``--width 100000``) would run
+    out of memory only after minutes of loading."""
+
+    def size_step(self) -> tuple[int, str]:
+        """The multiple every height and width must be, and why (the stock pipeline fails, or makes
+        another size, otherwise); ``(1, "")``: any size."""
+        return 1, ""
+
+    def largest_side(self) -> tuple[int, str]:
+        """The largest height or width the decoder makes, and why."""
+        return self.max_side, "a sanity bound, 4x the 1024 px these decoders were trained at"
+
+    def check_size(
+        self, height: int | None, width: int | None, where: str, names: tuple[str, str] = ("height", "width")
+    ) -> None:
+        """Raise ``ValueError`` for an image size the decoder cannot make: below or not a multiple of
+        :meth:`size_step`, or above :meth:`largest_side`. ``where`` names the input (may be empty),
+        ``names`` the two sizes as the user wrote them (``--height``, ``--width``)."""
+        step, why = self.size_step()
+        largest, limit = self.largest_side()
+        prefix, reason = f"{where}: " if where else "", f" ({why})" if why else ""
+        for name, value in zip(names, (height, width), strict=True):
+            if value is None:
+                continue
+            if value < step:
+                raise ValueError(
+                    f"{prefix}{name} {value} is below {step}, the smallest size decoder {self.spec.name} makes{reason}"
+                )
+            if value % step:
+                raise ValueError(f"{prefix}{name} {value} is not a multiple of {step} (decoder {self.spec.name}: {why})")
+            if value > largest:
+                raise ValueError(
+                    f"{prefix}{name} {value} is above {largest}, the largest size decoder {self.spec.name} makes ({limit})"
+                )
+
+    @functools.cached_property
+    def _config_folder(self) -> Path:
+        return resolve_model_dir(self.spec.name, kind="diffusion decoder", files=_CONFIG_FILES)
+
+    def _component_config(self, component: str) -> dict[str, Any]:
+        """``<component>/config.json`` of the decoder folder; ``{}`` where there is none."""
+        path = self._config_folder / component / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _vae_step(self, patch: int, then: str) -> tuple[int, str]:
+        """:meth:`size_step` of a latent decoder: the VAE's downscaling (as the stock pipelines
+        compute it, 8 without a VAE config) times the transformer's ``patch`` x ``patch`` tokens."""
+        blocks = self._component_config("vae").get("block_out_channels")
+        scale = 2 ** (len(blocks) - 1) if blocks else 8
+        return scale * patch, f"its autoencoder downscales by {scale}, then {then}"
+
+    def _patched_vae_step(self) -> tuple[int, str]:
+        """:meth:`_vae_step` of a transformer that takes ``patch_size`` x ``patch_size`` latent patches."""
+        patch = int(self._component_config("transformer").get("patch_size", 2))
+        return self._vae_step(patch, f"the transformer takes {patch}x{patch} patches")
 
     def text_bridge_length(self) -> int:
         """T5 tokens for a prompt the LVLM wrote (the decoder's own default)."""
@@ -825,27 +880,16 @@ class FluxDecoder(DiffusionDecoder):
         settings.update(self.spec.defaults)
         return settings
 
-    def check_size(self, height: int | None, width: int | None, where: str) -> None:
+    def size_step(self) -> tuple[int, str]:
         # The stock pipeline silently rounds a VAE FLUX's size down to a multiple of 16 (the AE's 8x
-        # downscaling, then the 2x2 packing): below 16 no latent row is left and the AE fails deep
-        # inside. In pixel space every pixel is a latent value, so the size must fold into whole
-        # 2x2-packed tokens.
+        # downscaling, then the 2x2 packing), and below 16 no latent row is left and the AE fails
+        # deep inside. In pixel space every pixel is a latent value, so the size must fold into
+        # whole 2x2-packed tokens.
         if not self.pixel_space:
-            for name, value in (("height", height), ("width", width)):
-                if value is not None and value < 16:
-                    raise ValueError(
-                        f"{where}: {name} {value} is below 16, the smallest size decoder {self.spec.name} makes "
-                        "(its autoencoder downscales by 8, then FLUX packs 2x2 latents)"
-                    )
-            return
-        assert self.spec.pixel_unshuffle is not None
-        step = 2 * self.spec.pixel_unshuffle
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and value % step:
-                raise ValueError(
-                    f"{where}: {name} {value} is not a multiple of {step} (decoder {self.spec.name} works on "
-                    f"pixels unshuffled by {self.spec.pixel_unshuffle}, then packed 2x2)"
-                )
+            return self._vae_step(2, "FLUX packs 2x2 latents")
+        r = self.spec.pixel_unshuffle
+        assert r is not None
+        return 2 * r, f"it works on pixels unshuffled by {r}, then packed 2x2"
 
     def text_bridge_length(self) -> int:
         # FluxPipeline's default is 512; schnell was trained with 256 T5 tokens.
@@ -981,6 +1025,11 @@ class CogVideoXDecoder(DiffusionDecoder):
         sample = config.sample_height if name == "height" else config.sample_width
         return sample * pipe.vae_scale_factor_spatial
 
+    def size_step(self) -> tuple[int, str]:
+        # check_inputs asks for multiples of 8 only, but a latent side the patches do not tile
+        # leaves the noise prediction a row short of the latents: a shape error in the scheduler.
+        return self._patched_vae_step()
+
     def text_bridge_length(self) -> int:
         assert self.spec.required_length is not None
         return self.spec.required_length
@@ -1040,6 +1089,9 @@ class ChromaDecoder(_MaskedT5Decoder):
         from diffusers import ChromaPipeline
 
         return ChromaPipeline
+
+    def size_step(self) -> tuple[int, str]:
+        return self._vae_step(2, "Chroma packs 2x2 latents")  # the stock pipeline rounds other sizes down
 
     @property
     def attention_mask_dtype(self) -> torch.dtype | None:
@@ -1206,6 +1258,9 @@ class LTXVideoDecoder(_MaskedT5Decoder):
 
         return LTXPipeline
 
+    def size_step(self) -> tuple[int, str]:
+        return 32, "its autoencoder downscales by 32, and LTXPipeline refuses other sizes"
+
     @property
     def attention_mask_dtype(self) -> torch.dtype | None:
         return torch.bool
@@ -1287,6 +1342,17 @@ class StableDiffusion3Decoder(_UnpackedLatents):
         from diffusers import StableDiffusion3Pipeline
 
         return StableDiffusion3Pipeline
+
+    def size_step(self) -> tuple[int, str]:
+        return self._patched_vae_step()
+
+    def largest_side(self) -> tuple[int, str]:
+        # The transformer crops its position table to the image; a larger image has no positions.
+        table = self._component_config("transformer").get("pos_embed_max_size")
+        step, _ = self.size_step()
+        if table is None or table * step >= self.max_side:
+            return super().largest_side()
+        return table * step, f"its position table covers {table}x{table} patches"
 
     def encode_text(self, pipe: DiffusionPipeline, texts: list[str], max_length: int) -> TextEncoding:
         embeds, _, pooled, _ = pipe.encode_prompt(
