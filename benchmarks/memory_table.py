@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from bench_inference import CLIP_L_TEXT, FLUX_VAE, T5_XXL, qwen2_vl_7b_config
+from thinkdiff.models.quantization import offload_conflict
 
 GiB = 1024**3
 QUANTIZATIONS = ("none", "int8", "fp8", "nf4")
@@ -267,7 +268,7 @@ def build_table() -> dict[str, Any]:
         for offload in OFFLOADS:
             for quantize in QUANTIZATIONS:
                 row: dict[str, Any] = {"decoder": decoder.name, "offload": offload, "quantize": quantize}
-                if quantize == "nf4" and offload == "sequential":
+                if offload_conflict(quantize, offload) is not None:  # refused by the pipeline too
                     rows.append({**row, "n/a": True})
                     continue
                 for size in SIZES:

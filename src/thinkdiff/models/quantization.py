@@ -18,7 +18,8 @@ loaded with the transformer class's ``from_single_file`` and ``GGUFQuantizationC
 to the stock pipeline instead (``--quantize`` then applies to the LVLM and T5).
 
 :func:`check_quantize` says in one line why a mode cannot run here (no CUDA for bitsandbytes, no
-torchao, an older GPU for fp8) before any weights load.
+torchao, an older GPU for fp8) before any weights load, and :func:`offload_conflict` why a
+quantization cannot be offloaded the way ``--offload`` asks.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "check_quantize",
     "diffusers_quantization",
     "gguf_quantization",
+    "offload_conflict",
     "pipeline_quantization",
     "transformers_quantization",
 ]
@@ -73,6 +75,34 @@ def check_quantize(mode: str, device: torch.device) -> None:
                 f"--quantize fp8 needs compute capability 8.9 or newer (Ada, Hopper); this GPU has "
                 f"{major}.{minor}: use --quantize int8 or nf4"
             )
+
+
+def offload_conflict(mode: str, offload: str, gguf: bool = False) -> str | None:
+    """Why the decoder's weights quantized with ``mode`` (or loaded from a GGUF file) cannot be
+    offloaded with ``offload`` (one line); ``None`` where they can.
+
+    Sequential offload is accelerate's ``cpu_offload``, which moves every weight to the meta device
+    and back by rebuilding it from its class: a bitsandbytes 4-bit weight is then quantized again
+    from its packed bytes ("Blockwise quantization only supports 16/32-bit floats, but got
+    torch.uint8"; bitsandbytes will not support it), and a ``GGUFParameter`` is rebuilt without its
+    quantization type (``KeyError: None``). accelerate moves torchao weights as they are (tested on
+    the CPU), and model and group offload move whole tensors, as diffusers documents with
+    quantized models: those combinations are accepted.
+    """
+    if offload != "sequential":
+        return None
+    instead = "use --offload model or group"
+    if mode == "nf4":
+        return (
+            "--quantize nf4 cannot run with --offload sequential: accelerate's per-module offload re-quantizes "
+            f"bitsandbytes 4-bit weights; {instead}, or --quantize int8"
+        )
+    if gguf:
+        return (
+            "--transformer-file (GGUF) cannot run with --offload sequential: accelerate's per-module offload "
+            f"rebuilds GGUF weights without their quantization type; {instead}"
+        )
+    return None
 
 
 def _torchao_config(mode: str) -> Any:

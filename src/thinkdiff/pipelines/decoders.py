@@ -44,7 +44,13 @@ import torch
 import torch.nn.functional as F
 
 from thinkdiff.models.loading import diffusers_files, resolve_model_dir
-from thinkdiff.models.quantization import Quantize, check_quantize, gguf_quantization, pipeline_quantization
+from thinkdiff.models.quantization import (
+    Quantize,
+    check_quantize,
+    gguf_quantization,
+    offload_conflict,
+    pipeline_quantization,
+)
 from thinkdiff.pipelines.constants import DECODER_DESCRIPTOR, DEFAULT_DECODER, OFFLOAD_MODES, Offload
 
 if TYPE_CHECKING:
@@ -501,6 +507,9 @@ class DiffusionDecoder:
     ) -> None:
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"unknown offload mode {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}")
+        conflict = offload_conflict(quantize, offload, gguf=transformer_file is not None)
+        if conflict is not None:  # before the device checks: no device makes it run
+            raise ValueError(conflict)
         if offload != "none" and device.type == "cpu":
             raise ValueError(
                 f"--offload {offload} moves weights between CPU and a GPU; it needs a GPU device"
