@@ -257,6 +257,33 @@ def test_single_job_file_and_instruction_flags(files, tmp_path, capsys) -> None:
     assert Image.open(out).format == "WEBP"
 
 
+def test_video_is_written_under_the_temporary_name_of_the_atomic_writers(files, tmp_path, capsys, monkeypatch) -> None:
+    import diffusers.utils
+
+    from tests.test_training_reliability import dead_pid
+    from thinkdiff.utils import _host_tag, temporary_path
+
+    real_writer, written = diffusers.utils.export_to_video, []
+
+    def spy(frames, output_video_path, **kwargs):  # the real writer, its path noted
+        written.append(Path(output_video_path))
+        return real_writer(frames, output_video_path, **kwargs)
+
+    monkeypatch.setattr(diffusers.utils, "export_to_video", spy)
+    out = tmp_path / "out" / "clip.mp4"
+    killed = out.with_name(f".clip.mp4.{_host_tag()}-{dead_pid()}.tmp")  # what a killed run leaves
+    killed.mkdir(parents=True)
+    (killed / "clip.mp4").write_bytes(b"half a video")
+    model = make_model(tmp_path / "clip-cog", "clip", decoder="tiny:cogvideox")
+    args = ["--model", str(model), "--image", str(files["white"]), "--out", str(out), "--num-frames", "9"]
+    code, _, stderr = run_cli([*args, "--height", "16", "--width", "16", "--steps", "1"], capsys)
+    assert code == 0, stderr
+    # .NAME.HOST-PID.tmp (a folder: the writer needs the .mp4 suffix), the name remove_debris knows.
+    assert written == [temporary_path(out) / "clip.mp4"]
+    assert out.read_bytes()[4:8] == b"ftyp"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["clip.json", "clip.mp4"]  # the killed run's is gone
+
+
 def test_video_falls_back_to_frames_and_gif(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     import diffusers.utils
 
@@ -269,7 +296,7 @@ def test_video_falls_back_to_frames_and_gif(tmp_path, monkeypatch: pytest.Monkey
     frames = [Image.new("RGB", (16, 16), (i * 60, 0, 0)) for i in range(3)]
     extra = _write_video(frames, tmp_path / "v.mp4", fps=8)
     assert "no ffmpeg here" in extra["video_fallback"]["reason"]
-    assert not (tmp_path / "v.mp4").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.gif", "v_frames"]  # no video, no temporary folder
     assert sorted(p.name for p in (tmp_path / "v_frames").iterdir()) == ["0000.png", "0001.png", "0002.png"]
     assert Image.open(tmp_path / "v.gif").n_frames == 3
 

@@ -393,6 +393,7 @@ def run(args: argparse.Namespace) -> int:
 
     from thinkdiff.pipelines import InferenceSettings, ThinkDiffPipeline
     from thinkdiff.pipelines.outputs import write_output
+    from thinkdiff.utils import remove_debris
 
     # 1. Inputs and settings: parsed and checked before any model loads.
     requests = _read_requests(args)
@@ -451,7 +452,12 @@ def run(args: argparse.Namespace) -> int:
     paths = _output_paths(args, requests, pipe.decoder_spec.kind, pipe.mode)
     pipe.check(requests)
 
-    # 3. Generate and write, a chunk of jobs at a time (each chunk runs every stage once).
+    # 3. Generate and write, a chunk of jobs at a time (each chunk runs every stage once), where
+    #    the temporary files of killed runs are cleared first.
+    for folder in dict.fromkeys(path.parent for path in paths):
+        removed = remove_debris(folder)
+        if removed:
+            logger.info("%s: removed temporary files of a killed run: %s", folder, ", ".join(removed))
     for start in range(0, len(requests), args.chunk_size):
         chunk = requests[start : start + args.chunk_size]
         output = pipe(chunk)

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,17 +38,24 @@ def _write_video(frames: list[Image.Image], path: Path, fps: int) -> dict[str, A
     """MP4 through diffusers' ``export_to_video``; PNG frames + a GIF if no video writer works."""
     from diffusers.utils import export_to_video
 
+    from thinkdiff.utils import temporary_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The writer picks its format from the suffix, so the temporary name keeps ".mp4".
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    # The writer picks its format from the suffix, so the video is written under its own name
+    # inside a temporary folder named like every temporary file here (.NAME.HOST-PID.tmp, which
+    # remove_debris clears once its process is dead), then renamed into place.
+    tmp = temporary_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)  # a dead process's of the same id
     try:
-        export_to_video(frames, str(tmp), fps=fps)
-        os.replace(tmp, path)
+        tmp.mkdir()
+        export_to_video(frames, str(tmp / path.name), fps=fps)
+        os.replace(tmp / path.name, path)
         return {}
     except (ImportError, OSError, RuntimeError, ValueError) as error:
-        tmp.unlink(missing_ok=True)
         logger.warning("could not write %s (%s); writing PNG frames and a GIF instead", path, error)
         reason = f"{type(error).__name__}: {error}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     frames_dir = path.with_name(f"{path.stem}_frames")
     frames_dir.mkdir(parents=True, exist_ok=True)
     for i, frame in enumerate(frames):
