@@ -284,13 +284,15 @@ def test_video_is_written_under_the_temporary_name_of_the_atomic_writers(files, 
     assert sorted(p.name for p in out.parent.iterdir()) == ["clip.json", "clip.mp4"]  # the killed run's is gone
 
 
-def test_video_falls_back_to_frames_and_gif(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+# export_to_video raises AttributeError when imageio is installed without an ffmpeg.
+@pytest.mark.parametrize("error", [RuntimeError, AttributeError])
+def test_video_falls_back_to_frames_and_gif(error, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     import diffusers.utils
 
     from thinkdiff.pipelines.outputs import _write_video
 
     def broken_writer(*args, **kwargs):
-        raise RuntimeError("no ffmpeg here")
+        raise error("no ffmpeg here")
 
     monkeypatch.setattr(diffusers.utils, "export_to_video", broken_writer)
     frames = [Image.new("RGB", (16, 16), (i * 60, 0, 0)) for i in range(3)]

@@ -51,7 +51,8 @@ def _write_video(frames: list[Image.Image], path: Path, fps: int) -> dict[str, A
         export_to_video(frames, str(tmp / path.name), fps=fps)
         os.replace(tmp / path.name, path)
         return {}
-    except (ImportError, OSError, RuntimeError, ValueError) as error:
+    except (ImportError, AttributeError, OSError, RuntimeError, ValueError) as error:
+        # AttributeError: export_to_video's word for imageio without an ffmpeg.
         logger.warning("could not write %s (%s); writing PNG frames and a GIF instead", path, error)
         reason = f"{type(error).__name__}: {error}"
     finally:
