@@ -5,11 +5,13 @@ config; ``torch.utils.flop_counter.FlopCounterMode`` counts the FLOPs of one for
 image size, and memory is the sum of the resident weights plus the activations activation
 checkpointing keeps (each block's input), plus one block's activations recomputed in backward.
 
-One step per sample (``noise_source='pure'``) = teacher forward (no grad) + student forward +
-backward to the conditioning (about one forward: no weight gradients, the transformer is frozen)
-+ the recomputation of checkpointing (one forward) = about 4 forwards.
+One step per sample (``noise_source='pure'`` or ``'source'``) = teacher forward (no grad) +
+student forward + backward to the conditioning (about one forward: no weight gradients, the
+transformer is frozen) + the recomputation of checkpointing (one forward) = about 4 forwards.
+``'teacher'`` noise (the default) first runs j ~ U{0..teacher_steps-1} teacher Euler steps from
+noise: (teacher_steps - 1) / 2 more forwards on average, 5.5 with the default 4 steps.
 
-    .venv/bin/python benchmarks/calibration_step_cost.py [--batch 1] [--text-tokens 128]
+    .venv/bin/python benchmarks/calibration_step_cost.py [--batch 1] [--text-tokens 128] [--teacher-steps 4]
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--text-tokens", type=int, default=128, help="aligned tokens (= teacher T5 tokens)")
+    parser.add_argument("--teacher-steps", type=int, default=4, help="'teacher' noise: Euler steps of its path")
     args = parser.parse_args()
+    teacher_forwards = 4 + (args.teacher_steps - 1) / 2
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(**FLUX_DEV)
         aligner = Aligner(QWEN2VL_7B_WIDTH, 4096)
@@ -72,8 +76,11 @@ def main() -> None:
     gib = 1024**3
     resident = 2 * (n_flux + T5_XXL_ENCODER_PARAMS + CLIP_L_TEXT_PARAMS) + 16 * n_aligner  # bf16; fp32 + Adam
     print(f"FLUX.1-dev transformer {n_flux / 1e9:.2f} B params; aligner {n_aligner / 1e6:.1f} M")
-    print("| size | image tokens | forward TFLOPs | step TFLOPs (4 fwd) | checkpointed activations GiB | peak GiB |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"| size | image tokens | forward TFLOPs | step TFLOPs, pure/source noise (4 fwd) | step TFLOPs, teacher "
+        f"noise ({teacher_forwards:g} fwd) | checkpointed activations GiB | peak GiB |"
+    )
+    print("|---|---|---|---|---|---|---|")
     width = FLUX_DEV["num_attention_heads"] * FLUX_DEV["attention_head_dim"]
     blocks = FLUX_DEV["num_layers"] + FLUX_DEV["num_single_layers"]
     for size in (256, 512):
@@ -85,8 +92,8 @@ def main() -> None:
         block = 12 * args.batch * seq * width * 2 + 4 * args.batch * seq * width * 4 * 2
         peak = resident + kept + block
         print(
-            f"| {size} px | {tokens} | {flops / 1e12:.2f} | {4 * flops / 1e12:.2f} | {kept / gib:.2f} | "
-            f"{peak / gib:.1f} |"
+            f"| {size} px | {tokens} | {flops / 1e12:.2f} | {4 * flops / 1e12:.2f} | "
+            f"{teacher_forwards * flops / 1e12:.2f} | {kept / gib:.2f} | {peak / gib:.1f} |"
         )
     print(
         f"resident: FLUX {2 * n_flux / gib:.1f} GiB + T5-XXL encoder {2 * T5_XXL_ENCODER_PARAMS / gib:.1f} GiB "

@@ -596,7 +596,7 @@ def part_calibration(s: Settings, budget: Budget, emit: Emit, note: Callable[[st
         "finite": result["finite"], "step_s": result["seconds"], **peaks(s.device),
     })  # fmt: skip
     note(
-        f"{config.calibration_loss} loss, noise {config.noise_source}, activation checkpointing "
+        f"{config.calibration_loss} loss, noise {config.calibration_noise}, activation checkpointing "
         f"{'on' if config.activation_checkpointing else 'off'}; the peaks are the step's (calibration_step resets them after building)"
     )
 

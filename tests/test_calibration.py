@@ -40,7 +40,7 @@ def calibrate_config(feature_dir, proxy_model, out, **overrides):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"noise_source": "teacher", "proxy_weight": 0.0}, {"calibration_loss": "regress", "proxy_weight": 0.0}],
+    [{}, {"noise_source": "pure", "proxy_weight": 0.0}, {"calibration_loss": "regress", "proxy_weight": 0.0}],
 )
 def test_calibration_starts_from_the_aligner_learns_and_leaves_the_decoder_frozen(
     feature_dir, proxy_model, tmp_path, overrides
@@ -93,7 +93,7 @@ def test_bad_calibration_configs_fail_before_work(feature_dir, tmp_path) -> None
     base = debug_calibrate_lvlm().updated(data=[str(feature_dir)])
     for overrides, message in (
         ({"split": True}, "split to false"),
-        ({"noise_source": "source"}, "clip only"),
+        ({"noise_source": "source"}, "set target_images"),
         ({"calibration_loss": "mse"}, "calibration_loss"),
         ({"noise_min_sigma": 0.0}, "noise_min_sigma"),
         ({"init_aligner": str(tmp_path / "missing")}, "does not exist"),
@@ -106,6 +106,11 @@ def test_bad_calibration_configs_fail_before_work(feature_dir, tmp_path) -> None
     for name in ("calibrate-lvlm-flux", "calibrate-clip-flux"):
         config = preset(name)
         assert config.objective == "calibrate" and config.activation_checkpointing
+    # 'auto' noise: the images' latents where they are at hand, else the teacher's own path.
+    assert base.calibration_noise == "teacher"
+    assert base.updated(target_images=str(tmp_path)).calibration_noise == "source"
+    assert debug_calibrate_clip().calibration_noise == "source"
+    assert base.updated(noise_source="pure", target_images=str(tmp_path)).calibration_noise == "pure"
 
 
 def test_offset_alignment_works_across_two_different_tokenizers(tiny_env) -> None:
@@ -161,6 +166,10 @@ def test_task_format_extraction_groups_samples_and_answers_greedily(tiny_env, tm
     assert result.model_dir is not None and all(torch.isfinite(torch.tensor(result.losses)))
     with pytest.raises(ValueError, match="needs target_images"):
         config.updated(target_images=None).validate()
+    # 'source' noise for ThinkDiff-LVLM: the same target images' latents, noised, under distillation.
+    source = config.updated(calibration_loss="distill", noise_source="source", output_dir=str(tmp_path / "src"))
+    result = train(source, resume="never")
+    assert result.model_dir is not None and all(torch.isfinite(torch.tensor(result.losses)))
     items = interleaved_items(["red", "blue"], ["IMG"], "Do it.")
     assert items == ["Do it.", "Word 1: red, ", "IMG", "\n\nWord 2: blue, "]
     with pytest.raises(ValueError, match="one text more"):
@@ -179,7 +188,9 @@ def test_flow_target_images_are_read_like_every_model_input(tmp_path) -> None:
 
     Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "001.png")
     Image.fromarray(np.full((8, 8), 0x8000, np.uint16)).save(tmp_path / "002.png")
-    reader = SimpleNamespace(config=SimpleNamespace(target_images=str(tmp_path)), width=8, height=8)
+    reader = SimpleNamespace(
+        config=SimpleNamespace(target_images=str(tmp_path)), width=8, height=8, _target_files=None
+    )
     images = Calibration.target_images(reader, ["001:task1", "002:task2"])
     assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8
     assert (images[0] == 255).all() and (images[1] == 128).all()

@@ -47,12 +47,17 @@ def test_quick_build_trains_every_component(quick_world):
     assert (root / ".gitignore").read_text() == "work/\n"
     # Calibration (issue 17): every calibrated aligner, from task-format data of training cells.
     from thinkdiff.data.feature_shards import FeatureShards
-    from thinkdiff.miniworld.build import CALIBRATION_RUNS, calibrated_dir
+    from thinkdiff.miniworld.build import CALIBRATION_RUNS, calibrated_dir, quick_config
     from thinkdiff.models.bundle import load_model
 
+    quick = quick_config()
     for name in [*CALIBRATION_RUNS, "clip"]:
         _, info = load_model(calibrated_dir(root, name))
         assert info.extra["objective"] == "calibrate", name
+        budget = quick.clip_calib_steps if name == "clip" else quick.calib_steps
+        if name != "clip" and CALIBRATION_RUNS[name].lever:
+            budget = quick.calib_lever_steps  # each lever beside the default recipe at this budget
+        assert info.extra["steps"] == budget, name
     assert set(record["calibration_seconds"]) >= {f"calibrate {n}" for n in CALIBRATION_RUNS}
     task = FeatureShards(root / "work" / "features" / "task")
     assert {m["shots"] for m in task.metadata(0)} == {2, 4}

@@ -26,7 +26,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,6 +36,7 @@ __all__ = [
     "CALIBRATION_RUNS",
     "DEMO_CALIBRATED",
     "BuildConfig",
+    "CalibrationRun",
     "build",
     "build_calibration",
     "calibrated_dir",
@@ -80,14 +81,20 @@ class BuildConfig:
     clip_batch: int = 32
     calib_prompts: int = 2000
     """Task-format prompts (training cells only) the VLM answers greedily for calibration."""
-    calib_steps: int = 200
+    calib_steps: int = 2000
+    """Steps of the main calibrated aligners (the default recipe and the regression)."""
+    calib_lever_steps: int = 200
+    """Steps of each lever run: one change from the default recipe, beside the default at this budget."""
     calib_batch: int = 32
     calib_lr: float = 1e-3
     calib_proxy_weight: float = 0.1
     """Weight of the no-split proxy loss added to velocity distillation."""
-    calib_noise: str = "pure"
-    """Noisy inputs of the calibration ('pure', 'teacher'; CLIP also 'source')."""
+    calib_noise: str = "auto"
+    """Noisy inputs of the calibration ('auto', 'pure', 'teacher', 'source'). Every run here has the
+    task source's target images, so 'auto' is 'source': the noised target image's latents."""
     clip_calib_steps: int = 200
+    clip_calib_noise: str = "pure"
+    """Noisy inputs of the ThinkDiff-CLIP calibration."""
     note: str = field(default="full", metadata={"help": "preset name"})
 
     def __post_init__(self) -> None:
@@ -131,6 +138,7 @@ def quick_config(seed: int = 0) -> BuildConfig:
         clip_batch=8,
         calib_prompts=24,
         calib_steps=10,
+        calib_lever_steps=5,
         calib_batch=8,
         clip_calib_steps=5,
         note="quick",
@@ -248,17 +256,32 @@ def build(out_dir: Path, config: BuildConfig, *, progress: bool = True) -> dict[
     return build_calibration(out_dir, config, progress=progress)
 
 
-CALIBRATION_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
-    "no split": ("no split", {}),
-    "lvlm regress": ("no split", {"calibration_loss": "regress", "token_alignment": "one-to-one", "proxy_weight": 0.0}),
-    "lvlm": ("lvlm", {}),
-    "input tokens": ("input tokens", {"features": "prompt"}),
-    "no split, flow matching": ("no split", {"calibration_loss": "flow"}),
-    "no split, no proxy term": ("no split", {"proxy_weight": 0.0}),
-    "no split, teacher noise": ("no split", {"noise_source": "teacher"}),
+class CalibrationRun(NamedTuple):
+    """One calibrated ThinkDiff-LVLM aligner of the build."""
+
+    start: str
+    """The proxy aligner it starts from ('no split', 'lvlm', 'input tokens')."""
+    lever: bool
+    """Trained for ``calib_lever_steps`` (a lever, one change from the default) or ``calib_steps``."""
+    overrides: dict[str, Any]
+    """Changes to the calibration config (:func:`~thinkdiff.miniworld.experiments.calibration_config`)."""
+
+
+CALIBRATION_RUNS: dict[str, CalibrationRun] = {
+    "no split": CalibrationRun("no split", False, {}),
+    "lvlm regress": CalibrationRun(
+        "no split", False, {"calibration_loss": "regress", "token_alignment": "one-to-one", "proxy_weight": 0.0}
+    ),
+    "no split, lever budget": CalibrationRun("no split", True, {}),
+    "lvlm": CalibrationRun("lvlm", True, {}),
+    "input tokens": CalibrationRun("input tokens", True, {"features": "prompt"}),
+    "no split, flow matching": CalibrationRun("no split", True, {"calibration_loss": "flow"}),
+    "no split, pure noise": CalibrationRun("no split", True, {"noise_source": "pure"}),
+    "no split, teacher noise": CalibrationRun("no split", True, {"noise_source": "teacher"}),
+    "no split, no proxy term": CalibrationRun("no split", True, {"proxy_weight": 0.0}),
 }
-"""The calibrated ThinkDiff-LVLM aligners: name -> (the proxy aligner it starts from, overrides of
-the calibration config). Each lands in ``thinkdiff/<name>-calibrated`` (spaces as dashes)."""
+"""The calibrated ThinkDiff-LVLM aligners. Each lands in ``thinkdiff/<name>-calibrated`` (spaces as
+dashes); the levers compare with ``no split, lever budget``, the default recipe at their budget."""
 
 
 DEMO_CALIBRATED = "no split"
@@ -281,9 +304,10 @@ def _calibrate_one(out_dir: Path, config: BuildConfig, name: str, threads: int) 
             out_dir, work, config, init=out_dir / "thinkdiff" / "clip", target=calibrated_dir(out_dir, "clip")
         )
     else:
-        start, overrides = CALIBRATION_RUNS[name]
-        if overrides.get("calibration_loss") == "flow":  # the targets: the task source's last images
-            overrides = {**overrides, "target_images": str(work / "task-source")}
+        start, lever, overrides = CALIBRATION_RUNS[name]
+        overrides = {**overrides, "max_steps": config.calib_lever_steps if lever else config.calib_steps}
+        # Flow matching and 'source' noise read the target images: the task source's last images.
+        overrides["target_images"] = str(work / "task-source")
         init = out_dir / "thinkdiff" / "lvlm" if start == "lvlm" else work / "runs" / start.replace(" ", "-") / "model"
         run_training(calibration_config(out_dir, work, config, name, init, **overrides), calibrated_dir(out_dir, name))
     return name, round(time.perf_counter() - started, 1)
@@ -317,7 +341,8 @@ def build_calibration(out_dir: Path, config: BuildConfig | None = None, *, progr
         train_lvlm_aligner(out_dir, work, config, name="input-tokens", features="prompt")
     with _Timer("task_features", seconds):
         write_task_features(out_dir, work, config, progress=progress)
-    names = [*list(CALIBRATION_RUNS)[:5], "clip", *list(CALIBRATION_RUNS)[5:]]  # the levers last
+    # Longest first, so that the two processes finish together.
+    names = [*list(CALIBRATION_RUNS)[:2], "clip", *list(CALIBRATION_RUNS)[2:]]
     if config.threads >= 2:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor

@@ -272,7 +272,7 @@ def calibration_config(
     world_root: Path, work: Path, config: BuildConfig, name: str, init: Path, **overrides: Any
 ):
     """The project's TrainConfig of one ThinkDiff-LVLM calibration run in the miniature world."""
-    steps, lr = config.calib_steps, config.calib_lr
+    steps, lr = overrides.get("max_steps", config.calib_steps), config.calib_lr
     values: dict[str, Any] = {
         "objective": "calibrate",
         "init_aligner": str(init),
@@ -287,6 +287,8 @@ def calibration_config(
         "min_lr": lr / 10,
         "val_every": 0,
         "decode_every": 0,
+        "save_every": steps,
+        "log_every": max(1, min(10, steps // 10)),
         "proxy_weight": config.calib_proxy_weight,
         "noise_source": config.calib_noise,
     }
@@ -303,17 +305,14 @@ def train_clip_calibrated(
     folder = work / "clip-data"
     if not folder.is_dir():
         write_image_caption_folder(folder, config.clip_train, f"{config.seed}:clip")
-    steps = config.clip_calib_steps
     values: dict[str, Any] = {
         "variant": "clip",
         "data": [str(folder)],
         "vision_model": str(world_root / "vision"),
         "global_batch_size": config.clip_batch,
-        "max_steps": steps,
-        "warmup_steps": max(1, steps // 20),
-        "log_every": max(1, min(10, steps // 10)),
-        "save_every": steps,
+        "max_steps": config.clip_calib_steps,
         "split": True,
+        "noise_source": config.clip_calib_noise,
     }
     values.update(overrides)
     return run_training(calibration_config(world_root, work, config, "clip", init, **values), target)
@@ -608,6 +607,7 @@ def proxy_transfer(
     seed: int = 0,
     calibration_steps: int = 0,
     proxy_weight: float = 0.1,
+    noise_source: str = "teacher",
     **sampling: Any,
 ) -> dict[str, Any]:
     """Does the proxy objective transfer to FLUX when the source features are perfect?
@@ -628,8 +628,9 @@ def proxy_transfer(
     correction that needs the T5 *encoder*, which ThinkDiff-LVLM does not use.
 
     ``calibration_steps``: then continue the T5-states aligner with decoder-in-the-loop calibration
-    (velocity distillation + ``proxy_weight`` x the proxy loss, pure noise at high sigma, through
-    :class:`thinkdiff.training.calibration.Calibration`) and add the row :data:`TRANSFER_CALIBRATED`.
+    (velocity distillation + ``proxy_weight`` x the proxy loss, noisy inputs from ``noise_source``,
+    'teacher' or 'pure', through :class:`thinkdiff.training.calibration.Calibration`) and add the row
+    :data:`TRANSFER_CALIBRATED`.
     """
     import random
 
@@ -715,7 +716,7 @@ def proxy_transfer(
         logger.info("proxy transfer from %s: %s", name, results[name])
         if calibration_steps and name == TRANSFER_SOURCES[0]:
             started = time.perf_counter()
-            calibration = _transfer_calibration(world, seed, proxy_weight)
+            calibration = _transfer_calibration(world, seed, proxy_weight, noise_source)
             aligner.train()
             calibration_losses = []
             for step in range(calibration_steps):
@@ -741,14 +742,15 @@ def proxy_transfer(
                 "cosine": float(np.mean([_cosine(a, t) for a, t in zip(aligned, targets)])),
                 "final_loss": float(np.mean(calibration_losses[-20:])),
                 "calibration_steps": calibration_steps,
+                "noise_source": noise_source,
                 "calibration_seconds": round(time.perf_counter() - started, 1),
                 **judged(aligned),
             }
     return {"n": n_test, "steps": train_steps, "batch_size": batch_size, "rows": results}
 
 
-def _transfer_calibration(world: MiniWorld, seed: int, proxy_weight: float):
-    """The project's calibration (FLUX of ``world``, pure noise) for the premise test's own loop."""
+def _transfer_calibration(world: MiniWorld, seed: int, proxy_weight: float, noise_source: str):
+    """The project's calibration (FLUX of ``world``) for the premise test's own loop."""
     from thinkdiff.training.calibration import Calibration
     from thinkdiff.training.config import TrainConfig
 
@@ -758,6 +760,7 @@ def _transfer_calibration(world: MiniWorld, seed: int, proxy_weight: float):
         data=[str(world.root)],
         diffusion_decoder=str(world.root / "flux"),
         proxy_weight=proxy_weight,
+        noise_source=noise_source,
         seed=seed,
     )
     return Calibration(config, torch.device("cpu"), torch.float32)

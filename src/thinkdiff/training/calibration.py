@@ -24,10 +24,12 @@ Losses (``TrainConfig.calibration_loss``):
   signal beyond the text bridge: the picture the answer should describe).
 
 Each can add ``proxy_weight`` x the no-split proxy cross-entropy, which keeps the proxy decoder
-reading the features. Noisy inputs (``noise_source``): ``pure`` noise at a high noise level
-(``sigma >= noise_min_sigma``; no extra calls), the ``teacher``'s own partial samples (a few
-teacher Euler steps from noise; on the sampler's path), or the ``source`` image's latents noised
-at a logit-normal level (CLIP only: the caption's image is in the batch).
+reading the features. Noisy inputs (``noise_source``; the default 'auto' takes ``source`` where
+the images are at hand, else ``teacher``): the ``teacher``'s own partial samples (a few teacher
+Euler steps from noise, on the sampler's path, so every noise level is trained), ``pure`` noise at a high noise level (``sigma >= noise_min_sigma``; no extra calls, but
+the lower levels are never trained), or the ``source`` image's latents noised
+at a logit-normal level (CLIP: the caption's image, in the batch; LVLM: the target image of a
+task-format prompt, from ``target_images``).
 
 Samples are grouped by (student length, teacher length): a FLUX prompt has no mask, so samples
 are stacked only with others of the same lengths, as at inference.
@@ -188,7 +190,7 @@ class Calibration:
         self.decoder = load_decoder(spec, device, dtype)
         roles = self.decoder.text_roles(needs_t5=True)  # FLUX: CLIP + T5; SD3: its CLIPs + T5; others: T5
         components = [*self.decoder.components_for(roles), "transformer"]
-        needs_images = config.noise_source == "source" or config.calibration_loss == "flow"
+        needs_images = config.calibration_noise == "source" or config.calibration_loss == "flow"
         if needs_images and "vae" in self.decoder.denoise_components:
             components.append("vae")
         self.pipe = self.decoder.load(components)
@@ -208,6 +210,7 @@ class Calibration:
         }
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
         self._alignments: dict[tuple[str, tuple[int, ...]], list[tuple[int, int]] | None] = {}
+        self._target_files: dict[str, Path] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -242,7 +245,7 @@ class Calibration:
         gen = torch.Generator().manual_seed(seed)
         shape = (n, *self.decoder.latent_shape(self.pipe, self.height, self.width))
         noise = torch.randn(shape, generator=gen).to(self.device)
-        source = "source" if clean is not None else self.config.noise_source
+        source = "source" if clean is not None else self.config.calibration_noise
         if source == "pure":
             low = self.config.noise_min_sigma
             sigmas = (low + (1 - low) * torch.rand(n, generator=gen)).to(self.device)
@@ -336,13 +339,18 @@ class Calibration:
 
         assert self.config.target_images is not None
         folder = Path(self.config.target_images)
+        if self._target_files is None:  # the folder is listed once, not on every step
+            self._target_files = {}
+            for path in sorted(folder.iterdir()):
+                if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+                    self._target_files.setdefault(path.stem, path)
         images = []
         for key in keys:
             target = key.rsplit(":task", 1)[0]
-            found = [p for p in folder.glob(f"{target}.*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")]
-            if not found:
+            found = self._target_files.get(target)
+            if found is None:
                 raise FileNotFoundError(f"no target image {target}.* in {folder} for sample {key!r}")
-            image = open_rgb(found[0]).resize((self.width, self.height), Image.Resampling.BICUBIC)
+            image = open_rgb(found).resize((self.width, self.height), Image.Resampling.BICUBIC)
             images.append(np.asarray(image))
         return np.stack(images)
 
@@ -378,7 +386,7 @@ def calibration_loss(
         ]
         texts = [f"{a} {b}" for a, b in zip(batch.inputs, batch.target_texts)]
         clean = None
-        if config.noise_source == "source":
+        if config.calibration_noise == "source":
             images = calibration.source_images(batch.pixel_values_BCHW)
             clean = calibration.decoder.image_latents(calibration.pipe, images)
         loss = calibration.distill(students, texts, clean, key)
@@ -390,11 +398,12 @@ def calibration_loss(
     students = [aligned_BLD[i, : int(n)] for i, n in enumerate(lengths)]
     if config.calibration_loss == "regress":
         loss = calibration.regress(students, batch.target_texts, batch.token_ids)
-    elif config.calibration_loss == "flow":
-        clean = calibration.decoder.image_latents(calibration.pipe, calibration.target_images(batch.keys))
-        loss = calibration.distill(students, batch.target_texts, clean, key, flow=True)
     else:
-        loss = calibration.distill(students, batch.target_texts, key=key)
+        flow = config.calibration_loss == "flow"
+        clean = None
+        if flow or config.calibration_noise == "source":  # the task-format target images' latents
+            clean = calibration.decoder.image_latents(calibration.pipe, calibration.target_images(batch.keys))
+        loss = calibration.distill(students, batch.target_texts, clean, key, flow=flow)
     if config.proxy_weight:
         # lvlm_loss on the aligned features computed above, without a second aligner forward.
         loss = loss + config.proxy_weight * proxy.loss(aligned_BLD, batch.mask_BL, batch.labels_BT)

@@ -102,7 +102,8 @@ class TrainConfig:
         default="distill",
     )
     target_images: str | None = _help(
-        "'flow': the task-format source folder holding each sample's target image ({target_key}.png)",
+        "'flow' and lvlm 'source' noise: the task-format source folder holding each sample's target "
+        "image ({target_key}.png)",
         default=None,
     )
     proxy_weight: float = _help(
@@ -114,8 +115,11 @@ class TrainConfig:
     )
     noise_source: str = _help(
         "calibrate: noisy inputs from 'pure' noise at sigma >= noise_min_sigma, the 'teacher''s own "
-        "partial samples, or the 'source' image's latents (clip only)",
-        default="pure",
+        "partial samples, or the 'source' image's latents (clip: the caption's image; lvlm: the "
+        "task-format target image, needs target_images); 'auto': 'source' where the images are at "
+        "hand (clip, or lvlm with target_images), else 'teacher' (same accuracy in the mini world; "
+        "'source' is the cheaper)",
+        default="auto",
     )
     noise_min_sigma: float = _help("'pure' noise: lowest noise level (1 = pure noise)", default=0.7)
     teacher_steps: int = _help("'teacher' noise: Euler steps of the teacher's sampler path", default=4)
@@ -145,6 +149,13 @@ class TrainConfig:
     save_every: int = _help("steps between checkpoints", default=1000)
     keep_last: int = _help("checkpoints kept", default=3)
     max_bad_steps: int = _help("consecutive non-finite steps that stop training", default=20)
+
+    @property
+    def calibration_noise(self) -> str:
+        """The noisy inputs a calibration run uses: ``noise_source`` with 'auto' resolved."""
+        if self.noise_source != "auto":
+            return self.noise_source
+        return "source" if self.variant == "clip" or self.target_images is not None else "teacher"
 
     def validate(self, num_processes: int = 1) -> None:
         """Raise ``ValueError`` naming every bad value; called before any model loads."""
@@ -212,12 +223,14 @@ class TrainConfig:
             problems.append(f"target_images {self.target_images} does not exist")
         if self.token_alignment not in ("one-to-one", "offsets"):
             problems.append(f"token_alignment must be 'one-to-one' or 'offsets', got {self.token_alignment!r}")
-        if self.noise_source not in ("pure", "teacher", "source"):
-            problems.append(f"noise_source must be 'pure', 'teacher' or 'source', got {self.noise_source!r}")
+        if self.noise_source not in ("auto", "pure", "teacher", "source"):
+            problems.append(
+                f"noise_source must be 'auto', 'pure', 'teacher' or 'source', got {self.noise_source!r}"
+            )
         if self.variant == "lvlm" and self.split:
             problems.append("calibration reads whole answers: set split to false (the no-split collator)")
-        if self.variant == "lvlm" and self.noise_source == "source":
-            problems.append("noise_source 'source' needs the source images: clip only (use 'pure' or 'teacher')")
+        if self.variant == "lvlm" and self.noise_source == "source" and self.target_images is None:
+            problems.append("lvlm noise_source 'source' noises the task-format target images: set target_images")
         if self.variant == "clip" and self.calibration_loss == "regress":
             problems.append("calibration_loss 'regress' aligns LVLM tokens: lvlm only")
         if self.calibration_loss == "regress" and self.features != "generated":
