@@ -274,6 +274,9 @@ def test_video_is_written_under_the_temporary_name_of_the_atomic_writers(files, 
     killed = out.with_name(f".clip.mp4.{_host_tag()}-{dead_pid()}.tmp")  # what a killed run leaves
     killed.mkdir(parents=True)
     (killed / "clip.mp4").write_bytes(b"half a video")
+    # The shorter .NAME.PID.tmp form may be another program's in a user's folder: left alone.
+    foreign = out.with_name(f".notes.txt.{dead_pid()}.tmp")
+    foreign.write_text("another program's")
     model = make_model(tmp_path / "clip-cog", "clip", decoder="tiny:cogvideox")
     args = ["--model", str(model), "--image", str(files["white"]), "--out", str(out), "--num-frames", "9"]
     code, _, stderr = run_cli([*args, "--height", "16", "--width", "16", "--steps", "1"], capsys)
@@ -281,7 +284,7 @@ def test_video_is_written_under_the_temporary_name_of_the_atomic_writers(files, 
     # .NAME.HOST-PID.tmp (a folder: the writer needs the .mp4 suffix), the name remove_debris knows.
     assert written == [temporary_path(out) / "clip.mp4"]
     assert out.read_bytes()[4:8] == b"ftyp"
-    assert sorted(p.name for p in out.parent.iterdir()) == ["clip.json", "clip.mp4"]  # the killed run's is gone
+    assert sorted(p.name for p in out.parent.iterdir()) == [foreign.name, "clip.json", "clip.mp4"]  # killed run's gone
 
 
 # export_to_video raises AttributeError when imageio is installed without an ffmpeg.

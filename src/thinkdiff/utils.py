@@ -59,13 +59,14 @@ _DEBRIS = re.compile(
 )
 
 
-def remove_debris(folder: str | Path) -> list[str]:
+def remove_debris(folder: str | Path, *, hostless: bool = True) -> list[str]:
     """Delete the temporary files and folders that killed processes of this package left in
     ``folder`` (see :func:`temporary_path`); return their names.
 
     Only names of that pattern are touched, and only when their process is gone: a live process
     (another rank, a second run) may be writing one, and an entry from another machine is left
-    alone because its process cannot be checked from here.
+    alone because its process cannot be checked from here. ``hostless=False`` also leaves the
+    older ``.NAME.PID.tmp`` form alone: in a user's own folder another program may use it.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -75,7 +76,8 @@ def remove_debris(folder: str | Path) -> list[str]:
         match = _DEBRIS.match(entry.name)
         if match is None:
             continue
-        if match["host"] not in (None, _host_tag()) or _process_alive(int(match["pid"])):
+        host_ok = match["host"] == _host_tag() or (hostless and match["host"] is None)
+        if not host_ok or _process_alive(int(match["pid"])):
             continue
         _remove(entry)
         removed.append(entry.name)

@@ -453,9 +453,10 @@ def run(args: argparse.Namespace) -> int:
     pipe.check(requests)
 
     # 3. Generate and write, a chunk of jobs at a time (each chunk runs every stage once), where
-    #    the temporary files of killed runs are cleared first.
+    #    the temporary files of killed runs are cleared first (only the host-tagged names: an
+    #    output folder may be the user's own, where another program may use the shorter form).
     for folder in dict.fromkeys(path.parent for path in paths):
-        removed = remove_debris(folder)
+        removed = remove_debris(folder, hostless=False)
         if removed:
             logger.info("%s: removed temporary files of a killed run: %s", folder, ", ".join(removed))
     for start in range(0, len(requests), args.chunk_size):
