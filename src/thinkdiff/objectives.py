@@ -318,7 +318,14 @@ def clip_memory(
     image_tokens_BND: torch.Tensor, aligner: Aligner, proxy: ProxyT5Decoder, batch: CLIPBatch
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Memory = aligned image tokens, then T5 encoder states of the caption's first part."""
-    image_BND = aligner(image_tokens_BND).to(proxy.dtype)
+    return aligned_clip_memory(aligner(image_tokens_BND), proxy, batch)
+
+
+def aligned_clip_memory(
+    aligned_BND: torch.Tensor, proxy: ProxyT5Decoder, batch: CLIPBatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`clip_memory` from image tokens already through the aligner."""
+    image_BND = aligned_BND.to(proxy.dtype)
     text_BTD = proxy.encode(batch.text_ids_BT, batch.text_mask_BT)
     image_mask_BN = torch.ones(image_BND.shape[:2], dtype=torch.bool, device=image_BND.device)
     memory = torch.cat([image_BND, text_BTD.to(image_BND.device)], dim=1)

@@ -7,6 +7,7 @@ temporary name in the same folder and renamed into place (``os.replace`` is atom
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -57,6 +58,15 @@ _DEBRIS = re.compile(
     r"^(?:\..+\.(?:(?P<host>[0-9a-f]{8})-)?|(?:(?:index|report|extraction|shard-\d+)\.json|skipped\.jsonl)\.)"
     r"(?P<pid>\d+)\.(?:tmp|old)$"
 )
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex digest of a file, read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def remove_debris(folder: str | Path, *, hostless: bool = True) -> list[str]:

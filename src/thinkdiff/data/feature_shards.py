@@ -23,7 +23,6 @@ and filled in at the end), so memory does not grow with the shard size.
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import json
 import os
@@ -36,7 +35,7 @@ from typing import Any, BinaryIO
 import torch
 from safetensors import SafetensorError
 
-from thinkdiff.utils import atomic_path
+from thinkdiff.utils import atomic_path, file_sha256
 
 __all__ = [
     "FORMAT",
@@ -57,7 +56,6 @@ FORMAT = "thinkdiff-lvlm-features"
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 _HEADER_BYTES = 4096  # 8-byte length + JSON header padded with spaces; the data start page aligned
-_HASH_CHUNK = 8 << 20
 
 
 def shard_name(index: int) -> str:
@@ -75,16 +73,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _file_entry(path: Path) -> dict[str, Any]:
-    return {"name": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 class _StreamingSafetensors:
@@ -339,7 +329,7 @@ def verify_shards(root: Path) -> list[str]:
             path = root / entry["name"]
             if not path.is_file():
                 problems.append(f"{entry['name']}: missing")
-            elif path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            elif path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
                 problems.append(f"{entry['name']}: size or checksum differs from the record")
     return problems
 
@@ -562,7 +552,7 @@ class FeatureShards:
         for file in entry["files"].values():
             path = self.root / file["name"]
             try:
-                digest = _sha256(path)
+                digest = file_sha256(path)
             except OSError as exc:
                 raise ShardMismatchError(f"cannot read feature shard file {path}: {exc}") from exc
             if digest != file["sha256"]:

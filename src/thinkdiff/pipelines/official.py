@@ -15,7 +15,6 @@ ignored with a warning; a missing, extra or mis-shaped aligner tensor is an erro
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from thinkdiff.models.aligner import Aligner
 from thinkdiff.models.bundle import INFO_FILE, ThinkDiffInfo, save_model
 from thinkdiff.models.loading import TINY_PREFIX, resolve_model_dir
+from thinkdiff.utils import file_sha256
 
 __all__ = ["OFFICIAL_DEFAULTS", "aligner_from_official_state_dict", "convert_official_checkpoint"]
 
@@ -174,7 +174,7 @@ def convert_official_checkpoint(
         features="generated",
         extra={
             "converted_from": checkpoint.name,
-            "sha256": _sha256(checkpoint),
+            "sha256": file_sha256(checkpoint),
             "ignored_tensors": len(ignored),
         },
     )
@@ -211,11 +211,3 @@ def _check_local_widths(aligner: Aligner, variant: str, source_model: str, decod
                 f"the checkpoint's aligner writes {aligner.out_dim}-wide embeddings but {decoder} takes "
                 f"{spec.prompt_width}-wide ones"
             )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from thinkdiff.objectives import CLIPBatch, LVLMBatch, clip_loss
+from thinkdiff.objectives import CLIPBatch, LVLMBatch, aligned_clip_memory
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -391,7 +391,9 @@ def calibration_loss(
             clean = calibration.decoder.image_latents(calibration.pipe, images)
         loss = calibration.distill(students, texts, clean, key)
         if config.proxy_weight:
-            loss = loss + config.proxy_weight * clip_loss(image_tokens_BND, aligner, proxy, batch)
+            # The proxy loss on the aligned tokens computed above, without a second aligner forward.
+            memory, mask = aligned_clip_memory(aligned_BND, proxy, batch)
+            loss = loss + config.proxy_weight * proxy.loss(memory, mask, batch.labels_BT)
         return loss
     aligned_BLD = aligner(batch.features_BLH)
     lengths = batch.mask_BL.sum(1).tolist()
