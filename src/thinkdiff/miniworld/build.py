@@ -26,11 +26,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from thinkdiff.utils import atomic_write_text
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 __all__ = [
     "CALIBRATION_RUNS",
@@ -226,12 +229,8 @@ def build(out_dir: Path, config: BuildConfig, *, progress: bool = True) -> dict[
         pool = render_pool(config.pool_size, config.seed, progress=progress)
     with _Timer("components", record["seconds"]):
         if config.threads >= 2:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
-            # fork: the children inherit the rendered pool instead of re-rendering it; no torch
-            # op has run in this process yet, so no thread pool is forked mid-state.
-            with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork")) as ex:
+            # The children inherit the rendered pool instead of re-rendering it.
+            with two_processes() as ex:
                 half = config.threads // 2
                 a = ex.submit(_run_branch, _text_to_image, half, out_dir, config, pool, progress)
                 b = ex.submit(_run_branch, _readers, config.threads - half, out_dir, config, pool, progress)
@@ -344,10 +343,7 @@ def build_calibration(out_dir: Path, config: BuildConfig | None = None, *, progr
     # Longest first, so that the two processes finish together.
     names = [*list(CALIBRATION_RUNS)[:2], "clip", *list(CALIBRATION_RUNS)[2:]]
     if config.threads >= 2:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork")) as ex:
+        with two_processes() as ex:
             half = max(1, config.threads // 2)
             done = list(ex.map(_calibrate_one, *zip(*[(out_dir, config, n, half) for n in names])))
     else:
@@ -357,6 +353,16 @@ def build_calibration(out_dir: Path, config: BuildConfig | None = None, *, progr
     record["calibration_seconds"] = seconds
     _write_json(out_dir / "build.json", record)
     return record
+
+
+def two_processes() -> ProcessPoolExecutor:
+    """Two forked worker processes: the children inherit what the parent holds (a rendered pool, a
+    loaded world). Fork only before any torch op has run in the parent, so that no thread pool is
+    forked mid-state."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork"))
 
 
 class _Timer:

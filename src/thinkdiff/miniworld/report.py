@@ -123,12 +123,11 @@ def write_report(models_dir: Path, out_dir: Path, config: ReportConfig) -> dict[
 
     parts = (_readers_part, _lvlm_part)
     if config.threads >= 2:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from thinkdiff.miniworld.build import two_processes
 
         # Two independent halves in two forked one-thread processes (each seeds what it draws, so
         # the numbers do not depend on the split); no torch op has run here yet.
-        with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork")) as ex:
+        with two_processes() as ex:
             futures = [ex.submit(part, world, config, build_config, sampling, out_dir) for part in parts]
             (readers, clip_examples), (aligners, lvlm, examples, lvlm_seconds) = (f.result() for f in futures)
     else:
