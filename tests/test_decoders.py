@@ -374,3 +374,16 @@ def test_pixart_noise_process_is_its_training_diffusion(tiny_env) -> None:
     back = decoder.euler_step(noisy[:1], noise[:1], 0.3, 0.0)
     alpha_0 = stock("pixart-sigma").scheduler.alphas_cumprod[0]
     torch.testing.assert_close(back, alpha_0.sqrt() * clean[:1] + (1 - alpha_0).sqrt() * noise[:1])
+
+
+@pytest.mark.parametrize("name", ["flux", "chroma", "pixart-sigma", "sd3", "ltx-video"])
+def test_image_latents_have_the_denoisers_latent_shape(name, tiny_env) -> None:
+    """'source' noise and flow matching put VAE latents of images where the denoiser's latents go."""
+    from thinkdiff.pipelines.decoders import DecoderSpec, load_decoder
+
+    decoder = load_decoder(DecoderSpec.inspect(f"tiny:{name}"), torch.device("cpu"), torch.float32)
+    assert "vae" in decoder.denoise_components
+    pipe = decoder.load(["vae", "transformer"])
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    latents = decoder.image_latents(pipe, images)
+    assert tuple(latents.shape) == (2, *decoder.latent_shape(pipe, 64, 64)) and torch.isfinite(latents).all()

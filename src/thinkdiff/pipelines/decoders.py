@@ -830,15 +830,21 @@ class DiffusionDecoder:
         count = len(tokenizer(text).input_ids)
         return count if self.spec.max_length is None else min(count, self.spec.max_length)
 
-    def _vae_latents(self, pipe: DiffusionPipeline, images_BHWC: np.ndarray) -> torch.Tensor:
-        """Scaled VAE latents ``[B, C, h, w]`` of uint8 images (SD3, PixArt-Sigma, Chroma before packing)."""
+    def _encode_images(self, pipe: DiffusionPipeline, images_BHWC: np.ndarray, *, video: bool = False) -> torch.Tensor:
+        """The VAE's latents (a posterior sample) of uint8 images, unscaled; ``video``: each image as a
+        one-frame clip ``[B, 3, 1, H, W]``."""
         if getattr(pipe, "vae", None) is None:
             raise ValueError("'source' noisy inputs need the decoder's VAE loaded")
-        x_B3HW = torch.as_tensor(np.asarray(images_BHWC)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        vae = pipe.vae
+        x = torch.as_tensor(np.asarray(images_BHWC)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        if video:
+            x = x[:, :, None]
         with torch.no_grad():
-            z = vae.encode(x_B3HW.to(self.device, vae.dtype)).latent_dist.sample()
-        return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+            return pipe.vae.encode(x.to(self.device, pipe.vae.dtype)).latent_dist.sample()
+
+    def _vae_latents(self, pipe: DiffusionPipeline, images_BHWC: np.ndarray) -> torch.Tensor:
+        """Scaled VAE latents ``[B, C, h, w]`` of uint8 images (SD3, PixArt-Sigma, Chroma before packing)."""
+        z = self._encode_images(pipe, images_BHWC)
+        return (z - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
 
 
 class FluxDecoder(DiffusionDecoder):
@@ -1293,12 +1299,8 @@ class LTXVideoDecoder(_MaskedT5Decoder):
         return ((rows // patch) * (cols // patch), int(pipe.transformer.config.in_channels))
 
     def image_latents(self, pipe: DiffusionPipeline, images_BHWC: np.ndarray) -> torch.Tensor:
-        if getattr(pipe, "vae", None) is None:
-            raise ValueError("'source' noisy inputs need the decoder's VAE loaded")
-        x_B3FHW = torch.as_tensor(np.asarray(images_BHWC)).permute(0, 3, 1, 2)[:, :, None].float() / 127.5 - 1.0
+        z = self._encode_images(pipe, images_BHWC, video=True)
         vae = pipe.vae
-        with torch.no_grad():
-            z = vae.encode(x_B3FHW.to(self.device, vae.dtype)).latent_dist.sample()
         z = pipe._normalize_latents(z, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
         return pipe._pack_latents(z, pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size)
 
