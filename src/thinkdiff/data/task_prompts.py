@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from thinkdiff.evaluation.cobsat.protocol import COBSAT_INSTRUCTION
+from thinkdiff.pipelines.requests import cobsat_items
 
 __all__ = ["TASK_INSTRUCTION", "TaskPrompt", "group_task_prompts", "interleaved_items", "short_text"]
 
@@ -37,12 +38,7 @@ def interleaved_items(texts: Sequence[str], images: Sequence[Any], instruction: 
     """
     if len(texts) != len(images) + 1:
         raise ValueError(f"{len(texts)} texts for {len(images)} images: need one text more than images")
-    out: list[Any] = [] if instruction is None else [instruction]
-    for i, text in enumerate(texts):
-        out.append(f"{'' if i == 0 else chr(10) * 2}Word {i + 1}: {text}, ")
-        if i < len(images):
-            out.append(images[i])
-    return out
+    return cobsat_items(texts, images, instruction)
 
 
 def short_text(caption: str, max_words: int = 0) -> str:
