@@ -509,14 +509,14 @@ def test_shards_are_hashed_in_the_workers_and_not_again_next_epoch(
     from thinkdiff.data.feature_dataset import FeatureShardDataset
 
     log = tmp_path / "hashed.log"
-    real = feature_shards._sha256
+    real = feature_shards.file_sha256
 
     def logged(path: Path) -> str:  # forked workers inherit this; they append to one file
         with open(log, "a") as f:
             f.write(f"{os.getpid()} {Path(path).name}\n")
         return real(path)
 
-    monkeypatch.setattr(feature_shards, "_sha256", logged)
+    monkeypatch.setattr(feature_shards, "file_sha256", logged)
     dataset = FeatureShardDataset(feature_dir, batch_size=4, shuffle_buffer=0)
     assert not log.exists()  # nothing hashed at start-up
     loader = DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=list)

@@ -675,11 +675,18 @@ class DiffusionDecoder:
                 )
 
     @functools.cached_property
-    def _config_folder(self) -> Path:
-        return resolve_model_dir(self.spec.name, kind="diffusion decoder", files=_CONFIG_FILES)
+    def _config_folder(self) -> Path | None:
+        """The decoder's folder; ``None`` for a spec made in memory (a benchmark's random decoder),
+        whose name is no folder: a real spec was inspected from its folder, so it resolves."""
+        try:
+            return resolve_model_dir(self.spec.name, kind="diffusion decoder", files=_CONFIG_FILES)
+        except FileNotFoundError:
+            return None
 
     def _component_config(self, component: str) -> dict[str, Any]:
         """``<component>/config.json`` of the decoder folder; ``{}`` where there is none."""
+        if self._config_folder is None:
+            return {}
         path = self._config_folder / component / "config.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
