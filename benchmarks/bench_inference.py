@@ -463,6 +463,11 @@ def random_flux_decoder_class() -> type:
         depth: int | None = None
         narrow: bool = False
 
+        def _component_config(self, component: str) -> dict[str, Any]:
+            # No folder: the size checks read the configs this decoder builds from.
+            config = flux_dev_modules(self.depth, self.narrow).get(component, (None, {}))[1]
+            return config if isinstance(config, dict) else config.to_dict()
+
         def build(self, components: Sequence[str]) -> Any:
             kit = resolve_tiny("tiny:flux")
             modules: dict[str, Any] = {name: None for name in self.all_components}

@@ -564,8 +564,7 @@ class DiffusionDecoder:
         skipped = {name: None for name in self.all_components if name not in components}
         skipped.update(dict.fromkeys(self.absent_components))
         # From the hub, only the loaded components' subfolders (not FLUX.1-dev's root copies).
-        configs = resolve_model_dir(self.spec.name, kind="diffusion decoder", files=_CONFIG_FILES)
-        files = diffusers_files(configs, skipped=skipped, extra=[DECODER_DESCRIPTOR])
+        files = diffusers_files(self._config_folder, skipped=skipped, extra=[DECODER_DESCRIPTOR])
         folder = resolve_model_dir(self.spec.name, kind="diffusion decoder", files=files)
         kwargs: dict[str, Any] = {_dtype_kwarg(): self.dtype}
         kwargs.update(self._quantization_kwargs(folder, components))
@@ -675,18 +674,12 @@ class DiffusionDecoder:
                 )
 
     @functools.cached_property
-    def _config_folder(self) -> Path | None:
-        """The decoder's folder; ``None`` for a spec made in memory (a benchmark's random decoder),
-        whose name is no folder: a real spec was inspected from its folder, so it resolves."""
-        try:
-            return resolve_model_dir(self.spec.name, kind="diffusion decoder", files=_CONFIG_FILES)
-        except FileNotFoundError:
-            return None
+    def _config_folder(self) -> Path:
+        """The decoder's folder with its configs (from the hub: the config files only), resolved once."""
+        return resolve_model_dir(self.spec.name, kind="diffusion decoder", files=_CONFIG_FILES)
 
     def _component_config(self, component: str) -> dict[str, Any]:
         """``<component>/config.json`` of the decoder folder; ``{}`` where there is none."""
-        if self._config_folder is None:
-            return {}
         path = self._config_folder / component / "config.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -1218,8 +1211,7 @@ class PixArtSigmaDecoder(_UnpackedLatents, _MaskedT5Decoder):
     def _alphas_cumprod(self) -> torch.Tensor:
         from diffusers import DDPMScheduler
 
-        folder = resolve_model_dir(self.spec.name, kind="diffusion decoder", files=_CONFIG_FILES)
-        return DDPMScheduler.from_pretrained(folder, subfolder="scheduler").alphas_cumprod.float()
+        return DDPMScheduler.from_pretrained(self._config_folder, subfolder="scheduler").alphas_cumprod.float()
 
     def _timesteps(self, sigmas_B: torch.Tensor) -> torch.Tensor:
         return (sigmas_B.float().cpu() * (len(self._alphas_cumprod) - 1)).round().long()
