@@ -13,39 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from thinkdiff.models.aligner import Aligner
 from thinkdiff.models.model_card import CARD_FILE, render_model_card
+from thinkdiff.models.model_info import INFO_FILE, ThinkDiffInfo
 from thinkdiff.utils import atomic_path, atomic_write_text
 
-INFO_FILE = "thinkdiff.json"
-
-
-@dataclass
-class ThinkDiffInfo:
-    """What a trained aligner connects; stored as ``thinkdiff.json`` beside the weights."""
-
-    variant: str
-    """'lvlm' or 'clip'."""
-    source_model: str
-    """The LVLM (lvlm) or BLIP-2 vision model (clip) whose features the aligner reads."""
-    proxy_t5: str
-    """The T5 whose decoder supervised training."""
-    diffusion_decoder: str
-    """The decoder the aligner was meant for (its T5 prompt width must equal the aligner output)."""
-    in_dim: int
-    out_dim: int
-    features: str = "generated"
-    """'generated' token features, or 'prompt' for the input-token ablation."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form provenance: training steps, config summary, conversion source."""
-
-    def __post_init__(self) -> None:
-        if self.variant not in ("lvlm", "clip"):
-            raise ValueError(f"{INFO_FILE}: variant must be 'lvlm' or 'clip', got {self.variant!r}")
+__all__ = ["INFO_FILE", "WEIGHTS_FILE", "ThinkDiffInfo", "load_info", "load_model", "save_model"]
 
 
 def save_model(folder: str | Path, aligner: Aligner, info: ThinkDiffInfo) -> Path:

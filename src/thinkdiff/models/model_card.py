@@ -1,6 +1,6 @@
 """Model cards: the ``README.md`` with Hugging Face Hub metadata that every exported model folder gets.
 
-A card is rendered from the folder's :class:`~thinkdiff.models.bundle.ThinkDiffInfo` alone, so
+A card is rendered from the folder's :class:`~thinkdiff.models.model_info.ThinkDiffInfo` alone, so
 ``thinkdiff train``, ``thinkdiff convert-official`` and the miniature world all write the same kind
 of card through :func:`~thinkdiff.models.bundle.save_model`. What the card states comes from
 ``info.extra`` (the training config, data, steps, final losses, measured numbers); nothing is
@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from thinkdiff.models.loading import TINY_PREFIX
-
-if TYPE_CHECKING:
-    from thinkdiff.models.bundle import ThinkDiffInfo
+from thinkdiff.models.model_info import ThinkDiffInfo
 
 __all__ = ["CARD_FILE", "hub_base_models", "render_model_card"]
 
