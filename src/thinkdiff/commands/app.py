@@ -1,4 +1,4 @@
-"""``thinkdiff app``: the web page (see :mod:`thinkdiff.app`); needs ``pip install thinkdiff[app]``."""
+"""``thinkdiff app``: the web page (the package :mod:`thinkdiff.app`); needs ``pip install thinkdiff[app]``."""
 
 from __future__ import annotations
 
