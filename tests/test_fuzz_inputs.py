@@ -9,8 +9,10 @@ Derandomized and without an example database, so a run is the same everywhere an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import os
 import tarfile
 import tempfile
 from pathlib import Path
@@ -191,3 +193,63 @@ def _small_image_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     # A flipped header byte can claim a huge canvas; a low limit keeps each case fast (the refusal,
     # DecompressionBombError, is one of the paths under test).
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1 << 20)
+
+
+# ---- push: folders whose files are symlinks, special files, huge or missing ----------------------
+
+PUSHED = ("README.md", "config.json", "diffusion_pytorch_model.safetensors", "thinkdiff.json")
+FILE_KINDS = ("regular", "regular", "regular", "missing", "link-outside", "link-etc-passwd", "link-inside",
+              "fifo", "folder", "huge-sparse")
+
+
+@pytest.fixture(scope="module")
+def pushable(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.test_model_card import small_model
+
+    return small_model(tmp_path_factory.mktemp("push") / "m")
+
+
+def _make_push_file(path: Path, kind: str, source: Path) -> None:
+    if kind == "regular":
+        path.write_bytes(source.read_bytes())
+    elif kind == "link-outside":
+        path.symlink_to(source)  # another run's file: loads, but is not this folder's
+    elif kind == "link-etc-passwd":
+        path.symlink_to("/etc/passwd")
+    elif kind == "link-inside":
+        path.symlink_to(next(name for name in PUSHED if name != path.name))
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "huge-sparse":
+        with open(path, "wb") as f:
+            f.write(source.read_bytes())
+            f.truncate(2 << 30)
+
+
+@settings(FUZZ, max_examples=40)
+@given(kinds=st.tuples(*[st.sampled_from(FILE_KINDS)] * len(PUSHED)), dry_run=st.booleans())
+def test_push_sends_only_files_inside_the_folder(pushable: Path, kinds: tuple[str, ...], dry_run: bool) -> None:
+    from huggingface_hub import HfApi
+
+    from thinkdiff.cli import main
+
+    sent: list[Path] = []
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(HfApi, "create_repo", lambda self, *a, **k: None)
+        mp.setattr(HfApi, "create_commit", lambda self, repo_id, operations, **k: sent.extend(
+            Path(op.path_or_fileobj) for op in operations))
+        folder = Path(tmp) / "m"
+        folder.mkdir()
+        for name, kind in zip(PUSHED, kinds, strict=True):
+            _make_push_file(folder / name, kind, pushable / name)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main(["push", str(folder), "me/x", *(["--dry-run"] if dry_run else [])])
+        if set(kinds) == {"regular"}:
+            assert status == 0 and (dry_run or len(sent) == len(PUSHED)), err.getvalue()
+        else:
+            assert status == 2 and len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
+            assert sent == [] and "root:" not in out.getvalue()
+        assert all(path.resolve().parent == folder.resolve() and path.is_file() for path in sent)
