@@ -21,7 +21,7 @@ from thinkdiff.pipelines import (
     Request,
     ThinkDiffPipeline,
 )
-from thinkdiff.pipelines import decoders as decoders_module
+from thinkdiff.pipelines.decoders import base as decoders_base
 
 from .test_pipeline import FLUX_FAST, image, make_model
 
@@ -127,7 +127,7 @@ def test_stage_models_are_unreferenced_when_the_cache_is_emptied(models, monkeyp
         refs.setdefault(key, weakref.ref(model))
         return model
 
-    monkeypatch.setattr(decoders_module, "gc", Recording)
+    monkeypatch.setattr(decoders_base, "gc", Recording)
     monkeypatch.setattr(ThinkDiffPipeline, "_get", recording_get)
     pipe = ThinkDiffPipeline.from_pretrained(models["lvlm"], device="cpu")
     pipe(Request(ITEMS, seed=0, extra_text="a red car"), **FLUX_FAST)
