@@ -180,11 +180,11 @@ def test_demo_goes_through_the_pipeline(world, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(ThinkDiffPipeline, "__call__", spy)
     threads = torch.get_num_threads()
     try:
-        result = run_demo(out_dir=tmp_path)
+        result = run_demo(out_dir=tmp_path, task="Color-II")  # one prompt (the grid is tests/test_demo.py's)
     finally:
         torch.set_num_threads(threads)  # run_demo sets its own thread count
     assert result["path"] == tmp_path / "demo.png" and result["path"].stat().st_size > 1000
-    assert "VLM answer:" in result["summary"] and "ThinkDiff-LVLM image, judged:" in result["summary"]
+    assert "VLM answer" in result["summary"] and f"ThinkDiff {'CORRECT' if result['correct'] else 'WRONG'}" in result["summary"]
     from thinkdiff.miniworld.build import DEMO_CALIBRATED, calibrated_dir
 
     if calibrated_dir(WEIGHTS, DEMO_CALIBRATED).is_dir():  # the committed world draws with the calibrated aligner

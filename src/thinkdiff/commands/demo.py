@@ -1,9 +1,11 @@
 """``thinkdiff demo``: the method on the built-in defaults, with no downloads.
 
-Part 1, the miniature world (``thinkdiff miniworld demo``): a mini-CoBSAT prompt (words and images)
-goes through the committed mini VLM, the trained aligner and the stock FluxPipeline with the mini
-FLUX.1 decoder; the generated image is shown next to the judge's verdict. These models were trained
-from scratch on CPU by ``thinkdiff miniworld build``, so the pictures mean something.
+Part 1, the miniature world (``thinkdiff miniworld demo``): six mini-CoBSAT prompts (words and
+images; prompt 0 of each task at 2 shots, a fixed rule) go through the committed mini VLM, the
+calibrated aligner and the stock FluxPipeline with the mini FLUX.1 decoder, and through the text
+bridge; a grid shows the inputs, both images and the judge's verdict on each. These models were
+trained from scratch on CPU by ``thinkdiff miniworld build``, so the pictures mean something.
+``thinkdiff demo --figure docs/figure-miniworld.png`` draws only this grid (the README's figure).
 
 Part 2, the pipeline walk-through on the offline tiny random kit (``tiny:*``), running the
 project's own commands one after another, exactly as a user would:
@@ -13,7 +15,8 @@ project's own commands one after another, exactly as a user would:
 3. ``train``: the aligner learns against the frozen proxy T5 decoder (decoded samples are shown);
 4. ``generate``: interleaved images and words in, an image out through a stock FluxPipeline.
 
-The tiny models are random, so part 2 shows that every stage works, not that pictures are good.
+The tiny models are random, so part 2 shows that every stage works, not that pictures are good:
+its text is random tokens and its image noise.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", type=Path, default=Path("demo-out"), help="folder for everything the demo writes"
     )
     parser.add_argument("--steps", type=int, default=60, help="training steps")
+    parser.add_argument(
+        "--figure",
+        type=Path,
+        help="draw only the mini world's grid, to this PNG (the README's figure), from the committed weights",
+    )
     parser.set_defaults(func=run)
 
 
@@ -67,9 +75,22 @@ def draw_images(folder: Path) -> list[tuple[Path, str]]:
     return written
 
 
+TINY_KIT_NOTE = (
+    "Part 2: the tiny random kit (random weights, no downloads). Its text is random tokens and its "
+    "image is noise, as expected: this part shows that every command runs, not that it draws well."
+)
+
+
 def run(args: argparse.Namespace) -> int:
     from thinkdiff.cli import main
 
+    if args.figure is not None:
+        from thinkdiff.miniworld.demo import run_demo
+
+        if args.figure.suffix.lower() != ".png":
+            raise ValueError(f"--figure {args.figure}: give a .png path")
+        print(run_demo(figure=args.figure)["summary"])
+        return 0
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     # The tiny kit is built once into the demo folder, so the demo needs nothing else.
@@ -86,12 +107,14 @@ def run(args: argparse.Namespace) -> int:
     from thinkdiff.miniworld.models import default_weights_dir
 
     if (default_weights_dir() / "build.json").is_file():
+        print("Part 1: the method in the miniature world (models trained on a CPU; the grid is demo.png)")
         stage("miniworld", ["miniworld", "demo", "--out", str(out / "miniworld")])
     else:
         print(
             f"(no miniature-world weights in {default_weights_dir()}: run `thinkdiff miniworld build` for part 1)"
         )
 
+    print(f"\n{TINY_KIT_NOTE}", flush=True)
     images = draw_images(out / "images")
     stage(
         "extract-features",
@@ -175,7 +198,10 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"decoded from aligned features at step {last['step']}: {last['decoded']!r} (target {last['target']!r})"
     )
-    print(f"LVLM text for the generation: {sidecar.get('lvlm_text', sidecar.get('lvlm_texts'))!r}")
-    print(f"generated image: {out / 'generated.png'} (+ generated.json)")
+    print(
+        f"LVLM text for the generation (random weights: random tokens): "
+        f"{sidecar.get('lvlm_text', sidecar.get('lvlm_texts'))!r}"
+    )
+    print(f"generated image (random weights: noise): {out / 'generated.png'} (+ generated.json)")
     print("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return 0

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--only-calibration",
         action="store_true",
-        help="run only the calibration steps (issue 17) on top of the models already in OUT_DIR, e.g. "
+        help="run only the calibration steps (the decoder in the loop) on top of the models already in OUT_DIR, e.g. "
         "the committed weights; the other components are kept as they are",
     )
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -55,11 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.set_defaults(func=run_report)
 
     d = sub.add_parser(
-        "demo", help="one mini-CoBSAT prompt in, the generated image and the judge's verdict out"
+        "demo",
+        help="a grid of mini-CoBSAT prompts in (a fixed rule), ThinkDiff's and the text bridge's images out, judged",
     )
     d.add_argument("--models", type=Path, default=None, help="models folder (default: the committed weights)")
     d.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for demo.png")
-    d.add_argument("--task", default="Color-II", help="mini-CoBSAT task name, e.g. Color-I, Texture-II")
+    d.add_argument("--task", help="one prompt of this mini-CoBSAT task (e.g. Color-I) instead of the grid")
     d.add_argument("--shot", type=int, default=2, help="number of example images")
     d.add_argument("--index", type=int, default=0, help="prompt index in the 1000-prompt list")
     d.set_defaults(func=run_demo)

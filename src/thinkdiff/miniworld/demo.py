@@ -1,39 +1,83 @@
-"""The miniature world's demo: one mini-CoBSAT prompt in, the generated image out, judged.
+"""The miniature world's demo: a grid of mini-CoBSAT prompts in, ThinkDiff's and the text bridge's images out, judged.
 
-Runs from the committed weights in a few seconds on a CPU, through the project's general inference
-code (:class:`~thinkdiff.pipelines.ThinkDiffPipeline`, as ``thinkdiff generate`` runs it): the mini
-VLM reads the prompt (words and images) and answers greedily up to its EOS; ThinkDiff-LVLM's
-aligner maps the answer's token features into the mini FLUX's T5 prompt space; the stock
-FluxPipeline draws (the settings come from the FLUX folder's ``thinkdiff_decoder.json``); the judge
-reads the image. The text bridge (the answer re-encoded by the T5) is drawn beside it for comparison.
+Runs from the committed weights in seconds on a CPU, through the project's general inference code
+(:class:`~thinkdiff.pipelines.ThinkDiffPipeline`, as ``thinkdiff generate`` runs it): the mini VLM
+reads each prompt (words and images) and answers greedily up to its EOS; the calibrated
+ThinkDiff-LVLM aligner maps the answer's token features into the mini FLUX's T5 prompt space; the
+stock FluxPipeline draws (the settings come from the FLUX folder's ``thinkdiff_decoder.json``); the
+judge reads the image. The text bridge (the answer re-encoded by the T5) is drawn beside it.
+
+The prompts are chosen by a fixed rule, not by hand (:data:`GRID_RULE`): the first prompt of each of
+the six tasks at two shots, each with the seed the measured report uses for it.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["run_demo"]
+__all__ = ["GRID_RULE", "DemoRow", "grid_prompts", "run_demo"]
+
+GRID_SHOT = 2
+GRID_INDEX = 0
+GRID_RULE = (
+    f"prompt {GRID_INDEX} of each of the six mini-CoBSAT tasks at {GRID_SHOT} shots, the report's seeds"
+)
+"""How the demo's prompts are chosen: a rule, so that nobody picks the pictures."""
+
+
+@dataclass
+class DemoRow:
+    """One prompt of the demo: what went in, what came out, what the judge read."""
+
+    prompt: Any
+    """The :class:`~thinkdiff.miniworld.minicobsat.MiniPrompt`."""
+    answer: str
+    """The VLM's answer (greedy, up to its EOS)."""
+    image: np.ndarray
+    bridge: np.ndarray
+    verdict: Any
+    bridge_verdict: Any
+
+    @property
+    def correct(self) -> bool:
+        return self.verdict.matches(self.prompt.target)
+
+    @property
+    def bridge_correct(self) -> bool:
+        return self.bridge_verdict.matches(self.prompt.target)
+
+
+def grid_prompts() -> list[tuple[str, int, int]]:
+    """``(task, shot, index)`` of the demo's prompts, by :data:`GRID_RULE`."""
+    from thinkdiff.miniworld.minicobsat import MINI_TASKS
+
+    return [(t.name, GRID_SHOT, GRID_INDEX) for t in sorted(MINI_TASKS.values(), key=lambda t: t.task_id)]
 
 
 def run_demo(
     models_dir: Path | None = None,
     out_dir: Path = Path("demo-out"),
     *,
-    task: str = "Color-II",
-    shot: int = 2,
-    index: int = 0,
+    task: str | None = None,
+    shot: int = GRID_SHOT,
+    index: int = GRID_INDEX,
     seed: int | None = None,
+    figure: Path | None = None,
 ) -> dict[str, Any]:
-    """Generate and judge one prompt; writes ``out_dir/demo.png`` and returns what happened.
+    """Generate and judge the grid (or the one prompt ``task``/``shot``/``index``); writes
+    ``out_dir/demo.png`` (or ``figure``) and returns what happened: ``rows``, ``path``, ``summary``
+    and, for one prompt, ``answer``, ``verdict`` and ``correct``.
 
     ``models_dir`` defaults to :func:`~thinkdiff.miniworld.models.default_weights_dir`.
     """
     from thinkdiff.evaluation.cobsat.protocol import prompts_list
+    from thinkdiff.miniworld.build import DEMO_CALIBRATED, calibrated_dir
     from thinkdiff.miniworld.experiments import prompt_seed
     from thinkdiff.miniworld.minicobsat import MINI_TASKS, build_prompt
     from thinkdiff.miniworld.models import MiniWorld, default_weights_dir
@@ -45,57 +89,69 @@ def run_demo(
     # thread, 31-39 s on two, at a load of 4).
     torch.set_num_threads(1)
     names = {t.name: t.task_id for t in MINI_TASKS.values()}
-    if task not in names:
+    if task is not None and task not in names:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(names)}")
+    chosen = grid_prompts() if task is None else [(task, shot, index)]
     root = Path(models_dir or default_weights_dir())
     world = MiniWorld(root)
-    prompt = build_prompt(names[task], shot, index, *prompts_list()[index])
-    # Greedy, EOS-terminated answers, as the aligner was trained (see the README's divergences).
-    # The calibrated aligner (issue 17) when the world has one; else the proxy-only one.
-    from thinkdiff.miniworld.build import DEMO_CALIBRATED, calibrated_dir
-
+    # The calibrated aligner (the method) when the world has one; else the proxy-only one.
     calibrated = calibrated_dir(root, DEMO_CALIBRATED)
     aligner = str(calibrated) if calibrated.is_dir() else "lvlm"
     pipe = world.thinkdiff_pipeline(aligner)
-    seeds = [seed if seed is not None else prompt_seed(prompt)]
-    out = pipe(Request(prompt.items(), seed=seeds[0]))
-    image = np.asarray(out.images[0])
-    answer = (out.lvlm_texts[0] or "").strip()
-    # The bridge stays the world's own text-to-image: the answer's T5 states at its exact length, as
-    # the report's text-bridge row measures it. The pipeline's text-bridge mode pads the T5 to the
-    # descriptor's max_sequence_length (16), the other layout the mini FLUX was trained on, and
-    # would run the VLM a second time.
-    with torch.no_grad():
-        bridge = world.images_from_text([answer], seeds)[0]
-    verdict, bridge_verdict = world.judge.read([image, bridge])
-    ok = verdict.matches(prompt.target)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "demo.png"
-    _panel(prompt, answer, image, bridge, verdict, bridge_verdict, path)
-    words = " ".join(f"[{x}: image]" for x in prompt.x_items[: prompt.shot]) + f" [{prompt.x_items[-1]}: ?]"
-    summary = (
-        f"{task}, {shot}-shot, prompt {index}: {words}\n"
-        f"  target: {prompt.target_caption}\n"
-        f"  VLM answer: {answer!r}\n"
-        f"  aligner: {Path(aligner).name if aligner != 'lvlm' else 'lvlm'} (thinkdiff/ of the models folder)\n"
-        f"  ThinkDiff-LVLM image, judged: {verdict.to_dict()} -> {'CORRECT' if ok else 'WRONG'}\n"
-        f"  text-bridge image, judged: {bridge_verdict.to_dict()}\n"
-        f"  written to {path} in {time.perf_counter() - started:.1f} s"
+    rows = []
+    for name, k, i in chosen:
+        prompt = build_prompt(names[name], k, i, *prompts_list()[i])
+        prompt_seed_ = seed if seed is not None else prompt_seed(prompt)
+        out = pipe(Request(prompt.items(), seed=prompt_seed_))
+        answer = (out.lvlm_texts[0] or "").strip()
+        # The bridge stays the world's own text-to-image: the answer's T5 states at its exact
+        # length, as the report's text-bridge row measures it (the pipeline's text-bridge mode pads
+        # the T5 to the descriptor's max_sequence_length, and would run the VLM a second time).
+        with torch.no_grad():
+            bridge = world.images_from_text([answer], [prompt_seed_])[0]
+        image = np.asarray(out.images[0])
+        verdict, bridge_verdict = world.judge.read([image, bridge])
+        rows.append(DemoRow(prompt, answer, image, bridge, verdict, bridge_verdict))
+
+    path = Path(figure) if figure is not None else Path(out_dir) / "demo.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    method = Path(aligner).name if aligner != "lvlm" else "lvlm (proxy only)"
+    _grid(rows, method, path)
+    thinkdiff_ok, bridge_ok = sum(r.correct for r in rows), sum(r.bridge_correct for r in rows)
+    what = (
+        f"{len(rows)} mini-CoBSAT prompt(s) ({GRID_RULE if task is None else f'{task}, {shot}-shot, prompt {index}'}): "
+        f"ThinkDiff-LVLM draws {thinkdiff_ok}/{len(rows)} right, the text bridge {bridge_ok}/{len(rows)}"
     )
+    lines = [f"the grid shows {what}" if task is None else what]
+    for r in rows:
+        p = r.prompt
+        words = " ".join(f"[{x}: image]" for x in p.x_items[: p.shot]) + f" [{p.x_items[-1]}: ?]"
+        lines.append(
+            f"  {p.task.name} {p.shot}-shot prompt {p.index}: {words} -> target {p.target_caption}; "
+            f"VLM answer {r.answer!r}; ThinkDiff {'CORRECT' if r.correct else 'WRONG'} "
+            f"({_read(r.verdict, p.target)}), text bridge {'CORRECT' if r.bridge_correct else 'WRONG'} "
+            f"({_read(r.bridge_verdict, p.target)})"
+        )
+    lines.append(f"  aligner: {method} (thinkdiff/ of the models folder)")
+    lines.append(f"  written to {path} in {time.perf_counter() - started:.1f} s")
     if models_dir is None:
-        summary += _measured_context(shot, f"calibrated {DEMO_CALIBRATED}" if aligner != "lvlm" else "lvlm")
-    return {
-        "prompt": prompt,
-        "answer": answer,
-        "verdict": verdict,
-        "correct": ok,
-        "path": path,
-        "summary": summary,
-    }
+        lines.append(
+            _measured_context(shot, f"calibrated {DEMO_CALIBRATED}" if aligner != "lvlm" else "lvlm")
+        )
+    result: dict[str, Any] = {"rows": rows, "path": path, "summary": "\n".join(x for x in lines if x)}
+    if len(rows) == 1:
+        result.update(
+            answer=rows[0].answer, verdict=rows[0].verdict, correct=rows[0].correct, prompt=rows[0].prompt
+        )
+    return result
 
 
-def _measured_context(shot: int, method: str = "lvlm") -> str:
+def _read(verdict: Any, target: dict[str, str]) -> str:
+    """What the judge read of the attributes the target names."""
+    return " ".join(verdict.value(k) for k in target)
+
+
+def _measured_context(shot: int, method: str) -> str:
     """One line on how the committed weights score over mini-CoBSAT, read from the committed report."""
     import json
 
@@ -106,41 +162,53 @@ def _measured_context(shot: int, method: str = "lvlm") -> str:
     if method not in tables:
         method = "lvlm"
     row = str(shot) if str(shot) in tables[method] else next(iter(tables[method]))
-    lvlm, bridge = (tables[name][row]["average"]["accuracy"] for name in (method, "text bridge"))
+    ours, bridge = (tables[name][row]["average"]["accuracy"] for name in (method, "text bridge"))
     proxy_only = tables["lvlm"][row]["average"]["accuracy"]
+    n = tables[method][row]["average"]["n"]
     return (
-        f"\n  measured over mini-CoBSAT ({row}-shot): ThinkDiff-LVLM ({method}) {lvlm:.3f}, text bridge "
-        f"{bridge:.3f}, proxy-only ThinkDiff-LVLM {proxy_only:.3f} (src/thinkdiff/miniworld/measured/report.md)"
+        f"  measured over all of mini-CoBSAT ({row}-shot, {n} prompts): ThinkDiff-LVLM ({method}) {ours:.3f}, "
+        f"text bridge {bridge:.3f}, proxy-only ThinkDiff-LVLM {proxy_only:.3f} "
+        "(src/thinkdiff/miniworld/measured/report.md)"
     )
 
 
-def _panel(prompt, answer, image, bridge, verdict, bridge_verdict, path: Path) -> None:
+def _grid(rows: list[DemoRow], method: str, path: Path) -> None:
+    """One row a prompt: its example images, the query, ThinkDiff's image, the bridge's, judged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    context = prompt.context_images()
-    cols = prompt.shot + 2
-    fig, axes = plt.subplots(1, cols, figsize=(2.2 * cols, 2.9))
-    for i in range(prompt.shot):
-        axes[i].imshow(context[i])
-        axes[i].set_title(f"Word {i + 1}: {prompt.x_items[i]}", fontsize=8)
-    for ax, im, name, v in (
-        (axes[-2], image, "ThinkDiff-LVLM", verdict),
-        (axes[-1], bridge, "text bridge", bridge_verdict),
-    ):
-        ax.imshow(im)
-        mark = "correct" if v.matches(prompt.target) else "wrong"
-        read = " ".join(v.value(k) for k in prompt.target)
-        ax.set_title(f"{name}\njudge: {read} ({mark})", fontsize=8)
-    for ax in axes:
+    shots = max(r.prompt.shot for r in rows)
+    cols = shots + 3
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.75 * cols, 1.75 * len(rows) + 0.6), squeeze=False)
+    for axes_row, r in zip(axes, rows, strict=True):
+        p = r.prompt
+        context = p.context_images()
+        for i in range(shots):
+            if i < p.shot:
+                axes_row[i].imshow(context[i])
+                axes_row[i].set_title(f"{p.x_items[i]}", fontsize=7)
+        query = axes_row[shots]
+        query.text(
+            0.5,
+            0.5,
+            f"{p.task.name}\n{p.x_items[-1]} -> ?\n\ntarget:\n{p.target_caption}\n\nVLM: {r.answer}",
+            ha="center",
+            va="center",
+            fontsize=6,
+            wrap=True,
+        )
+        for ax, im, name, v, ok in (
+            (axes_row[-2], r.image, "ThinkDiff", r.verdict, r.correct),
+            (axes_row[-1], r.bridge, "text bridge", r.bridge_verdict, r.bridge_correct),
+        ):
+            ax.imshow(im)
+            ax.set_title(f"{name}: {'right' if ok else 'wrong'}\njudge: {_read(v, p.target)}", fontsize=7,
+                         color="green" if ok else "firebrick")  # fmt: skip
+    for ax in axes.flat:
         ax.axis("off")
-    fig.suptitle(
-        f"{prompt.task.name}: Word {prompt.shot + 1}: {prompt.x_items[-1]} -> ?   target: {prompt.target_caption}   "
-        f"VLM: {answer!r}",
-        fontsize=8,
-    )
+    fig.suptitle(f"mini world, {GRID_RULE}; ThinkDiff = calibrated aligner {method}", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

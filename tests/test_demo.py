@@ -1,0 +1,57 @@
+"""``make demo``'s mini-world grid and the README figure it draws (from the committed weights)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from thinkdiff.cli import main
+from thinkdiff.miniworld.demo import GRID_RULE, grid_prompts
+from thinkdiff.miniworld.minicobsat import MINI_TASKS
+from thinkdiff.miniworld.models import default_weights_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURE_COMMAND = "thinkdiff demo --figure docs/figure-miniworld.png"
+
+pytestmark = pytest.mark.skipif(
+    not (default_weights_dir() / "build.json").is_file(), reason="no committed mini-world weights"
+)
+
+
+def test_the_grid_rule_takes_one_prompt_of_every_task() -> None:
+    prompts = grid_prompts()
+    assert sorted(task for task, _, _ in prompts) == sorted(t.name for t in MINI_TASKS.values())
+    assert len({(shot, index) for _, shot, index in prompts}) == 1  # the same shot and index everywhere
+
+
+def test_the_readme_figure_command_runs_and_says_what_it_shows(tmp_path, capsys) -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert FIGURE_COMMAND in readme and "docs/figure-miniworld.png" in readme
+    figure = tmp_path / "figure.png"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["demo", "--figure", str(figure)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the demo sets its own thread count
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]
+    assert first.startswith("the grid shows 6 mini-CoBSAT prompt(s)") and GRID_RULE in first
+    # The counts in the one line are the rows' verdicts.
+    thinkdiff, bridge = map(int, re.search(r"draws (\d)/6 right, the text bridge (\d)/6", first).groups())
+    rows = [line for line in out.splitlines() if "-shot prompt" in line]
+    assert len(rows) == 6
+    assert thinkdiff == sum("ThinkDiff CORRECT" in r for r in rows)
+    assert bridge == sum("text bridge CORRECT" in r for r in rows)
+    with Image.open(figure) as image:  # one row a prompt: taller than wide
+        assert image.height > image.width > 500
+    assert "measured over all of mini-CoBSAT" in out
+
+
+def test_the_figure_command_refuses_a_non_png_in_one_line(tmp_path, capsys) -> None:
+    assert main(["demo", "--figure", str(tmp_path / "figure.jpg")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--figure" in err and not (tmp_path / "figure.jpg").exists()
