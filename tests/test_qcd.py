@@ -263,6 +263,7 @@ def test_generate_cli_records_qcd_and_hint(tiny_env: Path, tmp_path: Path, capsy
 
     from thinkdiff.cli import main
     from thinkdiff.pipelines import DEFAULT_INSTRUCTION, HINT_INSTRUCTION
+    from thinkdiff.pipelines.constants import hinted
 
     RED.save(tmp_path / "red.png")
     jobs = tmp_path / "jobs.jsonl"
@@ -275,7 +276,7 @@ def test_generate_cli_records_qcd_and_hint(tiny_env: Path, tmp_path: Path, capsy
     a = json.loads((tmp_path / "out" / "a.json").read_text())
     b = json.loads((tmp_path / "out" / "b.json").read_text())
     assert (a["conditioning"]["qcd_alpha"], a["conditioning"]["hint"]) == (0.5, HINT_INSTRUCTION)
-    assert a["lvlm"] == {"instruction": f"{DEFAULT_INSTRUCTION} {HINT_INSTRUCTION}", "hint": HINT_INSTRUCTION,
+    assert a["lvlm"] == {"instruction": hinted(DEFAULT_INSTRUCTION, HINT_INSTRUCTION), "hint": HINT_INSTRUCTION,
                          "qcd_alpha": 0.5}  # fmt: skip
     assert b["lvlm"] == {"instruction": DEFAULT_INSTRUCTION, "hint": None, "qcd_alpha": 0}
     capsys.readouterr()
@@ -344,7 +345,7 @@ def test_task_format_extraction_with_hint_and_qcd(
     from thinkdiff.data.feature_shards import FeatureShards
     from thinkdiff.data.sources import SkipLog, iter_samples, list_source_shards
     from thinkdiff.data.task_prompts import TASK_INSTRUCTION, group_task_prompts
-    from thinkdiff.pipelines.constants import HINT_INSTRUCTION
+    from thinkdiff.pipelines.constants import HINT_INSTRUCTION, hinted
 
     folder = tmp_path / "source"
     folder.mkdir()
@@ -365,12 +366,12 @@ def test_task_format_extraction_with_hint_and_qcd(
     monkeypatch.setattr(LVLMFeatureExtractor, "generate", recording)
     extract_features(folder, tmp_path / "out", engine, settings, batch_size=2, progress=False)
     monkeypatch.undo()
-    assert asked == [(f"{TASK_INSTRUCTION} {HINT_INSTRUCTION}", 2.0)] * 2
+    assert asked == [(hinted(TASK_INSTRUCTION, HINT_INSTRUCTION), 2.0)] * 2
     assert json.loads((tmp_path / "out" / "extraction.json").read_text())["hint"] == HINT_INSTRUCTION
     stored = [m["text"] for m in FeatureShards(tmp_path / "out").metadata(0)]
     samples = iter_samples(list_source_shards(folder)[0], SkipLog())
-    hinted = [p.items for p in group_task_prompts(samples, (2,), instruction=f"{TASK_INSTRUCTION} {HINT_INSTRUCTION}")]
+    hinted_items = [p.items for p in group_task_prompts(samples, (2,), instruction=hinted(TASK_INSTRUCTION, HINT_INSTRUCTION))]
     sampling = SamplingSettings(max_new_tokens=5, do_sample=False, qcd_alpha=2.0)
-    assert stored == engine.extractor.generate(hinted, sampling, with_states=False).texts
+    assert stored == engine.extractor.generate(hinted_items, sampling, with_states=False).texts
     with pytest.raises(ValueError, match="task-format mode"):
         ExtractionSettings(hint=HINT_INSTRUCTION)

@@ -6,10 +6,15 @@
   ``<extra_id_N>`` at the top).
 - The mini Qwen2-VL gets Qwen2's byte-level BPE, trained on the world's captions, prompts and
   instructions, with Qwen's special tokens and chat template (see :mod:`thinkdiff.tiny.qwen`).
-  The fixed sentences of the protocol (the system prompt, ThinkDiff's CoBSAT instruction, the 16
+  The fixed sentences of the protocol (the system prompt, the world's CoBSAT instruction, the 16
   description prompts, ``Picture k: ``, ``Word k: ``) are *added tokens*, one id each, matched in
   the raw text like any added token: the prompts keep their exact wording while a 4-shot sequence
   stays under 80 tokens, which is what makes training on a CPU affordable.
+
+The world's instruction (:data:`MINI_INSTRUCTION`) is the release's without its closing blank line:
+the VLM was trained on it before the blank line was found. The VLM's folder records it
+(:data:`thinkdiff.models.lvlm.PROMPT_FILE`), so the prompt code renders this world's prompts with
+it and its measured numbers stay those of the prompts it learnt.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from thinkdiff.data.extraction import DESCRIPTION_PROMPTS
-from thinkdiff.evaluation.cobsat.protocol import COBSAT_INSTRUCTION
 from thinkdiff.miniworld.world import COLORS, SHAPES, TEXTURES, caption
 
 if TYPE_CHECKING:
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CAPTION_WORDS",
+    "MINI_INSTRUCTION",
     "PHRASE_TOKENS",
     "T5_EXTRA_IDS",
     "VLM_VOCAB_SIZE",
@@ -42,10 +47,17 @@ T5_EXTRA_IDS = 8
 VLM_VOCAB_SIZE = 768
 """Byte-level BPE size asked of the trainer (14 specials + 256 bytes + merges; the small corpus
 runs out of merges before it); the phrase tokens come on top."""
+MINI_INSTRUCTION = (
+    "I give you several words and pictures. First, please analyse what the next picture is. "
+    "Then give me a detailed diffusion prompt to describe the next picture. Please only provide "
+    "me the detailed prompt and start the answer with 'Create an image'."
+)
+"""The instruction the mini VLM was trained to read: the release's (``DEFAULT_INSTRUCTION``)
+without its closing blank line, one added token."""
 _FALLBACK_CHARS = string.ascii_lowercase + string.digits + ".,:;!?'\"-()/"
 PHRASE_TOKENS: tuple[str, ...] = (
     "You are a helpful assistant.",
-    COBSAT_INSTRUCTION,
+    MINI_INSTRUCTION,
     *DESCRIPTION_PROMPTS,
     *(f"Picture {k}: " for k in range(1, 9)),
     *(f"Word {k}: " for k in range(1, 10)),
@@ -68,7 +80,7 @@ def t5_tokenizer() -> T5TokenizerFast:
 
 def vlm_corpus() -> list[str]:
     """Text the VLM tokenizer is trained on: captions, instructions, prompts, CoBSAT word items."""
-    lines = [COBSAT_INSTRUCTION] * 20 + list(DESCRIPTION_PROMPTS) * 4 + ["You are a helpful assistant."] * 4
+    lines = [MINI_INSTRUCTION] * 20 + list(DESCRIPTION_PROMPTS) * 4 + ["You are a helpful assistant."] * 4
     for i, shape in enumerate(SHAPES):
         for j, colour in enumerate(COLORS):
             texture = TEXTURES[(i + j) % len(TEXTURES)]

@@ -27,6 +27,7 @@ Shape legend: B batch, P prompt length (padded), N generated tokens, H hidden si
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from transformers import (
     AutoConfig,
     BatchFeature,
     GenerationConfig,
+    LogitsProcessorList,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -50,8 +52,11 @@ from transformers import (
 )
 
 from thinkdiff.imaging import open_rgb, to_rgb
+from thinkdiff.models.qcd import query_contrastive_processor
+from thinkdiff.pipelines.constants import DEFAULT_INSTRUCTION
 
 __all__ = [
+    "PROMPT_FILE",
     "SYSTEM_PROMPT",
     "Item",
     "LVLMFeatureExtractor",
@@ -59,10 +64,17 @@ __all__ = [
     "SamplingSettings",
     "load_lvlm",
     "load_processor",
+    "own_instruction",
+    "recorded_instruction",
     "vision_token_ids",
 ]
 
 SYSTEM_PROMPT = "You are a helpful assistant."
+
+PROMPT_FILE = "thinkdiff_prompt.json"
+"""Optional file in an LVLM folder, ``{"instruction": "..."}``: the instruction that LVLM was trained
+to read, when it is not the release's :data:`~thinkdiff.pipelines.constants.DEFAULT_INSTRUCTION`
+(the mini world's VLM learnt the instruction without its closing blank line, as one token)."""
 
 Item = str | Image.Image | os.PathLike
 """One piece of a prompt: ``str`` is text; a PIL image or an ``os.PathLike`` (image file) is an image."""
@@ -175,6 +187,44 @@ def load_lvlm(
     return model.eval().requires_grad_(False)
 
 
+def recorded_instruction(folder: str | Path) -> str | None:
+    """The instruction ``folder``'s :data:`PROMPT_FILE` records, or ``None`` (no file, or a hub id).
+
+    Raises ``ValueError`` naming the file when it is not ``{"instruction": "<non-empty text>"}``.
+    """
+    path = Path(folder) / PROMPT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a JSON file ({error})") from None
+    instruction = record.get("instruction") if isinstance(record, dict) else None
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(f'{path}: expected {{"instruction": "<text>"}} with a non-empty instruction')
+    return instruction
+
+
+def own_instruction(text: str, instruction: str) -> str:
+    """``text`` with the release's instruction at its start replaced by ``instruction``.
+
+    Callers write prompts with :data:`~thinkdiff.pipelines.constants.DEFAULT_INSTRUCTION`, hinted or
+    not (``"<body> <hint>\n\n"``, see :func:`~thinkdiff.pipelines.constants.hinted`). An LVLM that
+    was trained on another instruction reads that one, hint kept: the part between the release
+    body and its closing blank line moves between the recorded body and its own ending. Any other
+    text is returned unchanged.
+    """
+    body = DEFAULT_INSTRUCTION.rstrip()
+    ending = DEFAULT_INSTRUCTION[len(body) :]
+    if text == instruction or not text.startswith(body) or not text.endswith(ending):
+        return text
+    middle = text[len(body) : len(text) - len(ending)]
+    if middle and not middle.startswith(" "):  # another sentence that happens to begin alike
+        return text
+    own_body = instruction.rstrip()
+    return f"{own_body}{middle}{instruction[len(own_body) :]}"
+
+
 @dataclass
 class SamplingSettings:
     """How the LVLM samples its answer (defaults: the released training-data settings)."""
@@ -257,7 +307,13 @@ class LVLMFeatureExtractor:
     is a list of prompts. See the module docstring for the conventions (EOS, padding, dtype).
     """
 
-    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, max_images: int = 16) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        processor: ProcessorMixin,
+        max_images: int = 16,
+        instruction: str | None = None,
+    ) -> None:
         if model.config.model_type not in _MODEL_CLASSES:
             raise ValueError(
                 f"unsupported LVLM model_type {model.config.model_type!r}; supported: {sorted(_MODEL_CLASSES)}"
@@ -265,6 +321,9 @@ class LVLMFeatureExtractor:
         self.model = model.eval().requires_grad_(False)
         self.processor = processor
         self.max_images = max_images
+        self.instruction = instruction
+        """The instruction this LVLM was trained to read, rendered in place of the release's
+        (:func:`own_instruction`); ``None``: the release's, as written."""
         gen_config = model.generation_config
         eos = (
             gen_config.eos_token_id
@@ -289,10 +348,12 @@ class LVLMFeatureExtractor:
         max_pixels: int | None = None,
         quantization_config: Any = None,
     ) -> LVLMFeatureExtractor:
-        """Load model and processor (see :func:`load_lvlm` and :func:`load_processor`)."""
-        processor = load_processor(name_or_path, max_pixels=max_pixels)  # first: it checks max_pixels
+        """Load model and processor (see :func:`load_lvlm` and :func:`load_processor`), and the
+        folder's recorded instruction (:data:`PROMPT_FILE`)."""
+        instruction = recorded_instruction(name_or_path)  # first: cheap checks before the weights
+        processor = load_processor(name_or_path, max_pixels=max_pixels)  # it checks max_pixels
         model = load_lvlm(name_or_path, device=device, dtype=dtype, quantization_config=quantization_config)
-        return cls(model, processor, max_images=max_images)
+        return cls(model, processor, max_images=max_images, instruction=instruction)
 
     @property
     def hidden_size(self) -> int:
@@ -313,7 +374,8 @@ class LVLMFeatureExtractor:
         images: list[Image.Image] = []
         for item in items:
             if isinstance(item, str):
-                content.append({"type": "text", "text": item})
+                text = item if self.instruction is None else own_instruction(item, self.instruction)
+                content.append({"type": "text", "text": text})
                 continue
             if isinstance(item, os.PathLike):
                 try:
@@ -413,10 +475,6 @@ class LVLMFeatureExtractor:
         # QCD: a logits processor runs the prompts without their query beside generate (own cache).
         processors = None
         if sampling.qcd_alpha > 0:
-            from transformers import LogitsProcessorList
-
-            from thinkdiff.models.qcd import query_contrastive_processor
-
             processors = LogitsProcessorList([query_contrastive_processor(self, prompts, sampling.qcd_alpha)])
         with _seeded(sampling.seed, self.device):
             out = self.model.generate(
@@ -471,7 +529,7 @@ class LVLMFeatureExtractor:
         vision = {
             k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")
         }
-        position_ids = self._position_ids(input_ids_BL, mask_BL, mm_types_BL, vision.get("image_grid_thw"))
+        position_ids = self.position_ids(input_ids_BL, mask_BL, mm_types_BL, vision.get("image_grid_thw"))
         hidden_BLH = self.model.model(
             input_ids=input_ids_BL,
             attention_mask=mask_BL,
@@ -486,7 +544,7 @@ class LVLMFeatureExtractor:
             token_ids_BN, valid_BN & self.eos_mask(token_ids_BN), features_BNH, inputs, prompt_BPH
         )
 
-    def _position_ids(
+    def position_ids(
         self,
         input_ids_BL: torch.Tensor,
         mask_BL: torch.Tensor,

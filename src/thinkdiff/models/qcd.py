@@ -25,18 +25,34 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol, TypeVar
 
 import torch
-from transformers import DynamicCache, LogitsProcessor
+from transformers import DynamicCache, LogitsProcessor, PreTrainedModel
 
-if TYPE_CHECKING:
-    from thinkdiff.models.lvlm import Item, LVLMFeatureExtractor
+__all__ = ["ContrastModel", "QueryContrastiveLogits", "contrast_items", "query_contrastive_processor"]
 
-__all__ = ["QueryContrastiveLogits", "contrast_items", "query_contrastive_processor"]
+T = TypeVar("T")
 
 
-def contrast_items(items: Sequence[Item]) -> list[Item]:
+class ContrastModel(Protocol):
+    """What QCD needs of the LVLM wrapper (:class:`thinkdiff.models.lvlm.LVLMFeatureExtractor`
+    provides it): the model, its prompt tokenizer, and ``generate``'s position ids."""
+
+    model: PreTrainedModel
+
+    def prepare_inputs(self, prompts: Sequence[Sequence[Any]]) -> Mapping[str, torch.Tensor]: ...
+
+    def position_ids(
+        self,
+        input_ids_BL: torch.Tensor,
+        mask_BL: torch.Tensor,
+        mm_types_BL: torch.Tensor,
+        image_grid_thw: torch.Tensor | None,
+    ) -> torch.Tensor: ...
+
+
+def contrast_items(items: Sequence[T]) -> list[T]:
     """The prompt without its last text item (the query), images and order kept.
 
     ``["I give ...", "Word 1: red, ", img, "\\n\\nWord 2: blue, "]`` gives
@@ -59,12 +75,12 @@ class QueryContrastiveLogits(LogitsProcessor):
 
     Build it with :func:`query_contrastive_processor` (one instance per ``generate`` call: it keeps
     the contrast cache of that call). ``contrast_inputs`` come from
-    :meth:`LVLMFeatureExtractor.prepare_inputs` of the contrast prompts, in the same batch order
+    :meth:`ContrastModel.prepare_inputs` of the contrast prompts, in the same batch order
     as the generated rows. ``steps`` counts the calls (one per generated token).
     """
 
     def __init__(
-        self, extractor: LVLMFeatureExtractor, contrast_inputs: Mapping[str, torch.Tensor], alpha: float
+        self, extractor: ContrastModel, contrast_inputs: Mapping[str, torch.Tensor], alpha: float
     ) -> None:
         if alpha < 0:
             raise ValueError(f"the QCD weight alpha must be >= 0, got {alpha}")
@@ -98,7 +114,7 @@ class QueryContrastiveLogits(LogitsProcessor):
         inputs = self.inputs
         ids_BP, mask_BP, mm_BP = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
         vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        position_ids = self.extractor._position_ids(ids_BP, mask_BP, mm_BP, vision.get("image_grid_thw"))
+        position_ids = self.extractor.position_ids(ids_BP, mask_BP, mm_BP, vision.get("image_grid_thw"))
         # generate continues every row from its last column (the prompts are left padded).
         self._next_text_B = position_ids[0, :, -1] + 1
         self._next_rope_B = position_ids[1, :, -1] + 1
@@ -124,7 +140,7 @@ class QueryContrastiveLogits(LogitsProcessor):
 
 
 def query_contrastive_processor(
-    extractor: LVLMFeatureExtractor, prompts: Sequence[Sequence[Item]], alpha: float
+    extractor: ContrastModel, prompts: Sequence[Sequence[Any]], alpha: float
 ) -> QueryContrastiveLogits:
     """The QCD processor for one ``generate`` call over ``prompts`` (the full prompts, in order)."""
     contrast = []

@@ -28,12 +28,15 @@ DEFAULT_LVLM = "Qwen/Qwen2-VL-7B-Instruct"
 DEFAULT_INSTRUCTION = (
     "I give you several words and pictures. First, please analyse what the next picture is. "
     "Then give me a detailed diffusion prompt to describe the next picture. Please only provide "
-    "me the detailed prompt and start the answer with 'Create an image'."
+    "me the detailed prompt and start the answer with 'Create an image'.\n\n"
 )
-"""The instruction the released code put before CoBSAT-style inputs (lvlm and text-bridge modes).
+"""The instruction the released code puts before CoBSAT-style inputs (lvlm and text-bridge modes),
+byte for byte: it ends with a blank line, so the first ``Word 1: ...`` item starts a paragraph of
+its own in the same user message (the release's multi-image test script; the 2026 follow-up copies it).
 
-Kept equal to :data:`thinkdiff.evaluation.cobsat.protocol.COBSAT_INSTRUCTION` (a test checks it);
-defined here so that inference does not depend on the evaluation package.
+:data:`thinkdiff.evaluation.cobsat.protocol.COBSAT_INSTRUCTION` is this string. An LVLM trained on
+another instruction records it in its folder (:data:`thinkdiff.models.lvlm.PROMPT_FILE`), and its
+prompts are rendered with that one instead.
 """
 
 HINT_INSTRUCTION = (
@@ -46,8 +49,15 @@ baseline's instruction change, telling the LVLM which part of a CoBSAT-style inp
 
 
 def hinted(instruction: str, hint: str | None) -> str:
-    """The instruction with the hint sentence appended (``hint`` ``None``: unchanged)."""
-    return instruction if hint is None else f"{instruction} {hint}"
+    """The instruction with the hint sentence appended (``hint`` ``None``: unchanged).
+
+    The hint joins the instruction's last sentence, before its closing blank line if it has one
+    (where the 2026 follow-up's early hint sat): ``"... 'Create an image'. Hint: ...\n\n"``.
+    """
+    if hint is None:
+        return instruction
+    body = instruction.rstrip()
+    return f"{body} {hint}{instruction[len(body):]}"
 
 
 DEFAULT_QCD_ALPHA = 0.5

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from thinkdiff.pipelines.constants import DEFAULT_INSTRUCTION
+
 __all__ = [
     "COBSAT_INSTRUCTION",
     "ITEMS",
@@ -100,12 +102,9 @@ PROMPT_SEED = 123
 NUM_PROMPTS = 1000
 """Prompts per task and shot in a full run."""
 
-COBSAT_INSTRUCTION = (
-    "I give you several words and pictures. First, please analyse what the next picture is. "
-    "Then give me a detailed diffusion prompt to describe the next picture. Please only provide "
-    "me the detailed prompt and start the answer with 'Create an image'."
-)
-"""ThinkDiff's instruction prompt for CoBSAT (paper appendix B and the released code)."""
+COBSAT_INSTRUCTION = DEFAULT_INSTRUCTION
+"""ThinkDiff's instruction prompt for CoBSAT (paper appendix B and the released code, with its
+closing blank line); the pipeline's :data:`~thinkdiff.pipelines.constants.DEFAULT_INSTRUCTION`."""
 
 _QUESTION_END = ". Answer the number only and do not include any other texts (e.g., 1)."
 

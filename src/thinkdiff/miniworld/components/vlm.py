@@ -9,8 +9,10 @@ Training mixes two kinds of samples, with the loss on the answer only:
 
 - *describe* (60% of the samples at the start, 20% at the end): ``[image, one of the paper's 16
   description prompts]`` -> the full caption;
-- *mini-CoBSAT* (the rest): ThinkDiff's CoBSAT input (instruction, ``"Word 1: red, "``, image, ...) with
-  1 to 4 shots of a random task -> the caption of the next image (``a red star``).
+- *mini-CoBSAT* (the rest): ThinkDiff's CoBSAT input (the world's instruction, ``"Word 1: red, "``,
+  image, ...) with 1 to 4 shots of a random task -> the caption of the next image (``a red star``).
+  The instruction is :data:`~thinkdiff.miniworld.text.MINI_INSTRUCTION`, which the saved folder
+  records (:data:`~thinkdiff.models.lvlm.PROMPT_FILE`) for the prompt code to render.
 
 The prompt text comes from the same chat template the extractor uses at inference, and the
 images' ``pixel_values`` are those of the checkpoint's own image processor: resized once per pool
@@ -34,13 +36,12 @@ import numpy as np
 import torch
 
 from thinkdiff.data.extraction import DESCRIPTION_PROMPTS
-from thinkdiff.evaluation.cobsat.protocol import COBSAT_INSTRUCTION
 from thinkdiff.miniworld.components.common import cosine_lr, save_losses
 from thinkdiff.miniworld.minicobsat import MINI_TASKS
 from thinkdiff.miniworld.pool import ScenePool
-from thinkdiff.miniworld.text import qwen_tokenizer
+from thinkdiff.miniworld.text import MINI_INSTRUCTION, qwen_tokenizer
 from thinkdiff.miniworld.world import HELD_OUT, full_caption, theme_caption, to_pil
-from thinkdiff.models.lvlm import SYSTEM_PROMPT
+from thinkdiff.models.lvlm import PROMPT_FILE, SYSTEM_PROMPT
 from thinkdiff.tiny.qwen import QWEN_SPECIAL_TOKENS
 
 __all__ = ["VLM_HIDDEN", "VlmData", "build_vlm", "save_vlm", "train_vlm"]
@@ -93,7 +94,8 @@ def build_vlm(vocab_size: int, ids: dict[str, int]):
 
 
 def save_vlm(folder: Path, model, tokenizer) -> Path:
-    """Write the VLM in the hub layout (see :func:`thinkdiff.tiny.qwen.save_tiny_qwen_vl`)."""
+    """Write the VLM in the hub layout (see :func:`thinkdiff.tiny.qwen.save_tiny_qwen_vl`), with the
+    instruction it was trained on recorded in :data:`~thinkdiff.models.lvlm.PROMPT_FILE`."""
     from transformers import GenerationConfig
 
     from thinkdiff.tiny.qwen import _save_processor
@@ -109,6 +111,7 @@ def save_vlm(folder: Path, model, tokenizer) -> Path:
     model.save_pretrained(folder)
     # 32 px images go through the processor's smart resize to 56 x 56: 4 visual tokens each.
     _save_processor(folder, "qwen2_vl", tokenizer)
+    (folder / PROMPT_FILE).write_text(json.dumps({"instruction": MINI_INSTRUCTION}, indent=1) + "\n")
     return folder
 
 
@@ -167,7 +170,7 @@ class VlmData:
             cells = [(x, theta) if task.x_category != "shape" else (theta, x) for x in xs]
             if all((task.theme, d, s) in self.by_cell for d, s in cells):
                 break
-        items: list = [COBSAT_INSTRUCTION]
+        items: list = [MINI_INSTRUCTION]
         for k, x in enumerate(xs):
             items.append(f"{'' if k == 0 else chr(10) * 2}Word {k + 1}: {x}, ")
             if k < shot:
