@@ -552,8 +552,8 @@ def part_calibration(s: Settings, budget: Budget, emit: Emit, note: Callable[[st
     from unittest import mock
 
     try:
-        from thinkdiff.training.calibration import calibration_step
         from thinkdiff.training.config import calibrate_lvlm_flux
+        from thinkdiff.training.probe import calibration_step
     except ImportError as exc:
         raise Unavailable(f"this version has no calibration step ({exc})") from exc
     from transformers import AutoTokenizer
@@ -581,6 +581,7 @@ def part_calibration(s: Settings, budget: Budget, emit: Emit, note: Callable[[st
         shuffle_buffer=4 * batch,
         val_every=0,
         decode_every=0,
+        calibrate_from_scratch=True,  # random weights throughout: no trained aligner to start from
     )
     # Random weights have no files: the proxy and a random FLUX.1-dev stand in where the trainer
     # and the calibration would load them; the rest is calibration_step's own code.

@@ -1,5 +1,5 @@
-"""Calibration (issue 17): the decoder-in-the-loop objective on the tiny kit, token alignment across
-two different tokenizers, task-format calibration data, and bad configs."""
+"""Calibration, the diffusion decoder in the training loop: the objective on the tiny kit, token
+alignment across two different tokenizers, task-format calibration data, and bad configs."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 
 from tests.conftest import CAPTIONS
 from thinkdiff.models.bundle import load_model
-from thinkdiff.training.calibration import align_tokens, alignment_word_agreement, calibration_step
+from thinkdiff.training.calibration import align_tokens, alignment_word_agreement
 from thinkdiff.training.checkpoint import load_aligner_weights
 from thinkdiff.training.config import debug_calibrate_clip, debug_calibrate_lvlm, debug_lvlm, preset
+from thinkdiff.training.probe import calibration_step
 from thinkdiff.training.trainer import Trainer, train
 
 
@@ -49,7 +50,7 @@ def test_calibration_starts_from_the_aligner_learns_and_leaves_the_decoder_froze
     trainer = Trainer(config)
     start, _ = load_model(proxy_model)
     assert all(torch.equal(a, b) for a, b in zip(trainer.unwrapped_aligner().state_dict().values(), start.state_dict().values()))
-    transformer = trainer.calibration.pipe.transformer
+    transformer = trainer.objective.calibration.pipe.transformer
     before = {k: v.clone() for k, v in transformer.state_dict().items()}
     result = trainer.fit(resume="never")
     assert not any(p.requires_grad for p in transformer.parameters())
@@ -57,8 +58,9 @@ def test_calibration_starts_from_the_aligner_learns_and_leaves_the_decoder_froze
     assert sum(result.losses[-3:]) < sum(result.losses[:3]), result.losses
     _, info = load_model(tmp_path / "run" / "model")
     assert info.extra["objective"] == "calibrate" and info.extra["init_aligner"] == str(proxy_model)
+    assert info.extra["calibrate_from_scratch"] is False
     if overrides.get("calibration_loss") != "regress":
-        assert trainer.calibration._cache  # teacher states are cached per text
+        assert trainer.objective.calibration._cache  # teacher states are cached per text
 
 
 def test_calibration_resume_equals_uninterrupted(feature_dir, proxy_model, tmp_path) -> None:
@@ -78,7 +80,7 @@ def test_clip_calibration_with_source_image_noise(tiny_env, tmp_path) -> None:
     write_tar_shards(tmp_path / "tars", num_shards=1, samples_per_shard=8)
     config = debug_calibrate_clip().updated(
         data=[str(tmp_path / "tars")], val_data=[], output_dir=str(tmp_path / "run"), global_batch_size=4,
-        max_steps=3, noise_source="source", calibration_size=64, val_every=0,
+        max_steps=3, noise_source="source", calibration_size=64, val_every=0, calibrate_from_scratch=True,
     )  # fmt: skip
     result = train(config, resume="never")
     assert result.model_dir is not None and all(torch.isfinite(torch.tensor(result.losses)))
@@ -98,6 +100,9 @@ def test_bad_calibration_configs_fail_before_work(feature_dir, tmp_path) -> None
         ({"noise_min_sigma": 0.0}, "noise_min_sigma"),
         ({"init_aligner": str(tmp_path / "missing")}, "does not exist"),
         ({"objective": "other"}, "objective"),
+        ({}, "objective 'calibrate' starts from a trained aligner: give init_aligner"),
+        ({"objective": "proxy", "calibrate_from_scratch": True}, "calibrate_from_scratch is for"),
+        ({"init_aligner": str(tmp_path), "calibrate_from_scratch": True}, "without init_aligner"),
     ):
         with pytest.raises(ValueError, match=message):
             base.updated(**overrides).validate()
@@ -161,6 +166,7 @@ def test_task_format_extraction_groups_samples_and_answers_greedily(tiny_env, tm
     config = debug_calibrate_lvlm().updated(
         data=[str(tmp_path / "a")], val_data=[], output_dir=str(tmp_path / "flow"), global_batch_size=3,
         max_steps=2, calibration_loss="flow", target_images=str(folder), calibration_size=64, val_every=0,
+        calibrate_from_scratch=True,
     )  # fmt: skip
     result = train(config, resume="never")
     assert result.model_dir is not None and all(torch.isfinite(torch.tensor(result.losses)))
@@ -212,3 +218,20 @@ def test_proxy_checkpoint_is_a_valid_init(proxy_model) -> None:
     aligner = Aligner(64, 32)
     load_aligner_weights(aligner, proxy_model / "diffusion_pytorch_model.safetensors")
     assert json.loads((proxy_model / "thinkdiff.json").read_text())["extra"]["objective"] == "proxy"
+
+
+def test_calibrate_without_an_aligner_to_start_from_is_refused_in_one_line(feature_dir, tmp_path, capsys) -> None:
+    """Calibration starts from a trained aligner; from random weights only when asked, and recorded."""
+    from thinkdiff.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "debug-calibrate-lvlm", "--data", str(feature_dir), "--output-dir", str(out)]
+    capsys.readouterr()
+    assert main([*argv, "--val-data", str(feature_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "give init_aligner" in err and "calibrate_from_scratch" in err
+    assert not out.exists()
+    assert main([*argv, "--calibrate-from-scratch", "true", "--max-steps", "1", "--val-every", "0"]) == 0
+    _, info = load_model(out / "model")
+    assert info.extra["calibrate_from_scratch"] is True and info.extra["init_aligner"] is None

@@ -350,7 +350,7 @@ def test_sd3_whose_clip_widths_do_not_fit_is_refused(tiny_env: Path, tmp_path: P
     [("chroma", "pure"), ("pixart-sigma", "pure"), ("pixart-sigma", "teacher"), ("sd3", "teacher"), ("ltx-video", "pure")],
 )
 def test_one_calibration_step_on_each_decoder(name, noise_source, feature_dir, proxy_model, tmp_path) -> None:
-    from thinkdiff.training.calibration import calibration_step
+    from thinkdiff.training.probe import calibration_step
 
     config = calibrate_config(
         feature_dir, proxy_model, tmp_path / "one", diffusion_decoder=f"tiny:{name}", noise_source=noise_source,

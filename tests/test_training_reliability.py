@@ -1,5 +1,5 @@
 """Reliability of training on bad or hostile input: checkpoints that would run code, broken
-checkpoints and data, changed settings on resume, leftovers of killed runs (issue 12).
+checkpoints and data, changed settings on resume, leftovers of killed runs.
 
 Every test builds the bad input itself and checks the exit status, the one-line message naming the
 file and the problem, that no traceback is printed, and that nothing is written that should not be.
@@ -93,7 +93,7 @@ def copy_run(short_run: Path, tmp_path: Path) -> Path:
     return run
 
 
-# ---- item 1: no code runs from a checkpoint ------------------------------------------------------
+# ---- no code runs from a checkpoint ------------------------------------------------------
 
 
 def test_checkpoint_state_is_json_and_safetensors(short_run: Path) -> None:
@@ -171,7 +171,7 @@ def test_other_pickle_loads_run_nothing(tmp_path: Path) -> None:
     assert offenders == []
 
 
-# ---- item 4: a resume is the same run ------------------------------------------------------------
+# ---- a resume is the same run ------------------------------------------------------------
 
 
 def test_resume_with_changed_settings_is_refused_naming_them(
@@ -203,7 +203,7 @@ def test_a_deliberate_change_is_allowed_and_recorded(
     assert code == 2 and "unknown config field(s) learning_rate" in err
 
 
-# ---- item 6: one line, never a traceback --------------------------------------------------------
+# ---- one line, never a traceback --------------------------------------------------------
 
 
 @pytest.mark.parametrize("broken", [STATE_JSON, STATE_TENSORS, "aligner.safetensors"])
@@ -335,7 +335,7 @@ def test_generate_out_below_a_file_is_one_line(
     assert (tmp_path / "file").read_text() == "mine"
 
 
-# ---- item 3: training checks its data -----------------------------------------------------------
+# ---- training checks its data -----------------------------------------------------------
 
 
 @pytest.fixture()
@@ -439,7 +439,7 @@ def test_features_of_another_width_or_lvlm_are_refused(
     assert not out.exists()
 
 
-# ---- item 8: no debris ---------------------------------------------------------------------------
+# ---- no debris ---------------------------------------------------------------------------
 
 
 def dead_pid() -> int:

@@ -1,4 +1,4 @@
-"""Decoder-in-the-loop calibration of a trained aligner (issue 17).
+"""Calibration: the diffusion decoder in the training loop of a trained aligner.
 
 The proxy objective pins the *content* of the aligned features (the T5 decoder reads them back) but
 not the *basis* the diffusion decoder reads. Calibration keeps the decoder frozen and trains only
@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from thinkdiff.objectives import CLIPBatch, LVLMBatch, aligned_clip_memory
+from thinkdiff.training.proxy_objective import ProxyObjective
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -60,14 +59,14 @@ if TYPE_CHECKING:
     from thinkdiff.models.aligner import Aligner
     from thinkdiff.models.proxy_decoder import ProxyT5Decoder
     from thinkdiff.training.config import TrainConfig
+    from thinkdiff.training.objective import FrozenModels
 
 __all__ = [
     "Calibration",
+    "CalibrationObjective",
     "align_tokens",
     "alignment_word_agreement",
     "calibration_loss",
-    "calibration_step",
-    "init_aligner_weights",
     "token_char_spans",
 ]
 
@@ -412,44 +411,30 @@ def calibration_loss(
     return loss
 
 
-def calibration_step(config: TrainConfig) -> dict[str, Any]:
-    """Build the trainer for a calibration ``config`` and run ONE optimiser step (the GPU check).
+class CalibrationObjective:
+    """Calibration as a training objective: :func:`calibration_loss` against the run's decoder.
 
-    Returns the loss, the gradient norm, the step's seconds and the peak GPU memory in bytes (0 on
-    the CPU). Nothing is written to the run folder.
+    Decoded samples are the proxy T5's reading of the aligned features, as for the proxy objective.
     """
-    from thinkdiff.training.trainer import Trainer
 
-    if config.objective != "calibrate":
-        raise ValueError(f"calibration_step needs objective='calibrate', got {config.objective!r}")
-    trainer = Trainer(config)
-    try:
-        cuda = trainer.accelerator.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        batches = trainer.data.next_step()
-        started = time.perf_counter()
-        loss, grad_norm, applied = trainer.train_step(batches)
-        if cuda:
-            torch.cuda.synchronize()
-        return {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "applied": applied,
-            "seconds": time.perf_counter() - started,
-            "peak_memory": torch.cuda.max_memory_allocated() if cuda else 0,
-            "finite": math.isfinite(loss),
-        }
-    finally:
-        trainer.accelerator.end_training()
+    def __init__(self, calibration: Calibration, frozen: FrozenModels) -> None:
+        self.calibration = calibration
+        self.frozen = frozen
+        self._proxy = ProxyObjective(frozen)
 
+    @classmethod
+    def build(cls, config: TrainConfig, frozen: FrozenModels) -> CalibrationObjective:
+        from thinkdiff.training.data import load_lvlm_tokenizer
 
-def init_aligner_weights(aligner: torch.nn.Module, folder: str | Path) -> None:
-    """Start from a trained aligner model folder (what ``thinkdiff train`` exports)."""
-    from thinkdiff.models.bundle import WEIGHTS_FILE
-    from thinkdiff.training.checkpoint import load_aligner_weights
+        lvlm_tokenizer = load_lvlm_tokenizer(config.lvlm) if config.variant == "lvlm" else None
+        return cls(Calibration(config, frozen.device, frozen.dtype, lvlm_tokenizer), frozen)
 
-    weights = Path(folder) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"init_aligner {folder} is not an aligner model folder (no {weights.name})")
-    load_aligner_weights(aligner, weights)
+    def loss(self, aligner: Aligner, batch: LVLMBatch | CLIPBatch, step: int) -> torch.Tensor:
+        tokens = self._proxy.image_tokens(batch) if isinstance(batch, CLIPBatch) else None
+        return calibration_loss(aligner, self.calibration, batch, self.frozen.proxy, tokens, step)
+
+    def decode(self, aligner: Aligner, batch: LVLMBatch | CLIPBatch, n: int) -> list[dict[str, str]]:
+        return self._proxy.decode(aligner, batch, n)
+
+    def record(self) -> dict[str, Any]:
+        return {"objective": "calibrate", "calibrate_from_scratch": self.calibration.config.calibrate_from_scratch}

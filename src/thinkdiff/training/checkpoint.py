@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from thinkdiff.models.bundle import WEIGHTS_FILE
 from thinkdiff.models.state_dicts import read_state_dict_strictly
 from thinkdiff.utils import atomic_path
 
@@ -185,6 +186,14 @@ def read_aligner_weights(aligner: nn.Module, path: Path) -> dict[str, torch.Tens
 def load_aligner_weights(aligner: nn.Module, path: Path) -> None:
     """Load aligner weights strictly: a missing, unexpected or mis-shaped tensor is a ``ValueError``."""
     aligner.load_state_dict(read_aligner_weights(aligner, path), strict=True)
+
+
+def init_aligner_weights(aligner: nn.Module, folder: str | Path) -> None:
+    """Start from a trained aligner model folder (what ``thinkdiff train`` exports)."""
+    weights = Path(folder) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"init_aligner {folder} is not an aligner model folder (no {weights.name})")
+    load_aligner_weights(aligner, weights)
 
 
 def read_trainer_state(folder: Path) -> dict[str, Any]:

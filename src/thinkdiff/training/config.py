@@ -93,6 +93,11 @@ class TrainConfig:
     init_aligner: str | None = _help(
         "a trained aligner model folder (thinkdiff train's model/) to start from", default=None
     )
+    calibrate_from_scratch: bool = _help(
+        "calibrate: start from random aligner weights instead of init_aligner (recorded in the model's "
+        "thinkdiff.json); without it a calibration run needs init_aligner",
+        default=False,
+    )
     calibration_loss: str = _help(
         "calibrate: 'distill' (MSE between the decoder's velocities on aligned features and on its "
         "own T5 states of the answer; any tokenizers) or 'regress' (per-position MSE onto those T5 "
@@ -211,8 +216,15 @@ class TrainConfig:
             problems.append(f"objective must be 'proxy' or 'calibrate', got {self.objective!r}")
         if self.init_aligner is not None and not Path(self.init_aligner).is_dir():
             problems.append(f"init_aligner {self.init_aligner} does not exist")
+        if self.calibrate_from_scratch and (self.objective != "calibrate" or self.init_aligner is not None):
+            problems.append("calibrate_from_scratch is for objective 'calibrate' without init_aligner")
         if self.objective != "calibrate":
             return problems
+        if self.init_aligner is None and not self.calibrate_from_scratch:
+            problems.append(
+                "objective 'calibrate' starts from a trained aligner: give init_aligner (a model/ folder "
+                "of thinkdiff train), or set calibrate_from_scratch to start from random weights"
+            )
         if self.calibration_loss not in ("distill", "regress", "flow"):
             problems.append(
                 f"calibration_loss must be 'distill', 'regress' or 'flow', got {self.calibration_loss!r}"

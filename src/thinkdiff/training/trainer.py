@@ -1,4 +1,8 @@
-"""The training loop: only the aligner learns, against the frozen proxy T5 decoder.
+"""The training loop: only the aligner learns; what it learns against is the run's objective.
+
+The loop knows nothing of what it optimises: it builds the frozen models (:class:`FrozenModels`),
+takes an :class:`~thinkdiff.training.objective.Objective` class (by default the one
+``config.objective`` names) and asks it for each micro-batch's loss.
 
 Runs unchanged on CPU, one GPU, several GPUs (DDP) and several nodes: ``accelerate launch`` or
 ``torchrun`` start the processes, accelerate wraps only the aligner, and every rank reads its own
@@ -24,16 +28,18 @@ from accelerate.utils import set_seed
 from thinkdiff.models.aligner import Aligner
 from thinkdiff.models.bundle import ThinkDiffInfo, save_model
 from thinkdiff.models.proxy_decoder import ProxyT5Decoder
-from thinkdiff.objectives import CLIPBatch, LVLMBatch, clip_decode, clip_loss, lvlm_decode, lvlm_loss
 from thinkdiff.training.checkpoint import (
     CheckpointError,
     checkpoint_dirs,
+    init_aligner_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from thinkdiff.training.config import TrainConfig
 from thinkdiff.training.data import StepData, build_step_data, feature_width
+from thinkdiff.training.objective import FrozenModels, Objective
+from thinkdiff.training.objectives import OBJECTIVES
 from thinkdiff.training.resume import agree_on_checkpoint, config_changes, record_config_changes
 from thinkdiff.training.schedule import build_optimizer, lr_at, set_lr
 from thinkdiff.utils import atomic_write_text, remove_debris
@@ -57,9 +63,18 @@ class TrainResult:
 
 
 class Trainer:
-    """Builds the models and data for a config and runs the loop (see :meth:`fit`)."""
+    """Builds the models and data for a config and runs the loop (see :meth:`fit`).
 
-    def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None) -> None:
+    ``objective``: the :class:`~thinkdiff.training.objective.Objective` class to build; ``None``:
+    the one ``config.objective`` names.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        accelerator: Accelerator | None = None,
+        objective: type[Objective] | None = None,
+    ) -> None:
         if accelerator is None:
             mixed = config.mixed_precision
             if mixed == "auto":
@@ -102,16 +117,9 @@ class Trainer:
         if config.aligner_norm == "t5":
             aligner.init_norm_from_t5(self.proxy)
         if config.init_aligner is not None:
-            from thinkdiff.training.calibration import init_aligner_weights
-
             init_aligner_weights(aligner, config.init_aligner)
-        self.calibration = None
-        if config.objective == "calibrate":
-            from thinkdiff.training.calibration import Calibration
-            from thinkdiff.training.data import load_lvlm_tokenizer
-
-            lvlm_tokenizer = load_lvlm_tokenizer(config.lvlm) if config.variant == "lvlm" else None
-            self.calibration = Calibration(config, device, frozen_dtype, lvlm_tokenizer)
+        frozen = FrozenModels(self.proxy, self.vision, device, frozen_dtype)
+        self.objective = (objective or OBJECTIVES[config.objective]).build(config, frozen)
         optimizer = build_optimizer(aligner, config)
         self.aligner, self.optimizer = accelerator.prepare(aligner, optimizer)
         self.data: StepData = build_step_data(
@@ -146,32 +154,14 @@ class Trainer:
     def unwrapped_aligner(self) -> Aligner:
         return self.accelerator.unwrap_model(self.aligner)
 
-    def loss_of(self, batch: LVLMBatch | CLIPBatch) -> torch.Tensor:
-        batch = batch.to(self.accelerator.device)
-        if self.calibration is not None:
-            from thinkdiff.training.calibration import calibration_loss
+    def loss_of(self, batch: Any) -> torch.Tensor:
+        return self.objective.loss(self.aligner, batch.to(self.accelerator.device), self.step)
 
-            tokens = self.vision(batch.pixel_values_BCHW) if isinstance(batch, CLIPBatch) else None
-            return calibration_loss(self.aligner, self.calibration, batch, self.proxy, tokens, self.step)
-        if isinstance(batch, CLIPBatch):
-            return clip_loss(self.vision(batch.pixel_values_BCHW), self.aligner, self.proxy, batch)
-        return lvlm_loss(self.aligner, self.proxy, batch)
-
-    def decode(self, batch: LVLMBatch | CLIPBatch, n: int) -> list[dict[str, str]]:
-        aligner = self.unwrapped_aligner()
+    def decode(self, batch: Any, n: int) -> list[dict[str, str]]:
         self.proxy.eval()  # no dropout in the decoded samples
         batch = batch.to(self.accelerator.device)
         with self.accelerator.autocast():
-            if isinstance(batch, CLIPBatch):
-                texts = clip_decode(self.vision(batch.pixel_values_BCHW), aligner, self.proxy, batch)
-                inputs = batch.inputs
-            else:
-                texts = lvlm_decode(aligner, self.proxy, batch)
-                inputs = [""] * len(texts)
-        return [
-            {"key": k, "input": i, "target": t, "decoded": d}
-            for k, i, t, d in list(zip(batch.keys, inputs, batch.target_texts, texts))[:n]
-        ]
+            return self.objective.decode(self.unwrapped_aligner(), batch, n)
 
     def train_step(self, micro_batches: list[Any]) -> tuple[float, float, bool]:
         """One optimiser step over this rank's micro-batches: (mean loss, grad norm, applied)."""
@@ -403,7 +393,7 @@ class Trainer:
                     "global_batch_size": config.global_batch_size,
                     "aligner_norm": config.aligner_norm,
                     "split": config.split,
-                    "objective": config.objective,
+                    **self.objective.record(),
                     "init_aligner": config.init_aligner,
                     "lr": config.lr,
                     "data": list(config.data),
