@@ -45,7 +45,7 @@ def test_quick_build_trains_every_component(quick_world):
         "total",
     }
     assert (root / ".gitignore").read_text() == "work/\n"
-    # Calibration (issue 17): every calibrated aligner, from task-format data of training cells.
+    # Calibration: every calibrated aligner, from task-format data of training cells.
     from thinkdiff.data.feature_shards import FeatureShards
     from thinkdiff.miniworld.build import CALIBRATION_RUNS, calibrated_dir, quick_config
     from thinkdiff.models.bundle import load_model

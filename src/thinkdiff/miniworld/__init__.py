@@ -9,7 +9,11 @@ Every component is the real architecture at a tiny size, trained from scratch by
 - :mod:`~thinkdiff.miniworld.minicobsat`: CoBSAT's tasks, prompt list and k-shot prompts, rendered.
 - :mod:`~thinkdiff.miniworld.judge`: reads the attributes back (pixel statistics + a small CNN).
 - :mod:`~thinkdiff.miniworld.components`: the mini T5, FLUX.1 transformer, Qwen2-VL and EVA ViT.
+- :mod:`~thinkdiff.miniworld.budgets`: the build's seed and budgets (full and quick).
+- :mod:`~thinkdiff.miniworld.sampler`: the mini FLUX sampler's default steps and guidance.
+- :mod:`~thinkdiff.miniworld.models`: a built world, loaded; the one place embeddings become images.
 - :mod:`~thinkdiff.miniworld.experiments`: ThinkDiff through the project's extraction and trainer.
-- :mod:`~thinkdiff.miniworld.report`: ``thinkdiff miniworld report``, the measurements.
+- :mod:`~thinkdiff.miniworld.report`: ``thinkdiff miniworld report``, the measurements, one module
+  per section.
 - :mod:`~thinkdiff.miniworld.demo`: one prompt in, one judged image out (``make demo``).
 """

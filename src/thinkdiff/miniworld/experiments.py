@@ -40,7 +40,7 @@ from thinkdiff.miniworld.world import (
 )
 
 if TYPE_CHECKING:
-    from thinkdiff.miniworld.build import BuildConfig
+    from thinkdiff.miniworld.budgets import BuildConfig
     from thinkdiff.miniworld.models import MiniWorld
 
 __all__ = [

@@ -29,12 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from thinkdiff.miniworld.sampler import DEFAULT_CFG, DEFAULT_STEPS
+
 __all__ = ["DEFAULT_CFG", "DEFAULT_STEPS", "MiniWorld", "default_weights_dir"]
 
-DEFAULT_STEPS = 20
-"""Euler steps of the mini FLUX sampler."""
-DEFAULT_CFG = 3.0
-"""True classifier-free guidance scale (negative = the T5 states of the empty text)."""
 
 
 def default_weights_dir() -> Path:

@@ -43,6 +43,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Encoder
 from thinkdiff.miniworld.components.common import Ema, cosine_lr, save_losses
 from thinkdiff.miniworld.components.t5 import T5_D_MODEL
 from thinkdiff.miniworld.pool import ScenePool
+from thinkdiff.miniworld.sampler import DEFAULT_CFG, DEFAULT_STEPS
 from thinkdiff.miniworld.world import IMAGE_SIZE, caption
 from thinkdiff.pipelines.decoders import pixels_to_latents, write_pixel_space_descriptor
 
@@ -91,9 +92,7 @@ def images_to_latents(images_BHWC: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def write_descriptor(folder: Path) -> Path:
     """Write the saved pipeline's ``thinkdiff_decoder.json``: pixel space, 32 px, and the sampler
-    settings of :meth:`~thinkdiff.miniworld.models.MiniWorld.images_from_embeds`."""
-    from thinkdiff.miniworld.models import DEFAULT_CFG, DEFAULT_STEPS
-
+    settings of :mod:`~thinkdiff.miniworld.sampler`."""
     return write_pixel_space_descriptor(
         folder,
         pixel_unshuffle=_UNSHUFFLE,

@@ -1,0 +1,185 @@
+"""Running the report's sections: two lanes side by side, each section saved the moment it finishes.
+
+``report.json`` grows: after each section its keys, its wall seconds and its name in
+``"sections"`` are written (atomically), and its PNGs are already drawn. A rerun of the same
+command into the same folder skips the finished sections and runs the rest; other settings (or
+another build of the models) are refused in one line, since the finished numbers would no longer
+belong to them. When every section is in, the report's derived parts (claims, the calibration
+cost, the loss curves, ``report.md``) are written from ``report.json``.
+
+Adding a section: a module with ``run_<name>(ctx) -> dict`` (and a Markdown part for
+:mod:`~thinkdiff.miniworld.report.markdown`), and one :class:`Section` line in :data:`SECTIONS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thinkdiff.miniworld.report.ablation import run_ablation
+from thinkdiff.miniworld.report.calibration import calibration_cost
+from thinkdiff.miniworld.report.claims import claims
+from thinkdiff.miniworld.report.clip import run_clip
+from thinkdiff.miniworld.report.common import (
+    RESULT_NEUTRAL,
+    ReportConfig,
+    Section,
+    SectionContext,
+    jsonable,
+)
+from thinkdiff.miniworld.report.fidelity import run_fidelity
+from thinkdiff.miniworld.report.lvlm import run_lvlm
+from thinkdiff.miniworld.report.markdown import render_markdown
+from thinkdiff.miniworld.report.plots import plot_losses
+from thinkdiff.miniworld.report.premise import run_premise
+from thinkdiff.miniworld.report.qcd import run_qcd, wants_qcd
+from thinkdiff.utils import atomic_write_text
+
+__all__ = ["SECTIONS", "write_report"]
+
+logger = logging.getLogger(__name__)
+
+READERS, LVLM = "readers", "lvlm"
+SECTIONS: tuple[Section, ...] = (
+    Section("fidelity", run_fidelity, READERS),
+    Section("premise", run_premise, READERS),
+    Section("clip", run_clip, READERS),
+    Section("qcd", run_qcd, READERS, wanted=wants_qcd),
+    Section("ablation_training", run_ablation, LVLM),
+    Section("lvlm", run_lvlm, LVLM),
+)
+"""The report's sections, in lane order. Each seeds what it draws, so no number depends on which
+process runs it or on what ran before it."""
+
+
+def write_report(models_dir: Path, out_dir: Path, config: ReportConfig) -> dict[str, Any]:
+    """Measure every section not yet in ``out_dir/report.json`` and write the report folder; returns
+    report.json (``report.md`` and the PNGs beside it)."""
+    from thinkdiff.miniworld.budgets import BuildConfig
+    from thinkdiff.miniworld.models import MiniWorld
+
+    started = time.perf_counter()
+    models_dir, out_dir = Path(models_dir), Path(out_dir)
+    world = MiniWorld(models_dir)
+    build_record = json.loads((models_dir / "build.json").read_text())
+    report = _start_or_resume(out_dir, config, build_record)
+    previous = report["seconds"].pop("total", 0.0)  # a resumed report's earlier runs
+    ctx = SectionContext(world, config, BuildConfig(**build_record["config"]), out_dir)
+    wanted = [s for s in SECTIONS if s.wanted(config)]
+    todo = [s for s in wanted if s.name not in report["sections"]]
+    if len(todo) < len(wanted):
+        logger.info("miniworld report: resuming in %s; finished: %s", out_dir, ", ".join(report["sections"]))
+    done = len(wanted) - len(todo)
+
+    def finished(section: Section, result: dict[str, Any], seconds: float) -> None:
+        nonlocal done
+        done += 1
+        report.update(jsonable(result))
+        report["seconds"][section.name] = seconds
+        report["sections"].append(section.name)
+        report["seconds"]["total"] = round(previous + time.perf_counter() - started, 1)
+        _save(out_dir, report)
+        logger.info(
+            "miniworld report: %s done in %.0f s (%d of %d sections)",
+            section.name,
+            seconds,
+            done,
+            len(wanted),
+        )
+
+    if config.threads >= 2 and len({s.lane for s in todo}) > 1:
+        _run_two_lanes(todo, ctx, max(1, config.threads // 2), len(wanted), finished)
+    else:
+        torch.set_num_threads(config.threads)
+        for section in todo:
+            finished(section, *_run_section(section, ctx, config.threads, done + 1, len(wanted)))
+
+    _finish(report, models_dir, out_dir, build_record)
+    report["seconds"]["total"] = round(previous + time.perf_counter() - started, 1)
+    _save(out_dir, report)
+    atomic_write_text(out_dir / "report.md", render_markdown(report))
+    return report
+
+
+def _run_section(
+    section: Section, ctx: SectionContext, threads: int, k: int, n: int
+) -> tuple[dict[str, Any], float]:
+    """One section (in a worker process, or here); its report keys and wall seconds."""
+    torch.set_num_threads(threads)
+    logger.info("miniworld report: section %d of %d: %s", k, n, section.name)
+    t0 = time.perf_counter()
+    result = section.run(ctx)
+    return result, round(time.perf_counter() - t0, 1)
+
+
+def _run_two_lanes(todo: list[Section], ctx: SectionContext, threads: int, n: int, finished) -> None:
+    """Each lane's sections in order, the two lanes in two forked one-thread processes; a section's
+    result is saved as soon as it arrives. Fork happens before any torch op has run here."""
+    from thinkdiff.miniworld.build import two_processes
+
+    lanes: dict[str, list[Section]] = {}
+    for section in todo:
+        lanes.setdefault(section.lane, []).append(section)
+    k = n - len(todo)
+    with two_processes() as ex:
+        running: dict[Future, Section] = {}
+
+        def submit_next(lane: str) -> None:
+            nonlocal k
+            if lanes[lane]:
+                section = lanes[lane].pop(0)
+                k += 1
+                running[ex.submit(_run_section, section, ctx, threads, k, n)] = section
+
+        for lane in list(lanes):
+            submit_next(lane)
+        while running:
+            ready, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in ready:
+                section = running.pop(future)
+                finished(section, *future.result())
+                submit_next(section.lane)
+
+
+def _start_or_resume(out_dir: Path, config: ReportConfig, build_record: dict[str, Any]) -> dict[str, Any]:
+    """A new report, or the one in ``out_dir`` if it was started with the same settings and models."""
+    settings = dataclasses.asdict(config)
+    path = out_dir / "report.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        differ = [
+            f"{k}: {saved['config'].get(k)!r} -> {v!r}"
+            for k, v in json.loads(json.dumps(settings)).items()
+            if k not in RESULT_NEUTRAL and saved.get("config", {}).get(k) != v
+        ]
+        if saved.get("build") != build_record:
+            differ.append("the models folder's build.json")
+        if differ:
+            raise ValueError(
+                f"{path} was written with other settings ({'; '.join(differ)}); rerun with the same "
+                "settings or write the report to a new folder"
+            )
+        saved.setdefault("sections", [])
+        return saved
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {"config": settings, "build": build_record, "seconds": {}, "sections": []}
+
+
+def _finish(report: dict[str, Any], models_dir: Path, out_dir: Path, build_record: dict[str, Any]) -> None:
+    """The parts read from finished sections: the reasoning ceiling beside the fidelity rows, the
+    calibration cost, the claims, the component loss curves."""
+    report["fidelity"]["vlm_cobsat_text"] = report["lvlm"]["tables"]["vlm text answer"]
+    report["calibration_cost"] = calibration_cost(build_record)
+    report["claims"] = jsonable(claims(report["lvlm"]))
+    plot_losses(models_dir, out_dir / "component_losses.png")
+
+
+def _save(out_dir: Path, report: dict[str, Any]) -> None:
+    atomic_write_text(out_dir / "report.json", json.dumps(jsonable(report), indent=1) + "\n")
