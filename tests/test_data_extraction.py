@@ -444,9 +444,13 @@ def test_a_cut_tar_and_a_non_utf8_caption_are_listed_in_the_report(kit: dict, tm
     (tmp_path / "00000.tar").write_bytes(data[:cut])
     out = tmp_path / "out"
     summary = extract_features(tmp_path / "00000.tar", out, kit["engine"], SETTINGS, batch_size=2, progress=False)
-    expected = {"caption_not_utf8": 1, "truncated_sample": 1, "unreadable_shard": 1}
+    # Two samples lost (b, d), each counted once; the stream error that cost d is a shard error.
+    expected = {"caption_not_utf8": 1, "truncated_sample": 1}
     assert summary.skipped == expected and summary.samples_written == 2
-    assert json.loads((out / "report.json").read_text())["skipped"] == expected
+    assert summary.shard_errors == {"unreadable_shard": 1}
+    assert sum(summary.skipped.values()) == len(members) // 2 - summary.samples_written
+    report = json.loads((out / "report.json").read_text())
+    assert report["skipped"] == expected and report["shard_errors"] == {"unreadable_shard": 1}
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert {(s["key"], s["reason"]) for s in skipped} == {
         ("b", "caption_not_utf8"),

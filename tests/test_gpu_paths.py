@@ -170,7 +170,7 @@ def test_flux_prompts_above_512_tokens_are_warned(models, caplog: pytest.LogCapt
 
 
 def test_vllm_device_other_than_the_first_visible_gpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from thinkdiff.data.extraction import _vllm_device
+    from thinkdiff.data.lvlm_engines import _vllm_device
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
