@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from thinkdiff import __version__
+from thinkdiff.storage import storage_failure
 
 # Order is the order shown in --help.
 COMMAND_MODULES: list[str] = [
@@ -60,15 +61,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except (CommandError, ValueError, FileNotFoundError) as exc:
-        # Bad input is reported as one clear line; real bugs still raise with a traceback.
-        print(f"thinkdiff {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
-        # An output path naming a file where a folder goes (or the reverse), in any command.
-        print(f"thinkdiff {args.command}: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+    except Exception as exc:
+        message = _one_line_error(exc, args)
+        if message is None:
+            raise  # a real bug: keep its traceback
+        logging.getLogger("thinkdiff").debug("%s failed", args.command, exc_info=True)
+        print(f"thinkdiff {args.command}: error: {message}", file=sys.stderr)
         return 2
     return int(result or 0)
+
+
+# The arguments naming where a command writes, for an OS error that names no file (train's
+# config fields are parsed as ``field_<name>``).
+OUTPUT_ARGUMENTS = ("out", "out_dir", "output_dir", "field_output_dir")
+
+
+def _one_line_error(exc: Exception, args: argparse.Namespace) -> str | None:
+    """The one line a user sees for ``exc``, or ``None`` when it is a bug (shown with its traceback)."""
+    failure = storage_failure(exc)
+    if failure is not None:
+        # A full disk, a quota or a read-only folder, wherever it hit: the writers remove their
+        # temporary files on the way out, and complete outputs are never touched.
+        where = failure.filename or next(
+            (str(value) for name in OUTPUT_ARGUMENTS if (value := getattr(args, name, None))), "the output folder"
+        )
+        return f"{failure.reason}: {where} ({failure.advice})"
+    if isinstance(exc, (CommandError, ValueError, FileNotFoundError)):
+        return str(exc)  # bad input, already said in one line
+    if isinstance(exc, (FileExistsError, NotADirectoryError, IsADirectoryError)):
+        # An output path naming a file where a folder goes (or the reverse), in any command.
+        return f"{exc.strerror}: {exc.filename}"
+    return None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from thinkdiff.utils import atomic_path
+
 
 def plot_curves(
     curves: dict[str, Sequence[tuple[float, float]]], path: Path, *, xlabel: str, ylabel: str, title: str = ""
@@ -23,7 +25,8 @@ def plot_curves(
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:  # removes the temporary file when the write fails
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from thinkdiff.storage import storage_failure
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -28,8 +30,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
-    _remove(tmp)
     try:
+        _remove(tmp)
         yield tmp
         if tmp.is_dir() and path.is_dir():
             # Folders cannot be replaced in one rename: move the old one aside first.
@@ -40,8 +42,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             _remove(old)
         else:
             os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # a read-only folder refuses even this: the first error counts
+            _remove(tmp)
+        failure = storage_failure(exc)
+        if failure is not None and (failure.filename is None or Path(failure.filename).is_relative_to(tmp)):
+            # A full disk seen through a library's message or a buffered close names no file, and
+            # the temporary name is gone: name the path being written, for the line the user reads.
+            raise OSError(failure.errno, failure.reason, str(path)) from exc
         raise
 
 

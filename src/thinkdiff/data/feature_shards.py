@@ -23,6 +23,7 @@ and filled in at the end), so memory does not grow with the shard size.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import os
@@ -134,7 +135,9 @@ class _StreamingSafetensors:
         self.file.close()
 
     def close(self) -> None:
-        self.file.close()
+        """Close an unfinished file that is being discarded: a failed last flush is no error."""
+        with contextlib.suppress(OSError):
+            self.file.close()
 
 
 class FeatureShardWriter:
@@ -224,11 +227,16 @@ class FeatureShardWriter:
         return full_record
 
     def abort(self) -> None:
-        """Close and delete the temp files (the final names are untouched)."""
+        """Close and delete the temp files (the final names are untouched).
+
+        Never raises from closing: on a full disk ``close`` fails to flush the last buffered bytes
+        (the file is closed all the same), and that second error would hide the first.
+        """
         self._features.close()
         if self._prompt is not None:
             self._prompt.close()
-        self._metadata.close()
+        with contextlib.suppress(OSError):
+            self._metadata.close()
         for tmp in self._tmp.values():
             tmp.unlink(missing_ok=True)
 
