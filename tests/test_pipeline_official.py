@@ -109,12 +109,35 @@ class NotAllowed:
     """Pickled objects other than tensors and containers must not load (weights_only)."""
 
 
+class RunsCode:
+    """A payload that would run a command when unpickled without weights_only."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pickle_is_refused_in_one_line_that_never_suggests_unpickling(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": RunsCode()}, evil)
+    assert main(["convert-official", str(evil), str(tmp_path / "m"), "--variant", "lvlm"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "evil.pth holds pickled objects besides tensors" in err and "system" in err
+    assert "weights_only" not in err and "Re-running" not in err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "m").exists()
+
+
 def test_bad_files_and_folders(tmp_path: Path, tiny_env: Path) -> None:
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         convert_official_checkpoint(tmp_path / "missing.pth", tmp_path / "out", "lvlm")
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"model": released_state(), "extra": NotAllowed()}, unsafe)
-    with pytest.raises(ValueError, match=r"cannot read .* as a weights-only torch checkpoint"):
+    with pytest.raises(ValueError, match=r"unsafe.pth holds pickled objects besides tensors \(.*NotAllowed"):
         convert_official_checkpoint(unsafe, tmp_path / "out", "lvlm")
     ckpt = write_release(tmp_path / "ok.pth", released_state(out_dim=16))
     with pytest.raises(ValueError, match="writes 16-wide embeddings but tiny:flux takes 32-wide"):

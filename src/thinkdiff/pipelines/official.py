@@ -16,6 +16,8 @@ ignored with a warning; a missing, extra or mis-shaped aligner tensor is an erro
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,25 @@ from thinkdiff.utils import file_sha256
 __all__ = ["OFFICIAL_DEFAULTS", "aligner_from_official_state_dict", "convert_official_checkpoint"]
 
 logger = logging.getLogger(__name__)
+
+# Torch's weights-only refusal is several lines that end by suggesting ``weights_only=False``, the
+# one thing never to do with a file from the internet; these lines are dropped from what we show.
+_TORCH_ADVICE = re.compile(r"weights_only|Weights only load failed|Check the documentation|file an issue")
+
+
+def _load_refusal(checkpoint: Path, error: Exception) -> str:
+    """One line saying why ``checkpoint`` cannot be read, without torch's advice to unpickle it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, pickle.UnpicklingError):
+        detail = next((line for line in lines if not _TORCH_ADVICE.search(line)), "unsupported pickle").rstrip(".")
+        if "GLOBAL" in detail:  # the pickle names a class or function to call
+            return (
+                f"{checkpoint} holds pickled objects besides tensors ({detail}); they are never loaded, since "
+                "unpickling them could run code: only a plain state dict of tensors can be converted"
+            )
+        return f"cannot read {checkpoint} as a torch checkpoint of plain tensors ({detail})"
+    return f"cannot read {checkpoint} as a torch checkpoint ({type(error).__name__}: {lines[0] if lines else ''})"
+
 
 PREFIX = "mm_projector."
 KEY_MAP: dict[str, str] = {
@@ -137,7 +158,7 @@ def convert_official_checkpoint(
         # weights_only: a checkpoint from the internet must not run code when it is read.
         loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise ValueError(f"cannot read {checkpoint} as a weights-only torch checkpoint: {error}") from error
+        raise ValueError(_load_refusal(checkpoint, error)) from error
     if not isinstance(loaded, Mapping):
         raise ValueError(
             f"{checkpoint} holds a {type(loaded).__name__}, expected a dict with a 'model' state dict"
