@@ -236,6 +236,30 @@ def test_a_truncated_checkpoint_falls_back_to_the_newest_good_one(
     assert final["step"] == 6 and final["loss"] == pytest.approx(whole["loss"], abs=1e-6)
 
 
+def test_a_finished_checkpoint_resumed_into_a_new_folder_makes_a_whole_run(
+    feature_dir: Path, short_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from thinkdiff.models.bundle import load_model
+
+    source = copy_run(short_run, tmp_path)
+    before = snapshot(source)
+    new = tmp_path / "new"
+    finished = checkpoint_dirs(source)[-1]
+    code, err = cli(capsys, *train_cli(feature_dir, new, "--max-steps=6", "--resume", str(finished)))
+    assert code == 0 and "Traceback" not in err, err
+    assert snapshot(source) == before  # the run it continues is only read
+    assert [p.name for p in checkpoint_dirs(new)] == ["step-0000006"]  # its own copy: a whole run
+    exported, _ = load_model(new / "model")
+    original, _ = load_model(source / "model")
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), original.state_dict().values()))
+    # The new folder continues on its own: train longer from its checkpoint, not from step 0.
+    code, err = cli(capsys, *train_cli(feature_dir, new, "--max-steps=9", "--allow-change", "max_steps"))
+    assert code == 0 and "Traceback" not in err, err
+    assert read_trainer_state(checkpoint_dirs(new)[-1])["step"] == 9
+    steps = [json.loads(line)["step"] for line in (new / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [7, 8, 9]
+
+
 def test_resume_naming_a_run_folder_says_so(
     feature_dir: Path, short_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -369,7 +393,21 @@ def test_a_shard_whose_checksum_differs_is_refused_on_first_read(
     code, err = cli(capsys, *train_cli(own_features, out, "--max-steps=3", f"--num-workers={workers}"))
     assert code == 2
     assert_one_line_error(err, "feature shard file", damage.removeprefix("shard-000000"), "SHA-256 differs")
-    assert not (out / "checkpoints").exists() and not (out / "model").exists()
+    assert not out.exists()  # no config.json, tensorboard/ or metrics of a run that never stepped
+
+
+def test_a_run_refused_on_first_read_leaves_an_existing_folder_as_it_was(
+    own_features: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for shard in ("shard-000000", "shard-000001"):
+        flip_a_byte(own_features / f"{shard}.safetensors")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, err = cli(capsys, *train_cli(own_features, out, "--max-steps=3"))
+    assert code == 2
+    assert_one_line_error(err, "SHA-256 differs")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,10 @@ from thinkdiff.training.schedule import build_optimizer, lr_at, set_lr
 from thinkdiff.utils import atomic_write_text, remove_debris
 
 logger = logging.getLogger(__name__)
+
+
+RUN_RECORDS = ("config.json", "metrics.jsonl", "samples.jsonl", "tensorboard", "changes.jsonl")
+"""What a run writes in its folder besides checkpoints and the exported model."""
 
 
 class TrainingError(RuntimeError):
@@ -267,6 +272,12 @@ class Trainer:
         logger.info("resumed from %s at step %d", chosen.folder, self.step)
         return True
 
+    def _resumed_elsewhere(self, resume: str | Path | None) -> bool:
+        """Whether the run resumed from a checkpoint folder outside its own run folder."""
+        if resume in (None, "never", "auto") or self.step == 0:
+            return False
+        return Path(resume).resolve().parent.parent != self.output_dir.resolve()
+
     # ---------------------------------------------------------------- the loop
     def fit(
         self,
@@ -276,19 +287,50 @@ class Trainer:
     ) -> TrainResult:
         """Train to ``max_steps`` (or until ``stop_after`` steps, to simulate an interruption).
 
-        ``allow_change``: config fields that may differ from the resumed checkpoint's.
+        ``allow_change``: config fields that may differ from the resumed checkpoint's. A run that
+        fails before its first step (bad data caught on the first read, a refused checkpoint)
+        leaves the run folder as it found it: the records it had begun are removed again.
         """
         config = self.config
+        fresh = not self.output_dir.exists()
+        begun = [name for name in RUN_RECORDS if not (self.output_dir / name).exists()]
         if self.is_main:  # only rank 0 writes in the run folder
             for folder in (self.output_dir, self.output_dir / "checkpoints"):
                 removed = remove_debris(folder)
                 if removed:
                     logger.info("%s: removed temporary files of a killed run: %s", folder, ", ".join(removed))
-        self.resume(resume, allow_change)
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            config.save(self.output_dir / "config.json")
-        log = RunLog(self.output_dir, enabled=self.is_main, start_step=self.step)
+        first_step: int | None = None
+        log: RunLog | None = None
+        try:
+            self.resume(resume, allow_change)
+            first_step = self.step
+            if self.is_main:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                config.save(self.output_dir / "config.json")
+            if self._resumed_elsewhere(resume):
+                # Continuing another run's checkpoint: this folder gets its own copy first, so that
+                # it is a whole run (an auto resume of it continues from here, not from step 0).
+                self.save()
+            log = RunLog(self.output_dir, enabled=self.is_main, start_step=self.step)
+            losses = self._loop(log, stop_after)
+        except BaseException:
+            if log is not None:
+                log.close()
+            if self.is_main and (first_step is None or self.step == first_step):
+                _remove_begun_records(self.output_dir, fresh, begun)
+            raise
+        result = TrainResult(self.output_dir, self.step, losses, self.skipped_steps)
+        if self.step >= config.max_steps:
+            tail = [x for x in losses[-config.log_every :] if math.isfinite(x)]
+            result.model_dir = self.export(final_loss=sum(tail) / len(tail) if tail else None)
+            if self.is_main:
+                log.plot(self.output_dir / "loss.png")
+        log.close()
+        return result
+
+    def _loop(self, log: RunLog, stop_after: int | None) -> list[float]:
+        """The optimiser steps from ``self.step`` to ``max_steps`` (or ``stop_after``); their losses."""
+        config = self.config
         progress = _progress(self.is_main, config.max_steps, self.step)
         losses: list[float] = []
         samples_per_step = config.global_batch_size
@@ -361,14 +403,7 @@ class Trainer:
             if self.step % config.save_every == 0 or self.step == config.max_steps:
                 self.save()
         progress.close()
-        result = TrainResult(self.output_dir, self.step, losses, self.skipped_steps)
-        if self.step >= config.max_steps:
-            tail = [x for x in losses[-config.log_every :] if math.isfinite(x)]
-            result.model_dir = self.export(final_loss=sum(tail) / len(tail) if tail else None)
-            if self.is_main:
-                log.plot(self.output_dir / "loss.png")
-        log.close()
-        return result
+        return losses
 
     def export(self, final_loss: float | None = None) -> Path:
         """Write the finished aligner as a model folder that ``thinkdiff generate`` loads.
@@ -466,9 +501,12 @@ class RunLog:
             self.writer.add_text("val/decoded", text, step)
 
     def plot(self, path: Path) -> None:
-        """A loss-curve PNG of everything logged so far."""
+        """A loss-curve PNG of everything logged so far; none when nothing was (a finished
+        checkpoint resumed into a new run folder exports its model without a step)."""
         from thinkdiff.plotting import plot_curves
 
+        if not self.metrics_path.is_file():
+            return
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
         curves = {
             label: [(r["step"], r[key]) for r in rows if key in r]
@@ -479,6 +517,20 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _remove_begun_records(output_dir: Path, fresh: bool, begun: list[str]) -> None:
+    """Undo what a run that never stepped wrote: the whole folder when it made it, else the records
+    it began (``begun``: those that did not exist before it)."""
+    if fresh:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return
+    for name in begun:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _metric_lines(path: Path) -> list[str]:
