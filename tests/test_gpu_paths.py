@@ -1,4 +1,4 @@
-"""The fixes of the GPU-path review (issue 11), checked on the CPU where a check can run there.
+"""The fixes of the GPU-path review (docs/gpu-paths.md), checked on the CPU where a check can run there.
 
 Each test names its finding (F1 ... F16 of ``shared/reference/review/gpu-paths.md``).
 """
