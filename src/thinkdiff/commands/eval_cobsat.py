@@ -4,11 +4,13 @@ Subcommands (``thinkdiff eval cobsat SUBCOMMAND --help`` for each):
 
 - ``prompts``: print or export the built k-shot prompts as JSONL.
 - ``check-dataset``: check an unpacked ``datasets/`` folder or ``datasets.zip``.
-- ``generate``: generate images with one of our inference modes (wiring to the pipeline pending).
+- ``generate``: generate images with one of our inference modes, from a published row's settings
+  (``--preset release|tbdn``) or the protocol's.
 - ``score``: judge a folder of images from any system that follows the file-name scheme, then
   write the results.
 - ``report``: rebuild the results from the judge logs (e.g. after several GPUs judged shards).
-- ``compare``: put several runs' results side by side (ablations, text-bridge vs lvlm).
+- ``compare``: put several runs' results side by side (ablations, text-bridge vs lvlm), each
+  published row with the settings that produced it and where a run's differ.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from thinkdiff.evaluation.cobsat import CobsatResults, ImageGenerator
@@ -65,23 +67,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", type=Path, help="unpacked datasets/ folder (or its parent) or datasets.zip")
     p.set_defaults(func=run_check_dataset)
 
+    from thinkdiff.evaluation.cobsat.presets import PRESETS
+
     p = sub.add_parser(
-        "generate", help="generate images with a ThinkDiff mode", description=run_generate.__doc__
+        "generate",
+        help="generate images with a ThinkDiff mode",
+        description=run_generate.__doc__,
+        epilog="presets (published configurations; flags given beside one override it, and the "
+        "override is recorded):\n"
+        + "\n".join(f"  {name}: {preset.summary}" for name, preset in PRESETS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_selection(p)
-    p.add_argument("--mode", choices=["lvlm", "clip", "text-bridge"], required=True, help="inference mode")
+    p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="start from a published row's settings (see below; default: the protocol's, mode required)",
+    )
+    p.add_argument("--mode", choices=["lvlm", "clip", "text-bridge"], help="inference mode (or from --preset)")
     p.add_argument("--model", type=Path, help="trained ThinkDiff model folder (not needed for text-bridge)")
     p.add_argument("--decoder", help="FLUX folder or hub id (default: the model folder's decoder)")
     p.add_argument("--lvlm", help="LVLM for text-bridge without --model (default Qwen/Qwen2-VL-7B-Instruct)")
-    p.add_argument("--steps", type=int, default=28, help="denoising steps (protocol: 28)")
-    p.add_argument("--guidance", type=float, default=3.5, help="FLUX guidance (protocol: 3.5)")
-    p.add_argument("--size", type=int, default=512, help="image side in pixels (protocol: 512)")
-    p.add_argument("--dataset", type=Path, required=True, help="dataset folder or datasets.zip")
-    p.add_argument("--out", type=Path, required=True, help="images folder (shot_{k}/task_{id}/...)")
+    p.add_argument("--steps", type=int, help="denoising steps (protocol and presets: 28)")
+    p.add_argument("--guidance", type=float, help="FLUX guidance (protocol and presets: 3.5)")
+    p.add_argument("--size", type=int, help="image side in pixels (protocol, release: 512; tbdn: 256)")
+    p.add_argument(
+        "--num-tokens", type=int, help="LVLM tokens: lvlm exactly N, text-bridge at most N (default 128)"
+    )
+    p.add_argument(
+        "--greedy",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode the LVLM greedily (default: sample; tbdn: greedy)",
+    )
+    p.add_argument("--temperature", type=float, help="LVLM sampling temperature (release: 0.6)")
+    p.add_argument("--top-p", type=float, help="LVLM nucleus sampling mass (release: 0.9)")
+    p.add_argument("--dataset", type=Path, help="dataset folder or datasets.zip (required unless --dry-run)")
+    p.add_argument("--out", type=Path, help="images folder shot_{k}/task_{id}/... (required unless --dry-run)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per generator call")
-    p.add_argument("--seed", type=int, default=123, help="seed, reset for every sample (protocol: 123)")
+    p.add_argument("--seed", type=int, help="seed, reset for every sample (protocol: 123)")
     p.add_argument("--device", help="torch device (default: cuda if available)")
     add_qcd_and_hint(p)
+    p.set_defaults(qcd_alpha=None)  # None: not given, so a preset's weight stands
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved settings as one JSON object and exit (loads no model)",
+    )
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser(
@@ -222,46 +254,104 @@ def run_check_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_generator(args: argparse.Namespace) -> ImageGenerator:
-    """The ThinkDiff pipeline for ``--mode``, kept loaded across batches (protocol: 28 steps, 3.5, 512 px)."""
+def resolved_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``--preset`` with the flags given beside it (see
+    :func:`~thinkdiff.evaluation.cobsat.presets.resolve_settings`), checked; ``ValueError`` names
+    the bad flag."""
     from thinkdiff.commands.generate import hint_of
+    from thinkdiff.evaluation.cobsat.presets import resolve_settings
+
+    given = {
+        "mode": args.mode,
+        "lvlm": args.lvlm,
+        "decoder": args.decoder,
+        "hint": hint_of(args),
+        "num_tokens": args.num_tokens,
+        "greedy": args.greedy,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "qcd_alpha": args.qcd_alpha,
+        "size": args.size,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+    }
+    resolved = resolve_settings(args.preset, given)
+    s = resolved["settings"]
+    if s["mode"] is None:
+        raise ValueError("give --mode or --preset")
+    if s["mode"] == "clip" and (s["qcd_alpha"] > 0 or s["hint"] is not None):
+        raise ValueError("--qcd-alpha and --hint apply to the LVLM (lvlm and text-bridge modes); clip uses none")
+    for flag, name, low in (("--steps", "steps", 1), ("--size", "size", 16), ("--num-tokens", "num_tokens", 1)):
+        if s[name] < low:
+            raise ValueError(f"{flag} {s[name]} must be >= {low}")
+    if s["guidance"] < 0:
+        raise ValueError(f"--guidance {s['guidance']} must be >= 0")
+    if not s["greedy"] and s["temperature"] <= 0:
+        raise ValueError(f"--temperature {s['temperature']} must be > 0 when sampling")
+    if not 0 < s["top_p"] <= 1:
+        raise ValueError(f"--top-p {s['top_p']} must be in (0, 1]")
+    if s["qcd_alpha"] < 0:
+        raise ValueError(f"--qcd-alpha {s['qcd_alpha']} must be >= 0")
+    return resolved
+
+
+def _load_generator(args: argparse.Namespace, s: dict[str, Any]) -> ImageGenerator:
+    """The ThinkDiff pipeline for the resolved settings ``s``, kept loaded across batches."""
     from thinkdiff.pipelines import InferenceSettings, SeededImageGenerator, ThinkDiffPipeline
 
-    if args.model is None and args.mode != "text-bridge":
-        raise ValueError(f"--mode {args.mode} needs --model (a trained ThinkDiff model folder)")
-    if args.mode == "clip" and (args.qcd_alpha > 0 or args.hint is not None):
-        raise ValueError("--qcd-alpha and --hint apply to the LVLM (lvlm and text-bridge modes); clip uses none")
-    settings = InferenceSettings(qcd_alpha=args.qcd_alpha, hint=hint_of(args))
+    if args.model is None and s["mode"] != "text-bridge":
+        raise ValueError(f"--mode {s['mode']} needs --model (a trained ThinkDiff model folder)")
+    settings = InferenceSettings(
+        instruction=s["instruction"],
+        num_tokens=s["num_tokens"],
+        greedy=s["greedy"],
+        temperature=s["temperature"],
+        top_p=s["top_p"],
+        qcd_alpha=s["qcd_alpha"],
+        hint=s["hint"],
+    )
+    # Only LVLM and decoder the user named are passed: otherwise the model folder's (or the paper's).
     pipeline = ThinkDiffPipeline.from_pretrained(
         args.model,
         decoder=args.decoder,
-        mode=args.mode,
+        mode=s["mode"],
         lvlm=args.lvlm,
         device=args.device,
         keep_loaded=True,
         settings=settings,
     )
+    s["lvlm"] = None if s["mode"] == "clip" else str(pipeline.source_model)
+    s["decoder"] = pipeline.decoder_spec.name
     return SeededImageGenerator(
         pipeline,
-        height=args.size,
-        width=args.size,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
+        height=s["size"],
+        width=s["size"],
+        num_inference_steps=s["steps"],
+        guidance_scale=s["guidance"],
     )
 
 
 def run_generate(args: argparse.Namespace) -> int:
     """Generate the selected prompts' images into --out (resumable: existing images are kept).
 
-    Files: OUT/shot_{k}/task_{id}/{index}_{theta}_{x_0}_..._{x_k}.jpg plus a .json sidecar.
-    Split work over GPUs with --tasks, --shots and --prompt-range; every process may share OUT.
+    Files: OUT/shot_{k}/task_{id}/{index}_{theta}_{x_0}_..._{x_k}.jpg plus a .json sidecar that
+    records every setting (preset, overrides). Split work over GPUs with --tasks, --shots and
+    --prompt-range; every process may share OUT. --dry-run prints the settings and loads nothing.
     """
-    from thinkdiff.commands.generate import hint_of
     from thinkdiff.evaluation.cobsat import CobsatDataset, generate_cobsat
 
     tasks, shots, indices = _selection(args)
+    resolved = resolved_settings(args)
+    if args.dry_run:
+        print(json.dumps(resolved))
+        return 0
+    for flag, value in (("--dataset", args.dataset), ("--out", args.out)):
+        if value is None:
+            raise ValueError(f"{flag} is required (unless --dry-run)")
     dataset = CobsatDataset.load(args.dataset)
-    generator = _load_generator(args)
+    s = resolved["settings"]
+    generator = _load_generator(args, s)
     report = generate_cobsat(
         generator,
         dataset,
@@ -269,15 +359,13 @@ def run_generate(args: argparse.Namespace) -> int:
         tasks=tasks,
         shots=shots,
         indices=indices,
-        seed=args.seed,
+        seed=s["seed"],
         batch_size=args.batch_size,
         metadata={
-            "mode": args.mode,
-            "model": str(args.model),
-            "decoder": args.decoder,
-            "steps": args.steps,
-            "qcd_alpha": args.qcd_alpha,
-            "hint": hint_of(args),
+            "model": None if args.model is None else str(args.model),
+            **s,
+            "preset": resolved["preset"],
+            "overrides": resolved["overrides"] or None,
         },
     )
     print(
@@ -370,10 +458,15 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    """Write cobsat-compare.{md,csv,json,png}: several runs' results side by side."""
-    from thinkdiff.evaluation.cobsat import compare_results
+    """Write cobsat-compare.{md,csv,json,png}: several runs' results side by side, each published
+    row with the settings that produced it and where each run's settings differ (printed too)."""
+    from thinkdiff.evaluation.cobsat import read_compared, settings_lines, write_results
 
-    paths = compare_results(args.results, args.out, labels=args.labels, with_published=not args.no_published)
+    runs = read_compared(args.results, args.labels)
+    paths = write_results(runs, args.out, stem="cobsat-compare", with_published=not args.no_published)
+    if not args.no_published:
+        for line in settings_lines(runs):
+            print(line)
     for path in paths.values():
         print(path)
     return 0

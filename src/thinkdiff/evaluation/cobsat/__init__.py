@@ -5,6 +5,7 @@
 - :mod:`~thinkdiff.evaluation.cobsat.dataset`: find and check the 500 images (folder or zip).
 - :mod:`~thinkdiff.evaluation.cobsat.generate`: run any image generator, resumable, batched.
 - :mod:`~thinkdiff.evaluation.cobsat.judge`: the LLaVA-1.5 judge (and Qwen2-VL, CLIP), JSONL logs.
+- :mod:`~thinkdiff.evaluation.cobsat.presets`: the settings behind the published rows (``--preset``).
 - :mod:`~thinkdiff.evaluation.cobsat.results`: accuracy, Wilson intervals, tables beside the papers.
 
 Importing this package imports neither torch nor transformers.
@@ -37,6 +38,7 @@ from thinkdiff.evaluation.cobsat.judge import (
     read_judgements,
     recorded_selection,
 )
+from thinkdiff.evaluation.cobsat.presets import PRESETS, PUBLISHED_SETTINGS, resolve_settings
 from thinkdiff.evaluation.cobsat.protocol import (
     COBSAT_INSTRUCTION,
     ITEMS,
@@ -61,7 +63,10 @@ from thinkdiff.evaluation.cobsat.results import (
     CobsatResults,
     compare_results,
     load_results,
+    read_compared,
+    read_results_file,
     score_records,
+    settings_lines,
     wilson_interval,
     write_results,
 )
@@ -75,8 +80,10 @@ __all__ = [
     "LLAVA_PORT_NOTE",
     "LLAVA_V1_SYSTEM",
     "NUM_PROMPTS",
+    "PRESETS",
     "PROMPT_SEED",
     "PUBLISHED",
+    "PUBLISHED_SETTINGS",
     "SHOWN_AS",
     "TASKS",
     "TASK_COLUMN_ORDER",
@@ -109,9 +116,13 @@ __all__ = [
     "output_path",
     "parse_answer",
     "prompts_list",
+    "read_compared",
     "read_judgements",
+    "read_results_file",
     "recorded_selection",
+    "resolve_settings",
     "score_records",
+    "settings_lines",
     "shown",
     "wilson_interval",
     "write_results",

@@ -24,7 +24,14 @@ from typing import Any
 
 from thinkdiff.evaluation.cobsat.generate import find_output, generation_settings
 from thinkdiff.evaluation.cobsat.judge import JudgeInfo, read_judgements
-from thinkdiff.evaluation.cobsat.protocol import NUM_PROMPTS, TASK_COLUMN_ORDER, TASKS, build_prompts
+from thinkdiff.evaluation.cobsat.presets import PUBLISHED_SETTINGS, setting_differences, settings_text
+from thinkdiff.evaluation.cobsat.protocol import (
+    COBSAT_INSTRUCTION,
+    NUM_PROMPTS,
+    TASK_COLUMN_ORDER,
+    TASKS,
+    build_prompts,
+)
 
 __all__ = [
     "PUBLISHED",
@@ -32,7 +39,10 @@ __all__ = [
     "CobsatResults",
     "compare_results",
     "load_results",
+    "read_compared",
+    "read_results_file",
     "score_records",
+    "settings_lines",
     "wilson_interval",
     "write_results",
 ]
@@ -164,6 +174,11 @@ class CobsatResults:
         return mean, lo, hi, n
 
     @property
+    def settings(self) -> dict[str, Any] | None:
+        """The one generator record of the run's images (``None``: none recorded, or several)."""
+        return dict(self.generation[0]) if self.generation and len(self.generation) == 1 else None
+
+    @property
     def complete(self) -> bool:
         return all(c.pending == 0 for c in self.cells.values())
 
@@ -190,7 +205,8 @@ class CobsatResults:
                     f"{shot}-shot: only {len(self.tasks(shot))} of 10 tasks; its avg is not the papers' avg."
                 )
         for g in self.generation or []:
-            out.append("Generated with " + ", ".join(f"{k}={v!r}" for k, v in g.items() if v is not None) + ".")
+            shown = {k: "release" if k == "instruction" and v == COBSAT_INSTRUCTION else v for k, v in g.items()}
+            out.append("Generated with " + ", ".join(f"{k}={v!r}" for k, v in shown.items() if v is not None) + ".")
         pending = sum(c.pending for c in self.cells.values())
         if pending:
             out.append(f"INCOMPLETE: {pending} images were not judged yet and count as wrong.")
@@ -215,7 +231,10 @@ class CobsatResults:
             "clip_cells": [self.clip[k].to_dict() for k in sorted(self.clip)] if self.clip else None,
             "generation": self.generation,
             "published": {
-                str(s): {m: {"tasks": list(v) if v else None, "average": a} for m, (v, a) in rows.items()}
+                str(s): {
+                    m: {"tasks": list(v) if v else None, "average": a, "settings": _published_settings(m)}
+                    for m, (v, a) in rows.items()
+                }
                 for s, rows in PUBLISHED.items()
             },
         }
@@ -286,13 +305,61 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None or math.isnan(x) else f"{x:.3f}"
 
 
+def _published_settings(method: str) -> dict[str, Any] | None:
+    known = PUBLISHED_SETTINGS.get(method)
+    return None if known is None else dict(known)
+
+
+def _run_settings_text(r: CobsatResults) -> str:
+    if r.settings is not None:
+        return settings_text(r.settings)
+    return "several settings" if r.generation else "settings not recorded"
+
+
+def _published_settings_text(method: str, runs: Sequence[CobsatResults]) -> str:
+    """The settings behind a published row, then where each compared run's differ: ``≠ run: size
+    512 (256)`` (run's value, then the row's), or ``= run`` when all recorded settings agree."""
+    published = PUBLISHED_SETTINGS.get(method)
+    if published is None:
+        return "another system"
+    marks = []
+    for r in runs:
+        if r.settings is None:
+            continue
+        differences = setting_differences(r.settings, published)
+        if differences:
+            changed = ", ".join(f"{name} {_short(ours)} ({_short(theirs)})" for name, (ours, theirs) in differences.items())
+            marks.append(f"≠ {r.label}: {changed}")
+        else:
+            marks.append(f"= {r.label}")
+    return "; ".join([settings_text(published), *marks])
+
+
+def _short(value: Any) -> str:
+    if value == COBSAT_INSTRUCTION:
+        return "release instruction"
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def settings_lines(results: Sequence[CobsatResults]) -> list[str]:
+    """One line per compared run and per published row with known settings: the settings, and for
+    a published row where each run's differ (what ``compare`` prints)."""
+    lines = [f"{r.label}: {_run_settings_text(r)}" for r in results]
+    shown = [m for m in PUBLISHED_SETTINGS if any(m in rows for rows in PUBLISHED.values())]
+    lines += [f"{m} (published): {_published_settings_text(m, results)}" for m in shown]
+    return lines
+
+
 def _markdown(results: Sequence[CobsatResults], with_published: bool = True) -> str:
     lines = ["# CoBSAT results", ""]
     for r in results:
         lines += [f"**{r.label}**:", ""] + [f"- {note}" for note in r.notes()] + [""]
+    if with_published:
+        lines += ["## Settings", "", *[f"- {line}" for line in settings_lines(results)], ""]
     shots = sorted({s for r in results for s in r.shots})
-    header = "| method | " + " | ".join(TASKS[t].name for t in TASK_COLUMN_ORDER) + " | avg |"
-    rule = "|---|" + "---:|" * (len(TASK_COLUMN_ORDER) + 1)
+    header = "| method | " + " | ".join(TASKS[t].name for t in TASK_COLUMN_ORDER) + " | avg | settings |"
+    rule = "|---|" + "---:|" * (len(TASK_COLUMN_ORDER) + 1) + "---|"
     for shot in shots:
         lines += [f"## {shot}-shot accuracy", "", header, rule]
         for r in results:
@@ -301,11 +368,17 @@ def _markdown(results: Sequence[CobsatResults], with_published: bool = True) -> 
             vals = [
                 _fmt(r.cells[(shot, t)].accuracy) if (shot, t) in r.cells else "-" for t in TASK_COLUMN_ORDER
             ]
-            lines.append(f"| **{r.label}** | " + " | ".join(vals) + f" | **{_fmt(r.average(shot)[0])}** |")
+            lines.append(
+                f"| **{r.label}** | " + " | ".join(vals) + f" | **{_fmt(r.average(shot)[0])}** | "
+                f"{_run_settings_text(r)} |"
+            )
         if with_published:
             for method, (vals, avg) in PUBLISHED.get(shot, {}).items():
                 cells = [_fmt(v) for v in vals] if vals else ["-"] * len(TASK_COLUMN_ORDER)
-                lines.append(f"| {method} (published) | " + " | ".join(cells) + f" | {_fmt(avg)} |")
+                lines.append(
+                    f"| {method} (published) | " + " | ".join(cells) + f" | {_fmt(avg)} | "
+                    f"{_published_settings_text(method, results)} |"
+                )
         lines.append("")
         for r in results:
             if shot not in r.shots:
@@ -350,10 +423,12 @@ def _csv_rows(results: Sequence[CobsatResults], with_published: bool = True) -> 
             "pending",
             "judge",
             "note",
+            "settings",
         ]
     ]
     for r in results:
         note = " ".join(r.notes())
+        settings = _run_settings_text(r)
         for shot in r.shots:
             for t in r.tasks(shot):
                 c = r.cells[(shot, t)]
@@ -374,6 +449,7 @@ def _csv_rows(results: Sequence[CobsatResults], with_published: bool = True) -> 
                         c.pending,
                         r.judge.name,
                         note,
+                        settings,
                     ]
                 )
             mean, lo, hi, n = r.average(shot)
@@ -393,11 +469,13 @@ def _csv_rows(results: Sequence[CobsatResults], with_published: bool = True) -> 
                     "",
                     r.judge.name,
                     note,
+                    settings,
                 ]
             )
     if with_published:
         for shot, methods in PUBLISHED.items():
             for method, (vals, avg) in methods.items():
+                settings = _published_settings_text(method, results)
                 for t, v in zip(TASK_COLUMN_ORDER, vals or ()):
                     rows.append(
                         [
@@ -415,6 +493,7 @@ def _csv_rows(results: Sequence[CobsatResults], with_published: bool = True) -> 
                             "",
                             "LLaVA-1.5-13B (original code)",
                             "",
+                            settings,
                         ]
                     )
                 rows.append(
@@ -433,6 +512,7 @@ def _csv_rows(results: Sequence[CobsatResults], with_published: bool = True) -> 
                         "",
                         "LLaVA-1.5-13B (original code)",
                         "",
+                        settings,
                     ]
                 )
     return rows
@@ -582,16 +662,37 @@ def compare_results(
     labels: Sequence[str] | None = None,
     with_published: bool = True,
 ) -> dict[str, Path]:
-    """Side-by-side tables of several runs' ``cobsat-results.json`` (ablations, text-bridge vs lvlm)."""
+    """Side-by-side tables of several runs' ``cobsat-results.json`` (ablations, text-bridge vs lvlm),
+    each published row with its settings and where the runs' differ (:func:`settings_lines`)."""
+    runs = read_compared(json_paths, labels)
+    return write_results(runs, out_dir, stem="cobsat-compare", with_published=with_published)
+
+
+def read_compared(json_paths: Sequence[str | Path], labels: Sequence[str] | None = None) -> list[CobsatResults]:
+    """Every results file read and checked (:func:`read_results_file`) before anything is written,
+    relabelled with ``labels`` when given (one per file)."""
     if labels and len(labels) != len(json_paths):
         raise ValueError(f"{len(labels)} labels for {len(json_paths)} results files")
-    runs = []
-    for i, p in enumerate(json_paths):
-        p = Path(p)
-        if not p.is_file():
-            raise FileNotFoundError(f"results file not found: {p}")
-        r = CobsatResults.from_dict(json.loads(p.read_text()))
-        if labels:
-            r.label = labels[i]
-        runs.append(r)
-    return write_results(runs, out_dir, stem="cobsat-compare", with_published=with_published)
+    runs = [read_results_file(p) for p in json_paths]
+    for r, label in zip(runs, labels or ()):
+        r.label = label
+    return runs
+
+
+def read_results_file(path: str | Path) -> CobsatResults:
+    """A ``cobsat-results.json`` (or ``cobsat-compare``'s inputs) read back; ``FileNotFoundError`` or
+    ``ValueError`` naming the file when it is missing or not a CoBSAT results file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {path}")
+    what = "a cobsat-results.json written by `thinkdiff eval cobsat score` or `report`"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path}: not JSON; expected {what}") from None
+    if not isinstance(record, dict) or record.get("benchmark") != "CoBSAT":
+        raise ValueError(f"{path}: not a CoBSAT results file; expected {what}")
+    try:
+        return CobsatResults.from_dict(record)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{path}: a damaged CoBSAT results file ({type(error).__name__}: {error})") from None

@@ -1,0 +1,150 @@
+"""CoBSAT presets: the published rows' settings, --dry-run, recorded overrides, compare's settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from thinkdiff.cli import main
+from thinkdiff.evaluation.cobsat.presets import resolve_settings, setting_differences
+
+RELEASE_INSTRUCTION_END = "start the answer with 'Create an image'.\n\n"
+
+
+def _dry_run(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
+    capsys.readouterr()
+    assert main(["eval", "cobsat", "generate", *argv, "--dry-run"]) == 0
+    return json.loads(capsys.readouterr().out)  # the whole output is one JSON object
+
+
+@pytest.fixture()
+def no_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    from thinkdiff.pipelines import ThinkDiffPipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--dry-run loaded a model")
+
+    monkeypatch.setattr(ThinkDiffPipeline, "from_pretrained", refuse)
+
+
+def test_presets_resolve_to_the_published_settings(capsys: pytest.CaptureFixture[str], no_models: None) -> None:
+    release = _dry_run(capsys, "--preset", "release")
+    assert release["preset"] == "release" and release["published_rows"] == ["ThinkDiff-LVLM"]
+    s = release["settings"]
+    assert s["instruction"].endswith(RELEASE_INSTRUCTION_END)
+    assert (s["mode"], s["lvlm"], s["decoder"]) == ("lvlm", "Qwen/Qwen2-VL-7B-Instruct", "black-forest-labs/FLUX.1-dev")
+    assert (s["num_tokens"], s["greedy"], s["temperature"], s["top_p"]) == (128, False, 0.6, 0.9)
+    assert (s["size"], s["steps"], s["guidance"], s["qcd_alpha"], s["hint"]) == (512, 28, 3.5, 0.0, None)
+    assert release["overrides"] == {}
+
+    tbdn = _dry_run(capsys, "--preset", "tbdn")
+    s = tbdn["settings"]
+    assert tbdn["published_rows"] == ["Text bridge + hint + QCD (2026 follow-up, its method; avg only)"]
+    assert s["instruction"].endswith(RELEASE_INSTRUCTION_END)
+    assert (s["mode"], s["lvlm"], s["decoder"]) == (
+        "text-bridge",
+        "Qwen/Qwen2-VL-7B-Instruct",
+        "black-forest-labs/FLUX.1-dev",
+    )
+    assert (s["num_tokens"], s["greedy"], s["qcd_alpha"], s["hint"]) == (128, True, 0.5, None)
+    assert (s["size"], s["steps"], s["guidance"]) == (256, 28, 3.5)
+
+
+def test_flags_override_a_preset_and_the_override_is_recorded(
+    capsys: pytest.CaptureFixture[str], no_models: None
+) -> None:
+    out = _dry_run(capsys, "--preset", "tbdn", "--steps", "10", "--size", "256", "--no-greedy", "--hint")
+    assert (out["settings"]["steps"], out["settings"]["greedy"]) == (10, False)
+    # --size 256 repeats the preset: not an override; the bare --hint is our sentence.
+    assert set(out["overrides"]) == {"steps", "greedy", "hint"}
+    assert out["overrides"]["steps"] == {"preset": 28, "given": 10}
+    plain = _dry_run(capsys, "--mode", "text-bridge", "--steps", "10")
+    assert plain["preset"] is None and plain["overrides"] == {} and plain["settings"]["steps"] == 10
+
+
+def test_bad_settings_are_one_line(capsys: pytest.CaptureFixture[str], no_models: None) -> None:
+    for argv, message in (
+        (["--preset", "tbdn", "--mode", "clip"], "clip uses none"),
+        (["--preset", "release", "--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
+        (["--preset", "release", "--steps", "0"], "--steps 0 must be >= 1"),
+        ([], "give --mode or --preset"),
+        (["--preset", "release"], "--dataset is required"),
+    ):
+        capsys.readouterr()
+        dry = [] if "--dataset" in message else ["--dry-run"]
+        assert main(["eval", "cobsat", "generate", *argv, *dry]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    with pytest.raises(ValueError, match="unknown preset"):
+        resolve_settings("paper", {})
+
+
+def test_setting_differences() -> None:
+    from thinkdiff.evaluation.cobsat.presets import PRESETS, PUBLISHED_SETTINGS, UNKNOWN
+
+    tbdn = PRESETS["tbdn"].settings
+    assert setting_differences(tbdn, tbdn) == {}
+    run = {**tbdn, "size": 512, "temperature": 0.1, "lvlm": None}
+    # Greedy: temperature is moot; an unrecorded LVLM is not a difference.
+    assert setting_differences(run, tbdn) == {"size": (512, 256)}
+    hint_row = PUBLISHED_SETTINGS["Text bridge + hint (2026 follow-up; avg only)"]
+    assert hint_row["hint"] == UNKNOWN and "hint" not in setting_differences({"hint": None}, hint_row)
+    assert setting_differences({"steps": 28}, PRESETS["release"].settings) == {}
+
+
+def test_generate_records_settings_and_compare_shows_them(
+    tiny_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from thinkdiff.evaluation.cobsat import write_synthetic_dataset
+
+    dataset = write_synthetic_dataset(tmp_path / "datasets")
+    images = tmp_path / "images"
+    selection = ["--tasks", "1", "--shots", "2", "--prompt-range", "0:2"]
+    generate = ["eval", "cobsat", "generate", "--preset", "tbdn", "--lvlm", "tiny:qwen2-vl", "--decoder", "tiny:flux"]
+    fast = ["--steps", "1", "--size", "64", "--num-tokens", "4"]
+    assert main([*generate, *selection, *fast, "--dataset", str(dataset), "--out", str(images)]) == 0
+    sidecar = json.loads(next(images.rglob("*.json")).read_text())["generator"]
+    assert sidecar["preset"] == "tbdn" and sidecar["greedy"] is True and sidecar["qcd_alpha"] == 0.5
+    assert sidecar["instruction"].endswith(RELEASE_INSTRUCTION_END)
+    assert set(sidecar["overrides"]) == {"lvlm", "decoder", "steps", "size", "num_tokens"}
+    assert sidecar["lvlm"] == "tiny:qwen2-vl"
+
+    score = ["eval", "cobsat", "score", "--images", str(images), "--judge", "tiny:llava", "--max-new-tokens", "3"]
+    assert main([*score, *selection, "--out", str(tmp_path / "results")]) == 0
+    capsys.readouterr()
+    results = tmp_path / "results" / "cobsat-results.json"
+    assert main(["eval", "cobsat", "compare", str(results), "--labels", "tiny", "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    method = next(line for line in printed if line.startswith("Text bridge + hint + QCD (2026 follow-up, its method"))
+    assert "greedy" in method and "256 px" in method
+    assert "≠ tiny: lvlm 'tiny:qwen2-vl' ('Qwen/Qwen2-VL-7B-Instruct')" in method
+    assert "size 64 (256)" in method and "steps 1 (28)" in method and "qcd_alpha" not in method
+    release = next(line for line in printed if line.startswith("ThinkDiff-LVLM (published)"))
+    assert "mode 'text-bridge' ('lvlm')" in release and "greedy True (False)" in release
+    assert "exactly 128 tokens" in release and "temperature" not in release.split("≠")[1]
+    seed = [line for line in printed if line.startswith("SEED-LLaMA")]
+    assert seed == []  # another system: no settings to show
+    md = (tmp_path / "cmp" / "cobsat-compare.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| ThinkDiff-LVLM (published) |"))
+    assert row.rstrip(" |").endswith(release.split(": ", 1)[1])
+    assert "| SEED-LLaMA (published) |" in md and "another system" in md
+
+
+def test_compare_refuses_a_file_that_is_not_a_results_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = {
+        "config.json": json.dumps({"label": "x"}),
+        "list.json": "[1, 2]",
+        "text.json": "not json",
+        "damaged.json": json.dumps({"benchmark": "CoBSAT", "label": "x"}),
+    }
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        capsys.readouterr()
+        assert main(["eval", "cobsat", "compare", str(tmp_path / name), "--out", str(tmp_path / "cmp")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and name in err[0] and "Traceback" not in err[0], err
+        assert not (tmp_path / "cmp").exists()
