@@ -86,8 +86,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", nargs="+", help="shots (default: 2 4)")
     p.add_argument("--num-prompts", help="first N prompts per task (default: 1000)")
     p.add_argument("--decoder", help="FLUX folder or hub id (default: each model folder's decoder)")
-    p.add_argument("--steps", default="28", help="denoising steps (protocol: 28)")
-    p.add_argument("--size", default="512", help="image side (protocol: 512)")
+    p.add_argument(
+        "--generate-preset",
+        choices=["release", "tbdn"],
+        help="published generation settings of every variant (eval cobsat generate --preset)",
+    )
+    p.add_argument("--steps", help="denoising steps (protocol: 28)")
+    p.add_argument("--size", help="image side (protocol: 512)")
     p.add_argument("--judge", help="judge hub id or folder (default: llava-hf/llava-1.5-13b-hf)")
     p.add_argument("--max-new-tokens", help="judge reply limit (protocol: 512)")
     p.add_argument("--device", help="torch device for generation and judging")
@@ -159,12 +164,9 @@ def run(args: argparse.Namespace) -> int:
                 str(args.dataset),
                 "--out",
                 str(images),
-                "--steps",
-                args.steps,
-                "--size",
-                args.size,
                 *selection,
-                *_pairs(args, "decoder", "device"),
+                *_pairs(args, "steps", "size", "decoder", "device"),
+                *(["--preset", args.generate_preset] if args.generate_preset else []),
                 *[f"--qcd-alpha={args.qcd_alpha}" if a == "--qcd-alpha" else a for a in variant.generate_args],
             ]
         )
