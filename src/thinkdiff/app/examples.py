@@ -40,3 +40,36 @@ def mini_cobsat_example(
         "caption": f"{task}, {shot}-shot, prompt {index}: the answer should show {prompt.target_caption}",
         "seed": prompt_seed(prompt),
     }
+
+
+EXAMPLE_TASKS = ("Color-I", "Color-II", "Background-I", "Background-II", "Texture-I", "Texture-II")
+"""The mini-CoBSAT tasks the page offers examples of (the six of the world, in the report's order)."""
+
+
+def example_thumbnails(folder: Path, shot: int = 2) -> list[tuple[str, str, str, int]]:
+    """One thumbnail a task (the n-th task's prompt n): its example images side by side, then a
+    "?" cell; ``(path, caption, task, index)``, the images written into ``folder`` once."""
+    from PIL import Image, ImageDraw
+
+    from thinkdiff.evaluation.cobsat.protocol import prompts_list
+    from thinkdiff.miniworld.minicobsat import MINI_TASKS, build_prompt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = {t.name: t.task_id for t in MINI_TASKS.values()}
+    out = []
+    for index, task in enumerate(EXAMPLE_TASKS):
+        prompt = build_prompt(ids[task], shot, index, *prompts_list()[index])
+        path = folder / f"thumbnail-{task}-{shot}-{index}.png"
+        if not path.is_file():
+            images = [
+                Image.fromarray(a) if not isinstance(a, Image.Image) else a for a in prompt.context_images()
+            ]
+            side = images[0].height
+            sheet = Image.new("RGB", (side * (len(images) + 1), side), (255, 255, 255))
+            for n, image in enumerate(images):
+                sheet.paste(image.convert("RGB"), (n * side, 0))
+            ImageDraw.Draw(sheet).text((len(images) * side + side // 3, side // 3), "?", fill=(0, 0, 0))
+            sheet.resize((sheet.width * 3, sheet.height * 3), Image.NEAREST).save(path)
+        caption = f"{task}: {' · '.join(prompt.x_items[: prompt.shot])} → {prompt.x_items[-1]}?"
+        out.append((str(path), caption, task, index))
+    return out

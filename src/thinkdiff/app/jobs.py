@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from thinkdiff.app.outputs import JobResult, check_out_dir
 
 if TYPE_CHECKING:
+    from thinkdiff.miniworld.catalogue import WorldModel
     from thinkdiff.miniworld.models import MiniWorld
     from thinkdiff.pipelines import ThinkDiffPipeline
 
@@ -95,6 +96,30 @@ class GenerateOptions:
     """Mini world: what a loaded example's answer must show (the judge says whether it does)."""
 
 
+def display_names(paths: Sequence[str]) -> dict[str, str]:
+    """Names the page shows for server-side folders or hub ids -> what they name.
+
+    A local folder is shown by its name (with its parent's where two share one, e.g. ``lvlm/model``),
+    never by its server path; a hub id is shown as it is.
+    """
+
+    def name(path: str, depth: int) -> str:
+        if not Path(path).expanduser().is_dir():
+            return path  # a hub id
+        return "/".join(Path(path).expanduser().resolve().parts[-depth:])
+
+    depth = 1
+    while True:
+        names = [name(p, depth) for p in paths]
+        if len(set(names)) == len(names) or depth > 8:
+            return (
+                dict(zip(names, paths, strict=True))
+                if len(set(names)) == len(names)
+                else {p: p for p in paths}
+            )
+        depth += 1
+
+
 class Backend:
     """Models, limits, the device lock and the outputs; everything the page does but draw.
 
@@ -109,42 +134,36 @@ class Backend:
         self.out_dir = Path(config.out_dir).resolve()
         check_out_dir(self.out_dir)
         self.world: MiniWorld | None = None  # the mini world, when it supplies the models
-        self._models: dict[str, str] = {}  # label -> folder or hub id
+        self._models: dict[str, str] = {}  # label -> folder or hub id (the page sees labels only)
         self._variants: dict[str, str] = {}
+        self._catalogue: dict[str, WorldModel] = {}  # mini world: what each model is, its score
         if config.models:
             from thinkdiff.models.bundle import load_info
 
-            for model in config.models:
-                self._models[model] = model
+            for label, model in display_names(config.models).items():
+                self._models[label] = model
                 try:
-                    self._variants[model] = load_info(model).variant
+                    self._variants[label] = load_info(model).variant
                 except (OSError, ValueError) as error:  # reported in the page when it is picked
                     logger.warning("model %s: %s", model, error)
         else:
             from thinkdiff.miniworld import models as miniworld
-            from thinkdiff.models.bundle import load_info
+            from thinkdiff.miniworld.catalogue import world_models
 
             self.world = miniworld.MiniWorld(Path(config.miniworld or miniworld.default_weights_dir()))
-
-            # Every aligner the world has: the calibrated one the demo draws with first (when the
-            # world has it), then lvlm, then the others (clip, other calibrated ones).
-            from thinkdiff.miniworld.build import DEMO_CALIBRATED, calibrated_dir
-
-            first = [calibrated_dir(self.world.root, DEMO_CALIBRATED).name, "lvlm"]
-            folders = sorted(
-                (self.world.root / "thinkdiff").iterdir(),
-                key=lambda f: (first.index(f.name) if f.name in first else len(first), f.name),
-            )
-            for folder in folders:
-                if (folder / "thinkdiff.json").is_file():
-                    label = f"mini world: {folder.name}"
-                    self._models[label] = str(folder)
-                    self._variants[label] = load_info(folder).variant
+            # The method first, then the ablations, best measured score first.
+            for entry in world_models(self.world.root):
+                label = f"mini world: {entry.name}"
+                self._models[label] = str(entry.folder)
+                self._variants[label] = entry.variant
+                self._catalogue[label] = entry
             if not self._models:
                 raise FileNotFoundError(f"{self.world.root / 'thinkdiff'} holds no ThinkDiff model folder")
-        self._decoders = [MODEL_DEFAULT, *config.decoders]
+        self._decoder_paths = {MODEL_DEFAULT: MODEL_DEFAULT, **display_names(config.decoders)}
+        self._decoders = list(self._decoder_paths)
         self._dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
         self._pipelines: dict[tuple[str, str, str], ThinkDiffPipeline] = {}
+        self._warm: set[tuple[str, str]] = set()  # (model, mode) that ran a job with models kept loaded
         self._device_lock = threading.Lock()
         self._jobs = itertools.count()
         self._base_settings = self.world.inference_settings() if self.world is not None else None
@@ -161,6 +180,70 @@ class Backend:
         from thinkdiff.pipelines.constants import MODES
 
         return list(MODES)
+
+    def model_label(self, model: str) -> str:
+        """How the model list shows ``model``: the method marked, each ablation with its score."""
+        entry = self._catalogue.get(model)
+        if entry is None:
+            return model
+        if entry.role == "method":
+            return f"{entry.name}: the method" + (f" ({entry.score_text})" if entry.score_text else "")
+        return f"ablation: {entry.name}" + (f" ({entry.score:.3f})" if entry.score is not None else "")
+
+    def model_note(self, model: str) -> str:
+        """One line on what ``model`` is and how it measured (empty where nothing is known)."""
+        entry = self._catalogue.get(model)
+        if entry is None:
+            return ""
+        role = "**the method**" if entry.role == "method" else "an ablation"
+        score = f" Measured: {entry.score_text}." if entry.score_text else ""
+        return f"{role}: {entry.summary}.{score}"
+
+    def ablations(self) -> list[tuple[str, str]]:
+        """Mini world: ``(name, one line with its measured score)`` of every model but the method."""
+        return [
+            (e.name, e.summary + (f"; {e.score_text}" if e.score_text else ""))
+            for e in self._catalogue.values()
+            if e.role == "ablation"
+        ]
+
+    def text_bridge_score(self) -> float | None:
+        """Mini world, committed weights: the text bridge's measured mini-CoBSAT score."""
+        from thinkdiff.miniworld.catalogue import text_bridge_score
+
+        return None if self.world is None else text_bridge_score(self.world.root)
+
+    def decoder_defaults(self, model: str, decoder: str = MODEL_DEFAULT) -> dict[str, float]:
+        """The decoder's own settings for ``model`` (``height``, ``width``, ``steps``, ``guidance``,
+        ``true_cfg``; those it has), read from the decoder's folder and pipeline class without
+        loading any weights; empty when they cannot be read before the first job."""
+        from thinkdiff.pipelines.decoders.base import call_defaults
+
+        names = {
+            "height": "height", "width": "width", "num_inference_steps": "steps",
+            "guidance_scale": "guidance", "true_cfg_scale": "true_cfg",
+        }  # fmt: skip
+        if self.world is None and not Path(self._models[model]).is_dir():
+            return {}  # a hub id: its configs are read when a job loads it, not by the page
+        try:
+            pipe = self._pipeline(model, self.variant(model) or "text-bridge", decoder)
+            stock = {k: p.default for k, p in call_defaults(pipe.decoder.pipeline_cls).items()}
+            given = {**stock, **pipe.decoder.default_settings()}
+        except Exception as error:  # a real model not yet reachable: the page says "the decoder's"
+            logger.info("decoder defaults of %s: %s", model, error)
+            return {}
+        return {names[k]: v for k, v in given.items() if k in names and isinstance(v, int | float)}
+
+    def is_loaded(self, model: str, mode: str) -> bool:
+        """Whether a job with ``model`` in ``mode`` runs without loading models first."""
+        return (model, mode) in self._warm
+
+    def served(self, path: Path) -> str:
+        """``path`` (a job's output) as handed to the page: only a regular file really inside
+        ``--out`` (no symlink on the way) is served; anything else raises ``ValueError``."""
+        from thinkdiff.paths import confined_file
+
+        return str(confined_file(self.out_dir, Path(path).relative_to(self.out_dir)))
 
     def variant(self, model: str) -> str | None:
         """The model's own mode (``None`` when its folder could not be read)."""
@@ -198,7 +281,7 @@ class Backend:
             reason = str(error).replace(
                 str(path), path.name
             )  # the server's upload folder is no one's business
-            raise ValueError(f"{where}: not a readable image ({type(error).__name__}: {reason})") from error
+            raise ValueError(f"{where}: not a readable image ({reason})") from error
 
     def example(self, task: str = "Color-II", shot: int = 2, index: int | None = None) -> dict[str, Any]:
         """A mini-CoBSAT prompt as editor rows (see :func:`thinkdiff.app.examples.mini_cobsat_example`);
@@ -227,7 +310,7 @@ class Backend:
         else:
             pipe = ThinkDiffPipeline.from_pretrained(
                 folder,
-                decoder=None if decoder == MODEL_DEFAULT else decoder,
+                decoder=None if decoder == MODEL_DEFAULT else self._decoder_paths[decoder],
                 mode=mode,
                 lvlm=self.config.lvlm if mode != "clip" else None,
                 vision=self.config.vision if mode == "clip" else None,
@@ -345,8 +428,11 @@ class Backend:
                     if run_mode != "clip"
                     else "the vision tower reads the images"
                 )
-                report(n / len(modes), f"{run_mode}: {stage}, then denoising")
+                loading = "" if self.is_loaded(model, run_mode) else " (first job: loading the models)"
+                report(n / len(modes), f"{run_mode}: {stage}, then denoising{loading}")
                 output = pipe(request)
+                if pipe.keep_loaded:
+                    self._warm.add((model, run_mode))
                 suffix = ".mp4" if pipe.decoder_spec.kind == "video" else ".png"
                 path = job / f"thinkdiff-{run_mode}-{request.seed}{suffix}"
                 record = write_output(pipe, request, 0, output, path)

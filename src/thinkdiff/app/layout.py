@@ -75,39 +75,75 @@ def _number(value: Any, name: str, kind: type[int] | type[float]) -> Any:
     return number
 
 
+def message(error: BaseException) -> str:
+    """The one line the page shows for a failed job; a real bug is logged here, never sent."""
+    if isinstance(error, Cancelled):
+        return "cancelled"
+    if isinstance(error, ValueError | FileNotFoundError | OSError):
+        return str(error).splitlines()[0] if str(error) else "the input could not be read"
+    if type(error).__name__ == "OutOfMemoryError":  # torch.cuda's
+        logger.warning("job ran out of GPU memory: %s", str(error).splitlines()[0])
+        return "out of GPU memory: a smaller size, or start the app with --offload model or --quantize"
+    logger.exception("job failed")
+    return "internal error; the server log has the details"
+
+
+def _placeholder(defaults: dict[str, float], name: str) -> str:
+    value = defaults.get(name)
+    return "the decoder's" if value is None else f"{value:g} (default)"
+
+
 def build_app(backend: Backend) -> "gr.Blocks":
-    """The page over ``backend`` (see the module docstring)."""
+    """The page over ``backend`` (see the package docstring)."""
     import gradio as gr
+
+    from thinkdiff.app.examples import EXAMPLE_TASKS, example_thumbnails
 
     models = backend.model_choices()
     first = models[0]
+    defaults = backend.decoder_defaults(first)
+    world = backend.world is not None
+    bridge_score = backend.text_bridge_score()
 
     def page_error(error: BaseException) -> gr.Error:
-        """The one-line message the page shows; a real bug is logged here, never sent."""
-        if isinstance(error, ValueError | FileNotFoundError | OSError):
-            return gr.Error(str(error).splitlines()[0] if str(error) else type(error).__name__)
-        if type(error).__name__ == "OutOfMemoryError":  # torch.cuda's
-            logger.warning("job ran out of GPU memory: %s", str(error).splitlines()[0])
-            return gr.Error(
-                "out of GPU memory: a smaller size, or start the app with --offload model or --quantize"
-            )
-        logger.exception("job failed")
-        return gr.Error(f"internal error ({type(error).__name__}); the server log has the details")
+        """The API's one-line error (the page shows the same line in its status instead)."""
+        return gr.Error(message(error))
 
     with gr.Blocks(title="ThinkDiff", analytics_enabled=False) as demo:
-        gr.Markdown(
+        intro = (
             "# ThinkDiff\nInterleaved images and text in, an image out: the LVLM reads the sequence, "
-            "ThinkDiff's aligner turns its answer into the diffusion decoder's prompt."
-            + (
-                "  \nModels: the **miniature world** (trained from scratch on CPU; 32-pixel images, "
-                "its judge reads each one)."
-                if backend.world is not None
-                else ""
-            )
+            "ThinkDiff's aligner turns its answer into the diffusion decoder's prompt. The text bridge "
+            "(the LVLM's answer as a plain text prompt) is drawn beside it on the same seed."
         )
+        if world:
+            intro += (
+                "  \nModels: the **miniature world** (trained from scratch on CPU; 32-pixel images, its "
+                "judge reads each one). The first job also loads the models (seconds); later jobs take "
+                "about a second on a CPU."
+            )
+        gr.Markdown(intro)
         kinds = gr.State([""] * MAX_ROWS)
+        kept = gr.State([None] * MAX_ROWS)  # each image slot's last accepted upload
         target = gr.State(None)
         history = gr.State([])
+        gr.Markdown("### Examples (mini-CoBSAT: what comes next?)")
+        thumbnails = example_thumbnails(backend.out_dir / "examples")
+        with gr.Row():
+            examples = gr.Gallery(
+                [(backend.served(Path(path)), caption) for path, caption, _, _ in thumbnails],
+                columns=6,
+                height=190,
+                object_fit="contain",
+                allow_preview=False,
+                show_label=False,
+                elem_id="examples",
+                scale=5,
+            )
+            with gr.Column(scale=1, min_width=160):
+                task = gr.Dropdown(list(EXAMPLE_TASKS), value="Color-II", label="task")
+                # The examples need only the world's renderer: real models get them too.
+                shot = gr.Dropdown([1, 2, 3, 4], value=2, label="shots")
+                load_example = gr.Button("a random one", size="sm", elem_id="load-example")
         with gr.Row():
             with gr.Column(scale=3):
                 gr.Markdown("### Sequence")
@@ -119,9 +155,10 @@ def build_app(backend: Backend) -> "gr.Blocks":
                                 type="filepath",
                                 sources=["upload", "clipboard"],
                                 label=f"image (row {i + 1})",
-                                height=140,
+                                height=110,
                                 visible=False,
                                 elem_id=f"row-{i}-image",
+                                elem_classes="row-image",
                                 scale=3,
                             )
                         )
@@ -143,60 +180,72 @@ def build_app(backend: Backend) -> "gr.Blocks":
                     add_image = gr.Button("+ image", elem_id="add-image")
                     add_text = gr.Button("+ text", elem_id="add-text")
                     clear = gr.Button("clear", elem_id="clear")
-                with gr.Row():
-                    task = gr.Dropdown(
-                        ["Color-I", "Color-II", "Background-I", "Background-II", "Texture-I", "Texture-II"],
-                        value="Color-II",
-                        label="example task (mini-CoBSAT)",
-                    )
-                    # The examples need only the world's renderer: real models get them too.
-                    shot = gr.Dropdown([1, 2, 3, 4], value=2, label="shots")
-                    load_example = gr.Button("load an example", elem_id="load-example")
                 status = gr.Markdown("", elem_id="status")
             with gr.Column(scale=2):
                 gr.Markdown("### Settings")
-                model = gr.Dropdown(models, value=first, label="model", elem_id="model")
+                model = gr.Dropdown(
+                    [(backend.model_label(m), m) for m in models], value=first, label="model", elem_id="model"
+                )
+                model_note = gr.Markdown(backend.model_note(first), elem_id="model-note")
+                if backend.ablations():
+                    with gr.Accordion("what the ablations are", open=False, elem_id="ablations"):
+                        bridge_line = (
+                            f" The text bridge scores {bridge_score:.3f}." if bridge_score is not None else ""
+                        )
+                        gr.Markdown(
+                            "Each changes one thing from the method (scores: the committed measured report)."
+                            + bridge_line
+                            + "\n\n"
+                            + "\n".join(f"- **{name}**: {line}" for name, line in backend.ablations())
+                        )
                 mode = gr.Dropdown(
                     backend.mode_choices(), value=backend.variant(first) or "text-bridge", label="mode"
                 )
-                decoder = gr.Dropdown(backend.decoder_choices(), value=MODEL_DEFAULT, label="decoder")
-                with gr.Row():
-                    width = gr.Textbox("", label="width", placeholder="blank: the decoder's")
-                    height = gr.Textbox("", label="height", placeholder="blank: the decoder's")
-                with gr.Row():
-                    steps = gr.Textbox("", label="steps", placeholder="blank: the decoder's")
-                    guidance = gr.Textbox("", label="guidance", placeholder="blank: the decoder's")
-                    true_cfg = gr.Textbox("", label="true CFG", placeholder="blank: the decoder's")
+                bridge = gr.Checkbox(
+                    True, label="the text bridge beside it (same inputs and seed)", elem_id="text-bridge"
+                )
                 with gr.Row():
                     seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
                     reseed = gr.Button("random", size="sm", elem_id="random-seed")
+                with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
+                    decoder = gr.Dropdown(backend.decoder_choices(), value=MODEL_DEFAULT, label="decoder")
+                    with gr.Row():
+                        width = gr.Textbox("", label="width", placeholder=_placeholder(defaults, "width"))
+                        height = gr.Textbox("", label="height", placeholder=_placeholder(defaults, "height"))
+                    with gr.Row():
+                        steps = gr.Textbox("", label="steps", placeholder=_placeholder(defaults, "steps"))
+                        guidance = gr.Textbox(
+                            "", label="guidance", placeholder=_placeholder(defaults, "guidance")
+                        )
+                        true_cfg = gr.Textbox(
+                            "", label="true CFG", placeholder=_placeholder(defaults, "true_cfg")
+                        )
+                    with gr.Row():
+                        num_tokens = gr.Number(backend.default_num_tokens(), label="LVLM tokens", precision=0)
+                        qcd = gr.Textbox("", label="QCD alpha", placeholder="off")
+                        hint = gr.Checkbox(False, label="hint")
                 with gr.Row():
-                    num_tokens = gr.Number(backend.default_num_tokens(), label="LVLM tokens", precision=0)
-                    qcd = gr.Textbox("", label="QCD alpha", placeholder="blank: off")
-                    hint = gr.Checkbox(False, label="hint")
-                bridge = gr.Checkbox(
-                    False, label="also the text bridge (same inputs and seed)", elem_id="text-bridge"
+                    run = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
+                    cancel = gr.Button("Cancel", variant="secondary", size="sm", elem_id="cancel", scale=1)
+        with gr.Column(elem_id="results"):
+            with gr.Row():
+                out_image = gr.Image(
+                    label="ThinkDiff", type="filepath", elem_id="output-image", interactive=False, height=300
                 )
-                with gr.Row():
-                    run = gr.Button("Generate", variant="primary", elem_id="generate")
-                    cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
-        with gr.Row():
-            out_image = gr.Image(
-                label="ThinkDiff", type="filepath", elem_id="output-image", interactive=False, height=320
+                out_video = gr.Video(label="ThinkDiff (video)", visible=False, interactive=False, height=300)
+                bridge_image = gr.Image(
+                    label="text bridge",
+                    type="filepath",
+                    interactive=False,
+                    height=300,
+                    elem_id="bridge-image",
+                )
+            details = gr.Markdown("", elem_id="details")
+            lvlm_text = gr.Textbox(label="the LVLM's text", interactive=False, elem_id="lvlm-text")
+            downloads = gr.File(label="PNG + JSON sidecar", file_count="multiple", interactive=False)
+            gallery = gr.Gallery(
+                label="history", columns=10, height="auto", object_fit="contain", elem_id="history"
             )
-            out_video = gr.Video(label="ThinkDiff (video)", visible=False, interactive=False, height=320)
-            bridge_image = gr.Image(
-                label="text bridge",
-                type="filepath",
-                visible=False,
-                interactive=False,
-                height=320,
-                elem_id="bridge-image",
-            )
-        details = gr.Markdown("", elem_id="details")
-        lvlm_text = gr.Textbox(label="the LVLM's text", interactive=False, elem_id="lvlm-text")
-        downloads = gr.File(label="PNG + JSON sidecar", file_count="multiple", interactive=False)
-        gallery = gr.Gallery(label="history", columns=6, height=220, elem_id="history")
 
         # Hidden API inputs: the sequence as JSON, images as uploads (see on_api).
         api_items = gr.JSON(visible=False)
@@ -207,21 +256,24 @@ def build_app(backend: Backend) -> "gr.Blocks":
 
         # ---- editor ---------------------------------------------------------------------------
         editor = [kinds, *images, *texts]
-        shown = [kinds, target, *groups, *images, *texts]
+        shown = [kinds, kept, target, *groups, *images, *texts]
 
-        def layout(rows: list[dict[str, Any]], note: str | None = None) -> list[Any]:
-            """Updates drawing ``rows`` into the slots (+ the target, cleared by any edit)."""
+        def layout(rows: list[dict[str, Any]]) -> list[Any]:
+            """Updates drawing ``rows`` into the slots (+ the kept uploads, + the target, cleared by any edit)."""
             rows = rows[:MAX_ROWS]
-            out: list[Any] = [[r["kind"] for r in rows] + [""] * (MAX_ROWS - len(rows)), None]
-            out += [gr.update(visible=i < len(rows)) for i in range(MAX_ROWS)]
-            for i in range(MAX_ROWS):
-                row = rows[i] if i < len(rows) else None
-                is_image = row is not None and row["kind"] == "image"
-                out.append(gr.update(visible=is_image, value=row["image"] if is_image else None))
-            for i in range(MAX_ROWS):
-                row = rows[i] if i < len(rows) else None
-                is_text = row is not None and row["kind"] == "text"
-                out.append(gr.update(visible=is_text, value=row["text"] if is_text else ""))
+            slots = [rows[i] if i < len(rows) else None for i in range(MAX_ROWS)]
+            out: list[Any] = [
+                [r["kind"] for r in rows] + [""] * (MAX_ROWS - len(rows)),
+                [r["image"] if r is not None and r["kind"] == "image" else None for r in slots],
+                None,
+            ]
+            out += [gr.update(visible=r is not None) for r in slots]
+            for r in slots:
+                is_image = r is not None and r["kind"] == "image"
+                out.append(gr.update(visible=is_image, value=r["image"] if is_image else None))
+            for r in slots:
+                is_text = r is not None and r["kind"] == "text"
+                out.append(gr.update(visible=is_text, value=r["text"] if is_text else ""))
             return out
 
         def split(values: Sequence[Any]) -> list[dict[str, Any]]:
@@ -232,8 +284,8 @@ def build_app(backend: Backend) -> "gr.Blocks":
             def handler(*values: Any) -> list[Any]:
                 rows = split(values)
                 if len(rows) >= MAX_ROWS:
-                    raise gr.Error(f"the editor holds {MAX_ROWS} rows")
-                return layout([*rows, {"kind": kind, "image": None, "text": ""}])
+                    return [*[gr.update()] * len(shown), f"⚠️ the editor holds {MAX_ROWS} rows"]
+                return [*layout([*rows, {"kind": kind, "image": None, "text": ""}]), ""]
 
             return handler
 
@@ -256,46 +308,70 @@ def build_app(backend: Backend) -> "gr.Blocks":
 
         ui = {"concurrency_limit": None, "api_visibility": "private", "show_progress": "hidden"}
         raw = {**ui, "preprocess": False}  # image slots are read unprocessed (see _upload_path)
-        add_image.click(add("image"), editor, shown, **raw)
-        add_text.click(add("text"), editor, shown, **raw)
-        clear.click(lambda *values: layout([]), editor, shown, **raw)
+        add_image.click(add("image"), editor, [*shown, status], **raw)
+        add_text.click(add("text"), editor, [*shown, status], **raw)
+        clear.click(lambda *values: [*layout([]), ""], editor, [*shown, status], **raw)
         for i in range(MAX_ROWS):
             ups[i].click(move(i, -1), editor, shown, **raw)
             downs[i].click(move(i, +1), editor, shown, **raw)
             removes[i].click(remove(i), editor, shown, **raw)
 
-        def on_upload(value: Any, index: int) -> tuple[Any, str]:
+        def on_upload(value: Any, slots: list[str | None], index: int) -> tuple[Any, list[str | None], str]:
             path = _upload_path(value)
             if not path:
-                return gr.update(), ""
+                return gr.update(), slots, ""
+            slots = list(slots or [None] * MAX_ROWS)
             try:
                 backend.check_image(path, f"row {index + 1} ({Path(path).name})")
             except ValueError as error:
-                gr.Warning(str(error))
-                return None, f"⚠️ {error}"
-            return gr.update(), ""
+                # The image that was there stays; the message says why the new one was refused.
+                return slots[index], slots, f"⚠️ {error}"
+            slots[index] = path
+            return gr.update(), slots, ""
 
         for i in range(MAX_ROWS):
-            images[i].upload(lambda value, i=i: on_upload(value, i), images[i], [images[i], status], **raw)
+            images[i].upload(
+                lambda value, slots, i=i: on_upload(value, slots, i),
+                [images[i], kept],
+                [images[i], kept, status],
+                **raw,
+            )
 
-        def on_example(task_name: str, shots: int) -> list[Any]:
+        def show_example(task_name: str, shots: int, index: int | None) -> list[Any]:
             try:
-                example = backend.example(task_name, int(shots))
+                example = backend.example(task_name, int(shots), index)
             except (ValueError, OSError) as error:
-                raise page_error(error) from None
+                return [*[gr.update()] * (len(shown) + 2), f"⚠️ {message(error)}", gr.update()]
             rows = [
                 {"kind": "text", "image": None, "text": item}
                 if isinstance(item, str)
-                else {"kind": "image", "image": str(item), "text": ""}
+                else {"kind": "image", "image": backend.served(item), "text": ""}
                 for item in example["items"]
             ]
             out = layout(rows)
-            out[1] = {"target": example["target"], "caption": example["target_caption"]}
-            return [*out, example["seed"], example["caption"]]
+            out[2] = {"target": example["target"], "caption": example["target_caption"]}
+            # An example is a comparison: the text bridge goes beside it.
+            return [*out, example["seed"], task_name, example["caption"], True]
 
-        load_example.click(on_example, [task, shot], [*shown, seed, status], **ui)
+        example_outputs = [*shown, seed, task, status, bridge]
+        load_example.click(lambda t, k: show_example(t, k, None), [task, shot], example_outputs, **ui)
+
+        def on_thumbnail(shots: int, evt: gr.SelectData) -> list[Any]:
+            _, _, task_name, index = thumbnails[evt.index]
+            return show_example(task_name, shots, index)
+
+        examples.select(on_thumbnail, [shot], example_outputs, **ui)
         reseed.click(lambda: random.randrange(2**31), None, seed, **ui)
-        model.change(lambda m: gr.update(value=backend.variant(m) or "text-bridge"), model, mode, **ui)
+
+        def on_model(m: str) -> list[Any]:
+            given = backend.decoder_defaults(m)
+            boxes = [
+                gr.update(placeholder=_placeholder(given, n))
+                for n in ("width", "height", "steps", "guidance", "true_cfg")
+            ]
+            return [gr.update(value=backend.variant(m) or "text-bridge"), backend.model_note(m), *boxes]
+
+        model.change(on_model, model, [mode, model_note, width, height, steps, guidance, true_cfg], **ui)
 
         # ---- generation -----------------------------------------------------------------------
         settings = [
@@ -332,41 +408,47 @@ def build_app(backend: Backend) -> "gr.Blocks":
                 return backend.generate(
                     items, opts, cancelled=event, progress=lambda f, text: progress(f, desc=text)
                 )
-            except Cancelled:
-                raise gr.Error("cancelled") from None
-            except gr.Error:
-                raise
-            except Exception as error:
-                raise page_error(error) from None
             finally:
                 running.pop(session, None)
+
+        page_outputs = [
+            out_image,
+            out_video,
+            bridge_image,
+            details,
+            lvlm_text,
+            downloads,
+            history,
+            gallery,
+            status,
+        ]
 
         def on_generate(
             data: dict[Any, Any],
             request: gr.Request,
             progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (how gradio asks for it)
         ) -> list[Any]:
-            rows = split([data[c] for c in editor])
             goal, past = data[target], data[history]
             try:
-                items = _items(rows)
-                opts = options([data[c] for c in settings], goal)
-            except ValueError as error:
-                raise gr.Error(str(error)) from None
-            results = run_job(items, opts, request, progress)
+                items = _items(split([data[c] for c in editor]))
+                results = run_job(items, options([data[c] for c in settings], goal), request, progress)
+            except Exception as error:  # a user's mistake or a failed job: one line; the results stay
+                return [*[gr.update()] * (len(page_outputs) - 1), f"⚠️ {message(error)}"]
             main, rest = results[0], results[1:]
             caption = None if goal is None else goal["caption"]
             notes = [describe(r, caption) for r in results]
             video = main.path.suffix == ".mp4"
-            past = [*past, (str(main.path), f"{main.mode} · seed {main.sidecar['seed']}")]
+            past = [*past, (backend.served(main.path), f"{main.mode} · seed {main.sidecar['seed']}")]
             past += [
-                (str(r.path), f"{r.mode} · seed {r.sidecar['seed']}") for r in rest if r.path.suffix == ".png"
+                (backend.served(r.path), f"{r.mode} · seed {r.sidecar['seed']}")
+                for r in rest
+                if r.path.suffix == ".png"
             ]
-            files = [str(p) for r in results for p in (r.path, r.sidecar_path)]
+            files = [backend.served(p) for r in results for p in (r.path, r.sidecar_path)]
             return [
-                gr.update(value=None if video else str(main.path), visible=not video),
-                gr.update(value=str(main.path) if video else None, visible=video),
-                gr.update(value=str(rest[0].path) if rest else None, visible=bool(rest)),
+                gr.update(value=None if video else backend.served(main.path), visible=not video),
+                gr.update(value=backend.served(main.path) if video else None, visible=video),
+                gr.update(value=backend.served(rest[0].path) if rest else None),
                 "\n\n".join(notes),
                 "\n\n".join(
                     f"[{r.mode}] {r.sidecar['lvlm_text']}" for r in results if r.sidecar["lvlm_text"]
@@ -374,12 +456,20 @@ def build_app(backend: Backend) -> "gr.Blocks":
                 files,
                 past,
                 past[::-1],
+                "",
             ]
 
+        # The result lands below the editor: the page scrolls to it as the job starts.
+        run.click(
+            None,
+            None,
+            None,
+            js="() => document.getElementById('results').scrollIntoView({behavior: 'smooth'})",
+        )
         generation = run.click(
             on_generate,
             {*editor, target, history, *settings},
-            [out_image, out_video, bridge_image, details, lvlm_text, downloads, history, gallery],
+            page_outputs,
             api_name="generate_page",
             api_visibility="private",
             concurrency_id="device",
@@ -387,13 +477,14 @@ def build_app(backend: Backend) -> "gr.Blocks":
             preprocess=False,  # see _upload_path; options() parses the settings
         )
 
-        def on_cancel(request: gr.Request) -> None:
+        def on_cancel(request: gr.Request) -> str:
             event = running.get(request.session_hash or "")
-            if event is not None:
-                event.set()
-            gr.Info("cancelled")
+            if event is None:
+                return ""
+            event.set()
+            return "cancelled"
 
-        cancel.click(on_cancel, None, None, cancels=[generation], **ui)
+        cancel.click(on_cancel, None, status, cancels=[generation], **ui)
 
         def on_api(
             items: Any,
@@ -441,9 +532,12 @@ def build_app(backend: Backend) -> "gr.Blocks":
                 opts = options(values, None)
             except ValueError as error:
                 raise gr.Error(str(error)) from None
-            results = run_job(sequence, opts, request, progress)
+            try:
+                results = run_job(sequence, opts, request, progress)
+            except Exception as error:
+                raise page_error(error) from None
             return (
-                [str(p) for r in results for p in (r.path, r.sidecar_path)],
+                [backend.served(p) for r in results for p in (r.path, r.sidecar_path)],
                 {"results": [r.summary() for r in results]},
             )
 
