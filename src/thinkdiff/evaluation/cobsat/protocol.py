@@ -263,14 +263,10 @@ class CobsatPrompt:
         concatenates it with the first word item as the pipeline sees fit. Images are ``Path``
         objects (joined to ``dataset_root`` when given), texts are ``str``.
         """
-        items: list[str | Path] = [] if instruction is None else [instruction]
-        for i, x in enumerate(self.x_items):
-            sep = "" if i == 0 else "\n\n"
-            items.append(f"{sep}Word {i + 1}: {shown(x)}, ")
-            if i < self.shot:
-                rel = Path(self.image_inputs[i])
-                items.append(Path(dataset_root) / rel if dataset_root is not None else rel)
-        return items
+        from thinkdiff.pipelines.requests import cobsat_items  # here: the protocol itself needs no PIL
+
+        images = [Path(rel) if dataset_root is None else Path(dataset_root) / rel for rel in self.image_inputs]
+        return cobsat_items([shown(x) for x in self.x_items], images, instruction)  # type: ignore[return-value]
 
     def benchmark_items(self, dataset_root: str | Path | None = None) -> list[str | Path]:
         """The benchmark's own interleaving: ``["red: ", img, "blue: ", img, "green: "]``."""
