@@ -106,8 +106,9 @@ def build_app(backend: Backend) -> "gr.Blocks":
     bridge_score = backend.text_bridge_score()
 
     def page_error(error: BaseException) -> gr.Error:
-        """The API's one-line error (the page shows the same line in its status instead)."""
-        return gr.Error(message(error))
+        """The API's one-line error (the page shows the same line in its status instead). The
+        server's log gets a traceback only for a real bug (:func:`message` logs it)."""
+        return gr.Error(message(error), print_exception=False)
 
     with gr.Blocks(title="ThinkDiff", analytics_enabled=False) as demo:
         intro = (
@@ -488,7 +489,7 @@ def build_app(backend: Backend) -> "gr.Blocks":
 
         def on_api(
             items: Any,
-            files: list[str] | None,
+            files: list[Any] | None,
             model_: str,
             mode_: str,
             decoder_: str,
@@ -511,7 +512,9 @@ def build_app(backend: Backend) -> "gr.Blocks":
                 model_, mode_, decoder_, seed_, width_, height_, steps_, guidance_, true_cfg_, num_tokens_,
                 qcd_alpha_, hint_, bridge_,
             ]  # fmt: skip
-            files = list(files or [])
+            # Unprocessed (see the listener): Gradio's own choice checks would print a traceback
+            # for a client's typo; the backend names the bad value in one line instead.
+            files = [path for path in (_upload_path(f) for f in files or []) if path]
             sequence: list[str | Path] = []
             try:
                 if not isinstance(items, list):
@@ -531,7 +534,7 @@ def build_app(backend: Backend) -> "gr.Blocks":
                         )
                 opts = options(values, None)
             except ValueError as error:
-                raise gr.Error(str(error)) from None
+                raise gr.Error(str(error), print_exception=False) from None
             try:
                 results = run_job(sequence, opts, request, progress)
             except Exception as error:
@@ -548,6 +551,7 @@ def build_app(backend: Backend) -> "gr.Blocks":
             api_name="generate",
             concurrency_id="device",
             concurrency_limit=1,
+            preprocess=False,
         )
     return demo
 
