@@ -201,3 +201,44 @@ def test_debug_clip_trains_on_image_caption_shards(tiny_env, tmp_path) -> None:
     assert info.variant == "clip" and info.in_dim == 48 and info.source_model == "tiny:blip2-vision"
     decoded = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert decoded and all(row["input"] and row["target"] for row in decoded)
+
+
+def test_the_loop_optimises_the_objective_it_is_given(feature_dir, tmp_path) -> None:
+    """The trainer takes any class with the objective interface; what it records reaches thinkdiff.json."""
+    from thinkdiff.training.proxy_objective import ProxyObjective
+
+    calls: list[int] = []
+
+    class Recording(ProxyObjective):
+        def loss(self, aligner, batch, step):
+            calls.append(step)
+            return 2.0 * super().loss(aligner, batch, step)
+
+        def record(self):
+            return {"objective": "recording"}
+
+    config = lvlm_config(feature_dir, tmp_path / "run", max_steps=3, val_every=0, decode_every=0)
+    trainer = Trainer(config, objective=Recording)
+    result = trainer.fit(resume="never")
+    assert calls == [0, 1, 2]  # one micro-batch per step, with the step it belongs to
+    proxy = train(config.updated(output_dir=str(tmp_path / "proxy")), resume="never")
+    # The same first batch and weights: the step's loss is the objective's (twice the proxy's).
+    assert result.losses[0] == pytest.approx(2.0 * proxy.losses[0], rel=1e-6)
+    _, info = load_model(tmp_path / "run" / "model")
+    assert info.extra["objective"] == "recording"
+
+
+def test_the_trainer_imports_no_objective_and_no_decoder() -> None:
+    """The loop knows the objective interface and the list of objectives, nothing specific."""
+    import ast
+    from pathlib import Path
+
+    import thinkdiff.training.trainer as trainer_module
+
+    tree = ast.parse(Path(trainer_module.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    specific = {"thinkdiff.objectives", "thinkdiff.training.calibration", "thinkdiff.training.proxy_objective"}
+    assert not imported & specific, imported & specific
+    assert not any(name and name.startswith("thinkdiff.pipelines") for name in imported), imported
+    assert "thinkdiff.training.objective" in imported
