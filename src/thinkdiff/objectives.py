@@ -279,10 +279,13 @@ class CLIPCaptionCollator:
         *,
         max_text_tokens: int = CLIP_MAX_TEXT_TOKENS,
         seed: int = 0,
+        empty_first: float = 0.0,
     ) -> None:
         self.t5_tokenizer = t5_tokenizer
         self.max_text_tokens = max_text_tokens
         self.seed = seed
+        # Fraction of captions whose first part is empty: the image tokens alone carry the input.
+        self.empty_first = empty_first
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> CLIPBatch:
         firsts, seconds, kept = [], [], []
@@ -291,9 +294,12 @@ class CLIPCaptionCollator:
             if len(caption.split()) < 2:
                 logger.warning("dropping sample %r: caption %r is too short to split", sample["key"], caption)
                 continue
-            first, second = split_caption(
-                caption, sample_rng(self.seed, sample.get("epoch", 0), sample["key"])
-            )
+            rng = sample_rng(self.seed, sample.get("epoch", 0), sample["key"])
+            # Drawn only when asked for, so that the default keeps the released cuts exactly.
+            if self.empty_first and rng.random() < self.empty_first:
+                first, second = "", caption
+            else:
+                first, second = split_caption(caption, rng)
             firsts.append(first)
             seconds.append(second)
             kept.append(sample)

@@ -59,6 +59,11 @@ class TrainConfig:
         "'generated' token features, or 'prompt' (the input-token ablation)", default="generated"
     )
     max_split: int = _help("largest random cut of the generated tokens", default=128)
+    clip_empty_first: float = _help(
+        "clip: fraction of captions cut before their first word, so that the whole caption is asked "
+        "of the image tokens (0: every cut leaves at least one word to the text side, as released)",
+        default=0.0,
+    )
     max_target_tokens: int = _help(
         "T5 target length cap (lvlm: 128; clip uses 32 per caption part)", default=128
     )
@@ -186,6 +191,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.clip_empty_first <= 1.0:
+            problems.append(f"clip_empty_first must be in [0, 1], got {self.clip_empty_first}")
         if self.warmup_steps < 0 or self.num_workers < 0 or self.bucket_batches < 0:
             problems.append("warmup_steps, num_workers and bucket_batches must be >= 0")
         problems.extend(self._calibration_problems())

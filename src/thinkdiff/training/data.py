@@ -207,6 +207,9 @@ def build_step_data(
             world_size=world_size,
         )
         collate = CLIPCaptionCollator(
-            t5_tokenizer, max_text_tokens=config.max_target_tokens, seed=config.seed
+            t5_tokenizer,
+            max_text_tokens=config.max_target_tokens,
+            seed=config.seed,
+            empty_first=config.clip_empty_first,
         )
     return StepData(dataset, collate, micro_batch, accumulation, workers)
