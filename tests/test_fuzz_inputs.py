@@ -253,3 +253,45 @@ def test_push_sends_only_files_inside_the_folder(pushable: Path, kinds: tuple[st
             assert status == 2 and len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
             assert sent == [] and "root:" not in out.getvalue()
         assert all(path.resolve().parent == folder.resolve() and path.is_file() for path in sent)
+
+
+# ---- numeric flags: bounded by the models' configs before any model loads -----------------------
+
+
+@settings(FUZZ, max_examples=60)
+@given(value=st.integers(-(2**70), 2**70) | st.sampled_from([1, 999, 1000, 1001, 4096, 4097]))
+def test_numeric_bounds_pass_or_refuse_in_one_line(tiny_env: Path, value: int) -> None:
+    from thinkdiff.limits import denoising_steps_bound, lvlm_context_bound
+
+    for bound, name, largest in (
+        (denoising_steps_bound("tiny:flux"), "--steps", 1000),
+        (lvlm_context_bound("tiny:qwen2-vl"), "--num-tokens", 4096),  # the kit's max_position_embeddings
+    ):
+        assert bound.largest == largest
+        if value <= largest:
+            bound.check(name, value)
+        else:
+            with pytest.raises(ValueError) as caught:
+                bound.check(name, value)
+            _assert_one_line(caught.value)
+            assert str(caught.value).startswith(f"{name} {value} is above {largest}")
+
+
+def test_extract_features_bounds_new_tokens_before_loading(
+    tiny_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from thinkdiff.cli import main
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "0.jpg").write_bytes(jpeg_bytes(0))
+    (source / "0.txt").write_text("a picture")
+    out = tmp_path / "features"
+    args = ["extract-features", "--model", "tiny:qwen2-vl", "--source", str(source), "--out", str(out)]
+    assert main([*args, "--max-new-tokens", "100000000"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "thinkdiff extract-features: error: --max-new-tokens 100000000 is above 4096, the most tokens LVLM "
+        "tiny:qwen2-vl reads, its prompt included (max_position_embeddings)"
+    )
+    assert not out.exists()

@@ -187,6 +187,13 @@ def no_heavy_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         ("width off the latent grid", "--width 1000 is not a multiple of 16 (decoder tiny:flux: its autoencoder"),
         ("video height off the patch grid", "--height 24 is not a multiple of 16 (decoder tiny:cogvideox"),
         ("beyond sd3's position table", "--height 1024 is above 512, the largest size decoder tiny:sd3 makes"),
+        ("steps past the schedule", "--steps 99999999999 is above 1000, the most denoising steps decoder tiny:flux"),
+        ("steps in a job", 'line 1: steps 5000 is above 1000, the most denoising steps decoder tiny:flux'),
+        ("tokens past the context", "--num-tokens 100000000 is above 4096, the most tokens LVLM tiny:qwen2-vl reads"),
+        ("text-bridge tokens", "--num-tokens 5000 is above 4096, the most tokens LVLM tiny:qwen2-vl reads"),
+        ("a text file as GGUF", "--transformer-file"),
+        ("a cut-off GGUF", "is damaged or cut off"),
+        ("an LVLM of another family", "--lvlm tiny:qwen2.5-vl is a qwen2_5_vl model, but this aligner was trained"),
     ],
 )
 def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, capsys, no_heavy_loads) -> None:
@@ -196,7 +203,16 @@ def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, ca
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text('{"items": [{"video": "a.mp4"}]}\n' if case == "bad job" else "{not json\n")
+    jobs.write_text(
+        {"bad job": '{"items": [{"video": "a.mp4"}]}\n', "steps in a job": '{"items": ["a"], "steps": 5000}\n'}.get(
+            case, "{not json\n"
+        )
+    )
+    not_gguf, cut_gguf = tmp_path / "notes.gguf", tmp_path / "cut.gguf"
+    not_gguf.write_text("a text file\n")
+    if case == "a cut-off GGUF":
+        whole = write_gguf(tmp_path / "whole.gguf").read_bytes()
+        cut_gguf.write_bytes(whole[: len(whole) - 100])
     args = {
         "missing image": ["--model", model, "--image", str(tmp_path / "nope.png")],
         "unreadable image": ["--model", model, "--text", "a", "--image", str(broken)],
@@ -227,6 +243,14 @@ def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, ca
                                             "--image", image, "--height", "24", "--out", str(out_dir / "x.mp4")],
         "beyond sd3's position table": ["--mode", "text-bridge", "--lvlm", "tiny:qwen2-vl", "--decoder", "tiny:sd3",
                                         "--image", image, "--height", "1024"],
+        "steps past the schedule": ["--model", model, "--image", image, "--steps", "99999999999"],
+        "steps in a job": ["--model", model, "--jobs", str(jobs)],
+        "tokens past the context": ["--model", model, "--image", image, "--num-tokens", "100000000"],
+        "text-bridge tokens": ["--mode", "text-bridge", "--lvlm", "tiny:qwen2-vl", "--decoder", "tiny:flux", "--image", image,
+                               "--num-tokens", "5000"],
+        "a text file as GGUF": ["--model", model, "--image", image, "--transformer-file", str(not_gguf)],
+        "a cut-off GGUF": ["--model", model, "--image", image, "--transformer-file", str(cut_gguf)],
+        "an LVLM of another family": ["--model", model, "--image", image, "--lvlm", "tiny:qwen2.5-vl"],
     }[case]
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "folder.png").mkdir()
@@ -237,6 +261,67 @@ def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, ca
     assert stderr.startswith("thinkdiff generate: error: ") and message in stderr
     assert len(stderr.strip().splitlines()) == 1  # one clear line, no traceback
     assert not out_dir.exists()
+
+
+def write_gguf(path: Path) -> Path:
+    """A small, whole GGUF file of two float tensors (the header and tables are what is checked)."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), arch="flux")
+    writer.add_tensor("a", np.ones((4, 64), np.float32))
+    writer.add_tensor("b", np.ones(64, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_header_checks(tmp_path: Path) -> None:
+    import struct
+
+    from thinkdiff.models.quantization import check_gguf_file
+
+    whole = write_gguf(tmp_path / "whole.gguf")
+    check_gguf_file(whole)  # a whole file passes
+    data = whole.read_bytes()
+    cases = {
+        b"hello": "is not a GGUF file (it starts with b'hell', not b'GGUF')",
+        b"GGUF": "is cut off: 4 bytes, shorter than a GGUF header",
+        b"GGUF" + struct.pack("<IQQ", 9, 1, 1): "is GGUF version 9; diffusers reads versions 2 and 3",
+        data[:40]: "which a 40-byte file cannot hold",
+        data[: len(data) - 1]: "is damaged or cut off",
+        data[:-300]: "is damaged or cut off",
+    }
+    for content, message in cases.items():
+        (tmp_path / "x.gguf").write_bytes(content)
+        with pytest.raises(ValueError, match=r"^--transformer-file .*x\.gguf") as caught:
+            check_gguf_file(tmp_path / "x.gguf")
+        assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_another_lvlm_of_the_same_family_warns_and_another_family_needs_the_flag(
+    files, tmp_path, capsys, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    from thinkdiff.models.loading import resolve_model_dir
+
+    copy = shutil.copytree(resolve_model_dir("tiny:qwen2-vl"), tmp_path / "my-qwen2-vl")
+    base = ["--model", str(files["lvlm"]), "--text", "a red car", *FAST]
+    with caplog.at_level("WARNING"):
+        code, _, _ = run_cli([*base, "--lvlm", str(copy), "--out", str(tmp_path / "a.png")], capsys)
+    assert code == 0 and (tmp_path / "a.png").is_file()
+    assert f"--lvlm {copy} is not the model this aligner was trained on (tiny:qwen2-vl, qwen2_vl)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        code, _, _ = run_cli(
+            [*base, "--lvlm", "tiny:qwen2.5-vl", "--allow-other-source", "--out", str(tmp_path / "b.png")], capsys
+        )
+    assert code == 0 and "--lvlm tiny:qwen2.5-vl is not the model this aligner was trained on" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the same model by its folder: nothing to say
+        code, _, _ = run_cli([*base, "--lvlm", str(resolve_model_dir("tiny:qwen2-vl")), "--out", str(tmp_path / "c.png")], capsys)
+    assert code == 0 and "not the model this aligner was trained on" not in caplog.text
 
 
 def test_unknown_mode_is_a_usage_error(files, capsys) -> None:

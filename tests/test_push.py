@@ -46,7 +46,12 @@ def test_push_sends_exactly_the_model_files(tmp_path: Path, uploads, capsys) -> 
     folder = small_model(tmp_path / "m")
     (folder / "notes.txt").write_text("private")
     assert main(["push", str(folder), "me/x"]) == 0
-    assert list(uploads[0]) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors", "thinkdiff.json"]
+    assert list(uploads[0]) == [
+        "README.md",
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "thinkdiff.json",
+    ]
     assert all(data == (folder / name).read_bytes() for name, data in uploads[0].items())
 
 
@@ -113,7 +118,12 @@ def test_a_symlinked_model_folder_itself_is_fine(tmp_path: Path, uploads, capsys
     folder = small_model(tmp_path / "m")
     (tmp_path / "link").symlink_to(folder)  # the user named the folder: following it is theirs to choose
     assert main(["push", str(tmp_path / "link"), "me/x"]) == 0
-    assert set(uploads[0]) == {"README.md", "config.json", "diffusion_pytorch_model.safetensors", "thinkdiff.json"}
+    assert set(uploads[0]) == {
+        "README.md",
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "thinkdiff.json",
+    }
 
 
 @pytest.mark.parametrize("relative", ["../m/README.md", "/etc/passwd", "a/../README.md", ".", "", "x\0y"])

@@ -26,7 +26,9 @@ from thinkdiff.storage import storage_failure
 
 
 def test_storage_failure_reads_every_form() -> None:
-    assert storage_failure(OSError(errno.ENOSPC, "No space left on device")).reason == "no space left on device"
+    assert (
+        storage_failure(OSError(errno.ENOSPC, "No space left on device")).reason == "no space left on device"
+    )
     assert storage_failure(OSError(errno.EDQUOT, "Disk quota exceeded", "/q/x")).filename == "/q/x"
     rust = SafetensorError("Error while serializing: I/O error: Read-only file system (os error 30)")
     assert storage_failure(rust).reason == "read-only file system"
@@ -58,7 +60,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 48 KiB tmpfs (needs root); unmounted afterwards."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)], capture_output=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
@@ -75,8 +79,17 @@ def _images(folder: Path, n: int = 6) -> Path:
     return folder
 
 
-EXTRACT = ["--model", "tiny:qwen2-vl", "--max-new-tokens", "8", "--samples-per-shard", "2", "--no-progress",
-           "--seed", "0"]
+EXTRACT = [
+    "--model",
+    "tiny:qwen2-vl",
+    "--max-new-tokens",
+    "8",
+    "--samples-per-shard",
+    "2",
+    "--no-progress",
+    "--seed",
+    "0",
+]
 
 
 def test_extract_features_on_a_full_disk(tiny_env, small_disk: Path, tmp_path: Path, capsys) -> None:
@@ -136,7 +149,9 @@ def test_abort_on_a_full_disk_raises_nothing_more(small_disk: Path) -> None:
     assert list(small_disk.iterdir()) == []
 
 
-def test_quota_mid_write_is_one_line(tiny_env, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quota_mid_write_is_one_line(
+    tiny_env, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = []
     real_append = feature_shards._StreamingSafetensors.append
 
@@ -148,7 +163,10 @@ def test_quota_mid_write_is_one_line(tiny_env, tmp_path: Path, capsys, monkeypat
 
     monkeypatch.setattr(feature_shards._StreamingSafetensors, "append", append_until_quota)
     out = tmp_path / "features"
-    assert main(["extract-features", "--source", str(_images(tmp_path / "src")), "--out", str(out), *EXTRACT]) == 2
+    assert (
+        main(["extract-features", "--source", str(_images(tmp_path / "src")), "--out", str(out), *EXTRACT])
+        == 2
+    )
     _one_line(capsys, f"disk quota exceeded: {out}", "free some of your quota")
     assert _debris(out) == []
     assert json.loads((out / "shard-000000.json").read_text())["num_samples"] == 2

@@ -30,7 +30,12 @@ def confined_file(root: str | Path, relative: str | Path, *, max_bytes: int | No
         raise FileNotFoundError(f"folder {root} does not exist")
     parts = PurePosixPath(Path(relative).as_posix()).parts
     shown = Path(root) / relative
-    if not parts or Path(relative).is_absolute() or any(part in ("..", ".") for part in parts) or "\0" in str(relative):
+    if (
+        not parts
+        or Path(relative).is_absolute()
+        or any(part in ("..", ".") for part in parts)
+        or "\0" in str(relative)
+    ):
         raise UnsafePathError(f"{shown}: not a plain file name inside {root}")
     current = root_real
     for depth, part in enumerate(parts, start=1):
@@ -50,7 +55,9 @@ def confined_file(root: str | Path, relative: str | Path, *, max_bytes: int | No
     if not stat.S_ISREG(info.st_mode):
         raise UnsafePathError(f"{shown} is not a regular file ({_kind(info.st_mode)})")
     if max_bytes is not None and info.st_size > max_bytes:
-        raise UnsafePathError(f"{shown} is {info.st_size} bytes, more than the {max_bytes} such a file may have")
+        raise UnsafePathError(
+            f"{shown} is {info.st_size} bytes, more than the {max_bytes} such a file may have"
+        )
     return real
 
 

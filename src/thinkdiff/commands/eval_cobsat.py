@@ -298,6 +298,7 @@ def resolved_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load_generator(args: argparse.Namespace, s: dict[str, Any]) -> ImageGenerator:
     """The ThinkDiff pipeline for the resolved settings ``s``, kept loaded across batches."""
+    from thinkdiff.limits import check_pipeline_bounds
     from thinkdiff.pipelines import InferenceSettings, SeededImageGenerator, ThinkDiffPipeline
 
     if args.model is None and s["mode"] != "text-bridge":
@@ -321,6 +322,7 @@ def _load_generator(args: argparse.Namespace, s: dict[str, Any]) -> ImageGenerat
         keep_loaded=True,
         settings=settings,
     )
+    check_pipeline_bounds(pipeline, s["num_tokens"], [(s["steps"], "")])  # before any model loads
     s["lvlm"] = None if s["mode"] == "clip" else str(pipeline.source_model)
     s["decoder"] = pipeline.decoder_spec.name
     return SeededImageGenerator(

@@ -150,10 +150,12 @@ def run(args: argparse.Namespace) -> int:
     # Check the cheap things (ranks, the source) before loading a large model.
     from thinkdiff.data.sharding import rank_and_world_size
     from thinkdiff.data.sources import list_source_shards
+    from thinkdiff.limits import lvlm_context_bound
 
     rank, world_size = rank_and_world_size(args.rank, args.world_size)
     source = args.source[0] if len(args.source) == 1 else args.source
     list_source_shards(source, samples_per_shard=args.samples_per_shard)
+    lvlm_context_bound(args.model).check("--max-new-tokens", args.max_new_tokens)
     allow_change = [name.replace("-", "_") for name in args.allow_change]
     check_settings_before_loading(
         args.out,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-
+    from thinkdiff.models.bundle import ThinkDiffInfo
     from thinkdiff.pipelines import Request
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--lvlm", help="LVLM for lvlm/text-bridge (default: the model's; Qwen/Qwen2-VL-7B-Instruct)"
     )
     models.add_argument("--vision", help="BLIP-2 vision model for clip mode (default: the model's)")
+    models.add_argument(
+        "--allow-other-source",
+        action="store_true",
+        help="run the aligner with an --lvlm/--vision of another family than the one it was trained on "
+        "(thinkdiff.json's source_model); refused otherwise",
+    )
 
     decoding = parser.add_argument_group("decoder settings (default: the decoder's own)")
     decoding.add_argument(
@@ -384,6 +390,54 @@ def _output_paths(args: argparse.Namespace, requests: list[Request], kind: str, 
     return paths
 
 
+# ---- checks against the models' configs (no weights load) -------------------------------------
+
+
+def check_aligner_source(info: ThinkDiffInfo, source: str | Path, *, flag: str, allow_other: bool) -> None:
+    """Refuse an LVLM (or vision model) of another family than the aligner was trained on, and warn
+    on another name of the same family: its features are what the aligner maps.
+
+    The family is the config's ``model_type`` (``qwen2_vl``, ``qwen2_5_vl``, ``llava`` ...); where
+    a config cannot be read, only the names are compared (a warning). ``allow_other`` lets another
+    family through with the warning.
+    """
+    trained, given = str(info.source_model), str(source)
+    if _model_identity(trained) == _model_identity(given):
+        return
+    trained_family, given_family = _model_family(trained), _model_family(given)
+    if trained_family and given_family and trained_family != given_family and not allow_other:
+        raise ValueError(
+            f"{flag} {given} is a {given_family} model, but this aligner was trained on the features of {trained} "
+            f"({trained_family}), which mean something else; pass {flag} {trained}, or --allow-other-source to "
+            "run it anyway"
+        )
+    logger.warning(
+        "%s %s is not the model this aligner was trained on (%s, %s); its features may differ: pass %s %s "
+        "to use that one",
+        flag, given, trained, trained_family or "family unknown", flag, trained,
+    )  # fmt: skip
+
+
+def _model_identity(name: str) -> str:
+    """A folder by its real path (``./vlm``, ``/abs/vlm`` and a ``tiny:`` name for it are one
+    model), a hub id as written."""
+    from thinkdiff.models.loading import TINY_PREFIX, resolve_model_dir
+
+    path = resolve_model_dir(name) if name.startswith(TINY_PREFIX) else Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
+def _model_family(name: str) -> str | None:
+    """``model_type`` of a model's ``config.json`` (downloads nothing else), ``None`` if unreadable."""
+    from thinkdiff.models.loading import resolve_model_dir
+
+    try:
+        config = json.loads((resolve_model_dir(name, files=["config.json"]) / "config.json").read_text())
+        return str(config["model_type"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 # ---- command ----------------------------------------------------------------------------------
 
 
@@ -391,6 +445,8 @@ def run(args: argparse.Namespace) -> int:
     """Check everything, then generate in chunks and write each output with its sidecar."""
     import torch
 
+    from thinkdiff.limits import check_pipeline_bounds
+    from thinkdiff.models.quantization import check_gguf_file
     from thinkdiff.pipelines import InferenceSettings, ThinkDiffPipeline
     from thinkdiff.pipelines.outputs import write_output
     from thinkdiff.utils import remove_debris
@@ -440,6 +496,13 @@ def run(args: argparse.Namespace) -> int:
         transformer_file=args.transformer_file,
     )
     pipe.decoder.check_size(args.height, args.width, "", names=("--height", "--width"))
+    if pipe.info is not None:
+        flag = "--lvlm" if pipe.mode == "lvlm" else "--vision"
+        check_aligner_source(pipe.info, pipe.source_model, flag=flag, allow_other=args.allow_other_source)
+    steps = [(r.num_inference_steps, r.metadata.get("where", "")) for r in requests]
+    check_pipeline_bounds(pipe, args.num_tokens, steps)
+    if args.transformer_file is not None:
+        check_gguf_file(args.transformer_file)
     if pipe.mode == "clip":  # the mode may come from the model folder: known only now
         for flag, given, applies in (
             ("--stop-at-eos", args.stop_at_eos, "lvlm mode"),

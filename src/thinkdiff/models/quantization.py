@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import struct
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -35,6 +37,7 @@ from thinkdiff.pipelines.constants import QUANTIZE_MODES
 __all__ = [
     "QUANTIZE_MODES",
     "Quantize",
+    "check_gguf_file",
     "check_quantize",
     "diffusers_quantization",
     "gguf_quantization",
@@ -152,6 +155,49 @@ def pipeline_quantization(
     mapping = {name: diffusers_quantization(mode, compute_dtype) for name in diffusers_components}
     mapping |= {name: transformers_quantization(mode, compute_dtype) for name in transformers_components}
     return PipelineQuantizationConfig(quant_mapping=mapping)
+
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)  # what the gguf package reads (version 1 used 32-bit counts)
+_GGUF_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, metadata key count
+_GGUF_SMALLEST_ENTRY = 16  # bytes of the shortest key/value or tensor-info record
+
+
+def check_gguf_file(path: str | Path) -> None:
+    """Raise ``ValueError`` (one line naming ``path``) unless it is a whole GGUF file of tensors.
+
+    Read before diffusers sees it (whose errors on a text file or a cut-off download are
+    tracebacks): the magic and version, counts that fit the file, and, with the ``gguf`` package
+    diffusers loads it with, the metadata and tensor table parsed and every tensor's data inside
+    the file. Nothing but the header and the tables is read.
+    """
+    path = Path(path)
+    flag = f"--transformer-file {path}"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(_GGUF_HEADER.size)
+    if head[:4] != GGUF_MAGIC:
+        raise ValueError(f"{flag} is not a GGUF file (it starts with {head[:4]!r}, not {GGUF_MAGIC!r})")
+    if len(head) < _GGUF_HEADER.size:
+        raise ValueError(f"{flag} is cut off: {size} bytes, shorter than a GGUF header")
+    _, version, tensors, keys = _GGUF_HEADER.unpack(head)
+    if version not in GGUF_VERSIONS:
+        raise ValueError(f"{flag} is GGUF version {version}; diffusers reads versions 2 and 3")
+    if tensors == 0 or (tensors + keys) * _GGUF_SMALLEST_ENTRY > size:
+        raise ValueError(f"{flag}: its header lists {tensors} tensors and {keys} metadata keys, which a "
+                         f"{size}-byte file cannot hold (damaged or cut off)")
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError(f"--transformer-file needs the gguf package: {_INSTALL}")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path, "r")
+        end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    except Exception as exc:  # the reader raises ValueError, IndexError, struct.error, ... on bad tables
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{flag} is damaged or cut off ({size} bytes; its tables do not read: {detail})") from exc
+    if end > size:
+        raise ValueError(f"{flag} is cut off: its tensors end at byte {end}, the file has {size}")
 
 
 def gguf_quantization(compute_dtype: torch.dtype) -> Any:

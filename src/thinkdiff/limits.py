@@ -1,0 +1,86 @@
+"""Upper bounds on numeric settings, read from the models' configs and checked before any model loads.
+
+A typo such as ``--steps 99999999999`` or ``--num-tokens 100000000`` must be one line at once, not
+a 745 GiB allocation after minutes of loading or a run that never ends. Each bound follows from
+the component the setting drives: denoising steps from the decoder's scheduler, LVLM tokens from
+the LVLM's context. Lower bounds stay where the settings are defined (they need no config).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from thinkdiff.pipelines import ThinkDiffPipeline
+
+logger = logging.getLogger(__name__)
+
+# Where a config cannot be read (a hub id offline): bounds that no real setting reaches.
+FALLBACK_STEPS = 1000
+FALLBACK_CONTEXT = 131072
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The largest value a setting may take, and why (for the one-line refusal)."""
+
+    largest: int
+    why: str
+
+    def check(self, name: str, value: int | None, where: str = "") -> None:
+        """Raise ``ValueError`` naming ``name`` (as the user wrote it) when ``value`` exceeds the bound."""
+        if value is not None and value > self.largest:
+            prefix = f"{where}: " if where else ""
+            raise ValueError(f"{prefix}{name} {value} is above {self.largest}, the most {self.why}")
+
+
+def denoising_steps_bound(decoder: str | Path) -> Bound:
+    """Steps of a decoder: its scheduler's ``num_train_timesteps`` (1000 for FLUX.1, SD3, PixArt,
+    CogVideoX), the finest schedule it was trained on; more steps only repeat its timesteps."""
+    from thinkdiff.models.loading import resolve_model_dir
+    from thinkdiff.pipelines.decoders.spec import CONFIG_FILES
+
+    try:
+        folder = resolve_model_dir(decoder, kind="diffusion decoder", files=CONFIG_FILES)
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        steps = int(config["num_train_timesteps"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.debug("no scheduler config for %s (%s): steps bounded by %d", decoder, exc, FALLBACK_STEPS)
+        return Bound(
+            FALLBACK_STEPS, f"denoising steps (decoder {decoder}'s scheduler config is not readable)"
+        )
+    return Bound(steps, f"denoising steps decoder {decoder} has (its scheduler's num_train_timesteps)")
+
+
+def lvlm_context_bound(lvlm: str | Path) -> Bound:
+    """Tokens an LVLM can generate: its language model's ``max_position_embeddings`` (Qwen2-VL:
+    32768), the context that the prompt and the answer share."""
+    from transformers import AutoConfig
+
+    from thinkdiff.models.loading import resolve_model_dir
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_dir(lvlm, kind="LVLM", files=["config.json"]))
+        context = int(config.get_text_config().max_position_embeddings)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        logger.debug("no context length for LVLM %s (%s): bounded by %d", lvlm, exc, FALLBACK_CONTEXT)
+        return Bound(FALLBACK_CONTEXT, f"tokens any LVLM reads (LVLM {lvlm}'s config is not readable)")
+    return Bound(context, f"tokens LVLM {lvlm} reads, its prompt included (max_position_embeddings)")
+
+
+def check_pipeline_bounds(
+    pipe: ThinkDiffPipeline, num_tokens: int, steps: Iterable[tuple[int | None, str]]
+) -> None:
+    """``--num-tokens`` within the pipeline's LVLM context (lvlm and text-bridge modes) and each
+    ``(steps, where)`` within its decoder's schedule; ``where`` names a job ("" for the command line).
+    Reads configs only: call it after ``ThinkDiffPipeline.from_pretrained``, before the first request."""
+    bound = denoising_steps_bound(pipe.decoder_spec.name)
+    for value, where in steps:
+        bound.check("steps" if where else "--steps", value, where)
+    if pipe.mode != "clip":
+        lvlm_context_bound(pipe.source_model).check("--num-tokens", num_tokens)
