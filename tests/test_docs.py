@@ -101,3 +101,9 @@ def test_runnable_blocks_run(where: str, body: str, tiny_env: Path, tmp_path: Pa
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", body], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, f"{where} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("guide", ["training.md", "inference.md", "cobsat.md"])
+def test_every_guide_has_a_cpu_path_that_runs(guide: str) -> None:
+    """A newcomer on a CPU can follow each guide: it has a block that the test above runs."""
+    assert any(run for run, _ in shell_blocks(ROOT / "docs" / guide)), f"docs/{guide} has no {RUN_MARKER!r} block"
