@@ -328,7 +328,9 @@ def test_unknown_mode_is_a_usage_error(files, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--model", str(files["lvlm"]), "--mode", "dream", "--text", "a"])
     assert exit_info.value.code == 2
-    assert "invalid choice: 'dream'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("thinkdiff generate: error: argument --mode: invalid choice 'dream'; choose from lvlm")
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_single_job_file_and_instruction_flags(files, tmp_path, capsys) -> None:

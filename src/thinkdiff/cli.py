@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from thinkdiff import __version__
+from thinkdiff.console import OneLineArgumentParser, quiet_console
 from thinkdiff.storage import storage_failure
 
 # Order is the order shown in --help.
@@ -35,13 +36,15 @@ class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 2, no traceback."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> OneLineArgumentParser:
+    parser = OneLineArgumentParser(
         prog="thinkdiff",
         description="ThinkDiff: multimodal in-context reasoning for diffusion models.",
     )
     parser.add_argument("--version", action="version", version=f"thinkdiff {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, every warning and the libraries' loading bars"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -50,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    innermost: OneLineArgumentParser = vars(args).pop("_parser", parser)
+    if extras:
+        innermost.refuse_unrecognized(extras)
+    quiet_console(args.verbose)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
