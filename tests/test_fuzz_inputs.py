@@ -198,7 +198,7 @@ def _small_image_limit(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---- push: folders whose files are symlinks, special files, huge or missing ----------------------
 
 PUSHED = ("README.md", "config.json", "diffusion_pytorch_model.safetensors", "thinkdiff.json")
-FILE_KINDS = ("regular", "regular", "regular", "missing", "link-outside", "link-etc-passwd", "link-inside",
+FILE_KINDS = ("regular", "regular", "regular", "missing", "link-outside", "link-etc-passwd", "link-inside", "hard-link",
               "fifo", "folder", "huge-sparse")
 
 
@@ -216,6 +216,8 @@ def _make_push_file(path: Path, kind: str, source: Path) -> None:
         path.symlink_to(source)  # another run's file: loads, but is not this folder's
     elif kind == "link-etc-passwd":
         path.symlink_to("/etc/passwd")
+    elif kind == "hard-link":
+        os.link(source, path)  # the same file as another run's
     elif kind == "link-inside":
         path.symlink_to(next(name for name in PUSHED if name != path.name))
     elif kind == "fifo":

@@ -145,3 +145,13 @@ def test_confined_file_refuses_a_symlinked_parent(tmp_path: Path) -> None:
     assert confined_file(folder, "real/x.png") == (folder / "real" / "x.png").resolve()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         confined_file(folder, "real/y.png")
+
+
+def test_a_hard_link_to_a_file_elsewhere_is_refused(tmp_path: Path, uploads, capsys) -> None:
+    other = small_model(tmp_path / "other")
+    folder = small_model(tmp_path / "m")
+    (folder / "README.md").unlink()
+    os.link(other / "README.md", folder / "README.md")  # as /etc/passwd could be, on its file system
+    assert main(["push", str(folder), "me/x", "--dry-run"]) == 2
+    _refused(capsys, "README.md has 2 hard links")
+    assert uploads == []

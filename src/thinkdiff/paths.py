@@ -21,8 +21,8 @@ def confined_file(root: str | Path, relative: str | Path, *, max_bytes: int | No
 
     ``root`` itself may be reached through a symlink (the user named it); below it nothing may be:
     a symlink anywhere on the way, a ``..`` or absolute ``relative``, a real location outside
-    ``root``, anything but a regular file (FIFO, socket, device, folder) and, with ``max_bytes``, a
-    larger file are refused with :class:`UnsafePathError`, whose message names the path. A missing
+    ``root``, anything but a regular file (FIFO, socket, device, folder), a file with several hard
+    links (it is also a file elsewhere) and, with ``max_bytes``, a larger file are refused with :class:`UnsafePathError`, whose message names the path. A missing
     file is ``FileNotFoundError``. The file itself is never opened.
     """
     root_real = Path(os.path.realpath(root))
@@ -54,6 +54,11 @@ def confined_file(root: str | Path, relative: str | Path, *, max_bytes: int | No
         raise UnsafePathError(f"{shown} lies outside {root} (really {real})")
     if not stat.S_ISREG(info.st_mode):
         raise UnsafePathError(f"{shown} is not a regular file ({_kind(info.st_mode)})")
+    if info.st_nlink > 1:
+        # A hard link is the same file under another name too, e.g. /etc/passwd linked in.
+        raise UnsafePathError(
+            f"{shown} has {info.st_nlink} hard links (it is also a file elsewhere); copy it to give it its own"
+        )
     if max_bytes is not None and info.st_size > max_bytes:
         raise UnsafePathError(
             f"{shown} is {info.st_size} bytes, more than the {max_bytes} such a file may have"
