@@ -171,3 +171,12 @@ def test_quota_mid_write_is_one_line(
     assert _debris(out) == []
     assert json.loads((out / "shard-000000.json").read_text())["num_samples"] == 2
     assert not (out / "shard-000001.json").exists() and not (out / "shard-000001.safetensors").exists()
+
+
+def test_train_on_a_full_disk(feature_dir: Path, small_disk: Path, capsys) -> None:
+    run = small_disk / "run"
+    args = ["train", "--preset", "debug-lvlm", "--data", str(feature_dir), "--output-dir", str(run)]
+    assert main([*args, "--max-steps", "4", "--save-every", "2"]) == 2
+    line = _one_line(capsys, f"no space left on device: {run}", "free some space")
+    assert line.startswith("thinkdiff train: error: ")
+    assert _debris(small_disk) == []

@@ -73,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if message is None:
             raise  # a real bug: keep its traceback
         logging.getLogger("thinkdiff").debug("%s failed", args.command, exc_info=True)
+        _close_progress_bars()
         print(f"thinkdiff {args.command}: error: {message}", file=sys.stderr)
         return 2
     return int(result or 0)
@@ -81,6 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 # The arguments naming where a command writes, for an OS error that names no file (train's
 # config fields are parsed as ``field_<name>``).
 OUTPUT_ARGUMENTS = ("out", "out_dir", "output_dir", "field_output_dir")
+
+
+def _close_progress_bars() -> None:
+    """End the progress bars the failed command left open, so that its error starts a line of its own."""
+    tqdm_module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def _one_line_error(exc: Exception, args: argparse.Namespace) -> str | None:
