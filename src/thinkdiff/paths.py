@@ -61,7 +61,7 @@ def confined_file(root: str | Path, relative: str | Path, *, max_bytes: int | No
         )
     if max_bytes is not None and info.st_size > max_bytes:
         raise UnsafePathError(
-            f"{shown} is {info.st_size} bytes, more than the {max_bytes} such a file may have"
+            f"{shown} is {info.st_size} bytes, above the {max_bytes}-byte limit for this file"
         )
     return real
 
