@@ -344,7 +344,8 @@ def test_backend_on_models_given_by_flags(tmp_path) -> None:
     lvlm, bridge = backend.generate(["Word 1: red, ", "Word 2: blue, "], options)
     assert (lvlm.mode, bridge.mode) == ("lvlm", "text-bridge") and lvlm.verdict is None  # no judge here
     assert lvlm.sidecar["components"]["model"] == model and lvlm.sidecar["settings"]["num_inference_steps"] == 2
-    assert lvlm.sidecar["conditioning"]["num_tokens"] == 4 and not lvlm.sidecar["conditioning"]["greedy"]
+    # The page's token count wins; the rest is the folder's own (thinkdiff.json: greedy, up to EOS).
+    assert lvlm.sidecar["conditioning"]["num_tokens"] == 4 and lvlm.sidecar["conditioning"]["greedy"]
     assert Image.open(lvlm.path).size == (32, 32) and lvlm.sidecar_path.is_file()
 
 

@@ -46,9 +46,11 @@ Examples:
   thinkdiff generate --mode text-bridge --lvlm Qwen/Qwen2-VL-7B-Instruct --jobs cobsat.jsonl --out out/
   thinkdiff generate --model runs/clip/model --decoder THUDM/CogVideoX-5b --image cat.jpg \\
       --text "running on the beach" --out cat.mp4
-  thinkdiff generate --model src/thinkdiff/miniworld/weights/thinkdiff/lvlm \\
-      --decoder src/thinkdiff/miniworld/weights/flux --lvlm src/thinkdiff/miniworld/weights/vlm \\
-      --stop-at-eos --greedy --num-tokens 17 --text "Word 1: red, " --image red_star.png ... --out mini.png
+  thinkdiff generate --model src/thinkdiff/miniworld/weights/thinkdiff/no-split-calibrated \\
+      --text "Word 1: red, " --image red_star.png ... --out mini.png   # the mini world, on a CPU
+The model folder's thinkdiff.json may say how it is meant to run (its "inference": token count,
+EOS, greedy); those are the defaults of --num-tokens, --stop-at-eos, --greedy, --temperature and
+--top-p, and the sidecar's "conditioning_sources" says where each setting came from.
 """
 
 
@@ -162,24 +164,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     conditioning = parser.add_argument_group("conditioning")
     conditioning.add_argument("--instruction", help="instruction before the items (default: the CoBSAT one)")
     conditioning.add_argument("--no-instruction", action="store_true", help="send the items alone")
+    # These five default to the model folder's own (thinkdiff.json "inference"), else the library's.
     conditioning.add_argument(
         "--num-tokens",
         type=int,
-        default=128,
-        help="LVLM tokens: exactly, or at most with --stop-at-eos (default 128)",
+        help="LVLM tokens: exactly, or at most with --stop-at-eos (default: the model folder's, else 128)",
     )
     conditioning.add_argument(
         "--stop-at-eos",
-        action="store_true",
-        help="lvlm mode: stop at the LVLM's EOS and align the tokens up to it (default: exactly --num-tokens)",
+        action=argparse.BooleanOptionalAction,
+        help="lvlm mode: stop at the LVLM's EOS and align the tokens up to it "
+        "(default: the model folder's, else exactly --num-tokens)",
     )
     conditioning.add_argument(
         "--greedy",
-        action="store_true",
-        help="lvlm and text-bridge modes: decode the LVLM greedily instead of sampling",
+        action=argparse.BooleanOptionalAction,
+        help="lvlm and text-bridge modes: decode the LVLM greedily instead of sampling "
+        "(default: the model folder's, else sampling)",
     )
-    conditioning.add_argument("--temperature", type=float, default=0.6, help="LVLM sampling (default 0.6)")
-    conditioning.add_argument("--top-p", type=float, default=0.9, help="LVLM nucleus mass (default 0.9)")
+    conditioning.add_argument(
+        "--temperature", type=float, help="LVLM sampling (default: the model folder's, else 0.6)"
+    )
+    conditioning.add_argument("--top-p", type=float, help="LVLM nucleus mass (default: the model folder's, else 0.9)")
     add_qcd_and_hint(conditioning)
     conditioning.add_argument(
         "--text-max-length", type=int, default=128, help="T5 tokens of text (default 128)"
@@ -443,11 +449,15 @@ def _model_family(name: str) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """Check everything, then generate in chunks and write each output with its sidecar."""
+    import dataclasses
+
     import torch
 
     from thinkdiff.limits import check_pipeline_bounds
+    from thinkdiff.models.bundle import load_info
     from thinkdiff.models.quantization import check_gguf_file
     from thinkdiff.pipelines import InferenceSettings, ThinkDiffPipeline
+    from thinkdiff.pipelines.inference_defaults import resolve_settings
     from thinkdiff.pipelines.outputs import write_output
     from thinkdiff.utils import remove_debris
 
@@ -458,12 +468,11 @@ def run(args: argparse.Namespace) -> int:
     for name in ("batch_size", "lvlm_batch_size", "chunk_size", "fps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    settings = InferenceSettings(
-        num_tokens=args.num_tokens,
-        stop_at_eos=args.stop_at_eos,
-        greedy=args.greedy,
-        temperature=args.temperature,
-        top_p=args.top_p,
+    # The model folder's inference defaults (thinkdiff.json), then the flags; the sidecar records
+    # where each setting came from.
+    info = load_info(args.model) if args.model is not None and Path(args.model).is_dir() else None
+    library = InferenceSettings()
+    rest = InferenceSettings(
         text_max_length=args.text_max_length,
         max_images=args.max_images,
         max_pixels=args.max_pixels,
@@ -472,6 +481,12 @@ def run(args: argparse.Namespace) -> int:
         qcd_alpha=args.qcd_alpha,
         hint=hint_of(args),
     )
+    given = {
+        "num_tokens": args.num_tokens, "stop_at_eos": args.stop_at_eos, "greedy": args.greedy,
+        "temperature": args.temperature, "top_p": args.top_p,
+    }  # fmt: skip
+    given |= {k: v for k, v in dataclasses.asdict(rest).items() if v != getattr(library, k)}
+    settings, sources = resolve_settings(library, info, given)
     if args.hint is not None and args.no_instruction:
         raise ValueError("--hint is appended to the instruction: give it without --no-instruction")
     if args.no_instruction:
@@ -495,12 +510,13 @@ def run(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         transformer_file=args.transformer_file,
     )
+    pipe.settings_sources = sources
     pipe.decoder.check_size(args.height, args.width, "", names=("--height", "--width"))
     if pipe.info is not None:
         flag = "--lvlm" if pipe.mode == "lvlm" else "--vision"
         check_aligner_source(pipe.info, pipe.source_model, flag=flag, allow_other=args.allow_other_source)
     steps = [(r.num_inference_steps, r.metadata.get("where", "")) for r in requests]
-    check_pipeline_bounds(pipe, args.num_tokens, steps)
+    check_pipeline_bounds(pipe, settings.num_tokens, steps)
     if args.transformer_file is not None:
         check_gguf_file(args.transformer_file)
     if pipe.mode == "clip":  # the mode may come from the model folder: known only now

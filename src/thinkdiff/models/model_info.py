@@ -31,6 +31,11 @@ class ThinkDiffInfo:
     """'generated' token features, or 'prompt' for the input-token ablation."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance: training steps, config summary, conversion source."""
+    inference: dict[str, Any] = field(default_factory=dict)
+    """How the model is meant to be run: :class:`~thinkdiff.pipelines.InferenceSettings` fields
+    (``num_tokens``, ``stop_at_eos``, ``greedy``, ``temperature``, ``top_p``, ...) that the
+    pipeline, ``generate``, the app and ``eval`` use unless a flag overrides them. Empty: the
+    library's defaults (the paper's release)."""
 
     def __post_init__(self) -> None:
         if self.variant not in ("lvlm", "clip"):

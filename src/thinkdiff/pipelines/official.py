@@ -193,6 +193,8 @@ def convert_official_checkpoint(
         in_dim=aligner.in_dim,
         out_dim=aligner.out_dim,
         features="generated",
+        # The release's decoding: exactly 128 sampled tokens (temperature 0.6, top-p 0.9).
+        inference={"num_tokens": 128, "stop_at_eos": False, "greedy": False, "temperature": 0.6, "top_p": 0.9},
         extra={
             "converted_from": checkpoint.name,
             "sha256": file_sha256(checkpoint),

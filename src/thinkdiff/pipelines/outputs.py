@@ -97,6 +97,7 @@ def _sidecar(
         "lvlm_text": output.lvlm_texts[index],
         "settings": output.settings[index],
         "conditioning": dataclasses.asdict(pipe.settings),
+        "conditioning_sources": pipe.settings_sources,
         # This request's instruction, hint and QCD weight (job overrides included).
         "lvlm": pipe.lvlm_conditioning(request) if pipe.mode != "clip" else None,
         "components": pipe.components,

@@ -318,6 +318,8 @@ class ThinkDiffPipeline:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or default_dtype(self.device)
         self.settings = settings or InferenceSettings()
+        self.settings_sources: dict[str, str] | None = None
+        """Where each of :attr:`settings` came from (library, model folder, given), when known."""
         self.keep_loaded = keep_loaded
         self.quantize = quantize
         self.decoder: DiffusionDecoder = load_decoder(
@@ -372,6 +374,11 @@ class ThinkDiffPipeline:
         if model is not None:
             aligner, info = load_model(model)
         mode = mode or (info.variant if info is not None else "text-bridge")
+        sources = None
+        if settings is None:  # the model folder says how it is meant to be run (thinkdiff.json)
+            from thinkdiff.pipelines.inference_defaults import resolve_settings
+
+            settings, sources = resolve_settings(InferenceSettings(), info)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode == "clip" and lvlm is not None:
@@ -400,6 +407,7 @@ class ThinkDiffPipeline:
             transformer_file=transformer_file,
         )
         pipe._check_source_width()
+        pipe.settings_sources = sources
         return pipe
 
     def _check_source_width(self) -> None:
