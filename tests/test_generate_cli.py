@@ -393,6 +393,23 @@ def test_video_falls_back_to_frames_and_gif(error, tmp_path, monkeypatch: pytest
     assert Image.open(tmp_path / "v.gif").n_frames == 3
 
 
+def test_video_on_a_full_disk_is_not_a_fallback(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import diffusers.utils
+
+    from thinkdiff.pipelines.outputs import _write_video
+
+    def full_disk(frames, name, fps):
+        Path(name).write_bytes(b"\0" * 10)  # half a video in the temporary folder
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(diffusers.utils, "export_to_video", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        _write_video([Image.new("RGB", (16, 16))] * 2, tmp_path / "v.mp4", fps=8)
+    assert list(tmp_path.iterdir()) == []  # no frames folder, no GIF, no temporary folder
+
+
 # ---- job files: strict keys, the right line, outputs inside --out ------------------------------
 
 

@@ -38,6 +38,7 @@ def _write_video(frames: list[Image.Image], path: Path, fps: int) -> dict[str, A
     """MP4 through diffusers' ``export_to_video``; PNG frames + a GIF if no video writer works."""
     from diffusers.utils import export_to_video
 
+    from thinkdiff.storage import storage_failure
     from thinkdiff.utils import temporary_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +53,8 @@ def _write_video(frames: list[Image.Image], path: Path, fps: int) -> dict[str, A
         os.replace(tmp / path.name, path)
         return {}
     except (ImportError, AttributeError, OSError, RuntimeError, ValueError) as error:
+        if storage_failure(error) is not None:
+            raise  # a full or read-only disk would fail the frames too: said once, by the command line
         # AttributeError: export_to_video's word for imageio without an ffmpeg.
         logger.warning("could not write %s (%s); writing PNG frames and a GIF instead", path, error)
         reason = f"{type(error).__name__}: {error}"
