@@ -159,7 +159,7 @@ def test_other_pickle_loads_run_nothing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"corrupt checkpoint shard .*pytorch_model.bin"):
         load_prefixed_state_dict(folder, "vision.", torch.float32)
     torch.save({"state_dict": Payload(marker)}, tmp_path / "released.pth")
-    with pytest.raises(ValueError, match=r"cannot read .*released.pth as a weights-only"):
+    with pytest.raises(ValueError, match=r"released.pth holds pickled objects besides tensors"):
         convert_official_checkpoint(tmp_path / "released.pth", tmp_path / "model", "lvlm")
     assert not marker.exists() and not (tmp_path / "model").exists()
     src = Path(__file__).parents[1] / "src" / "thinkdiff"

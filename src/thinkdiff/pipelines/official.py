@@ -33,7 +33,7 @@ __all__ = ["OFFICIAL_DEFAULTS", "aligner_from_official_state_dict", "convert_off
 
 logger = logging.getLogger(__name__)
 
-# Torch's weights-only refusal is several lines that end by suggesting ``weights_only=False``, the
+# Torch's weights-only refusal is several lines that end by suggesting to turn weights_only off, the
 # one thing never to do with a file from the internet; these lines are dropped from what we show.
 _TORCH_ADVICE = re.compile(r"weights_only|Weights only load failed|Check the documentation|file an issue")
 
