@@ -55,3 +55,18 @@ def test_the_figure_command_refuses_a_non_png_in_one_line(tmp_path, capsys) -> N
     assert main(["demo", "--figure", str(tmp_path / "figure.jpg")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--figure" in err and not (tmp_path / "figure.jpg").exists()
+
+
+def test_make_demo_says_what_each_part_shows(tiny_env, tmp_path, capsys) -> None:
+    threads = torch.get_num_threads()
+    try:
+        assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "the grid shows 6 mini-CoBSAT prompt(s)" in out and (tmp_path / "demo" / "miniworld" / "demo.png").is_file()
+    # The tiny kit's part says, in its own output, that its text is random and its image noise.
+    part2 = out[out.index("Part 2: the tiny random kit") :]
+    assert "Its text is random tokens and its image is noise" in part2
+    assert "LVLM text for the generation (random weights: random tokens)" in part2
+    assert "generated image (random weights: noise)" in part2

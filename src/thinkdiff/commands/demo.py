@@ -196,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
     )
     last = samples[-1]
     print(
-        f"decoded from aligned features at step {last['step']}: {last['decoded']!r} (target {last['target']!r})"
+        f"decoded from aligned features at step {last['step']} (random weights: random tokens): "
+        f"{last['decoded']!r} (target {last['target']!r})"
     )
     print(
         f"LVLM text for the generation (random weights: random tokens): "
