@@ -94,3 +94,18 @@ def test_a_bare_generate_draws_what_the_app_draws(tmp_path) -> None:
         == flagged["conditioning_sources"]["greedy"]
         == FROM_GIVEN
     )
+
+
+def test_eval_cobsat_without_a_preset_runs_the_folder_as_it_is_meant_to(capsys) -> None:
+    base = ["eval", "cobsat", "generate", "--dry-run", "--mode", "lvlm", "--model", str(METHOD)]
+    assert main(base) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert run["settings"]["num_tokens"] == 17 and run["settings"]["greedy"] and run["settings"]["stop_at_eos"]
+    assert run["from_model_folder"] == ["greedy", "num_tokens", "stop_at_eos"]
+    assert main([*base, "--num-tokens", "40"]) == 0  # a flag wins
+    run = json.loads(capsys.readouterr().out)
+    assert run["settings"]["num_tokens"] == 40 and "num_tokens" not in run["from_model_folder"]
+    # A preset is a published row's settings: the folder's decoding does not change it.
+    assert main(["eval", "cobsat", "generate", "--dry-run", "--preset", "release", "--model", str(METHOD)]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert run["settings"]["num_tokens"] == 128 and not run["settings"]["greedy"] and "from_model_folder" not in run

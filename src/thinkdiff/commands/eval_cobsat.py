@@ -277,6 +277,16 @@ def resolved_settings(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
     }
     resolved = resolve_settings(args.preset, given)
+    # Without a preset, a model folder's own decoding (thinkdiff.json "inference") comes before the
+    # protocol's, as in generate; a preset is a published row's settings and keeps them.
+    if args.preset is None and args.model is not None and Path(args.model).is_dir():
+        from thinkdiff.models.bundle import load_info
+
+        own = load_info(args.model).inference
+        names = ("num_tokens", "stop_at_eos", "greedy", "temperature", "top_p")
+        taken = {k: own[k] for k in names if k in own and given.get(k) is None}
+        resolved["settings"].update(taken)
+        resolved["from_model_folder"] = sorted(taken) or None
     s = resolved["settings"]
     if s["mode"] is None:
         raise ValueError("give --mode or --preset")
@@ -306,6 +316,7 @@ def _load_generator(args: argparse.Namespace, s: dict[str, Any]) -> ImageGenerat
     settings = InferenceSettings(
         instruction=s["instruction"],
         num_tokens=s["num_tokens"],
+        stop_at_eos=s.get("stop_at_eos", False),
         greedy=s["greedy"],
         temperature=s["temperature"],
         top_p=s["top_p"],
@@ -368,6 +379,7 @@ def run_generate(args: argparse.Namespace) -> int:
             **s,
             "preset": resolved["preset"],
             "overrides": resolved["overrides"] or None,
+            "from_model_folder": resolved.get("from_model_folder"),
         },
     )
     print(
