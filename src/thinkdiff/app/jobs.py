@@ -223,8 +223,22 @@ class Backend:
             "height": "height", "width": "width", "num_inference_steps": "steps",
             "guidance_scale": "guidance", "true_cfg_scale": "true_cfg",
         }  # fmt: skip
-        if self.world is None and not Path(self._models[model]).is_dir():
-            return {}  # a hub id: its configs are read when a job loads it, not by the page
+        if self.world is None:
+            # Only local folders are read here: a hub id's configs are fetched when a job loads
+            # it, never while the page is drawn.
+            from thinkdiff.models.bundle import load_info
+
+            folder = Path(self._models[model])
+            try:
+                named = (
+                    load_info(folder).diffusion_decoder
+                    if decoder == MODEL_DEFAULT
+                    else self._decoder_paths[decoder]
+                )
+            except (OSError, ValueError):
+                return {}
+            if not Path(named).is_dir():
+                return {}
         try:
             pipe = self._pipeline(model, self.variant(model) or "text-bridge", decoder)
             stock = {k: p.default for k, p in call_defaults(pipe.decoder.pipeline_cls).items()}
