@@ -171,7 +171,12 @@ def test_report_numbers_come_from_the_evaluation(quick_world, tmp_path, monkeypa
     calibrated = TRANSFER_CALIBRATED.format(source=TRANSFER_SOURCES[0])
     assert set(rows) == {TRANSFER_CEILING, *TRANSFER_SOURCES, *mapped, calibrated}
     assert rows[calibrated]["all"] == 1.0 and rows[calibrated]["calibration_steps"] == 2
-    for name in ("calibrated lvlm", "calibrated no split", "calibrated input tokens", "calibrated lvlm regress"):
+    for name in (
+        "calibrated lvlm",
+        "calibrated no split",
+        "calibrated input tokens",
+        "calibrated lvlm regress",
+    ):
         assert tables[name]["2"]["average"]["accuracy"] == 1.0, name
     assert report["clip_calibrated"]["image"]["all"] == 1.0
     assert "## Calibration: the decoder in the loop" in (tmp_path / "report.md").read_text()
@@ -193,3 +198,127 @@ def test_report_numbers_come_from_the_evaluation(quick_world, tmp_path, monkeypa
         assert (tmp_path / png).stat().st_size > 1000, png
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["lvlm"]["tables"] == json.loads(json.dumps(tables))
+
+
+def _report_command(root: Path, out: Path, *extra: str) -> list[str]:
+    import sys
+
+    # --quick: small counts, and every section runs (premise, CLIP, QCD, both LVLM halves).
+    command = ["miniworld", "report", str(root), str(out), "--quick", "--no-progress"]
+    return [sys.executable, "-m", "thinkdiff.cli", *command, *extra]
+
+
+def _numbers(report: dict, path: str = "") -> dict[str, object]:
+    """Every number, flag and text of a report by its path, except wall times and what records the run."""
+    if isinstance(report, dict):
+        out: dict[str, object] = {}
+        for key, value in report.items():
+            if "seconds" in key or key in ("sections", "config", "build"):
+                continue
+            out.update(_numbers(value, f"{path}/{key}"))
+        return out
+    if isinstance(report, list):
+        out = {}
+        for i, value in enumerate(report):
+            out.update(_numbers(value, f"{path}[{i}]"))
+        return out
+    return {path: report}
+
+
+def _same_numbers(a: dict, b: dict) -> None:
+    """Every accuracy cell (and outcome, count, verdict) equal; real-valued diagnostics (cosines, R²,
+    losses, RMS) to 1e-5, since LAPACK's least squares may round differently from run to run."""
+    na, nb = _numbers(a), _numbers(b)
+    assert na.keys() == nb.keys()
+    loose = ("cosine", "linear_r2", "final_loss", "rms", "p_value", "ratio")
+    for path, value in na.items():
+        other = nb[path]
+        if isinstance(value, float) and path.rsplit("/", 1)[-1].startswith(loose):
+            assert other == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), path
+        elif isinstance(value, float) and value != value:
+            assert other != other, path
+        else:
+            assert value == other, path
+
+
+def test_a_killed_report_resumes_with_the_same_numbers(quick_world, tmp_path):
+    """Sections are saved as they finish: a run killed mid-way keeps them, the same command resumes
+    at the unfinished ones, and every number equals an uninterrupted run's (in two processes)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    root, _ = quick_world
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_report_command(root, whole, "--threads", "2"), check=True, env=env, capture_output=True)
+    reference = json.loads((whole / "report.json").read_text())
+    assert len(reference["sections"]) == 7 and "lvlm_calibrated" not in reference
+
+    run = subprocess.Popen(
+        _report_command(root, killed, "--threads", "1"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    record = killed / "report.json"
+    while run.poll() is None and not (
+        record.is_file() and len(json.loads(record.read_text())["sections"]) >= 2
+    ):
+        time.sleep(0.2)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    kept = json.loads(record.read_text())
+    assert 2 <= len(kept["sections"]) < 7, kept["sections"]
+    for name in kept["sections"]:
+        assert name in kept["seconds"]
+
+    changed = subprocess.run(
+        _report_command(root, killed, "--threads", "1", "--steps", "3"),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        changed.returncode == 2 and "other settings" in changed.stderr and "steps: 2 -> 3" in changed.stderr
+    )
+    assert "Traceback" not in changed.stderr
+    assert json.loads(record.read_text()) == kept  # the refused run wrote nothing
+
+    resumed = subprocess.run(
+        _report_command(root, killed, "--threads", "2"), check=True, env=env, capture_output=True, text=True
+    )
+    assert "resuming" in resumed.stderr and "(7 of 7 sections)" in resumed.stderr
+    for name in kept["sections"]:
+        assert f": {name} done" not in resumed.stderr, name  # a finished section is not measured again
+    final = json.loads(record.read_text())
+    assert final["sections"][: len(kept["sections"])] == kept["sections"]
+    _same_numbers(reference, final)
+    assert (killed / "report.md").read_text().count("## ") == (whole / "report.md").read_text().count("## ")
+
+
+def test_drawn_images_are_reused_not_sampled_again(quick_world):
+    """The text bridge where the answer is the caption, a decoding whose answer did not change: an
+    image asked for twice is drawn once, and is the same image."""
+    from thinkdiff.miniworld.models import DrawnImages, MiniWorld
+
+    root, _ = quick_world
+    world = MiniWorld(root)
+    asked: list[int] = []
+    draw = world.images_from_embeds
+
+    def counting(embeds, seeds, **sampling):
+        asked.append(len(embeds))
+        return draw(embeds, seeds, **sampling)
+
+    world.images_from_embeds = counting  # type: ignore[method-assign]
+    a, b = world.text_embeds(["a red star", "a blue moon on a green background"])
+    drawn = DrawnImages()
+    first = drawn.draw(world, [a, b, a], [0, 1, 0], steps=2, cfg=3.0)
+    assert asked == [2] and np.array_equal(first[0], first[2])
+    again = drawn.draw(world, [b, a, a], [1, 0, 5], steps=2, cfg=3.0)
+    assert asked == [2, 1]  # only (a, seed 5) is new
+    assert np.array_equal(again[0], first[1]) and np.array_equal(again[1], first[0])
+    drawn.draw(world, [a], [0], steps=3, cfg=3.0)
+    assert asked == [2, 1, 1]  # other sampler settings are another image

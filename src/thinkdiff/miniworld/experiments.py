@@ -27,6 +27,7 @@ import torch
 
 from thinkdiff.miniworld.judge import attribute_accuracy
 from thinkdiff.miniworld.minicobsat import MiniPrompt
+from thinkdiff.miniworld.models import DrawnImages
 from thinkdiff.miniworld.world import (
     ATTRIBUTES,
     Scene,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from thinkdiff.miniworld.models import MiniWorld
 
 __all__ = [
+    "ALIGNMENT_REFERENCE",
     "TRANSFER_CALIBRATED",
     "TRANSFER_CEILING",
     "TRANSFER_MAPPED",
@@ -297,7 +299,13 @@ def calibration_config(
 
 
 def train_clip_calibrated(
-    world_root: Path, work: Path, config: BuildConfig, *, init: Path, target: Path | None = None, **overrides: Any
+    world_root: Path,
+    work: Path,
+    config: BuildConfig,
+    *,
+    init: Path,
+    target: Path | None = None,
+    **overrides: Any,
 ) -> Path:
     """Calibrate the ThinkDiff-CLIP aligner: FLUX on its aligned image tokens (+ T5 of the caption's
     first part) must act as on the whole caption (:func:`calibration_config`'s recipe, CLIP's data
@@ -399,17 +407,21 @@ def score_lvlm_methods(
     methods: dict[str, Method],
     *,
     progress: bool = True,
+    drawn: DrawnImages | None = None,
     **sampling: Any,
 ) -> tuple[dict[str, list[bool]], dict[str, np.ndarray]]:
     """Generate one image per run and method and judge it against the prompt's target.
 
-    Returns, per method, a correctness list aligned with ``runs``, and the images.
+    ``drawn``: images already drawn by this measurement (:class:`DrawnImages`), shared by the
+    methods of this call and by later calls given the same one. Returns, per method, a
+    correctness list aligned with ``runs``, and the images.
     """
     seeds = [prompt_seed(r.prompt) for r in runs]
+    drawn = DrawnImages() if drawn is None else drawn
     correct, images = {}, {}
     for name, method in methods.items():
         embeds = [method(r) for r in runs]
-        images[name] = world.images_from_embeds(embeds, seeds, **sampling)
+        images[name] = drawn.draw(world, embeds, seeds, **sampling)
         verdicts = world.judge.read(images[name])
         correct[name] = [v.matches(r.prompt.target) for v, r in zip(verdicts, runs)]
         logger.info("%s: %.3f", name, float(np.mean(correct[name])) if correct[name] else float("nan"))
@@ -532,6 +544,10 @@ def score_clip(
     return out
 
 
+ALIGNMENT_REFERENCE = "t5 encoder states (reference)"
+"""The last row of :func:`alignment_diagnostics`: the T5 states themselves."""
+
+
 @torch.no_grad()
 def alignment_diagnostics(
     world: MiniWorld,
@@ -576,7 +592,7 @@ def alignment_diagnostics(
             "cosine_to_t5_states": float(np.mean(cosines)),
             "rms": float(np.mean(rms)),
         }
-    out["t5 encoder states (reference)"] = {
+    out[ALIGNMENT_REFERENCE] = {
         "proxy_reads_answer": float("nan"),
         "cosine_to_t5_states": 1.0,
         "rms": float(np.mean([float(s.pow(2).mean().sqrt()) for s in states.values()])),
@@ -726,7 +742,9 @@ def proxy_transfer(
                 labels = torch.nn.utils.rnn.pad_sequence(
                     [ids[s] for s in batch], batch_first=True, padding_value=-100
                 )
-                loss = calibration.distill(aligned_batch, [full_caption(s) for s in batch], key=f"premise:{step}")
+                loss = calibration.distill(
+                    aligned_batch, [full_caption(s) for s in batch], key=f"premise:{step}"
+                )
                 loss = loss + proxy_weight * proxy.loss(memory, mask, labels)
                 optimizer.zero_grad()
                 loss.backward()
@@ -738,7 +756,9 @@ def proxy_transfer(
                 memory, mask = pad_features(aligned)
                 texts = proxy.generate_text(memory, mask, max_new_tokens=24)
             results[TRANSFER_CALIBRATED.format(source=name)] = {
-                "proxy_exact": float(np.mean([t.strip() == full_caption(s) for t, s in zip(texts, test_scenes)])),
+                "proxy_exact": float(
+                    np.mean([t.strip() == full_caption(s) for t, s in zip(texts, test_scenes)])
+                ),
                 "cosine": float(np.mean([_cosine(a, t) for a, t in zip(aligned, targets)])),
                 "final_loss": float(np.mean(calibration_losses[-20:])),
                 "calibration_steps": calibration_steps,

@@ -31,8 +31,7 @@ import torch
 
 from thinkdiff.miniworld.sampler import DEFAULT_CFG, DEFAULT_STEPS
 
-__all__ = ["DEFAULT_CFG", "DEFAULT_STEPS", "MiniWorld", "default_weights_dir"]
-
+__all__ = ["DEFAULT_CFG", "DEFAULT_STEPS", "DrawnImages", "MiniWorld", "default_weights_dir"]
 
 
 def default_weights_dir() -> Path:
@@ -213,3 +212,45 @@ class MiniWorld:
     def images_from_text(self, texts: Sequence[str], seeds: Sequence[int], **kwargs) -> np.ndarray:
         """Text -> mini T5 -> mini FLUX (the decoder's own text-to-image)."""
         return self.images_from_embeds(self.text_embeds(texts), seeds, **kwargs)
+
+
+class DrawnImages:
+    """The images one measurement has drawn, by prompt embedding, seed and sampler settings.
+
+    Rows of a table often ask for the same image: the text bridge where the VLM's answer is the
+    target caption, a decoding variant whose answer did not change. Such a request is answered
+    from here instead of sampling it again; only the others go through the sampler, batched as
+    before. (A reused image was drawn in another batch than the row's own would have been, which
+    on a CPU can move a pixel by 1/255: the same image up to the sampler's batch rounding.)
+    """
+
+    def __init__(self) -> None:
+        self._images: dict[tuple[int, str, str], np.ndarray] = {}
+
+    def draw(
+        self, world: MiniWorld, embeds: Sequence[torch.Tensor], seeds: Sequence[int], **sampling: Any
+    ) -> np.ndarray:
+        """uint8 [B, H, W, 3]: :meth:`MiniWorld.images_from_embeds` for the requests not drawn yet."""
+        import hashlib
+
+        settings = repr(sorted(sampling.items()))
+        keys = [
+            (
+                seed,
+                settings,
+                hashlib.sha1(
+                    e.float().contiguous().numpy().tobytes() + repr(tuple(e.shape)).encode()
+                ).hexdigest(),
+            )
+            for e, seed in zip(embeds, seeds, strict=True)
+        ]
+        new: dict[tuple[int, str, str], int] = {}
+        for i, key in enumerate(keys):
+            if key not in self._images:
+                new.setdefault(key, i)
+        if new:
+            drawn = world.images_from_embeds(
+                [embeds[i] for i in new.values()], [seeds[i] for i in new.values()], **sampling
+            )
+            self._images.update(zip(new, drawn))
+        return np.stack([self._images[key] for key in keys])

@@ -68,6 +68,7 @@ def measure_qcd(
     shot and pooled), and the prompt-level ``outcomes``.
     """
     from thinkdiff.miniworld.experiments import aligner_method, run_vlm, score_lvlm_methods
+    from thinkdiff.miniworld.models import DrawnImages
     from thinkdiff.models.bundle import load_model
 
     prompts = list(prompts)
@@ -81,6 +82,7 @@ def measure_qcd(
     outcomes: dict[str, list[bool]] = {}
     text_answers: dict[str, list[bool]] = {}
     qcd_runs = None
+    drawn = DrawnImages()  # most answers are the same with and without the hint or QCD
     for name, (with_hint, with_qcd) in TEXT_ROWS.items():
         runs = run_vlm(
             world,
@@ -90,7 +92,9 @@ def measure_qcd(
             hint=hint if with_hint else None,
         )
         text_answers[name.replace("text bridge", "VLM answer")] = [r.text_correct for r in runs]
-        correct, _ = score_lvlm_methods(world, runs, {name: text_states}, progress=progress, **sampling)
+        correct, _ = score_lvlm_methods(
+            world, runs, {name: text_states}, progress=progress, drawn=drawn, **sampling
+        )
         outcomes[name] = correct[name]
         if with_qcd and not with_hint:
             qcd_runs = runs
@@ -151,7 +155,7 @@ def qcd_markdown(section: dict[str, Any]) -> list[str]:
         "appended to the instruction, and query-contrastive decoding (QCD): each step decodes "
         f"(1 + a) * logits(prompt) - a * logits(prompt without its last word), a = {section['alpha']} "
         "(greedy here). *lvlm + QCD*: ThinkDiff-LVLM's aligner on the features of the QCD answer, "
-        "from the full prompt. Hint: \"" + section["hint"] + "\"; the mini VLM never saw it in training "
+        'from the full prompt. Hint: "' + section["hint"] + '"; the mini VLM never saw it in training '
         "(its fixed sentences are single tokens), so the hint rows measure an unseen sentence, not "
         "instruction following. Paired test: McNemar's exact test against the plain text bridge on "
         f"the same prompts and seeds (n = {section['n_per_task']} prompts per task and shot).",
@@ -159,7 +163,11 @@ def qcd_markdown(section: dict[str, Any]) -> list[str]:
     ]
     tests = {(t["row"], t["shot"]): t for t in section["tests"]}
     for shot in next(iter(section["tables"].values())):
-        names = [n for n in next(iter(section["tables"].values()))[shot] if n not in ("average", "held-out targets")]
+        names = [
+            n
+            for n in next(iter(section["tables"].values()))[shot]
+            if n not in ("average", "held-out targets")
+        ]
         cols = [*names, "average", "vs text bridge"]
         lines += [f"### {shot}-shot", "", "| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         for name, table in section["tables"].items():
@@ -168,7 +176,9 @@ def qcd_markdown(section: dict[str, Any]) -> list[str]:
             cells = [f"{row[c]['accuracy']:.3f}" for c in names]
             cells.append(f"**{avg['accuracy']:.3f}** [{avg['ci95'][0]:.2f}, {avg['ci95'][1]:.2f}]")
             test = tests.get((name, int(shot)))
-            cells.append("-" if test is None else f"{test['a_only']} vs {test['b_only']}, p={test['p_value']:.2g}")
+            cells.append(
+                "-" if test is None else f"{test['a_only']} vs {test['b_only']}, p={test['p_value']:.2g}"
+            )
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Both shots pooled, against the plain text bridge:", "", "| row | accuracy | text bridge | discordant | p |",

@@ -20,8 +20,8 @@ tested), :mod:`~thinkdiff.miniworld.report.calibration`, :mod:`~thinkdiff.miniwo
 :mod:`~thinkdiff.miniworld.report.plots`.
 """
 
-from thinkdiff.miniworld.report.common import ReportConfig
+from thinkdiff.miniworld.report.common import ReportConfig, quick_report_config
 from thinkdiff.miniworld.report.markdown import render_markdown
 from thinkdiff.miniworld.report.runner import SECTIONS, write_report
 
-__all__ = ["SECTIONS", "ReportConfig", "render_markdown", "write_report"]
+__all__ = ["SECTIONS", "ReportConfig", "quick_report_config", "render_markdown", "write_report"]

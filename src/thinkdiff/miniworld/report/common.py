@@ -16,7 +16,7 @@ import numpy as np
 
 from thinkdiff.miniworld.sampler import DEFAULT_CFG, DEFAULT_STEPS
 
-__all__ = ["ReportConfig", "Section", "SectionContext", "always", "jsonable", "pct"]
+__all__ = ["ReportConfig", "Section", "SectionContext", "always", "jsonable", "pct", "quick_report_config"]
 
 
 @dataclasses.dataclass
@@ -52,6 +52,15 @@ class ReportConfig:
     def sampling(self) -> dict[str, Any]:
         """The mini FLUX sampler's settings, as :meth:`MiniWorld.images_from_embeds` takes them."""
         return {"steps": self.steps, "cfg": self.cfg}
+
+
+def quick_report_config(**changes: Any) -> ReportConfig:
+    """Small counts for a ``--quick`` world: every section runs (the test suite's report)."""
+    counts = {
+        "num_prompts": 2, "steps": 2, "fidelity_n": 8, "clip_n": 4, "retrain": False, "transfer_train": 64,
+        "transfer_n": 4, "transfer_steps": 2, "transfer_calibration_steps": 2,
+    }  # fmt: skip
+    return ReportConfig(**{**counts, **changes})
 
 
 RESULT_NEUTRAL = frozenset({"threads", "progress"})

@@ -11,15 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from thinkdiff.miniworld.experiments import ALIGNMENT_REFERENCE
 from thinkdiff.miniworld.minicobsat import MINI_TASKS, TASK_COLUMN_ORDER, build_prompts
 from thinkdiff.miniworld.report.ablation import aligner_folders
 from thinkdiff.miniworld.report.common import ReportConfig, SectionContext, pct
 from thinkdiff.miniworld.report.plots import plot_examples, plot_lvlm
 from thinkdiff.miniworld.stats import cell
 
-__all__ = ["METHODS", "lvlm_markdown", "measure_lvlm", "run_lvlm"]
+__all__ = ["METHODS", "finish_lvlm", "lvlm_markdown", "measure_lvlm", "run_lvlm", "run_lvlm_calibrated"]
 
 METHODS: tuple[str, ...] = (
     "ground-truth caption",
@@ -42,27 +44,87 @@ METHODS: tuple[str, ...] = (
 
 
 def run_lvlm(ctx: SectionContext) -> dict[str, Any]:
-    """The LVLM section: ``{"lvlm": ...}``; draws ``lvlm_accuracy.png`` and ``examples_lvlm.png``."""
+    """The LVLM section's proxy-only rows (the text rows, ThinkDiff-LVLM, the ablations, chance):
+    ``{"lvlm": ...}``; its example images wait in the work folder for :func:`finish_lvlm`."""
+    return {"lvlm": _measure_part(ctx, calibrated=False)}
+
+
+def run_lvlm_calibrated(ctx: SectionContext) -> dict[str, Any]:
+    """The LVLM section's calibrated rows, measured beside the other lane's proxy-only rows (the
+    same prompts and seeds): ``{"lvlm_calibrated": ...}``, merged into ``lvlm`` by :func:`finish_lvlm`."""
+    return {"lvlm_calibrated": _measure_part(ctx, calibrated=True)}
+
+
+def _measure_part(ctx: SectionContext, *, calibrated: bool) -> dict[str, Any]:
     aligners = aligner_folders(ctx.world, ctx.out_dir / "work", retrain=ctx.config.retrain)
-    lvlm, examples = measure_lvlm(ctx.world, aligners, ctx.config, ctx.config.sampling)
-    plot_lvlm(lvlm, ctx.out_dir / "lvlm_accuracy.png")
-    plot_examples(examples, ctx.out_dir / "examples_lvlm.png")
-    return {"lvlm": lvlm}
+    result, images = measure_lvlm(ctx.world, aligners, ctx.config, ctx.config.sampling, calibrated=calibrated)
+    _save_examples(ctx.out_dir, "calibrated" if calibrated else "proxy", images)
+    return result
 
 
-def measure_lvlm(world, aligners: dict[str, Path], config: ReportConfig, sampling: dict[str, Any]):
-    """Every method of :data:`METHODS` whose aligner exists on the same prompts and seeds; the tables,
-    the prompt-level outcomes, where the aligned features land, and example images."""
+def finish_lvlm(report: dict[str, Any], out_dir: Path) -> None:
+    """Merge the calibrated rows into ``report["lvlm"]`` (in :data:`METHODS` order, as one table),
+    then draw ``lvlm_accuracy.png`` and ``examples_lvlm.png``."""
+    lvlm = report["lvlm"]
+    calibrated = report.pop("lvlm_calibrated", None)
+    if calibrated is not None:
+        for key in ("tables", "outcomes"):
+            lvlm[key] = {**lvlm[key], **calibrated[key]}
+        # The T5 states' reference row stays last.
+        reference, alignment = {}, {}
+        for part in (lvlm["alignment"], calibrated["alignment"]):
+            for name, row in part.items():
+                (reference if name == ALIGNMENT_REFERENCE else alignment)[name] = row
+        lvlm["alignment"] = {**alignment, **reference}
+    plot_lvlm(lvlm, out_dir / "lvlm_accuracy.png")
+    config = report["config"]
+    prompts = list(build_prompts(TASK_COLUMN_ORDER, config["shots"], range(config["num_prompts"])))
+    picks = _example_picks(prompts)
+    images: dict[str, np.ndarray] = {}
+    for part in ("proxy", "calibrated"):
+        images.update(_load_examples(out_dir, part))
+    plot_examples([prompts[i] for i in picks], images, out_dir / "examples_lvlm.png")
+
+
+def _example_picks(prompts) -> list[int]:
+    """The example grid's rows: prompt 0 of each task, 2 shots first."""
+    return [i for i, p in enumerate(prompts) if p.index == 0][: 2 * len(TASK_COLUMN_ORDER)]
+
+
+def _examples_file(out_dir: Path, part: str) -> Path:
+    return out_dir / "work" / f"lvlm-examples-{part}.npz"
+
+
+def _save_examples(out_dir: Path, part: str, images: dict[str, np.ndarray]) -> None:
+    path = _examples_file(out_dir, part)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(images)
+    stacked = np.stack([images[n] for n in names]) if names else np.zeros((0,), np.uint8)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, names=np.array(names, dtype=str), images=stacked)
+    tmp.replace(path)
+
+
+def _load_examples(out_dir: Path, part: str) -> dict[str, np.ndarray]:
+    path = _examples_file(out_dir, part)
+    if not path.is_file():
+        return {}
+    with np.load(path, allow_pickle=False) as data:
+        return dict(zip([str(n) for n in data["names"]], data["images"]))
+
+
+def measure_lvlm(
+    world, aligners: dict[str, Path], config: ReportConfig, sampling: dict[str, Any], *, calibrated: bool
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The methods of :data:`METHODS` whose aligner exists, proxy-only or ``calibrated`` ones, on the
+    same prompts and seeds: the tables, the prompt-level outcomes, where the aligned features land;
+    and the example prompts' images per method."""
     from thinkdiff.miniworld.experiments import aligner_method, run_vlm, score_lvlm_methods
     from thinkdiff.models.aligner import Aligner
     from thinkdiff.models.bundle import load_model
 
     prompts = list(build_prompts(TASK_COLUMN_ORDER, config.shots, range(config.num_prompts)))
     runs = run_vlm(world, prompts, progress=config.progress)
-    lvlm_aligner, info = load_model(aligners["lvlm"])
-    torch.manual_seed(0)
-    untrained = Aligner(info.in_dim, info.out_dim, norm="t5").eval()
-    untrained.init_norm_from_t5(world.t5_encoder)
     text_cache: dict[str, torch.Tensor] = {}
 
     def text_states(text: str) -> torch.Tensor:
@@ -70,28 +132,36 @@ def measure_lvlm(world, aligners: dict[str, Path], config: ReportConfig, samplin
             text_cache[text] = world.text_embeds([text or " "])[0]
         return text_cache[text]
 
-    loaded = {"lvlm": lvlm_aligner, "untrained": untrained}
-    if "no split" in aligners:
-        loaded["no split"] = load_model(aligners["no split"])[0]
-    if "input tokens" in aligners:
-        loaded["input tokens"] = load_model(aligners["input tokens"])[0]
-    methods: dict[str, Any] = {
-        "ground-truth caption": lambda r: text_states(r.prompt.target_caption),
-        "text bridge": lambda r: text_states(r.answer),
-        "lvlm": aligner_method(lvlm_aligner),
-    }
-    if "no split" in loaded:
-        methods["no split"] = aligner_method(loaded["no split"])
-    if "input tokens" in loaded:
-        methods["input tokens"] = aligner_method(loaded["input tokens"], use_prompt=True)
-    methods["untrained"] = aligner_method(untrained)
-    for name in METHODS:
-        if name.startswith("calibrated ") and name in aligners:
-            loaded[name] = load_model(aligners[name])[0]
-            methods[name] = aligner_method(loaded[name], use_prompt="input tokens" in name)
+    loaded: dict[str, torch.nn.Module] = {}
+    methods: dict[str, Any] = {}
+    if calibrated:
+        for name in METHODS:
+            if name.startswith("calibrated ") and name in aligners:
+                loaded[name] = load_model(aligners[name])[0]
+                methods[name] = aligner_method(loaded[name], use_prompt="input tokens" in name)
+    else:
+        lvlm_aligner, info = load_model(aligners["lvlm"])
+        torch.manual_seed(0)
+        untrained = Aligner(info.in_dim, info.out_dim, norm="t5").eval()
+        untrained.init_norm_from_t5(world.t5_encoder)
+        loaded = {"lvlm": lvlm_aligner, "untrained": untrained}
+        for name in ("no split", "input tokens"):
+            if name in aligners:
+                loaded[name] = load_model(aligners[name])[0]
+        methods = {
+            "ground-truth caption": lambda r: text_states(r.prompt.target_caption),
+            "text bridge": lambda r: text_states(r.answer),
+            "lvlm": aligner_method(lvlm_aligner),
+        }
+        if "no split" in loaded:
+            methods["no split"] = aligner_method(loaded["no split"])
+        if "input tokens" in loaded:
+            methods["input tokens"] = aligner_method(loaded["input tokens"], use_prompt=True)
+        methods["untrained"] = aligner_method(untrained)
     with torch.no_grad():
         correct, images = score_lvlm_methods(world, runs, methods, progress=config.progress, **sampling)
-    correct = {"vlm text answer": [r.text_correct for r in runs], **correct}
+    if not calibrated:
+        correct = {"vlm text answer": [r.text_correct for r in runs], **correct}
 
     tables: dict[str, Any] = {}
     for name, outcomes in correct.items():
@@ -125,9 +195,8 @@ def measure_lvlm(world, aligners: dict[str, Path], config: ReportConfig, samplin
         ],
         "answers": [r.answer for r in runs[:50]],
     }
-    picks = [i for i in range(len(runs)) if runs[i].prompt.index == 0][: 2 * len(TASK_COLUMN_ORDER)]
-    examples = {"runs": [runs[i] for i in picks], "images": {k: v[picks] for k, v in images.items()}}
-    return result, examples
+    picks = _example_picks([r.prompt for r in runs])
+    return result, {k: v[picks] for k, v in images.items()}
 
 
 def lvlm_markdown(report: dict[str, Any]) -> list[str]:

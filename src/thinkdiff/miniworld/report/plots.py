@@ -85,22 +85,22 @@ def plot_lvlm(lvlm: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_examples(examples: dict[str, Any], path: Path) -> None:
+def plot_examples(prompts: list[Any], images: dict[str, np.ndarray], path: Path) -> None:
+    """A grid: each prompt's context images, then each method's image for it."""
     plt = _plt()
-    runs, images = examples["runs"], examples["images"]
-    if not runs:
+    if not prompts:
         return
-    max_shot = max(r.prompt.shot for r in runs)
+    max_shot = max(p.shot for p in prompts)
     cols = max_shot + len(images)
-    fig, axes = plt.subplots(len(runs), cols, figsize=(1.3 * cols, 1.45 * len(runs)), squeeze=False)
-    for row, run in enumerate(runs):
-        context = run.prompt.context_images()
+    fig, axes = plt.subplots(len(prompts), cols, figsize=(1.3 * cols, 1.45 * len(prompts)), squeeze=False)
+    for row, prompt in enumerate(prompts):
+        context = prompt.context_images()
         for c in range(cols):
             ax = axes[row][c]
             ax.axis("off")
-            if c < run.prompt.shot:
+            if c < prompt.shot:
                 ax.imshow(context[c])
-                ax.set_title(run.prompt.x_items[c], fontsize=6)
+                ax.set_title(prompt.x_items[c], fontsize=6)
             elif c >= max_shot:
                 name = list(images)[c - max_shot]
                 ax.imshow(images[name][row])
@@ -108,7 +108,7 @@ def plot_examples(examples: dict[str, Any], path: Path) -> None:
         axes[row][0].text(
             -40,
             16,
-            f"{run.prompt.task.short_name}\n{run.prompt.x_items[-1]}?\n-> {run.prompt.target_caption}",
+            f"{prompt.task.short_name}\n{prompt.x_items[-1]}?\n-> {prompt.target_caption}",
             fontsize=5,
             ha="right",
             va="center",

@@ -35,7 +35,7 @@ from thinkdiff.miniworld.report.common import (
     jsonable,
 )
 from thinkdiff.miniworld.report.fidelity import run_fidelity
-from thinkdiff.miniworld.report.lvlm import run_lvlm
+from thinkdiff.miniworld.report.lvlm import finish_lvlm, run_lvlm, run_lvlm_calibrated
 from thinkdiff.miniworld.report.markdown import render_markdown
 from thinkdiff.miniworld.report.plots import plot_losses
 from thinkdiff.miniworld.report.premise import run_premise
@@ -46,17 +46,19 @@ __all__ = ["SECTIONS", "write_report"]
 
 logger = logging.getLogger(__name__)
 
-READERS, LVLM = "readers", "lvlm"
+A, B = "a", "b"
 SECTIONS: tuple[Section, ...] = (
-    Section("fidelity", run_fidelity, READERS),
-    Section("premise", run_premise, READERS),
-    Section("clip", run_clip, READERS),
-    Section("qcd", run_qcd, READERS, wanted=wants_qcd),
-    Section("ablation_training", run_ablation, LVLM),
-    Section("lvlm", run_lvlm, LVLM),
+    Section("ablation_training", run_ablation, A),
+    Section("lvlm", run_lvlm, A),
+    Section("premise", run_premise, A),
+    Section("clip", run_clip, A),
+    Section("fidelity", run_fidelity, B),
+    Section("lvlm_calibrated", run_lvlm_calibrated, B),
+    Section("qcd", run_qcd, B, wanted=wants_qcd),
 )
-"""The report's sections, in lane order. Each seeds what it draws, so no number depends on which
-process runs it or on what ran before it."""
+"""The report's sections in two lanes of about equal work (on the committed world). Each seeds
+what it draws, so no number depends on which process runs it or on what ran before it; ``lvlm``
+needs the aligners ``ablation_training`` leaves, so it follows it in its lane."""
 
 
 def write_report(models_dir: Path, out_dir: Path, config: ReportConfig) -> dict[str, Any]:
@@ -140,12 +142,21 @@ def _run_two_lanes(todo: list[Section], ctx: SectionContext, threads: int, n: in
 
         for lane in list(lanes):
             submit_next(lane)
+        failure: BaseException | None = None
         while running:
             ready, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for future in ready:
                 section = running.pop(future)
-                finished(section, *future.result())
-                submit_next(section.lane)
+                try:
+                    result = future.result()
+                except Exception as exc:  # the other lane's running section is still saved
+                    failure = failure or exc
+                    continue
+                finished(section, *result)
+                if failure is None:
+                    submit_next(section.lane)
+        if failure is not None:
+            raise failure
 
 
 def _start_or_resume(out_dir: Path, config: ReportConfig, build_record: dict[str, Any]) -> dict[str, Any]:
@@ -173,8 +184,9 @@ def _start_or_resume(out_dir: Path, config: ReportConfig, build_record: dict[str
 
 
 def _finish(report: dict[str, Any], models_dir: Path, out_dir: Path, build_record: dict[str, Any]) -> None:
-    """The parts read from finished sections: the reasoning ceiling beside the fidelity rows, the
-    calibration cost, the claims, the component loss curves."""
+    """The parts read from finished sections: the LVLM table made whole, the reasoning ceiling
+    beside the fidelity rows, the calibration cost, the claims, the component loss curves."""
+    finish_lvlm(report, out_dir)
     report["fidelity"]["vlm_cobsat_text"] = report["lvlm"]["tables"]["vlm text answer"]
     report["calibration_cost"] = calibration_cost(build_record)
     report["claims"] = jsonable(claims(report["lvlm"]))
