@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from thinkdiff.pipelines import ThinkDiffPipeline
+    from thinkdiff.pipelines.decoders.spec import DecoderSpec
 
 logger = logging.getLogger(__name__)
 
 # Where a config cannot be read (a hub id offline): bounds that no real setting reaches.
 FALLBACK_STEPS = 1000
 FALLBACK_CONTEXT = 131072
+FLUX_T5_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -73,14 +75,28 @@ def lvlm_context_bound(lvlm: str | Path) -> Bound:
     return Bound(context, f"tokens LVLM {lvlm} reads, its prompt included (max_position_embeddings)")
 
 
-def check_pipeline_bounds(
-    pipe: ThinkDiffPipeline, num_tokens: int, steps: Iterable[tuple[int | None, str]]
-) -> None:
-    """``--num-tokens`` within the pipeline's LVLM context (lvlm and text-bridge modes) and each
-    ``(steps, where)`` within its decoder's schedule; ``where`` names a job ("" for the command line).
-    Reads configs only: call it after ``ThinkDiffPipeline.from_pretrained``, before the first request."""
+def text_length_bound(decoder: DecoderSpec) -> Bound:
+    """T5 tokens of text for a decoder: the most its stock pipeline reads (``max_sequence_length``
+    or CogVideoX's fixed length); FLUX.1 has no such field, and its stock pipeline refuses more
+    than 512 (the length its T5 was trained with)."""
+    if decoder.max_length or decoder.required_length:
+        return Bound(
+            int(decoder.max_length or decoder.required_length), f"T5 tokens decoder {decoder.name} reads"
+        )
+    return Bound(
+        FLUX_T5_TOKENS, f"T5 tokens decoder {decoder.name} reads (FluxPipeline's max_sequence_length)"
+    )
+
+
+def check_pipeline_bounds(pipe: ThinkDiffPipeline, steps: Iterable[tuple[int | None, str]]) -> None:
+    """The pipeline's settings and each request's steps within what its models take: ``--num-tokens``
+    within the LVLM's context (lvlm and text-bridge modes), ``--text-max-length`` within the decoder's
+    T5 length, and each ``(steps, where)`` within the decoder's schedule (``where`` names a job, ""
+    for the command line). Reads configs only: call it after ``ThinkDiffPipeline.from_pretrained``,
+    before the first request."""
     bound = denoising_steps_bound(pipe.decoder_spec.name)
     for value, where in steps:
         bound.check("steps" if where else "--steps", value, where)
     if pipe.mode != "clip":
-        lvlm_context_bound(pipe.source_model).check("--num-tokens", num_tokens)
+        lvlm_context_bound(pipe.source_model).check("--num-tokens", pipe.settings.num_tokens)
+    text_length_bound(pipe.decoder_spec).check("--text-max-length", pipe.settings.text_max_length)

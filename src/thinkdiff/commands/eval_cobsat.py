@@ -333,7 +333,7 @@ def _load_generator(args: argparse.Namespace, s: dict[str, Any]) -> ImageGenerat
         keep_loaded=True,
         settings=settings,
     )
-    check_pipeline_bounds(pipeline, s["num_tokens"], [(s["steps"], "")])  # before any model loads
+    check_pipeline_bounds(pipeline, [(s["steps"], "")])  # before any model loads
     s["lvlm"] = None if s["mode"] == "clip" else str(pipeline.source_model)
     s["decoder"] = pipeline.decoder_spec.name
     return SeededImageGenerator(

@@ -516,7 +516,7 @@ def run(args: argparse.Namespace) -> int:
         flag = "--lvlm" if pipe.mode == "lvlm" else "--vision"
         check_aligner_source(pipe.info, pipe.source_model, flag=flag, allow_other=args.allow_other_source)
     steps = [(r.num_inference_steps, r.metadata.get("where", "")) for r in requests]
-    check_pipeline_bounds(pipe, settings.num_tokens, steps)
+    check_pipeline_bounds(pipe, steps)
     if args.transformer_file is not None:
         check_gguf_file(args.transformer_file)
     if pipe.mode == "clip":  # the mode may come from the model folder: known only now
