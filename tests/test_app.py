@@ -425,3 +425,31 @@ def test_out_folder_with_foreign_files_is_refused(tmp_path: Path, capsys) -> Non
     (tmp_path / "examples").mkdir()
     (tmp_path / "20261201-211546-0000-0123456789abcdef").mkdir()
     Backend(AppConfig(out_dir=tmp_path))  # the app's own folders are fine
+
+
+def test_a_symlink_in_out_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """A symlink named like the app's own entries would carry its writes outside --out: it is
+    refused when the backend starts, before the page writes its example images."""
+    from thinkdiff.paths import UnsafePathError
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    for name in ("examples", "20250101-000000-0001-0123456789abcdef"):
+        (out / name).symlink_to(elsewhere)
+        with pytest.raises(UnsafePathError, match=f"{name} is a symlink"):
+            Backend(AppConfig(out_dir=out))
+        (out / name).unlink()
+    (out / "examples").write_text("not a folder")
+    with pytest.raises(UnsafePathError, match="examples is not a folder"):
+        Backend(AppConfig(out_dir=out))
+    (out / "examples").unlink()
+    backend = Backend(AppConfig(out_dir=out))
+    # Swapped in after the start: the folder is checked again before each write into it.
+    (out / "examples").symlink_to(elsewhere)
+    with pytest.raises(UnsafePathError, match="examples is a symlink"):
+        backend.example("Color-I", 2, 0)
+    (out / "examples").unlink()
+    assert backend.example("Color-I", 2, 0)["items"]
+    assert not (out / "examples").is_symlink() and any((out / "examples").iterdir())
+    assert list(elsewhere.iterdir()) == []

@@ -7,6 +7,7 @@ file is refused here, in one place, before anything is read, served or uploaded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path, PurePosixPath
@@ -77,3 +78,34 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a plain file"
+
+
+def confined_folder(root: str | Path, name: str, *, create: bool = False) -> Path:
+    """The real path of the folder ``name``, an entry directly inside the folder ``root``.
+
+    Where a command writes into a subfolder of a folder it serves, the subfolder must be a real one:
+    a symlink named like it (``out/examples -> /elsewhere``) would carry the writes outside ``root``.
+    ``name`` is one plain entry name; a symlink, or anything but a folder, is :class:`UnsafePathError`.
+    A missing folder is created with ``create`` (``mkdir`` never follows a symlink put there
+    meanwhile: the check after it still sees it), else ``FileNotFoundError``.
+    """
+    root_real = Path(os.path.realpath(root))
+    shown = Path(root) / name
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise UnsafePathError(f"{shown}: not a plain folder name inside {root}")
+    path = root_real / name
+    if create:
+        with contextlib.suppress(FileExistsError):  # whatever is there is checked below
+            os.mkdir(path)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{shown} does not exist") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafePathError(
+            f"{shown} is a symlink (to {os.readlink(path)!r}); only folders that really live in {root} are used"
+        )
+    if not stat.S_ISDIR(info.st_mode):
+        kind = "a file" if stat.S_ISREG(info.st_mode) else _kind(info.st_mode)
+        raise UnsafePathError(f"{shown} is not a folder ({kind})")
+    return path

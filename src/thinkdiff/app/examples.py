@@ -9,7 +9,8 @@ def mini_cobsat_example(
     folder: Path, task: str = "Color-II", shot: int = 2, index: int | None = None
 ) -> dict[str, Any]:
     """A mini-CoBSAT prompt as editor rows: ``{"items": [str | Path], "target": {...},
-    "target_caption": str, "caption": str, "seed": int}``; its images are written into ``folder``.
+    "target_caption": str, "caption": str, "seed": int}``; its images are written into ``folder``,
+    an existing folder the caller has confined (:meth:`thinkdiff.app.Backend.examples_dir`).
 
     ``index`` ``None`` draws a prompt at random; the seed is the one the mini-world report uses for it.
     """
@@ -23,7 +24,6 @@ def mini_cobsat_example(
     if index is None:
         index = random.randrange(NUM_PROMPTS)
     prompt = build_prompt(names[task], int(shot), int(index), *prompts_list()[int(index)])
-    folder.mkdir(parents=True, exist_ok=True)
     items: list[str | Path] = []
     for n, item in enumerate(prompt.items(instruction=None)):
         if isinstance(item, str):
@@ -48,13 +48,13 @@ EXAMPLE_TASKS = ("Color-I", "Color-II", "Background-I", "Background-II", "Textur
 
 def example_thumbnails(folder: Path, shot: int = 2) -> list[tuple[str, str, str, int]]:
     """One thumbnail a task (the n-th task's prompt n): its example images side by side, then a
-    "?" cell; ``(path, caption, task, index)``, the images written into ``folder`` once."""
+    "?" cell; ``(path, caption, task, index)``, the images written once into ``folder``, an existing
+    folder the caller has confined (:meth:`thinkdiff.app.Backend.examples_dir`)."""
     from PIL import Image, ImageDraw
 
     from thinkdiff.evaluation.cobsat.protocol import prompts_list
     from thinkdiff.miniworld.minicobsat import MINI_TASKS, build_prompt
 
-    folder.mkdir(parents=True, exist_ok=True)
     ids = {t.name: t.task_id for t in MINI_TASKS.values()}
     out = []
     for index, task in enumerate(EXAMPLE_TASKS):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thinkdiff.app.outputs import JobResult, check_out_dir
+from thinkdiff.paths import confined_folder
 
 if TYPE_CHECKING:
     from thinkdiff.miniworld.catalogue import WorldModel
@@ -302,7 +303,13 @@ class Backend:
         its images are written under ``out_dir/examples``."""
         from thinkdiff.app.examples import mini_cobsat_example
 
-        return mini_cobsat_example(self.out_dir / "examples", task, shot, index)
+        return mini_cobsat_example(self.examples_dir(), task, shot, index)
+
+    def examples_dir(self) -> Path:
+        """``out_dir/examples``, where the page's example images are written: created as, or checked
+        to be, a real folder inside ``out_dir`` before anything is written into it."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        return confined_folder(self.out_dir, "examples", create=True)
 
     # ---- generation -----------------------------------------------------------------------------
 
@@ -399,11 +406,12 @@ class Backend:
                 raise Cancelled
             # Gradio serves this folder to the job's owner by its path: a random part keeps other
             # clients (who learn the naming from their own jobs) from fetching its uploads.
-            job = (
-                self.out_dir
-                / f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._jobs):04d}-{secrets.token_hex(8)}"
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            job = confined_folder(
+                self.out_dir,
+                f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._jobs):04d}-{secrets.token_hex(8)}",
+                create=True,
             )
-            job.mkdir(parents=True, exist_ok=True)
             # The sidecar names the inputs as kept beside it, not the server's upload cache.
             kept = iter([job / f"input-{n + 1}{suffix}" for n, suffix in enumerate(suffixes)])
             sequence: list[str | Path] = []

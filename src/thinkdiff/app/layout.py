@@ -128,7 +128,7 @@ def build_app(backend: Backend) -> "gr.Blocks":
         target = gr.State(None)
         history = gr.State([])
         gr.Markdown("### Examples (mini-CoBSAT: what comes next?)")
-        thumbnails = example_thumbnails(backend.out_dir / "examples")
+        thumbnails = example_thumbnails(backend.examples_dir())
         with gr.Row():
             examples = gr.Gallery(
                 [(backend.served(Path(path)), caption) for path, caption, _, _ in thumbnails],

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from thinkdiff.paths import confined_folder
+
 
 @dataclass
 class JobResult:
@@ -71,18 +73,20 @@ def check_out_dir(out_dir: Path) -> None:
 
     The page serves every file below ``--out`` to any client that names it (gradio's
     ``allowed_paths``), so that folder must hold only the app's own outputs: ``--out ~`` would
-    otherwise publish the home folder.
+    otherwise publish the home folder. Each entry named like the app's own must be a real folder
+    inside ``--out`` (:func:`thinkdiff.paths.confined_folder`): a symlink named ``examples`` would
+    otherwise carry the example images the page writes to wherever it points. Nothing is written
+    before this check.
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file, not a folder")
-    foreign = (
-        sorted(p.name for p in out_dir.iterdir() if not _OWN_ENTRY.fullmatch(p.name))
-        if out_dir.is_dir()
-        else []
-    )
+    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    foreign = [name for name in entries if not _OWN_ENTRY.fullmatch(name)]
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ValueError(
             f"--out {out_dir} holds files the app did not write ({shown}); every file under --out is "
             "served to the page's clients, so give the app a folder of its own"
         )
+    for name in entries:
+        confined_folder(out_dir, name)  # UnsafePathError (a ValueError) names the entry
