@@ -148,3 +148,45 @@ def test_compare_refuses_a_file_that_is_not_a_results_file(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and name in err[0] and "Traceback" not in err[0], err
         assert not (tmp_path / "cmp").exists()
+
+
+def _results_record() -> dict:
+    """A real results file's record: two cells of one task, judged by a named judge."""
+    from thinkdiff.evaluation.cobsat.judge import JudgeInfo
+    from thinkdiff.evaluation.cobsat.results import CellResult, CobsatResults
+
+    cells = {(2, 1): CellResult(1, 2, 2, 1, 2, 0, 0, 1, 2, [0]), (4, 1): CellResult(1, 4, 2, 0, 2, 0, 0, 1, 1)}
+    judge = JudgeInfo("tiny:llava", "llava", 3, "float32")
+    return CobsatResults("run", judge, cells, [0, 1], generation=[{"mode": "lvlm", "size": 512}]).to_dict()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("generation", "ab"),
+        ("generation", [1]),
+        ("prompt_indices", []),
+        ("prompt_indices", ["0"]),
+        ("cells", []),
+        ("cells", [{"task_id": 1, "shot": 2}]),
+        ("cells", [{**_results_record()["cells"][0], "task_id": 99}]),
+        ("clip_cells", [7]),
+        ("label", 5),
+    ],
+)
+def test_compare_refuses_a_damaged_field_before_writing_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str, value: object
+) -> None:
+    """A results file of the right kind with one damaged field: one line naming the file and the
+    field, exit 2, and no output written (not even the ones a good file beside it would give)."""
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(_results_record()))
+    bad.write_text(json.dumps({**_results_record(), field: value}))
+    capsys.readouterr()
+    assert main(["eval", "cobsat", "compare", str(good), str(bad), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and repr(field) in err[0], err
+    assert not (tmp_path / "cmp").exists()
+    # The same file undamaged is drawn and written whole.
+    assert main(["eval", "cobsat", "compare", str(good), "--out", str(tmp_path / "cmp")]) == 0
+    assert sorted(p.suffix for p in (tmp_path / "cmp").iterdir()) == [".csv", ".json", ".md", ".png"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from thinkdiff.evaluation.cobsat.protocol import (
     TASKS,
     build_prompts,
 )
+from thinkdiff.utils import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "PUBLISHED",
@@ -241,20 +242,60 @@ class CobsatResults:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CobsatResults:
-        """Rebuild from the JSON file (for tables comparing several runs)."""
-
-        def cells(rows: list[dict[str, Any]]) -> dict[tuple[int, int], CellResult]:
-            keep = {f for f in CellResult.__dataclass_fields__}
-            return {(r["shot"], r["task_id"]): CellResult(**{k: r[k] for k in keep}) for r in rows}
-
+        """Rebuild from the JSON file (for tables comparing several runs); ``ValueError`` naming the
+        field when one is damaged, so that nothing is drawn or written from it."""
+        if not isinstance(d.get("label"), str):
+            raise ValueError("'label' is not a string")
+        indices = d.get("prompt_indices")
+        if not _is_list_of(indices, _is_int) or not indices or not all(0 <= i < NUM_PROMPTS for i in indices):
+            raise ValueError(
+                f"'prompt_indices' is not a non-empty list of prompt indices 0..{NUM_PROMPTS - 1}"
+            )
+        generation = d.get("generation")
+        if generation is not None and not _is_list_of(generation, _is_record):
+            raise ValueError("'generation' is neither null nor a list of generator records (objects)")
         return cls(
             label=d["label"],
             judge=JudgeInfo.from_dict(d["judge"]),
-            cells=cells(d["cells"]),
-            indices=list(d["prompt_indices"]),
-            clip=cells(d["clip_cells"]) if d.get("clip_cells") else None,
-            generation=d.get("generation"),
+            cells=_cells(d.get("cells"), "cells"),
+            indices=list(indices),
+            clip=_cells(d["clip_cells"], "clip_cells") if d.get("clip_cells") else None,
+            generation=generation,
         )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_record(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+
+
+def _is_list_of(value: Any, check: Callable[[Any], bool]) -> bool:
+    return isinstance(value, list) and all(check(v) for v in value)
+
+
+def _cells(rows: Any, name: str) -> dict[tuple[int, int], CellResult]:
+    """A results file's ``cells`` (or ``clip_cells``) checked: a non-empty list of cells of known
+    tasks and shots whose counts are whole numbers."""
+    counts = [f for f, kind in CellResult.__annotations__.items() if kind == "int"]
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"'{name}' is not a non-empty list of cells")
+    cells = {}
+    for n, row in enumerate(rows):
+        if (
+            not isinstance(row, dict)
+            or not all(_is_int(row.get(f)) and row[f] >= 0 for f in counts)
+            or row["task_id"] not in TASKS
+            or not 1 <= row["shot"] <= 8
+            or not _is_list_of(row.get("correct_indices", []), _is_int)
+        ):
+            raise ValueError(f"'{name}' entry {n} is not a cell (task_id, shot 1..8 and whole counts)")
+        cells[(row["shot"], row["task_id"])] = CellResult(
+            **{f: row[f] for f in counts}, correct_indices=list(row.get("correct_indices", []))
+        )
+    return cells
 
 
 def score_records(
@@ -518,7 +559,10 @@ def _csv_rows(results: Sequence[CobsatResults], with_published: bool = True) -> 
     return rows
 
 
-def _plot(results: Sequence[CobsatResults], path: Path, with_published: bool = True) -> None:
+def _plot(results: Sequence[CobsatResults], with_published: bool = True) -> bytes:
+    """The bar chart as PNG bytes (drawn in full before any file is written)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -569,8 +613,10 @@ def _plot(results: Sequence[CobsatResults], path: Path, with_published: bool = T
     )
     fig.text(0.01, 0.005, footer, fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    return png.getvalue()
 
 
 def write_results(
@@ -580,21 +626,32 @@ def write_results(
     with_published: bool = True,
     plot: bool = True,
 ) -> dict[str, Path]:
-    """Write ``{stem}.md``, ``.csv``, ``.json`` (first run only when several) and ``.png`` into ``out_dir``."""
+    """Write ``{stem}.md``, ``.csv``, ``.json`` (first run only when several) and ``.png`` into ``out_dir``.
+
+    Every file is drawn in memory first and then written atomically, so a run that cannot be drawn
+    writes nothing and an earlier file of the same name is never left half-written.
+    """
+    import io
+
     runs = [results] if isinstance(results, CobsatResults) else list(results)
     if not runs:
         raise ValueError("no results to write")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv", "json": out_dir / f"{stem}.json"}
-    paths["md"].write_text(_markdown(runs, with_published) + "\n")
-    with open(paths["csv"], "w", newline="") as f:
-        csv.writer(f).writerows(_csv_rows(runs, with_published))
+    table = io.StringIO(newline="")
+    csv.writer(table).writerows(_csv_rows(runs, with_published))
     payload: Any = runs[0].to_dict() if len(runs) == 1 else {"runs": [r.to_dict() for r in runs]}
-    paths["json"].write_text(json.dumps(payload, indent=1) + "\n")
+    drawn: dict[str, str | bytes] = {
+        "md": _markdown(runs, with_published) + "\n",
+        "csv": table.getvalue(),
+        "json": json.dumps(payload, indent=1) + "\n",
+    }
     if plot:
-        paths["png"] = out_dir / f"{stem}.png"
-        _plot(runs, paths["png"], with_published)
+        drawn["png"] = _plot(runs, with_published)
+    paths = {kind: Path(out_dir) / f"{stem}.{kind}" for kind in drawn}
+    for kind, content in drawn.items():
+        if isinstance(content, bytes):
+            atomic_write_bytes(paths[kind], content)
+        else:
+            atomic_write_text(paths[kind], content)
     return paths
 
 
