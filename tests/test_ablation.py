@@ -38,3 +38,25 @@ def test_input_tokens_then_text_bridge(tiny_env, tmp_path) -> None:
     assert (out / "runs" / "lvlm" / "model" / "thinkdiff.json").stat().st_mtime_ns == trained_at  # reused
     sidecar = json.loads(next((out / "images" / "text-bridge").rglob("*.json")).read_text())
     assert sidecar["generator"]["mode"] == "text-bridge"
+
+
+def test_qcd_variants_keep_their_own_qcd_weight_under_a_preset(tmp_path, capsys) -> None:
+    """The qcd ablation's arms without QCD stay without it under --generate-preset tbdn (whose
+    published weight is 0.5), the weight is recorded as an override of the preset, and the arms
+    with QCD take the ablation's --qcd-alpha."""
+    from thinkdiff.cli import build_parser
+    from thinkdiff.commands.ablation import ABLATIONS, generate_argv
+
+    base = ["eval", "cobsat", "ablation", "qcd", "--features", str(tmp_path), "--dataset", str(tmp_path)]
+    for preset, alpha in ((["--generate-preset", "tbdn"], "0.25"), ([], "0.5")):
+        args = build_parser().parse_args([*base, "--out", str(tmp_path / "out"), *preset, "--qcd-alpha", alpha])
+        for variant in ABLATIONS["qcd"]:
+            capsys.readouterr()
+            argv = generate_argv(args, variant, tmp_path / "model", tmp_path / "images")
+            assert main([*argv, "--dry-run"]) == 0
+            resolved = json.loads(capsys.readouterr().out)
+            want = float(alpha) if variant.name.endswith("qcd") else 0.0
+            assert resolved["settings"]["qcd_alpha"] == want, (preset, variant.name)
+            assert (resolved["settings"]["hint"] is not None) == ("hint" in variant.name)
+            if preset and want != 0.5:
+                assert resolved["overrides"]["qcd_alpha"] == {"preset": 0.5, "given": want}

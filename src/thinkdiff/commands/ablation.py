@@ -19,19 +19,27 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
 @dataclass(frozen=True)
 class Variant:
     """One arm of an ablation: how it is trained (None: not trained, the method's model is used),
-    the inference mode, and extra ``eval cobsat generate`` flags."""
+    the inference mode, extra ``eval cobsat generate`` flags, and whether it decodes with QCD."""
 
     name: str
     mode: str = "lvlm"
     train_args: tuple[str, ...] | None = field(default=())
     generate_args: tuple[str, ...] = ()
+    qcd: bool | None = None
+    """``True``: the ablation's ``--qcd-alpha``; ``False``: none, whatever ``--generate-preset`` says
+    (the variant is the arm without QCD); ``None``: not the ablation's subject (the preset's)."""
+
+    def qcd_args(self, alpha: float) -> list[str]:
+        """The ``--qcd-alpha`` flag that gives this variant its own QCD weight (given explicitly, so it
+        wins over a preset's and is recorded as an override of it)."""
+        return [] if self.qcd is None else [f"--qcd-alpha={alpha if self.qcd else 0.0}"]
 
 
 METHOD = Variant("lvlm")
@@ -48,16 +56,15 @@ ABLATIONS: dict[str, tuple[Variant, ...]] = {
     # The strongest published baseline: the LVLM writes a prompt, FLUX's own encoders read it.
     "text-bridge": (METHOD, Variant("text-bridge", mode="text-bridge", train_args=None)),
     # The 2026 follow-up's training-free method: the text bridge with a hint and query-contrastive
-    # decoding (--qcd-alpha A of this command, 0.5 by default), and ThinkDiff-LVLM with QCD.
+    # decoding (--qcd-alpha A of this command, 0.5 by default), and ThinkDiff-LVLM with QCD. Each
+    # variant states its QCD weight, so a --generate-preset with QCD (tbdn) does not give it to all.
     "qcd": (
-        METHOD,
-        Variant("text-bridge", mode="text-bridge", train_args=None),
-        Variant("text-bridge-hint", mode="text-bridge", train_args=None, generate_args=("--hint",)),
-        Variant("text-bridge-qcd", mode="text-bridge", train_args=None, generate_args=("--qcd-alpha",)),
-        Variant(
-            "text-bridge-hint-qcd", mode="text-bridge", train_args=None, generate_args=("--hint", "--qcd-alpha")
-        ),
-        Variant("lvlm-qcd", train_args=None, generate_args=("--qcd-alpha",)),
+        replace(METHOD, qcd=False),
+        Variant("text-bridge", mode="text-bridge", train_args=None, qcd=False),
+        Variant("text-bridge-hint", mode="text-bridge", train_args=None, generate_args=("--hint",), qcd=False),
+        Variant("text-bridge-qcd", mode="text-bridge", train_args=None, qcd=True),
+        Variant("text-bridge-hint-qcd", mode="text-bridge", train_args=None, generate_args=("--hint",), qcd=True),
+        Variant("lvlm-qcd", train_args=None, qcd=True),
     ),
 }
 
@@ -117,6 +124,29 @@ def _pairs(args: argparse.Namespace, *names: str) -> list[str]:
     return out
 
 
+def generate_argv(args: argparse.Namespace, variant: Variant, model: Path, images: Path) -> list[str]:
+    """The ``eval cobsat generate`` command line of one variant: the ablation's selection and
+    generation flags, the preset, then the variant's own flags and QCD weight (which win)."""
+    return [
+        "eval",
+        "cobsat",
+        "generate",
+        "--mode",
+        variant.mode,
+        "--model",
+        str(model),
+        "--dataset",
+        str(args.dataset),
+        "--out",
+        str(images),
+        *_pairs(args, "tasks", "shots", "num-prompts"),
+        *_pairs(args, "steps", "size", "decoder", "device"),
+        *(["--preset", args.generate_preset] if args.generate_preset else []),
+        *variant.generate_args,
+        *variant.qcd_args(args.qcd_alpha),
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     from thinkdiff.cli import main
 
@@ -151,25 +181,7 @@ def run(args: argparse.Namespace) -> int:
                 ]
             )
         images = out / "images" / variant.name
-        call(
-            [
-                "eval",
-                "cobsat",
-                "generate",
-                "--mode",
-                variant.mode,
-                "--model",
-                str(run_dir / "model"),
-                "--dataset",
-                str(args.dataset),
-                "--out",
-                str(images),
-                *selection,
-                *_pairs(args, "steps", "size", "decoder", "device"),
-                *(["--preset", args.generate_preset] if args.generate_preset else []),
-                *[f"--qcd-alpha={args.qcd_alpha}" if a == "--qcd-alpha" else a for a in variant.generate_args],
-            ]
-        )
+        call(generate_argv(args, variant, run_dir / "model", images))
         result_dir = out / "results" / variant.name
         call(
             [
