@@ -137,3 +137,33 @@ def test_mini_world_prompts_render_as_before() -> None:
         assert vlm.chat_text(prompt.items(DEFAULT_INSTRUCTION)) != before
     finally:
         vlm.instruction = MINI_INSTRUCTION
+
+
+def test_a_job_file_exported_before_the_blank_line_is_refused(
+    tiny_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job file whose items start with the instruction as written before it ended with its blank
+    line would give the LVLM the instruction twice (the pipeline adds the current one): refused in
+    one line that says how to re-export it, before anything is generated. A current export runs."""
+    from thinkdiff.cli import main
+    from thinkdiff.evaluation.cobsat import write_synthetic_dataset
+
+    dataset = write_synthetic_dataset(tmp_path / "datasets")
+    jobs = tmp_path / "jobs.jsonl"
+    export = ["eval", "cobsat", "prompts", "--format", "thinkdiff", "--dataset", str(dataset), "--out", str(jobs)]
+    assert main([*export, "--tasks", "1", "--shots", "2", "--prompt-range", "0:1"]) == 0
+    current = json.loads(jobs.read_text())
+    assert current["items"][0] == {"text": DEFAULT_INSTRUCTION}
+    generate = ["generate", "--mode", "text-bridge", "--lvlm", "tiny:qwen2-vl", "--decoder", "tiny:flux", "--steps", "1"]
+    generate += ["--height", "64", "--width", "64", "--num-tokens", "2", "--jobs", str(jobs)]
+    old_body = DEFAULT_INSTRUCTION.rstrip()
+    for old in (old_body, f"{old_body} {HINT_INSTRUCTION}"):
+        jobs.write_text(json.dumps({**current, "items": [{"text": old}, *current["items"][1:]]}) + "\n")
+        capsys.readouterr()
+        assert main([*generate, "--out", str(tmp_path / "old")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{jobs} line 1" in err[0] and "eval cobsat prompts" in err[0], err
+        assert not (tmp_path / "old").exists()
+    jobs.write_text(json.dumps(current) + "\n")
+    assert main([*generate, "--out", str(tmp_path / "new")]) == 0
+    assert len(list((tmp_path / "new").glob("*.png"))) == 1

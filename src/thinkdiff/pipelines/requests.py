@@ -126,12 +126,26 @@ def prepare_requests(requests: Sequence[Request], max_images: int | None = None)
                     f"{where}: items must be str (text), PIL images or image paths, got {type(item).__name__}"
                 )
         ready = PreparedRequest(request, loaded)
+        if loaded and isinstance(loaded[0], str) and _is_unfixed_instruction(loaded[0]):
+            # The pipeline would add the instruction again before it: the LVLM would read it twice.
+            raise ValueError(
+                f"{request.metadata.get('where', where)}: its first text is the CoBSAT instruction without its "
+                "closing blank line, as job files exported before that fix wrote it; re-export them with "
+                "`thinkdiff eval cobsat prompts --format thinkdiff`"
+            )
         if not ready.images and not any(text.strip() for text in ready.texts):
             raise ValueError(f"{where}: no inputs: give at least one image or non-empty text")
         if max_images is not None and len(ready.images) > max_images:
             raise ValueError(f"{where}: {len(ready.images)} images, more than the {max_images} accepted")
         prepared.append(ready)
     return prepared
+
+
+def _is_unfixed_instruction(text: str) -> bool:
+    """Whether ``text`` is :data:`DEFAULT_INSTRUCTION` as written before it ended with its blank
+    line (alone, or with a hint sentence after it as the old ``hinted`` wrote it)."""
+    body = DEFAULT_INSTRUCTION.rstrip()
+    return text.startswith(body) and not text.endswith(DEFAULT_INSTRUCTION[len(body) :])
 
 
 def cobsat_items(words: Sequence[str], images: Sequence[Item], instruction: str | None = None) -> list[Item]:
