@@ -82,15 +82,14 @@ def test_bad_settings_are_one_line(capsys: pytest.CaptureFixture[str], no_models
 
 
 def test_setting_differences() -> None:
-    from thinkdiff.evaluation.cobsat.presets import PRESETS, PUBLISHED_SETTINGS, UNKNOWN
+    from thinkdiff.evaluation.cobsat.presets import PRESETS, UNKNOWN
 
     tbdn = PRESETS["tbdn"].settings
     assert setting_differences(tbdn, tbdn) == {}
     run = {**tbdn, "size": 512, "temperature": 0.1, "lvlm": None}
     # Greedy: temperature is moot; an unrecorded LVLM is not a difference.
     assert setting_differences(run, tbdn) == {"size": (512, 256)}
-    hint_row = PUBLISHED_SETTINGS["Text bridge + hint (2026 follow-up; avg only)"]
-    assert hint_row["hint"] == UNKNOWN and "hint" not in setting_differences({"hint": None}, hint_row)
+    assert setting_differences({"size": 512}, {"size": UNKNOWN}) == {}  # an unknown setting differs from nothing
     assert setting_differences({"steps": 28}, PRESETS["release"].settings) == {}
 
 
@@ -190,3 +189,19 @@ def test_compare_refuses_a_damaged_field_before_writing_anything(
     # The same file undamaged is drawn and written whole.
     assert main(["eval", "cobsat", "compare", str(good), "--out", str(tmp_path / "cmp")]) == 0
     assert sorted(p.suffix for p in (tmp_path / "cmp").iterdir()) == [".csv", ".json", ".md", ".png"]
+
+
+def test_published_rows_settings_agree_with_their_names() -> None:
+    """A row named "+ hint" used a hint whose sentence is unknown; every other row used none. Compare
+    shows it so, and marks a run without a hint as differing from a "+ hint" row only."""
+    from thinkdiff.evaluation.cobsat.presets import PUBLISHED_SETTINGS, SOME_HINT, settings_text
+    from thinkdiff.pipelines.constants import HINT_INSTRUCTION
+
+    assert any("+ hint" in row for row in PUBLISHED_SETTINGS)
+    for row, settings in PUBLISHED_SETTINGS.items():
+        named = "+ hint" in row
+        assert settings["hint"] == (SOME_HINT if named else None), row
+        assert ("no hint" in settings_text(settings)) != named, row
+        plain, hinted = {**settings, "hint": None}, {**settings, "hint": HINT_INSTRUCTION}
+        assert setting_differences(plain, settings) == ({"hint": (None, SOME_HINT)} if named else {}), row
+        assert ("hint" in setting_differences(hinted, settings)) != named, row

@@ -12,7 +12,8 @@ generate --preset``:
   (weight 0.5) and *greedy* selection (its script passes temperature 0.7 and top-p 0.9 but no
   ``top_k``, so the checkpoint's ``generation_config.json`` ``top_k: 1`` applies: inferred from
   its code and the checkpoint's configuration); FLUX.1-dev reads that text (T5 up to 512 tokens)
-  at 256 px, 28 steps, guidance 3.5; no hint sentence.
+  at 256 px, 28 steps, guidance 3.5; no hint sentence (its final code has none, although the rows
+  it produced are named "+ hint": :data:`SOME_HINT`).
 
 Both use the release's instruction, blank line included
 (:data:`~thinkdiff.pipelines.constants.DEFAULT_INSTRUCTION`). :data:`PUBLISHED_SETTINGS` gives
@@ -34,6 +35,7 @@ __all__ = [
     "DEFAULT_SETTINGS",
     "PRESETS",
     "PUBLISHED_SETTINGS",
+    "SOME_HINT",
     "UNKNOWN",
     "Preset",
     "resolve_settings",
@@ -43,6 +45,12 @@ __all__ = [
 
 UNKNOWN = "unknown"
 """A published row's setting that its code does not show."""
+
+SOME_HINT = "a hint, sentence unknown"
+"""The hint of the follow-up's rows named "+ hint": the name says a hint was used, but its final code
+holds no hint sentence (earlier commits, 4fd1494 and 3cf84c6, hold a "Note: ..." one), so which
+sentence made the published numbers is unknown. A run without a hint differs from such a row; a
+run with any hint cannot be told apart from it."""
 
 COMPARED_SETTINGS: tuple[str, ...] = (
     "mode",
@@ -141,13 +149,14 @@ PUBLISHED_SETTINGS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
         "ThinkDiff w/o masked training": _RELEASE,
         "ThinkDiff using input-token features": _RELEASE,
         "Text bridge, Qwen2-VL + FLUX.1-dev 256px (2026 follow-up; avg only)": {**_TBDN, "qcd_alpha": 0.0},
-        # Its final code holds no hint sentence (an earlier commit's is in docs/cobsat.md).
-        "Text bridge + hint (2026 follow-up; avg only)": {**_TBDN, "qcd_alpha": 0.0, "hint": UNKNOWN},
+        # The rows named "+ hint" used one, though its final code (the tbdn preset) holds none.
+        "Text bridge + hint (2026 follow-up; avg only)": {**_TBDN, "qcd_alpha": 0.0, "hint": SOME_HINT},
         "Text bridge + QCD (2026 follow-up; avg only)": _TBDN,
-        _TBDN_METHOD: _TBDN,
+        _TBDN_METHOD: {**_TBDN, "hint": SOME_HINT},
         "Text bridge + hint + QCD, InternVL3 (2026 follow-up; avg only)": {
             **_TBDN,
             "lvlm": "OpenGVLab/InternVL3-8B-hf",
+            "hint": SOME_HINT,
         },
     }
 )
@@ -196,6 +205,8 @@ def setting_differences(run: Mapping[str, Any], published: Mapping[str, Any]) ->
             continue
         if run[name] is None and name in ("lvlm", "decoder"):
             continue  # not recorded: the model folder's
+        if published[name] == SOME_HINT and run[name] is not None:
+            continue  # some hint on both sides: which sentence the row used is not known
         if run[name] != published[name]:
             out[name] = (run[name], published[name])
     return out
@@ -211,7 +222,13 @@ def settings_text(settings: Mapping[str, Any]) -> str:
         elif s["instruction"] is not None:
             parts.append("own instruction")
     if "hint" in s:
-        parts.append("no hint" if s["hint"] is None else f"hint {UNKNOWN}" if s["hint"] == UNKNOWN else "hint")
+        hint = s["hint"]
+        parts.append(
+            "no hint" if hint is None
+            else f"hint {UNKNOWN}" if hint == UNKNOWN
+            else "hint (sentence unknown)" if hint == SOME_HINT
+            else "hint"
+        )  # fmt: skip
     if "num_tokens" in s:
         many = "at most" if s.get("mode") == "text-bridge" else "exactly"
         parts.append(f"{many} {s['num_tokens']} tokens")
