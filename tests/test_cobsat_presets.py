@@ -30,26 +30,51 @@ def no_models(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_presets_resolve_to_the_published_settings(capsys: pytest.CaptureFixture[str], no_models: None) -> None:
-    release = _dry_run(capsys, "--preset", "release")
-    assert release["preset"] == "release" and release["published_rows"] == ["ThinkDiff-LVLM"]
-    s = release["settings"]
-    assert s["instruction"].endswith(RELEASE_INSTRUCTION_END)
-    assert (s["mode"], s["lvlm"], s["decoder"]) == ("lvlm", "Qwen/Qwen2-VL-7B-Instruct", "black-forest-labs/FLUX.1-dev")
-    assert (s["num_tokens"], s["greedy"], s["temperature"], s["top_p"]) == (128, False, 0.6, 0.9)
-    assert (s["size"], s["steps"], s["guidance"], s["qcd_alpha"], s["hint"]) == (512, 28, 3.5, 0.0, None)
-    assert release["overrides"] == {}
+    """Each preset's whole --dry-run object: every setting of the published configuration, the
+    ones the mode and decoder imply included (EOS, the pooled CLIP vector, FLUX's T5 length)."""
+    from thinkdiff.pipelines.constants import DEFAULT_INSTRUCTION
 
-    tbdn = _dry_run(capsys, "--preset", "tbdn")
-    s = tbdn["settings"]
-    assert tbdn["published_rows"] == ["Text bridge + hint + QCD (2026 follow-up, its method; avg only)"]
-    assert s["instruction"].endswith(RELEASE_INSTRUCTION_END)
-    assert (s["mode"], s["lvlm"], s["decoder"]) == (
-        "text-bridge",
-        "Qwen/Qwen2-VL-7B-Instruct",
-        "black-forest-labs/FLUX.1-dev",
-    )
-    assert (s["num_tokens"], s["greedy"], s["qcd_alpha"], s["hint"]) == (128, True, 0.5, None)
-    assert (s["size"], s["steps"], s["guidance"]) == (256, 28, 3.5)
+    paper = {"lvlm": "Qwen/Qwen2-VL-7B-Instruct", "decoder": "black-forest-labs/FLUX.1-dev"}
+    common = {**paper, "instruction": DEFAULT_INSTRUCTION, "hint": None, "num_tokens": 128, "steps": 28}
+    common |= {"guidance": 3.5, "seed": 123}
+    assert _dry_run(capsys, "--preset", "release") == {
+        "preset": "release",
+        "published_rows": ["ThinkDiff-LVLM"],
+        "settings": {
+            **common, "mode": "lvlm", "greedy": False, "temperature": 0.6, "top_p": 0.9, "qcd_alpha": 0.0,
+            "stop_at_eos": False, "pooled": 'CLIP of ""', "t5_max_length": None, "size": 512,
+        },
+        "overrides": {},
+    }  # fmt: skip
+    assert _dry_run(capsys, "--preset", "tbdn") == {
+        "preset": "tbdn",
+        "published_rows": ["Text bridge + hint + QCD (2026 follow-up, its method; avg only)"],
+        "settings": {
+            **common, "mode": "text-bridge", "greedy": True, "temperature": 0.7, "top_p": 0.9, "qcd_alpha": 0.5,
+            "stop_at_eos": True, "pooled": "CLIP of the text", "t5_max_length": 512, "size": 256,
+        },
+        "overrides": {},
+    }  # fmt: skip
+    assert RELEASE_INSTRUCTION_END in DEFAULT_INSTRUCTION
+    # Another mode beside a preset changes what it implies too.
+    bridged = _dry_run(capsys, "--preset", "release", "--mode", "text-bridge")["settings"]
+    assert (bridged["stop_at_eos"], bridged["pooled"], bridged["t5_max_length"]) == (True, "CLIP of the text", 512)
+
+
+def test_flux_dev_reads_the_t5_length_the_tbdn_preset_states() -> None:
+    """FLUX.1-dev (distilled guidance, no descriptor) reads the LVLM's text up to the preset's T5 length."""
+    import torch
+
+    from thinkdiff.evaluation.cobsat.presets import FLUX_DEV_T5_TOKENS
+    from thinkdiff.pipelines.decoders.flux import FluxDecoder
+    from thinkdiff.pipelines.decoders.spec import DecoderSpec
+
+    # FLUX.1-dev's own configs: T5-XXL width 4096, CLIP-L pooled width 768, distilled guidance.
+    spec = DecoderSpec(
+        name="black-forest-labs/FLUX.1-dev", family="flux", pipeline_class="FluxPipeline", prompt_width=4096,
+        pooled_width=768, required_length=None, guidance_embeds=True,
+    )  # fmt: skip
+    assert FluxDecoder(spec, torch.device("cpu"), torch.float32).text_bridge_length() == FLUX_DEV_T5_TOKENS
 
 
 def test_flags_override_a_preset_and_the_override_is_recorded(
@@ -109,6 +134,7 @@ def test_generate_records_settings_and_compare_shows_them(
     assert sidecar["instruction"].endswith(RELEASE_INSTRUCTION_END)
     assert set(sidecar["overrides"]) == {"lvlm", "decoder", "steps", "size", "num_tokens"}
     assert sidecar["lvlm"] == "tiny:qwen2-vl"
+    assert (sidecar["stop_at_eos"], sidecar["pooled"]) == (True, "CLIP of the text")
 
     score = ["eval", "cobsat", "score", "--images", str(images), "--judge", "tiny:llava", "--max-new-tokens", "3"]
     assert main([*score, *selection, "--out", str(tmp_path / "results")]) == 0

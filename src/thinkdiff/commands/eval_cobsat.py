@@ -259,7 +259,7 @@ def resolved_settings(args: argparse.Namespace) -> dict[str, Any]:
     :func:`~thinkdiff.evaluation.cobsat.presets.resolve_settings`), checked; ``ValueError`` names
     the bad flag."""
     from thinkdiff.commands.generate import hint_of
-    from thinkdiff.evaluation.cobsat.presets import resolve_settings
+    from thinkdiff.evaluation.cobsat.presets import implied_settings, resolve_settings
 
     given = {
         "mode": args.mode,
@@ -286,6 +286,7 @@ def resolved_settings(args: argparse.Namespace) -> dict[str, Any]:
         names = ("num_tokens", "stop_at_eos", "greedy", "temperature", "top_p")
         taken = {k: own[k] for k in names if k in own and given.get(k) is None}
         resolved["settings"].update(taken)
+        resolved["settings"].update(implied_settings(resolved["settings"]))
         resolved["from_model_folder"] = sorted(taken) or None
     s = resolved["settings"]
     if s["mode"] is None:
@@ -308,6 +309,7 @@ def resolved_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load_generator(args: argparse.Namespace, s: dict[str, Any]) -> ImageGenerator:
     """The ThinkDiff pipeline for the resolved settings ``s``, kept loaded across batches."""
+    from thinkdiff.evaluation.cobsat.presets import pooled_of
     from thinkdiff.limits import check_pipeline_bounds
     from thinkdiff.pipelines import InferenceSettings, SeededImageGenerator, ThinkDiffPipeline
 
@@ -316,7 +318,7 @@ def _load_generator(args: argparse.Namespace, s: dict[str, Any]) -> ImageGenerat
     settings = InferenceSettings(
         instruction=s["instruction"],
         num_tokens=s["num_tokens"],
-        stop_at_eos=s.get("stop_at_eos", False),
+        stop_at_eos=bool(s["stop_at_eos"]),
         greedy=s["greedy"],
         temperature=s["temperature"],
         top_p=s["top_p"],
@@ -336,6 +338,9 @@ def _load_generator(args: argparse.Namespace, s: dict[str, Any]) -> ImageGenerat
     check_pipeline_bounds(pipeline, [(s["steps"], "")])  # before any model loads
     s["lvlm"] = None if s["mode"] == "clip" else str(pipeline.source_model)
     s["decoder"] = pipeline.decoder_spec.name
+    # What the loaded decoder does with the text (implied_settings knows FLUX.1-dev by name only).
+    s["pooled"] = pooled_of(s["mode"]) if "pooled" in pipeline.decoder.empty_roles else None
+    s["t5_max_length"] = pipeline.decoder.text_bridge_length() if s["mode"] == "text-bridge" else None
     return SeededImageGenerator(
         pipeline,
         height=s["size"],

@@ -38,6 +38,8 @@ __all__ = [
     "SOME_HINT",
     "UNKNOWN",
     "Preset",
+    "implied_settings",
+    "pooled_of",
     "resolve_settings",
     "setting_differences",
     "settings_text",
@@ -63,6 +65,9 @@ COMPARED_SETTINGS: tuple[str, ...] = (
     "temperature",
     "top_p",
     "qcd_alpha",
+    "stop_at_eos",
+    "pooled",
+    "t5_max_length",
     "size",
     "steps",
     "guidance",
@@ -82,6 +87,9 @@ DEFAULT_SETTINGS: Mapping[str, Any] = MappingProxyType(
         "temperature": 0.6,
         "top_p": 0.9,
         "qcd_alpha": 0.0,
+        "stop_at_eos": False,
+        "pooled": None,
+        "t5_max_length": None,
         "size": 512,
         "steps": 28,
         "guidance": 3.5,
@@ -89,7 +97,44 @@ DEFAULT_SETTINGS: Mapping[str, Any] = MappingProxyType(
     }
 )
 """``eval cobsat generate`` without a preset: the protocol's size, steps, guidance and seed, the
-release's decoding. ``lvlm``/``decoder`` ``None``: the model folder's, else the paper's."""
+release's decoding. ``lvlm``/``decoder`` ``None``: the model folder's, else the paper's.
+``stop_at_eos``, ``pooled`` and ``t5_max_length`` follow from the mode and decoder
+(:func:`implied_settings`)."""
+
+FLUX_DEV_T5_TOKENS = 512
+"""T5 tokens FLUX.1-dev reads of a text prompt: ``FluxPipeline``'s default ``max_sequence_length``,
+which the follow-up's ``flux(prompt=output_text)`` uses (our FLUX decoder's ``text_bridge_length``
+for FLUX.1-dev; a test holds the two equal)."""
+
+
+def implied_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What the mode and the decoder decide beside the flags, as the pipeline does it.
+
+    - ``stop_at_eos``: text-bridge always stops at the LVLM's end of sequence; lvlm generates
+      exactly ``num_tokens`` unless its setting says otherwise; clip runs no LVLM (``None``).
+    - ``pooled``: FLUX.1-dev's pooled CLIP vector: of ``""`` in lvlm mode (the aligned tokens
+      replace the text), of the prompt text otherwise.
+    - ``t5_max_length``: T5 tokens FLUX.1-dev reads of the LVLM's text in text-bridge mode.
+
+    For another decoder (or the model folder's) the last two are ``None`` here: they are the
+    decoder's own, and the sidecar records them once it is loaded.
+    """
+    mode, flux_dev = settings["mode"], settings["decoder"] == DEFAULT_DECODER
+    return {
+        "stop_at_eos": None if mode == "clip" else mode == "text-bridge" or bool(settings["stop_at_eos"]),
+        "pooled": pooled_of(mode) if flux_dev and mode else None,
+        "t5_max_length": FLUX_DEV_T5_TOKENS if flux_dev and mode == "text-bridge" else None,
+    }
+
+
+def pooled_of(mode: str) -> str:
+    """What FLUX's pooled CLIP vector is made of in ``mode``: ``""`` in lvlm mode (the aligned tokens
+    replace the text, as in the release), the prompt text otherwise."""
+    return 'CLIP of ""' if mode == "lvlm" else "CLIP of the text"
+
+
+def _with_implied(settings: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType({**settings, **implied_settings(settings)})
 
 
 @dataclass(frozen=True)
@@ -104,10 +149,8 @@ class Preset:
     """Every key of :data:`DEFAULT_SETTINGS`."""
 
 
-_RELEASE = MappingProxyType(
-    {**DEFAULT_SETTINGS, "mode": "lvlm", "lvlm": DEFAULT_LVLM, "decoder": DEFAULT_DECODER}
-)
-_TBDN = MappingProxyType(
+_RELEASE = _with_implied({**DEFAULT_SETTINGS, "mode": "lvlm", "lvlm": DEFAULT_LVLM, "decoder": DEFAULT_DECODER})
+_TBDN = _with_implied(
     {
         **DEFAULT_SETTINGS,
         "mode": "text-bridge",
@@ -184,10 +227,11 @@ def resolve_settings(preset: str | None, given: Mapping[str, Any]) -> dict[str, 
         for name, value in chosen.items()
         if preset is not None and base[name] != value
     }
+    settings = {**base, **chosen}
     return {
         "preset": preset,
         "published_rows": list(PRESETS[preset].rows) if preset is not None else [],
-        "settings": {**base, **chosen},
+        "settings": {**settings, **implied_settings(settings)},
         "overrides": overrides,
     }
 
@@ -230,14 +274,18 @@ def settings_text(settings: Mapping[str, Any]) -> str:
             else "hint"
         )  # fmt: skip
     if "num_tokens" in s:
-        many = "at most" if s.get("mode") == "text-bridge" else "exactly"
-        parts.append(f"{many} {s['num_tokens']} tokens")
+        stops = s.get("stop_at_eos", s.get("mode") == "text-bridge")
+        parts.append(f"at most {s['num_tokens']} tokens (stops at EOS)" if stops else f"exactly {s['num_tokens']} tokens (EOS ignored)")
     if s.get("greedy"):
         parts.append("greedy")
     elif "temperature" in s:
         parts.append(f"temperature {s['temperature']}, top-p {s.get('top_p')}")
     if "qcd_alpha" in s:
         parts.append(f"QCD {s['qcd_alpha']}" if s["qcd_alpha"] else "no QCD")
+    if s.get("pooled"):
+        parts.append(f"pooled {s['pooled']}")
+    if s.get("t5_max_length"):
+        parts.append(f"T5 up to {s['t5_max_length']} tokens")
     for key, unit in (("size", "px"), ("steps", "steps"), ("guidance", "guidance")):
         if key in s:
             parts.append(f"{s[key]} {unit}" if key != "guidance" else f"guidance {s[key]}")
