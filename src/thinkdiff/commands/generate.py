@@ -56,7 +56,7 @@ EOS, greedy); those are the defaults of --num-tokens, --stop-at-eos, --greedy, -
 
 def add_qcd_and_hint(group: argparse._ActionsContainer) -> None:
     """``--qcd-alpha [A]`` and ``--hint [SENTENCE]`` (lvlm and text-bridge; read back with :func:`hint_of`)."""
-    from thinkdiff.pipelines.constants import DEFAULT_QCD_ALPHA
+    from thinkdiff.pipelines.constants import DEFAULT_QCD_ALPHA, HINT_INSTRUCTION
 
     group.add_argument(
         "--qcd-alpha",
@@ -71,7 +71,7 @@ def add_qcd_and_hint(group: argparse._ActionsContainer) -> None:
     group.add_argument(
         "--hint",
         nargs="?",
-        const="",
+        const=HINT_INSTRUCTION,
         metavar="SENTENCE",
         help="lvlm and text-bridge: append a hint to the instruction (bare flag: ours, that the last word is "
         "the key clue and the shared attribute comes from the pictures)",
@@ -79,10 +79,11 @@ def add_qcd_and_hint(group: argparse._ActionsContainer) -> None:
 
 
 def hint_of(args: argparse.Namespace) -> str | None:
-    """The hint sentence ``--hint`` asked for (bare flag: ``HINT_INSTRUCTION``), or ``None``."""
-    from thinkdiff.pipelines.constants import HINT_INSTRUCTION
-
-    return None if args.hint is None else (args.hint.strip() or HINT_INSTRUCTION)
+    """The hint sentence ``--hint`` asked for (bare flag: ``HINT_INSTRUCTION``), or ``None``;
+    ``ValueError`` for an empty sentence (an unset shell variable, say), which is neither."""
+    if args.hint is not None and not args.hint.strip():
+        raise ValueError("--hint got an empty sentence: give one, --hint alone for ours, or no --hint for none")
+    return None if args.hint is None else args.hint.strip()
 
 
 class _AppendItem(argparse.Action):
