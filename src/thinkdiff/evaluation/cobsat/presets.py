@@ -16,7 +16,9 @@ generate --preset``:
   it produced are named "+ hint": :data:`SOME_HINT`).
 
 Both use the release's instruction, blank line included
-(:data:`~thinkdiff.pipelines.constants.DEFAULT_INSTRUCTION`). :data:`PUBLISHED_SETTINGS` gives
+(:data:`~thinkdiff.pipelines.constants.DEFAULT_INSTRUCTION`), and the release's item layout
+(``Word k: x, ``); whether the follow-up laid its items out so is not verified (its items come
+from a CoBSAT version that is not public; docs/cobsat.md). :data:`PUBLISHED_SETTINGS` gives
 each published row whose settings are known; :func:`setting_differences` lists where a run differs.
 Pure data: importing this module imports no model code.
 """
