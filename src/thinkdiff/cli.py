@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from thinkdiff import __version__
-from thinkdiff.console import OneLineArgumentParser, quiet_console
+from thinkdiff.console import OneLineArgumentParser, escaped, quiet_console
 from thinkdiff.storage import storage_failure
 
 # Order is the order shown in --help.
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # a real bug: keep its traceback
         logging.getLogger("thinkdiff").debug("%s failed", args.command, exc_info=True)
         _close_progress_bars()
-        print(f"thinkdiff {args.command}: error: {message}", file=sys.stderr)
+        print(f"thinkdiff {args.command}: error: {escaped(message)}", file=sys.stderr)  # one line, whatever it quotes
         return 2
     return int(result or 0)
 

@@ -31,6 +31,13 @@ HARMLESS_LOG_LINES: tuple[tuple[str, str], ...] = (
 )
 
 
+def escaped(text: object) -> str:
+    """``str(text)`` with every control character (a newline, an escape sequence) written as its
+    Python escape, so that a name chosen by someone else (a file name, a symlink's target) cannot
+    start a line of its own or restyle the terminal. Printable text is unchanged."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose usage errors are one line (no usage block), naming the closest
     valid choice or option when the user mistyped one. Subcommand parsers inherit the class."""
@@ -43,7 +50,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         return namespace, extras
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {self._explained(message)}\n")
+        self.exit(2, f"{self.prog}: error: {escaped(self._explained(message))}\n")
 
     def refuse_unrecognized(self, extras: list[str]) -> NoReturn:
         """Report options this parser does not know, with the closest one it does."""
