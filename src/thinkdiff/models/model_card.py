@@ -17,7 +17,7 @@ from typing import Any
 from thinkdiff.models.loading import TINY_PREFIX
 from thinkdiff.models.model_info import ThinkDiffInfo
 
-__all__ = ["CARD_FILE", "hub_base_models", "render_model_card"]
+__all__ = ["CARD_FILE", "hub_base_models", "published_paths", "render_model_card"]
 
 CARD_FILE = "README.md"
 
@@ -31,6 +31,29 @@ def _is_hub_id(name: str) -> bool:
         return False
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not Path(name).expanduser().exists()
+
+
+def _is_local_path(value: str) -> bool:
+    """A path on this machine (``/home/alice/runs/x``, ``runs/feat/task``, ``~/m``), as opposed to a
+    hub id (``owner/name``), an offline-kit ``tiny:`` name, a URL or a plain word."""
+    if value.startswith(TINY_PREFIX) or "://" in value:
+        return False
+    return value.startswith(("/", "~", "./", "../")) or ("/" in value and not _is_hub_id(value))
+
+
+def published_paths(values: Any) -> dict[str, str]:
+    """The local paths among ``values`` (a ``thinkdiff.json`` object, searched through), each with
+    what is published in its place: its last name only (``/home/alice/runs/a/model`` -> ``model``).
+
+    A folder is published as it is, minus where it lies on this machine (a privacy matter: a home
+    folder names its user); hub ids are kept whole. The local folder keeps its full record.
+    """
+    if isinstance(values, str):
+        return {values: Path(values).name or values} if _is_local_path(values) else {}
+    found: dict[str, str] = {}
+    for value in values.values() if isinstance(values, dict) else values if isinstance(values, list) else ():
+        found.update(published_paths(value))
+    return found
 
 
 def hub_base_models(info: ThinkDiffInfo) -> list[str]:
