@@ -237,11 +237,11 @@ def test_push_sends_only_files_inside_the_folder(pushable: Path, kinds: tuple[st
 
     from thinkdiff.cli import main
 
-    sent: list[Path] = []
+    sent: list[tuple[str, bytes]] = []
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
         mp.setattr(HfApi, "create_repo", lambda self, *a, **k: None)
         mp.setattr(HfApi, "create_commit", lambda self, repo_id, operations, **k: sent.extend(
-            Path(op.path_or_fileobj) for op in operations))
+            (op.path_in_repo, op.path_or_fileobj) for op in operations))
         folder = Path(tmp) / "m"
         folder.mkdir()
         for name, kind in zip(PUSHED, kinds, strict=True):
@@ -254,7 +254,8 @@ def test_push_sends_only_files_inside_the_folder(pushable: Path, kinds: tuple[st
         else:
             assert status == 2 and len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
             assert sent == [] and "root:" not in out.getvalue()
-        assert all(path.resolve().parent == folder.resolve() and path.is_file() for path in sent)
+        # Exactly the bytes of the folder's own files (all regular here, or nothing was sent).
+        assert all(data == (pushable / name).read_bytes() for name, data in sent)
 
 
 # ---- numeric flags: bounded by the models' configs before any model loads -----------------------

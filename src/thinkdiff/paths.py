@@ -8,9 +8,12 @@ file is refused here, in one place, before anything is read, served or uploaded.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from pathlib import Path, PurePosixPath
+
+from thinkdiff.console import escaped
 
 
 class UnsafePathError(ValueError):
@@ -28,43 +31,115 @@ def confined_file(root: str | Path, relative: str | Path, *, max_bytes: int | No
     """
     root_real = Path(os.path.realpath(root))
     if not root_real.is_dir():
-        raise FileNotFoundError(f"folder {root} does not exist")
-    parts = PurePosixPath(Path(relative).as_posix()).parts
+        raise FileNotFoundError(f"folder {escaped(root)} does not exist")
+    parts = _plain_parts(root, relative)
     shown = Path(root) / relative
-    if (
-        not parts
-        or Path(relative).is_absolute()
-        or any(part in ("..", ".") for part in parts)
-        or "\0" in str(relative)
-    ):
-        raise UnsafePathError(f"{shown}: not a plain file name inside {root}")
     current = root_real
     for depth, part in enumerate(parts, start=1):
         current = current / part
         try:
             info = os.lstat(current)
         except (FileNotFoundError, NotADirectoryError):
-            raise FileNotFoundError(f"{shown} does not exist") from None
+            raise FileNotFoundError(f"{escaped(shown)} does not exist") from None
         if stat.S_ISLNK(info.st_mode):
-            link = Path(root, *parts[:depth])
-            raise UnsafePathError(
-                f"{link} is a symlink (to {os.readlink(current)}); only files that really live in {root} are used"
-            )
+            raise _symlink_error(Path(root, *parts[:depth]), os.readlink(current), root)
     real = Path(os.path.realpath(current))
     if not real.is_relative_to(root_real):  # cannot happen without a symlink; checked all the same
-        raise UnsafePathError(f"{shown} lies outside {root} (really {real})")
+        raise UnsafePathError(f"{escaped(shown)} lies outside {escaped(root)} (really {escaped(real)})")
+    _check_plain_file(shown, info, max_bytes)
+    return real
+
+
+def read_confined_file(root: str | Path, relative: str | Path, *, max_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file ``relative`` inside the folder ``root``, opened once.
+
+    What :func:`confined_file` checks, checked on the open file itself: every component is opened
+    relative to the one before it (``dir_fd``) without following a symlink (``O_NOFOLLOW``), and
+    the kind, hard-link count and size come from ``fstat`` of the open descriptor. A file swapped
+    for a symlink after a check therefore cannot be what is read: use these bytes for everything
+    that follows (loading, printing, uploading), never the path again. Refusals are
+    :class:`UnsafePathError`; a missing file is ``FileNotFoundError``.
+    """
+    parts = _plain_parts(root, relative)
+    shown = Path(root) / relative
+    try:
+        folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY)  # the user named it: it may be a symlink
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"folder {escaped(root)} does not exist") from None
+    try:
+        for depth, part in enumerate(parts, start=1):
+            last = depth == len(parts)
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | (os.O_NONBLOCK if last else os.O_DIRECTORY)
+            try:
+                # Never opens a device or FIFO for reading before it is known to be a plain file.
+                info = os.stat(part, dir_fd=folder, follow_symlinks=False)
+                if stat.S_ISLNK(info.st_mode):
+                    raise OSError(errno.ELOOP, "symlink")
+                if last and not stat.S_ISREG(info.st_mode):
+                    _check_plain_file(shown, info, max_bytes)
+                opened = os.open(part, flags, dir_fd=folder)
+            except (FileNotFoundError, NotADirectoryError):
+                raise FileNotFoundError(f"{escaped(shown)} does not exist") from None
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                link = Path(root, *parts[:depth])
+                raise _symlink_error(link, _read_link(part, folder), root) from None
+            os.close(folder)
+            folder = opened
+        info = os.fstat(folder)  # the file that was opened, whatever the path names now
+        _check_plain_file(shown, info, max_bytes)
+        with os.fdopen(os.dup(folder), "rb") as file:
+            data = file.read() if max_bytes is None else file.read(max_bytes + 1)
+    finally:
+        os.close(folder)
+    if max_bytes is not None and len(data) > max_bytes:  # it grew after the fstat
+        raise UnsafePathError(
+            f"{escaped(shown)} is more than {max_bytes} bytes, above the limit for this file"
+        )
+    return data
+
+
+def _plain_parts(root: str | Path, relative: str | Path) -> tuple[str, ...]:
+    """The components of ``relative``, refused unless it is a plain relative name."""
+    parts = PurePosixPath(Path(relative).as_posix()).parts
+    if (
+        not parts
+        or Path(relative).is_absolute()
+        or any(part in ("..", ".") for part in parts)
+        or "\0" in str(relative)
+    ):
+        raise UnsafePathError(f"{escaped(Path(root) / relative)}: not a plain file name inside {escaped(root)}")
+    return parts
+
+
+def _read_link(name: str, folder: int) -> str:
+    try:
+        return os.readlink(name, dir_fd=folder)
+    except OSError:  # replaced again meanwhile
+        return "somewhere"
+
+
+def _symlink_error(link: Path, target: str, root: str | Path) -> UnsafePathError:
+    # The target is whatever the folder's writer chose, newlines included: shown escaped.
+    return UnsafePathError(
+        f"{escaped(link)} is a symlink (to {target!r}); only files that really live in {escaped(root)} are used"
+    )
+
+
+def _check_plain_file(shown: Path, info: os.stat_result, max_bytes: int | None) -> None:
+    """Refuse anything but a regular file with one hard link and, with ``max_bytes``, at most that size."""
     if not stat.S_ISREG(info.st_mode):
-        raise UnsafePathError(f"{shown} is not a regular file ({_kind(info.st_mode)})")
+        raise UnsafePathError(f"{escaped(shown)} is not a regular file ({_kind(info.st_mode)})")
     if info.st_nlink > 1:
         # A hard link is the same file under another name too, e.g. /etc/passwd linked in.
         raise UnsafePathError(
-            f"{shown} has {info.st_nlink} hard links (it is also a file elsewhere); copy it to give it its own"
+            f"{escaped(shown)} has {info.st_nlink} hard links (it is also a file elsewhere); copy it to give it its own"
         )
     if max_bytes is not None and info.st_size > max_bytes:
         raise UnsafePathError(
-            f"{shown} is {info.st_size} bytes, above the {max_bytes}-byte limit for this file"
+            f"{escaped(shown)} is {info.st_size} bytes, above the {max_bytes}-byte limit for this file"
         )
-    return real
 
 
 def _kind(mode: int) -> str:
@@ -92,7 +167,7 @@ def confined_folder(root: str | Path, name: str, *, create: bool = False) -> Pat
     root_real = Path(os.path.realpath(root))
     shown = Path(root) / name
     if name in ("", ".", "..") or "/" in name or "\0" in name:
-        raise UnsafePathError(f"{shown}: not a plain folder name inside {root}")
+        raise UnsafePathError(f"{escaped(shown)}: not a plain folder name inside {escaped(root)}")
     path = root_real / name
     if create:
         with contextlib.suppress(FileExistsError):  # whatever is there is checked below
@@ -100,12 +175,12 @@ def confined_folder(root: str | Path, name: str, *, create: bool = False) -> Pat
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{shown} does not exist") from None
+        raise FileNotFoundError(f"{escaped(shown)} does not exist") from None
     if stat.S_ISLNK(info.st_mode):
         raise UnsafePathError(
-            f"{shown} is a symlink (to {os.readlink(path)!r}); only folders that really live in {root} are used"
+            f"{escaped(shown)} is a symlink (to {os.readlink(path)!r}); only folders that really live in {escaped(root)} are used"
         )
     if not stat.S_ISDIR(info.st_mode):
         kind = "a file" if stat.S_ISREG(info.st_mode) else _kind(info.st_mode)
-        raise UnsafePathError(f"{shown} is not a folder ({kind})")
+        raise UnsafePathError(f"{escaped(shown)} is not a folder ({kind})")
     return path
