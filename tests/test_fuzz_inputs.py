@@ -298,3 +298,75 @@ def test_extract_features_bounds_new_tokens_before_loading(
         "tiny:qwen2-vl reads, its prompt included (max_position_embeddings)"
     )
     assert not out.exists()
+
+
+# ---- float flags: finite or refused in one line, in every command --------------------------------
+
+
+def _float_flags() -> list[tuple[tuple[str, ...], str]]:
+    """Every float option of every (sub)command, with the words that reach its parser."""
+    from thinkdiff.cli import build_parser
+
+    found: list[tuple[tuple[str, ...], str]] = []
+    todo: list[tuple[tuple[str, ...], argparse.ArgumentParser]] = [((), build_parser())]
+    while todo:
+        prefix, parser = todo.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += [((*prefix, name), sub) for name, sub in action.choices.items()]
+            elif action.type is float and action.option_strings:
+                found.append((prefix, action.option_strings[-1]))
+    return found
+
+
+FLOAT_FLAGS = _float_flags()
+
+
+def test_float_flags_are_found() -> None:
+    flags = {(" ".join(prefix), flag) for prefix, flag in FLOAT_FLAGS}
+    assert {("generate", "--guidance"), ("eval cobsat generate", "--guidance"), ("eval cobsat generate", "--qcd-alpha"),
+            ("eval cobsat generate", "--temperature"), ("generate", "--qcd-alpha")} <= flags
+
+
+@settings(FUZZ, max_examples=80)
+@given(
+    where=st.sampled_from(FLOAT_FLAGS),
+    value=st.floats(allow_nan=True, allow_infinity=True).map(repr)
+    | st.sampled_from(["nan", "NaN", "-nan", "inf", "-inf", "Infinity", "1e999", "-1e400", " nan "]),
+)
+def test_float_flags_refuse_non_finite_values_in_one_line(where: tuple[tuple[str, ...], str], value: str) -> None:
+    import math
+
+    from thinkdiff.cli import build_parser
+
+    prefix, flag = where
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+        build_parser().parse_known_args([*prefix, f"{flag}={value}"])
+    lines = err.getvalue().strip().splitlines()
+    if math.isfinite(float(value)):
+        assert "not a finite number" not in err.getvalue()
+    else:
+        assert lines == [
+            f"thinkdiff {' '.join(prefix)}: error: argument {flag}: {value!r} is not a finite number "
+            f"(see thinkdiff {' '.join(prefix)} --help)"
+        ]
+
+
+@pytest.mark.parametrize("flag", ["--temperature", "--top-p", "--guidance", "--qcd-alpha"])
+def test_cobsat_dry_run_refuses_non_finite_settings(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its one JSON object held NaN, which is not JSON."""
+    from thinkdiff.cli import main
+
+    args = ["eval", "cobsat", "generate", "--preset", "release", "--dry-run"]
+    with pytest.raises(SystemExit) as caught:
+        main([*args, flag, "nan"])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.strip().startswith(
+        f"thinkdiff eval cobsat generate: error: argument {flag}: 'nan' is not a finite number"
+    )
+    with pytest.raises(SystemExit) as caught:
+        main([*args, "--seed", str(2**64)])
+    assert caught.value.code == 2 and "argument --seed: 18446744073709551616 is not a seed" in capsys.readouterr().err
+    assert main([*args, flag, "0.5"]) == 0
+    json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} in the dry run"))

@@ -485,3 +485,44 @@ def test_a_single_job_may_not_write_outside_the_current_folder(
     job.write_text('{"items": ["a"],\n "seed": }')
     code, _, stderr = run_cli(["--model", str(files["clip"]), "--job", str(job), *FAST], capsys)
     assert code == 2 and f"{job} is not valid JSON: Expecting value (line 2 column 10)" in stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "job", "message"),
+    [
+        (["--guidance", "nan"], None, "argument --guidance: 'nan' is not a finite number"),
+        (["--true-cfg", "inf"], None, "argument --true-cfg: 'inf' is not a finite number"),
+        (["--temperature=-Infinity"], None, "argument --temperature: '-Infinity' is not a finite number"),
+        (["--qcd-alpha", "1e999"], None, "argument --qcd-alpha: '1e999' is not a finite number"),
+        (["--seed", str(10**23)], None, f"argument --seed: {10**23} is not a seed: seeds run from 0 to {2**63 - 1}"),
+        (["--seed", "-1"], None, f"argument --seed: -1 is not a seed: seeds run from 0 to {2**63 - 1}"),
+        ([], '{"items": ["a"], "guidance": NaN}', "line 1: guidance nan is not a finite number"),
+        ([], '{"items": ["a"], "qcd_alpha": -Infinity}', "line 1: qcd_alpha -inf is not a finite number"),
+        ([], '{"items": ["a"], "seed": 18446744073709551616}', "line 1: seed 18446744073709551616 is not a seed"),
+    ],
+)
+def test_non_finite_numbers_and_bad_seeds_are_refused_before_loading(
+    flags, job, message, files, tmp_path, capsys, no_heavy_loads
+) -> None:
+    """NaN guidance drew a black image with exit 0; a huge seed failed after the models loaded with
+    an overflow that did not name --seed."""
+    inputs = ["--image", str(files["white"])]
+    if job is not None:
+        (tmp_path / "jobs.jsonl").write_text(job + "\n")
+        inputs = ["--jobs", str(tmp_path / "jobs.jsonl")]
+    try:
+        code = main(["generate", "--model", str(files["lvlm"]), *inputs, *flags, "--out", str(tmp_path / "x.png")])
+    except SystemExit as exc:  # argparse's own refusal
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_the_largest_seed_is_one_torch_takes() -> None:
+    import torch
+
+    from thinkdiff.limits import LARGEST_SEED
+
+    torch.Generator().manual_seed(LARGEST_SEED)
+    torch.manual_seed(LARGEST_SEED)

@@ -13,6 +13,8 @@ import re
 import warnings
 from typing import Any, NoReturn
 
+from thinkdiff.limits import finite_float
+
 # "argument --preset: invalid choice: 'debug-lvml' (choose from 'a', 'b')" (quotes vary by Python).
 _INVALID_CHOICE = re.compile(r"^(?P<argument>.*)invalid choice: (?P<value>.+?) \(choose from (?P<choices>.*)\)$")
 
@@ -40,7 +42,16 @@ def escaped(text: object) -> str:
 
 class OneLineArgumentParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose usage errors are one line (no usage block), naming the closest
-    valid choice or option when the user mistyped one. Subcommand parsers inherit the class."""
+    valid choice or option when the user mistyped one. Subcommand parsers inherit the class.
+
+    Every ``type=float`` option of every command reads its value with
+    :func:`thinkdiff.limits.finite_float`: argparse looks a ``type`` up in the parser's registry
+    first, so ``--guidance nan`` is refused in one line wherever a float flag is declared.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("type", float, finite_float)
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
         namespace, extras = super().parse_known_args(args, namespace)

@@ -1,15 +1,19 @@
-"""Upper bounds on numeric settings, read from the models' configs and checked before any model loads.
+"""Bounds on numeric settings, checked before any model loads.
 
 A typo such as ``--steps 99999999999`` or ``--num-tokens 100000000`` must be one line at once, not
-a 745 GiB allocation after minutes of loading or a run that never ends. Each bound follows from
-the component the setting drives: denoising steps from the decoder's scheduler, LVLM tokens from
-the LVLM's context. Lower bounds stay where the settings are defined (they need no config).
+a 745 GiB allocation after minutes of loading or a run that never ends. Each upper bound follows
+from the component the setting drives, read from its config: denoising steps from the decoder's
+scheduler, LVLM tokens from the LVLM's context. Two checks need no config: every float setting is
+finite (a NaN guidance passes every ``<`` test and draws a black image), and a seed fits the 64-bit
+seed of torch's generators. Other lower bounds stay where the settings are defined.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,48 @@ logger = logging.getLogger(__name__)
 FALLBACK_STEPS = 1000
 FALLBACK_CONTEXT = 131072
 FLUX_T5_TOKENS = 512
+# torch.manual_seed takes -2**63 .. 2**64-1 (a negative seed wraps around to a large one); the
+# signed 64-bit range without negatives is a seed every consumer (torch, vLLM, JSON readers) takes.
+LARGEST_SEED = 2**63 - 1
+
+
+def finite_float(text: str) -> float:
+    """The argparse type of every float flag (see :class:`thinkdiff.console.OneLineArgumentParser`):
+    ``float`` that refuses ``nan`` and ``inf`` (and ``1e999``, which is ``inf``) in one line."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def check_finite(name: str, value: float | None, where: str = "") -> None:
+    """Raise ``ValueError`` naming ``name`` when a number read from a file is NaN or infinite."""
+    if value is not None and not math.isfinite(value):
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}{name} {value} is not a finite number")
+
+
+def check_seed(name: str, value: int | None, where: str = "") -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a seed from 0 to :data:`LARGEST_SEED`."""
+    if value is not None and not 0 <= value <= LARGEST_SEED:
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}{name} {value} is not a seed: seeds run from 0 to {LARGEST_SEED}")
+
+
+def seed_argument(text: str) -> int:
+    """The argparse type of ``--seed``: a whole number from 0 to :data:`LARGEST_SEED`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    try:
+        check_seed("", value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
+    return value
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from thinkdiff.limits import seed_argument
+
 if TYPE_CHECKING:
     from thinkdiff.evaluation.cobsat import CobsatResults, ImageGenerator
 
@@ -105,7 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", type=Path, help="dataset folder or datasets.zip (required unless --dry-run)")
     p.add_argument("--out", type=Path, help="images folder shot_{k}/task_{id}/... (required unless --dry-run)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per generator call")
-    p.add_argument("--seed", type=int, help="seed, reset for every sample (protocol: 123)")
+    p.add_argument("--seed", type=seed_argument, help="seed, reset for every sample (protocol: 123)")
     p.add_argument("--device", help="torch device (default: cuda if available)")
     add_qcd_and_hint(p)
     p.set_defaults(qcd_alpha=None)  # None: not given, so a preset's weight stands

@@ -15,6 +15,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from thinkdiff.limits import check_finite, check_seed, seed_argument
+
 if TYPE_CHECKING:
     from thinkdiff.models.bundle import ThinkDiffInfo
     from thinkdiff.pipelines import Request
@@ -139,7 +141,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     decoding = parser.add_argument_group("decoder settings (default: the decoder's own)")
     decoding.add_argument(
-        "--seed", type=int, default=0, help="seeds the LVLM sampling and the noise (default 0)"
+        "--seed", type=seed_argument, default=0, help="seeds the LVLM sampling and the noise (default 0)"
     )
     decoding.add_argument(
         "--steps", type=int, help="denoising steps (FLUX.1-dev 28, schnell 4, CogVideoX 50)"
@@ -270,6 +272,10 @@ def _job_request(job: Any, base: Path, where: str, args: argparse.Namespace) -> 
             return default
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ValueError(f"{where}: {key} must be a {getattr(kind, '__name__', 'number')}, got {value!r}")
+        if isinstance(value, float):
+            check_finite(key, value, where)  # JSON readers take NaN and Infinity
+        if key == "seed":
+            check_seed(key, value, where)
         return value
 
     hint = job.get("hint")
