@@ -526,3 +526,38 @@ def test_the_largest_seed_is_one_torch_takes() -> None:
 
     torch.Generator().manual_seed(LARGEST_SEED)
     torch.manual_seed(LARGEST_SEED)
+
+
+def test_the_aligners_lvlm_named_by_another_path_is_the_same_model(
+    tiny_env, tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """train records a relative folder (relative to where it ran); from another folder, the same
+    LVLM named by its absolute path is that model, not 'another name' to warn about."""
+    import shutil
+
+    from thinkdiff.commands.generate import check_aligner_source
+    from thinkdiff.models.bundle import ThinkDiffInfo
+    from thinkdiff.models.loading import resolve_model_dir
+
+    repo = tmp_path / "repo"
+    vlm = shutil.copytree(resolve_model_dir("tiny:qwen2-vl"), repo / "weights" / "vlm")
+    other = shutil.copytree(vlm, tmp_path / "my-vlm")
+    (tmp_path / "elsewhere").mkdir()
+    info = ThinkDiffInfo("lvlm", "weights/vlm", "tiny:t5", "tiny:flux", 32, 32)
+    for cwd, given in ((repo, "weights/vlm"), (repo, str(vlm)), (tmp_path / "elsewhere", str(vlm)),
+                       (tmp_path / "elsewhere", "../repo/weights/vlm"), (repo / "weights", "vlm")):
+        monkeypatch.chdir(cwd)
+        with caplog.at_level("WARNING"):
+            check_aligner_source(info, given, flag="--lvlm", allow_other=False)
+        assert "not the model this aligner was trained on" not in caplog.text, (cwd, given)
+    for cwd in (repo, tmp_path / "elsewhere"):  # another folder is still another name
+        monkeypatch.chdir(cwd)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            check_aligner_source(info, str(other), flag="--lvlm", allow_other=False)
+        assert f"--lvlm {other} is not the model this aligner was trained on" in caplog.text
+    hub = ThinkDiffInfo("lvlm", "Qwen/Qwen2-VL-7B-Instruct", "tiny:t5", "tiny:flux", 32, 32)
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a hub id is compared as an id
+        check_aligner_source(hub, "Qwen/Qwen2-VL-7B-Instruct", flag="--lvlm", allow_other=False)
+    assert caplog.text == ""

@@ -415,7 +415,7 @@ def check_aligner_source(info: ThinkDiffInfo, source: str | Path, *, flag: str, 
     family through with the warning.
     """
     trained, given = str(info.source_model), str(source)
-    if _model_identity(trained) == _model_identity(given):
+    if _same_model(trained, given):
         return
     trained_family, given_family = _model_family(trained), _model_family(given)
     if trained_family and given_family and trained_family != given_family and not allow_other:
@@ -429,6 +429,21 @@ def check_aligner_source(info: ThinkDiffInfo, source: str | Path, *, flag: str, 
         "to use that one",
         flag, given, trained, trained_family or "family unknown", flag, trained,
     )  # fmt: skip
+
+
+def _same_model(trained: str, given: str) -> bool:
+    """Whether ``given`` names the model recorded as ``trained``: the same real folder, or the same
+    hub id. A relative folder recorded by ``train`` is relative to where training ran; where it
+    does not exist from here, the given folder is that one when its real path ends with it
+    (``/work/repo/weights/vlm`` for a recorded ``weights/vlm``)."""
+    trained_id, given_id = _model_identity(trained), _model_identity(given)
+    if trained_id == given_id:
+        return True
+    recorded = Path(trained)
+    if recorded.is_absolute() or trained_id != trained or not Path(given_id).is_absolute():
+        return False  # the recorded folder exists here (and is another), or is a hub id or absolute
+    tail = Path(given_id).parts[-len(recorded.parts):]
+    return ".." not in recorded.parts and len(recorded.parts) > 1 and tail == recorded.parts
 
 
 def _model_identity(name: str) -> str:
