@@ -262,9 +262,30 @@ def two_processes() -> ProcessPoolExecutor:
     loaded world). Fork only before any torch op has run in the parent, so that no thread pool is
     forked mid-state."""
     import multiprocessing as mp
+    import os
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork"))
+    return ProcessPoolExecutor(
+        max_workers=2,
+        mp_context=mp.get_context("fork"),
+        initializer=_exit_with_parent,
+        initargs=(os.getpid(),),
+    )
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker's first act: have Linux kill it when its parent dies. A killed build or report would
+    otherwise leave its two workers waiting for work forever (the finished sections are saved by the
+    parent; what a worker was measuring is lost either way)."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os._exit(1)
 
 
 class _Timer:
