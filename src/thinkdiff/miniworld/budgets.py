@@ -75,12 +75,14 @@ class BuildConfig:
 
 
 def full_config(seed: int = 0) -> BuildConfig:
-    """The committed world: about 20-25 minutes on 2 CPU cores."""
+    """The committed world (its ``build.json`` records each step's seconds: 1135 s for the components
+    and 802 s for the calibration on an idle 2-core CPU)."""
     return BuildConfig(seed=seed)
 
 
 def quick_config(seed: int = 0) -> BuildConfig:
-    """A reduced world for tests: every step runs, for a few dozen steps each (about a minute)."""
+    """A reduced world for tests: every step runs, for a few dozen steps each (22 s on an idle 2-core
+    CPU)."""
     return BuildConfig(
         seed=seed,
         pool_size=600,
