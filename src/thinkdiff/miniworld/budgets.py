@@ -35,8 +35,8 @@ class BuildConfig:
     vlm_batch: int = 32
     vlm_pool: int = 24_000
     """Pool images the VLM trains on (the first ``vlm_pool`` of the pool)."""
-    vision_steps: int = 500
-    vision_batch: int = 128
+    vision_steps: int = 2000
+    vision_batch: int = 64
     lvlm_train: int = 3000
     """Images the VLM describes for ThinkDiff-LVLM's training features."""
     lvlm_val: int = 200

@@ -45,6 +45,7 @@ __all__ = [
     "calibrated_dir",
     "full_config",
     "quick_config",
+    "rebuild_clip",
 ]
 
 logger = logging.getLogger(__name__)
@@ -253,6 +254,36 @@ def build_calibration(out_dir: Path, config: BuildConfig | None = None, *, progr
     seconds.update({f"calibrate {n}": s for n, s in done})
     seconds["wall"] = round(time.perf_counter() - started, 1)
     record["calibration_seconds"] = seconds
+    _write_json(out_dir / "build.json", record)
+    return record
+
+
+def rebuild_clip(out_dir: Path, config: BuildConfig | None = None, *, progress: bool = True) -> dict[str, Any]:
+    """Retrain, in a built world, the vision tower and everything that reads it, exactly as
+    :func:`build` and :func:`build_calibration` do (same pool, seeds and budgets): the mini EVA
+    ViT, the ThinkDiff-CLIP aligner and its calibrated version. The other components are not
+    touched. Updates ``build.json`` (``vision``, ``clip_aligner`` and ``calibrate clip`` seconds)."""
+    from thinkdiff.miniworld.components.vision import train_vision
+    from thinkdiff.miniworld.experiments import train_clip_aligner
+    from thinkdiff.miniworld.pool import render_pool
+
+    out_dir = Path(out_dir)
+    record = json.loads((out_dir / "build.json").read_text())
+    if config is None:
+        config = BuildConfig(**record["config"])
+    record["config"] = dataclasses.asdict(config)
+    torch.set_num_threads(1)  # as each branch of the build runs
+    seconds = record["seconds"]
+    pool = render_pool(config.pool_size, config.seed, progress=progress)
+    with _Timer("vision", seconds):
+        train_vision(
+            out_dir / "vision", pool, seed=config.seed, steps=config.vision_steps,
+            batch_size=config.vision_batch, progress=progress,
+        )  # fmt: skip
+    del pool
+    with _Timer("clip_aligner", seconds):
+        train_clip_aligner(out_dir, out_dir / "work", config, target=out_dir / "thinkdiff" / "clip")
+    _, record.setdefault("calibration_seconds", {})["calibrate clip"] = _calibrate_one(out_dir, config, "clip", 1)
     _write_json(out_dir / "build.json", record)
     return record
 

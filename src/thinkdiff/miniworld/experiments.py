@@ -185,16 +185,23 @@ def train_lvlm_aligner(
 
 
 def train_clip_aligner(
-    world_root: Path, work: Path, config: BuildConfig, *, target: Path | None = None
+    world_root: Path,
+    work: Path,
+    config: BuildConfig,
+    *,
+    target: Path | None = None,
+    name: str = "clip",
+    **overrides: Any,
 ) -> Path:
-    """Train the ThinkDiff-CLIP aligner on an image-caption folder of fresh renders."""
+    """Train the ThinkDiff-CLIP aligner on an image-caption folder of fresh renders (``overrides``:
+    changes to its TrainConfig, e.g. ``clip_empty_first``)."""
     folder = write_image_caption_folder(work / "clip-data", config.clip_train, f"{config.seed}:clip")
     steps = config.clip_steps
     train_config = aligner_config(
         world_root,
         work,
         config,
-        "clip",
+        name,
         variant="clip",
         data=[str(folder)],
         val_data=[],
@@ -206,6 +213,7 @@ def train_clip_aligner(
         val_every=0,
         decode_every=0,
         save_every=steps,
+        **overrides,
     )
     return run_training(train_config, target)
 

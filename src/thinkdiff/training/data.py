@@ -162,8 +162,10 @@ def build_step_data(
     micro_batch: int,
     accumulation: int,
     validation: bool = False,
+    image_size: int = 224,
 ) -> StepData:
-    """The training (or validation) stream of one rank for ``config``."""
+    """The training (or validation) stream of one rank for ``config`` (clip: images resized to
+    ``image_size``, the vision tower's input side)."""
     sources = config.val_data if validation else config.data
     # Validation reads the same held-out order every time, unshuffled.
     shuffle = 0 if validation else config.shuffle_buffer
@@ -205,6 +207,7 @@ def build_step_data(
             seed=config.seed,
             rank=rank,
             world_size=world_size,
+            image_size=image_size,
         )
         collate = CLIPCaptionCollator(
             t5_tokenizer,

@@ -115,6 +115,8 @@ class Trainer:
                 config.vision_model, dtype=frozen_dtype, device=device
             )
         self.in_dim = self.vision.hidden_size if self.vision is not None else feature_width(config)
+        # The images are resized to the vision tower's own input side (224 for EVA ViT-g).
+        self.image_size = self.vision.image_size if self.vision is not None else 224
 
         aligner = Aligner(
             self.in_dim, self.proxy.d_model, hidden_dim=config.aligner_hidden_dim, norm=config.aligner_norm
@@ -134,6 +136,7 @@ class Trainer:
             accelerator.num_processes,
             self.micro_batch,
             self.accumulation,
+            image_size=self.image_size,
         )
         self.val_data: StepData | None = None
         if config.val_data:
@@ -145,6 +148,7 @@ class Trainer:
                 self.micro_batch,
                 1,
                 validation=True,
+                image_size=self.image_size,
             )
         self.step = 0
         self.skipped_steps = 0
