@@ -241,23 +241,52 @@ def _same_numbers(a: dict, b: dict) -> None:
             assert value == other, path
 
 
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pids: list[int]) -> bool:
+    """Whether any of ``pids`` still runs (a zombie waiting to be reaped counts as gone)."""
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            return True
+    return False
+
+
 def test_a_killed_report_resumes_with_the_same_numbers(quick_world, tmp_path):
-    """Sections are saved as they finish: a run killed mid-way keeps them, the same command resumes
-    at the unfinished ones, and every number equals an uninterrupted run's (in two processes)."""
+    """Sections are saved as they finish: a run killed mid-way keeps them (and its two workers die
+    with it), the same command resumes at the unfinished ones, and every number equals an
+    uninterrupted run's (in one process)."""
     import os
     import signal
     import subprocess
     import time
 
+    from thinkdiff.miniworld.report import SECTIONS
+
     root, _ = quick_world
+    n = len(SECTIONS)  # --quick measures every section
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(_report_command(root, whole, "--threads", "2"), check=True, env=env, capture_output=True)
+    subprocess.run(_report_command(root, whole, "--threads", "1"), check=True, env=env, capture_output=True)
     reference = json.loads((whole / "report.json").read_text())
-    assert len(reference["sections"]) == 7 and "lvlm_calibrated" not in reference
+    assert len(reference["sections"]) == n and "lvlm_calibrated" not in reference
 
     run = subprocess.Popen(
-        _report_command(root, killed, "--threads", "1"),
+        _report_command(root, killed, "--threads", "2"),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -267,10 +296,15 @@ def test_a_killed_report_resumes_with_the_same_numbers(quick_world, tmp_path):
         record.is_file() and len(json.loads(record.read_text())["sections"]) >= 2
     ):
         time.sleep(0.2)
+    workers = _children(run.pid)
     run.send_signal(signal.SIGKILL)
     run.wait()
+    deadline = time.time() + 10
+    while _alive(workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(workers) == 2 and not _alive(workers)  # the workers die with the report
     kept = json.loads(record.read_text())
-    assert 2 <= len(kept["sections"]) < 7, kept["sections"]
+    assert 2 <= len(kept["sections"]) < n, kept["sections"]
     for name in kept["sections"]:
         assert name in kept["seconds"]
 
@@ -289,7 +323,7 @@ def test_a_killed_report_resumes_with_the_same_numbers(quick_world, tmp_path):
     resumed = subprocess.run(
         _report_command(root, killed, "--threads", "2"), check=True, env=env, capture_output=True, text=True
     )
-    assert "resuming" in resumed.stderr and "(7 of 7 sections)" in resumed.stderr
+    assert "resuming" in resumed.stderr and f"({n} of {n} sections)" in resumed.stderr
     for name in kept["sections"]:
         assert f": {name} done" not in resumed.stderr, name  # a finished section is not measured again
     final = json.loads(record.read_text())
