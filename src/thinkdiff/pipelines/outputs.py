@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from PIL import Image
 
-    from thinkdiff.pipelines.pipeline_thinkdiff import ThinkDiffOutput, ThinkDiffPipeline
+    from thinkdiff.pipelines.pipeline_thinkdiff import ThinkDiffPipeline
     from thinkdiff.pipelines.requests import Request
+    from thinkdiff.pipelines.results import ThinkDiffOutput
 
 __all__ = ["write_output"]
 

@@ -24,6 +24,11 @@ tower + aligner, (2) the decoder's text encoders, (3) the decoder's transformer 
 models are released before the next loads unless ``keep_loaded=True`` (faster repeated calls when
 everything fits).
 
+This module holds the pipeline and its stages; beside it: :mod:`~thinkdiff.pipelines.settings`
+(how the conditioning is computed), :mod:`~thinkdiff.pipelines.prompt_assembly` (what stage 2
+encodes and how each prompt is put together), :mod:`~thinkdiff.pipelines.results` (what it returns)
+and :mod:`~thinkdiff.pipelines.seeded` (``items, seed -> image`` for evaluation harnesses).
+
 Shapes: B requests, N LVLM tokens, H LVLM / vision width, L prompt tokens, S T5 text tokens,
 D prompt width (the decoder's T5 d_model), P pooled width.
 """
@@ -35,7 +40,6 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +49,6 @@ from thinkdiff.models.loading import default_dtype, resolve_model_dir
 from thinkdiff.models.quantization import Quantize
 from thinkdiff.pipelines.constants import (
     DEFAULT_DECODER,
-    DEFAULT_INSTRUCTION,
     DEFAULT_LVLM,
     HINT_INSTRUCTION,
     MODES,
@@ -61,7 +64,10 @@ from thinkdiff.pipelines.decoders import (
     load_decoder,
     release,
 )
+from thinkdiff.pipelines.prompt_assembly import assemble_embeddings, negative_lengths, text_jobs
 from thinkdiff.pipelines.requests import Item, PreparedRequest, Request, prepare_requests
+from thinkdiff.pipelines.results import ThinkDiffEmbeddings, ThinkDiffOutput
+from thinkdiff.pipelines.settings import InferenceSettings
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -73,7 +79,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_LVLM",
     "InferenceSettings",
-    "SeededImageGenerator",
     "ThinkDiffEmbeddings",
     "ThinkDiffOutput",
     "ThinkDiffPipeline",
@@ -82,175 +87,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SETTING_NAMES = ("height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "num_frames")
-
-
-@dataclass
-class InferenceSettings:
-    """How the conditioning is computed (decoder settings are arguments of the call)."""
-
-    instruction: str | None = DEFAULT_INSTRUCTION
-    """Put before the items in lvlm and text-bridge modes (``None``: no instruction). Not added again
-    when the items already start with it; dropped from the items in clip mode."""
-    num_tokens: int = 128
-    """lvlm: exactly this many tokens are generated (EOS ignored) unless ``stop_at_eos``;
-    text-bridge: at most this many."""
-    stop_at_eos: bool = False
-    """lvlm: generate at most ``num_tokens`` tokens and stop at EOS; the features of the tokens up
-    to and including EOS are aligned. The paper's release generates exactly ``num_tokens``
-    (False); a model whose aligner was trained on EOS-terminated answers needs True."""
-    greedy: bool = False
-    """Decode greedily (lvlm and text-bridge) instead of sampling with ``temperature``/``top_p``."""
-    temperature: float = 0.6
-    """LVLM sampling temperature (unused when ``greedy``)."""
-    top_p: float = 0.9
-    """LVLM nucleus sampling mass (unused when ``greedy``)."""
-    text_max_length: int = 128
-    """T5 tokens for the text of clip mode and the extra text of lvlm mode (FLUX). CogVideoX gets
-    whatever is left of its fixed prompt length after the aligned tokens."""
-    max_images: int = 16
-    """Most images per request."""
-    max_pixels: int | None = None
-    """Caps the LVLM's image resolution (``None``: the checkpoint's own setting)."""
-    encoder_batch_size: int = 1
-    """Requests per LVLM ``generate`` call (images per vision-tower call in clip mode). Above 1 the
-    LVLM samples a batch from one RNG stream, so a request's text then depends on its batch
-    companions; 1 keeps every request reproducible on its own."""
-    decoder_batch_size: int = 1
-    """Requests per decoder call. Each row has its own ``torch.Generator``, so batching does not
-    change the noise; only requests with equal settings and prompt length are batched."""
-    qcd_alpha: float = 0.0
-    """lvlm and text-bridge: query-contrastive decoding weight ``a`` (:mod:`thinkdiff.models.qcd`):
-    each step samples from ``(1 + a) * logits(full input) - a * logits(input without its last text
-    item)``; 0 (default) samples plainly, 0.5 is the published setting. A request may override it."""
-    hint: str | None = None
-    """lvlm and text-bridge: a sentence appended to the instruction (``HINT_INSTRUCTION`` is ours:
-    the last word is the key clue, the shared attribute comes from the pictures); ``None``: none.
-    A request may switch it on or off."""
-
-    def __post_init__(self) -> None:
-        for name in (
-            "num_tokens",
-            "text_max_length",
-            "max_images",
-            "encoder_batch_size",
-            "decoder_batch_size",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.qcd_alpha < 0:
-            raise ValueError(f"qcd_alpha must be >= 0, got {self.qcd_alpha}")
-        if self.hint is not None and (not self.hint.strip() or self.instruction is None):
-            raise ValueError("hint must be a non-empty sentence, appended to an instruction (not None)")
-
-
-@dataclass
-class ThinkDiffEmbeddings:
-    """What a stock decoder takes, for B requests (rows right-padded to the longest)."""
-
-    prompt_embeds: torch.Tensor
-    """[B, L, D] aligned tokens first (after SD3's CLIP block), then any T5 text tokens; zero after
-    ``prompt_attention_mask``."""
-    prompt_attention_mask: torch.Tensor
-    """[B, L] bool: True for the row's tokens. Decoders take no padding: pass only the real rows
-    (:meth:`decoder_kwargs`); the masked decoders' own mask is :attr:`decoder_attention_mask`."""
-    pooled_prompt_embeds: torch.Tensor | None
-    """[B, P]: the pooled CLIP text vector of FLUX and SD3; ``None`` for the other decoders."""
-    negative_prompt_embeds: torch.Tensor | None
-    """[B, L, D]: the classifier-free guidance negative, the decoder's T5 of ``""``. CogVideoX:
-    always (its guidance); FLUX: when a request of the batch uses true CFG (``true_cfg_scale > 1``),
-    then for every row, ``""`` padded to that row's length (zero after the mask); else ``None``."""
-    num_aligned_tokens: list[int]
-    """How many leading tokens of each row came from the aligner (0 in text-bridge mode)."""
-    lvlm_texts: list[str | None]
-    """The LVLM's generated text per request (``None`` in clip mode)."""
-    negative_pooled_prompt_embeds: torch.Tensor | None = None
-    """[B, P]: FLUX's pooled negative, CLIP of ``""``, beside a FLUX ``negative_prompt_embeds``."""
-    device: torch.device | None = None
-    """Where the pipeline that computed them runs its decoder (the tensors themselves are kept on
-    the CPU): :meth:`decoder_kwargs` moves them there unless told otherwise."""
-    decoder_attention_mask: torch.Tensor | None = None
-    """[B, L]: the ``prompt_attention_mask`` that Chroma, PixArt-Sigma and LTX-Video take, in the
-    dtype their ``encode_prompt`` gives it: 1 for aligned tokens, the decoder's own mask for its T5
-    tokens (Chroma's keeps one pad token), 0 after the row; ``None`` for the other decoders."""
-    negative_decoder_attention_mask: torch.Tensor | None = None
-    """[B, L]: the mask of ``negative_prompt_embeds`` for those decoders (T5 of ``""``'s own)."""
-    num_prefix_tokens: int = 0
-    """SD3: the CLIP-L/G tokens (77) each row starts with, before the aligned tokens."""
-
-    def __len__(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    def rows(self, indices: Sequence[int], length: int) -> dict[str, torch.Tensor]:
-        """The stock ``__call__`` arguments for the rows ``indices``, cut to ``length`` tokens (CPU)."""
-        fields = {
-            "prompt_embeds": (self.prompt_embeds, True),
-            "prompt_attention_mask": (self.decoder_attention_mask, True),
-            "pooled_prompt_embeds": (self.pooled_prompt_embeds, False),
-            "negative_prompt_embeds": (self.negative_prompt_embeds, True),
-            "negative_prompt_attention_mask": (self.negative_decoder_attention_mask, True),
-            "negative_pooled_prompt_embeds": (self.negative_pooled_prompt_embeds, False),
-        }
-        index = list(indices)
-        return {
-            name: tensor[index, :length] if per_token else tensor[index]
-            for name, (tensor, per_token) in fields.items()
-            if tensor is not None
-        }
-
-    def decoder_kwargs(
-        self,
-        index: int,
-        *,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Keyword arguments for the stock pipeline for request ``index`` (batch of one, unpadded).
-
-        FLUX: ``pipe(**emb.decoder_kwargs(0), generator=...)`` with ``prompt_embeds`` [1, L, D] and
-        ``pooled_prompt_embeds`` [1, P] (and the negatives when computed: pass ``true_cfg_scale``
-        too); SD3 the same (``guidance_scale``); CogVideoX: ``prompt_embeds`` and
-        ``negative_prompt_embeds``; Chroma, PixArt-Sigma, LTX-Video: those and their
-        ``prompt_attention_mask`` / ``negative_prompt_attention_mask`` (PixArt-Sigma: pass
-        ``negative_prompt=None`` too; its default ``""`` is refused beside negative embeddings).
-
-        The tensors are moved to ``device`` (default: :attr:`device`, the computing pipeline's
-        device) and cast to ``dtype`` (default: unchanged, the pipeline's dtype): the stock
-        ``FluxPipeline.encode_prompt`` passes given embeddings on as they are, so CPU tensors would
-        reach a CUDA transformer.
-        """
-        target = device if device is not None else self.device
-        kwargs = self.rows([index], int(self.prompt_attention_mask[index].sum()))
-        # Masks keep the dtype the stock encode_prompt gives them.
-        return {
-            name: tensor.to(device=target, dtype=None if name.endswith("mask") else dtype)
-            for name, tensor in kwargs.items()
-        }
-
-
-@dataclass
-class ThinkDiffOutput:
-    """Results of :meth:`ThinkDiffPipeline.__call__`, in request order."""
-
-    images: list[Image.Image]
-    """One image per request (image decoders); empty for video decoders."""
-    videos: list[list[Image.Image]]
-    """One list of frames per request (video decoders); empty for image decoders."""
-    embeddings: ThinkDiffEmbeddings
-    settings: list[dict[str, Any]]
-    """The decoder settings each request ran with (height, width, steps, guidance, FLUX's true CFG
-    scale, CogVideoX's frames)."""
-    timings: dict[str, float] = field(default_factory=dict)
-    """Seconds per stage for the whole call (loads are their own ``load_*`` stages)."""
-    peak_memory: dict[str, int] = field(default_factory=dict)
-    """Peak allocated GPU bytes per stage (CUDA only)."""
-
-    @property
-    def lvlm_texts(self) -> list[str | None]:
-        return self.embeddings.lvlm_texts
 
 
 class ThinkDiffPipeline:
@@ -627,15 +463,6 @@ class ThinkDiffPipeline:
             items = items[1:]
         return list(items) if instruction is None else [instruction, *items]
 
-    def _clip_text(self, p: PreparedRequest) -> str:
-        texts = p.texts
-        if texts and texts[0] == self.settings.instruction:
-            texts = texts[1:]  # the LVLM instruction means nothing to a CLIP-conditioned decoder
-        parts = [t.strip() for t in texts if t.strip()]
-        if p.request.extra_text:
-            parts.append(p.request.extra_text.strip())
-        return " ".join(parts)
-
     @torch.no_grad()
     def _run_lvlm(
         self, prepared: list[PreparedRequest], timings: dict, memory: dict
@@ -799,7 +626,6 @@ class ThinkDiffPipeline:
         negatives: bool = False,
     ) -> ThinkDiffEmbeddings:
         spec, s = self.decoder_spec, self.settings
-        required = spec.required_length
 
         # Stage 1: the LVLM or the vision tower, then the aligner.
         aligned: list[torch.Tensor | None] = [None] * len(prepared)
@@ -810,138 +636,27 @@ class ThinkDiffPipeline:
         else:
             aligned = list(self._run_vision(prepared, timings, memory))
 
-        # Stage 2: what the decoder's own text encoders must encode, as (request, text, length).
-        # ``limit``: the most tokens after SD3's CLIP block the masked decoders and SD3 read.
-        limit = spec.max_length
-        jobs: list[tuple[int, str, int]] = []
-        for i, p in enumerate(prepared):
-            extra = (p.request.extra_text or "").strip()
-            n_aligned = 0 if aligned[i] is None else aligned[i].shape[0]
-            room = s.text_max_length if limit is None else min(s.text_max_length, limit - n_aligned)
-            if self.mode == "text-bridge":
-                text = " ".join(t for t in (lvlm_texts[i] or "", extra) if t)
-                jobs.append((i, text, self.decoder.text_bridge_length()))
-            elif self.mode == "clip":
-                # check() refused image tokens that leave no room for text.
-                jobs.append((i, self._clip_text(p), room if required is None else required - n_aligned))
-            elif required is not None:
-                # CogVideoX: its T5 fills the fixed length after the aligned tokens, encoding the
-                # extra text (or "") exactly as it pads its own prompts.
-                if n_aligned < required:
-                    jobs.append((i, extra, required - n_aligned))
-            elif extra and room > 0:
-                jobs.append((i, extra, room))
-            elif extra:
-                logger.warning(
-                    "request %d: extra text dropped: the %d aligned tokens fill the %d that %s takes",
-                    i,
-                    n_aligned,
-                    limit,
-                    spec.name,
-                )
-        # Guidance with a negative prompt (FLUX's true CFG; the others' CFG): T5("") at each
-        # prompt's length (aligned + T5 tokens, after any CLIP block, within the limit).
-        negative_lengths: list[int] = []
-        if negatives and self.decoder.cfg_setting is not None:
-            t5_lengths = {i: length for i, _, length in jobs}
-            negative_lengths = [
-                (0 if aligned[i] is None else aligned[i].shape[0]) + t5_lengths.get(i, 0)
-                for i in range(len(prepared))
-            ]
-            if limit is not None:
-                negative_lengths = [min(length, limit) for length in negative_lengths]
-        missing_negatives = sorted({length for length in negative_lengths if length not in self._negatives})
+        # Stage 2: the decoder's own text encoders, then the prompt assembled.
+        jobs = text_jobs(self.mode, prepared, aligned, lvlm_texts, spec, self.decoder, s)
+        lengths = negative_lengths(jobs, aligned, spec, self.decoder) if negatives else []
+        missing_negatives = sorted({length for length in lengths if length not in self._negatives})
         # lvlm mode without extra text or guidance needs no T5-XXL: FLUX and SD3 only CLIP (for
         # the pooled vector of ""), Chroma, PixArt-Sigma and LTX-Video nothing.
         roles = self.decoder.text_roles(needs_t5=bool(jobs or missing_negatives))
         text_out = self._encode_texts(jobs, roles, timings, memory, missing_negatives)
         assert self._empty is not None
-
-        # Assemble each request's prompt: [SD3's CLIP block], aligned tokens, then T5 text tokens;
-        # fit CogVideoX's length or the decoder's limit. Masks are bool here (True: attended).
-        empty_prefix = self._empty["prefix"][0] if "prefix" in self._empty else None
-        empty_pooled = self._empty["pooled_prompt_embeds"][0] if "pooled_prompt_embeds" in self._empty else None
-        cap = required if required is not None else limit
-        rows: list[torch.Tensor] = []
-        masks: list[torch.Tensor] = []
-        pooled_rows: list[torch.Tensor] = []
-        num_aligned: list[int] = []
-        body_lengths: list[int] = []
-        for i in range(len(prepared)):
-            encoded = text_out.get(i)
-            parts = [] if aligned[i] is None else [aligned[i]]
-            part_masks = [] if aligned[i] is None else [torch.ones(aligned[i].shape[0], dtype=torch.bool)]
-            if encoded is not None:
-                parts.append(encoded.embeds)
-                part_masks.append(encoded.attended())
-            body_LD = torch.cat(parts) if parts else torch.zeros(0, spec.prompt_width, dtype=self.dtype)
-            mask_L = torch.cat(part_masks) if part_masks else torch.zeros(0, dtype=torch.bool)
-            if cap is not None and body_LD.shape[0] > cap:
-                logger.warning(
-                    "request %d: %d prompt tokens cut to the %d that %s takes",
-                    i,
-                    body_LD.shape[0],
-                    cap,
-                    spec.name,
-                )
-                body_LD, mask_L = body_LD[:cap], mask_L[:cap]
-            num_aligned.append(min(0 if aligned[i] is None else aligned[i].shape[0], body_LD.shape[0]))
-            body_lengths.append(body_LD.shape[0])
-            # lvlm: CLIP("") as released, even with extra text (the aligned tokens carry the
-            # content); clip and text-bridge: CLIP of the text they encode (FLUX's pooled vector,
-            # SD3's CLIP block and pooled vector).
-            source = encoded if encoded is not None and self.mode != "lvlm" else None
-            prefix = source.prefix if source is not None else empty_prefix
-            pooled = source.pooled if source is not None else empty_pooled
-            if prefix is not None:
-                body_LD = torch.cat([prefix, body_LD])
-                mask_L = torch.cat([torch.ones(prefix.shape[0], dtype=torch.bool), mask_L])
-            rows.append(body_LD)
-            masks.append(mask_L)
-            if pooled is not None:
-                pooled_rows.append(pooled)
-        num_prefix = 0 if empty_prefix is None else empty_prefix.shape[0]
-
-        length = max(r.shape[0] for r in rows)
-        prompt_BLD = torch.zeros(len(rows), length, spec.prompt_width, dtype=self.dtype)
-        mask_BL = torch.zeros(len(rows), length, dtype=torch.bool)
-        decoder_mask_BL = torch.zeros(len(rows), length, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            prompt_BLD[i, : r.shape[0]] = r
-            mask_BL[i, : r.shape[0]] = True
-            decoder_mask_BL[i, : r.shape[0]] = masks[i]
-        negative = negative_pooled = negative_mask_BL = None
-        if "negative_prompt_embeds" in self._empty:  # CogVideoX
-            negative = self._empty["negative_prompt_embeds"].expand(len(rows), -1, -1)[:, :length].clone()
-        elif negative_lengths:  # guidance with T5("") at each prompt's length
-            negative = torch.zeros_like(prompt_BLD)
-            negative_mask_BL = torch.zeros_like(decoder_mask_BL)
-            for i, r in enumerate(rows):
-                assert body_lengths[i] == negative_lengths[i], "the negative must have the prompt's length"
-                empty = self._negatives[body_lengths[i]]
-                empty_mask = empty.attended()
-                if empty_prefix is not None:
-                    negative[i, :num_prefix] = empty_prefix
-                    negative_mask_BL[i, :num_prefix] = True
-                negative[i, num_prefix : r.shape[0]] = empty.embeds
-                negative_mask_BL[i, num_prefix : r.shape[0]] = empty_mask
-            if empty_pooled is not None:
-                negative_pooled = empty_pooled.expand(len(rows), -1).clone()
-        mask_dtype = self.decoder.attention_mask_dtype
-        return ThinkDiffEmbeddings(
-            prompt_embeds=prompt_BLD,
-            prompt_attention_mask=mask_BL,
-            pooled_prompt_embeds=torch.stack(pooled_rows) if pooled_rows else None,
-            negative_prompt_embeds=negative,
-            num_aligned_tokens=num_aligned,
-            lvlm_texts=lvlm_texts,
-            negative_pooled_prompt_embeds=negative_pooled,
+        return assemble_embeddings(
+            self.mode,
+            aligned,
+            text_out,
+            lvlm_texts,
+            lengths,
+            empty=self._empty,
+            negatives=self._negatives,
+            spec=spec,
+            decoder=self.decoder,
+            dtype=self.dtype,
             device=self.device,
-            decoder_attention_mask=None if mask_dtype is None else decoder_mask_BL.to(mask_dtype),
-            negative_decoder_attention_mask=(
-                None if mask_dtype is None or negative_mask_BL is None else negative_mask_BL.to(mask_dtype)
-            ),
-            num_prefix_tokens=num_prefix,
         )
 
     # ---- generation --------------------------------------------------------------------------
@@ -1076,45 +791,3 @@ def _default_source(mode: str, info: ThinkDiffInfo | None) -> str:
     if mode == "clip":
         raise ValueError("mode clip needs a trained ThinkDiff-CLIP model folder (--model)")
     return DEFAULT_LVLM
-
-
-class SeededImageGenerator:
-    """``items, seed -> image`` on top of a :class:`ThinkDiffPipeline` (what evaluation harnesses call).
-
-    ``generate_batch`` gives each sequence the decoder noise it would get alone; see
-    :attr:`InferenceSettings.encoder_batch_size` for the LVLM. ``call_kwargs`` (height, steps, ...)
-    are passed to every pipeline call.
-    """
-
-    def __init__(self, pipeline: ThinkDiffPipeline, **call_kwargs: Any) -> None:
-        self.pipeline = pipeline
-        self.call_kwargs = call_kwargs
-        self.last_output: ThinkDiffOutput | None = None
-        self.last_requests: list[Request] = []
-
-    def __call__(self, items: Sequence[Item], seed: int) -> Image.Image:
-        return self.generate_batch([items], [seed])[0]
-
-    def generate_batch(self, batch: Sequence[Sequence[Item]], seeds: Sequence[int]) -> list[Image.Image]:
-        if len(batch) != len(seeds):
-            raise ValueError(f"{len(batch)} inputs but {len(seeds)} seeds")
-        if self.pipeline.decoder_spec.kind != "image":
-            raise ValueError(f"{self.pipeline.decoder_spec.name} makes videos; an image generator needs an image decoder")
-        # Harnesses pass image paths as ``pathlib.Path`` (os.PathLike) and texts as ``str``.
-        requests = [Request(items=list(items), seed=seed) for items, seed in zip(batch, seeds)]
-        self.last_requests = requests
-        self.last_output = self.pipeline(requests, **self.call_kwargs)
-        return self.last_output.images
-
-    def details(self) -> list[dict[str, Any]]:
-        """Per image of the last call: what a sidecar should record (the LVLM's text, the settings)."""
-        if self.last_output is None:
-            return []
-        out = self.last_output
-        lvlm = [
-            self.pipeline.lvlm_conditioning(r) if self.pipeline.mode != "clip" else None for r in self.last_requests
-        ]
-        return [
-            {"lvlm_text": text, **settings, "lvlm": conditioning}
-            for text, settings, conditioning in zip(out.lvlm_texts, out.settings, lvlm)
-        ]
