@@ -8,6 +8,7 @@ from thinkdiff.miniworld.report.ablation import ablation_markdown
 from thinkdiff.miniworld.report.calibration import calibration_markdown
 from thinkdiff.miniworld.report.claims import claims_markdown
 from thinkdiff.miniworld.report.clip import clip_markdown
+from thinkdiff.miniworld.report.clip_claims import clip_claims_markdown
 from thinkdiff.miniworld.report.fidelity import fidelity_markdown
 from thinkdiff.miniworld.report.lvlm import lvlm_markdown
 from thinkdiff.miniworld.report.premise import premise_markdown
@@ -35,6 +36,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         qcd_section_markdown,
         claims_markdown,
         clip_markdown,
+        clip_claims_markdown,
         ablation_markdown,
     ):
         lines += part(report)

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from thinkdiff.miniworld.report.ablation import run_ablation
 from thinkdiff.miniworld.report.calibration import calibration_cost
 from thinkdiff.miniworld.report.claims import claims
 from thinkdiff.miniworld.report.clip import run_clip
+from thinkdiff.miniworld.report.clip_claims import run_clip_claims
 from thinkdiff.miniworld.report.common import (
     RESULT_NEUTRAL,
     ReportConfig,
@@ -55,15 +57,22 @@ SECTIONS: tuple[Section, ...] = (
     Section("fidelity", run_fidelity, B),
     Section("lvlm_calibrated", run_lvlm_calibrated, B),
     Section("qcd", run_qcd, B, wanted=wants_qcd),
+    Section("clip_claims", run_clip_claims, B),
 )
 """The report's sections in two lanes of about equal work (on the committed world). Each seeds
 what it draws, so no number depends on which process runs it or on what ran before it; ``lvlm``
 needs the aligners ``ablation_training`` leaves, so it follows it in its lane."""
 
 
-def write_report(models_dir: Path, out_dir: Path, config: ReportConfig) -> dict[str, Any]:
+def write_report(
+    models_dir: Path, out_dir: Path, config: ReportConfig, *, redo: Sequence[str] = ()
+) -> dict[str, Any]:
     """Measure every section not yet in ``out_dir/report.json`` and write the report folder; returns
-    report.json (``report.md`` and the PNGs beside it)."""
+    report.json (``report.md`` and the PNGs beside it).
+
+    ``redo``: sections of the existing report to measure again, e.g. after retraining the component
+    they measure; the models' ``build.json`` may then differ from the report's, and the report
+    records the new one and, under ``"redone"``, what was measured again."""
     from thinkdiff.miniworld.budgets import BuildConfig
     from thinkdiff.miniworld.models import MiniWorld
 
@@ -71,7 +80,7 @@ def write_report(models_dir: Path, out_dir: Path, config: ReportConfig) -> dict[
     models_dir, out_dir = Path(models_dir), Path(out_dir)
     world = MiniWorld(models_dir)
     build_record = json.loads((models_dir / "build.json").read_text())
-    report = _start_or_resume(out_dir, config, build_record)
+    report = _start_or_resume(out_dir, config, build_record, _redo_names(redo))
     previous = report["seconds"].pop("total", 0.0)  # a resumed report's earlier runs
     ctx = SectionContext(world, config, BuildConfig(**build_record["config"]), out_dir)
     wanted = [s for s in SECTIONS if s.wanted(config)]
@@ -159,10 +168,27 @@ def _run_two_lanes(todo: list[Section], ctx: SectionContext, threads: int, n: in
             raise failure
 
 
-def _start_or_resume(out_dir: Path, config: ReportConfig, build_record: dict[str, Any]) -> dict[str, Any]:
-    """A new report, or the one in ``out_dir`` if it was started with the same settings and models."""
+def _redo_names(redo: Sequence[str]) -> set[str]:
+    """The sections to measure again (``ValueError`` for a name that is not a section)."""
+    names = [s.name for s in SECTIONS]
+    unknown = sorted(set(redo) - set(names))
+    if unknown:
+        raise ValueError(f"--redo: no section named {', '.join(unknown)} (the sections: {', '.join(names)})")
+    chosen = set(redo)
+    if "lvlm" in chosen:  # its proxy-only half replaces the merged table: the calibrated half comes too
+        chosen.add("lvlm_calibrated")
+    return chosen
+
+
+def _start_or_resume(
+    out_dir: Path, config: ReportConfig, build_record: dict[str, Any], redo: set[str]
+) -> dict[str, Any]:
+    """A new report, or the one in ``out_dir`` if it was started with the same settings and models
+    (other models too when ``redo`` names sections to measure again)."""
     settings = dataclasses.asdict(config)
     path = out_dir / "report.json"
+    if redo and not path.is_file():
+        raise ValueError(f"--redo: {path} does not exist (run the report once first)")
     if path.is_file():
         saved = json.loads(path.read_text())
         differ = [
@@ -170,7 +196,8 @@ def _start_or_resume(out_dir: Path, config: ReportConfig, build_record: dict[str
             for k, v in json.loads(json.dumps(settings)).items()
             if k not in RESULT_NEUTRAL and saved.get("config", {}).get(k) != v
         ]
-        if saved.get("build") != build_record:
+        build_changed = saved.get("build") != build_record
+        if build_changed and not redo:
             differ.append("the models folder's build.json")
         if differ:
             raise ValueError(
@@ -178,6 +205,10 @@ def _start_or_resume(out_dir: Path, config: ReportConfig, build_record: dict[str
                 "settings or write the report to a new folder"
             )
         saved.setdefault("sections", [])
+        if redo:
+            saved["sections"] = [name for name in saved["sections"] if name not in redo]
+            saved.setdefault("redone", []).append({"sections": sorted(redo), "build_changed": build_changed})
+            saved["build"] = build_record
         return saved
     out_dir.mkdir(parents=True, exist_ok=True)
     return {"config": settings, "build": build_record, "seconds": {}, "sections": []}
