@@ -213,7 +213,7 @@ def _numbers(report: dict, path: str = "") -> dict[str, object]:
     if isinstance(report, dict):
         out: dict[str, object] = {}
         for key, value in report.items():
-            if "seconds" in key or key in ("sections", "config", "build"):
+            if "seconds" in key or key in ("sections", "config", "build", "redone"):
                 continue
             out.update(_numbers(value, f"{path}/{key}"))
         return out
@@ -330,6 +330,25 @@ def test_a_killed_report_resumes_with_the_same_numbers(quick_world, tmp_path):
     assert final["sections"][: len(kept["sections"])] == kept["sections"]
     _same_numbers(reference, final)
     assert (killed / "report.md").read_text().count("## ") == (whole / "report.md").read_text().count("## ")
+
+    # Measuring one section again (as after retraining the component it measures).
+    redone = subprocess.run(
+        _report_command(root, killed, "--threads", "1", "--redo", "clip"),
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert ": clip done" in redone.stderr and redone.stderr.count(" done in ") == 1
+    again = json.loads(record.read_text())
+    assert again["sections"][-1] == "clip" and again["redone"] == [
+        {"sections": ["clip"], "build_changed": False}
+    ]
+    _same_numbers(reference, again)
+    unknown = subprocess.run(
+        _report_command(root, killed, "--redo", "nonsense"), env=env, capture_output=True, text=True
+    )
+    assert unknown.returncode == 2 and "no section named nonsense" in unknown.stderr
 
 
 def test_drawn_images_are_reused_not_sampled_again(quick_world):

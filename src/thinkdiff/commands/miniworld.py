@@ -75,6 +75,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="calibration steps of the premise test's T5-states aligner (0: none; default 600)",
     )
     r.add_argument("--no-qcd", action="store_true", help="skip the query-contrastive baseline's rows")
+    r.add_argument(
+        "--redo",
+        nargs="+",
+        default=(),
+        metavar="SECTION",
+        help="measure these sections of the report in OUT_DIR again (e.g. clip after retraining the "
+        "vision tower); allowed even if the models' build.json changed, which the report then records",
+    )
     r.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=run_report)
@@ -142,7 +150,7 @@ def run_report(args: argparse.Namespace) -> int:
     )
     if not 1 <= config.num_prompts <= 1000:
         raise ValueError(f"--num-prompts must be in 1..1000, got {config.num_prompts}")
-    report = write_report(args.models_dir, args.out_dir, config)
+    report = write_report(args.models_dir, args.out_dir, config, redo=args.redo)
     from thinkdiff.miniworld.experiments import TRANSFER_CEILING, TRANSFER_SOURCES
 
     rows = report["premise"]["rows"]
