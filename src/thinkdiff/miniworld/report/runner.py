@@ -28,6 +28,7 @@ from thinkdiff.miniworld.report.ablation import run_ablation
 from thinkdiff.miniworld.report.calibration import calibration_cost
 from thinkdiff.miniworld.report.claims import claims
 from thinkdiff.miniworld.report.clip import run_clip
+from thinkdiff.miniworld.report.clip_claims import run_clip_claims
 from thinkdiff.miniworld.report.common import (
     RESULT_NEUTRAL,
     ReportConfig,
@@ -56,6 +57,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("fidelity", run_fidelity, B),
     Section("lvlm_calibrated", run_lvlm_calibrated, B),
     Section("qcd", run_qcd, B, wanted=wants_qcd),
+    Section("clip_claims", run_clip_claims, B),
 )
 """The report's sections in two lanes of about equal work (on the committed world). Each seeds
 what it draws, so no number depends on which process runs it or on what ran before it; ``lvlm``
