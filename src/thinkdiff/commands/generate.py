@@ -9,6 +9,7 @@ is checked before any model loads, and files are written atomically, so bad inpu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import logging
@@ -406,15 +407,28 @@ def _output_paths(args: argparse.Namespace, requests: list[Request], kind: str, 
 # ---- checks against the models' configs (no weights load) -------------------------------------
 
 
-def check_aligner_source(info: ThinkDiffInfo, source: str | Path, *, flag: str, allow_other: bool) -> None:
+def check_aligner_source(
+    info: ThinkDiffInfo,
+    source: str | Path,
+    *,
+    flag: str,
+    allow_other: bool,
+    model_folder: str | Path | None = None,
+) -> None:
     """Refuse an LVLM (or vision model) of another family than the aligner was trained on, and warn
     on another name of the same family: its features are what the aligner maps.
 
     The family is the config's ``model_type`` (``qwen2_vl``, ``qwen2_5_vl``, ``llava`` ...); where
     a config cannot be read, only the names are compared (a warning). ``allow_other`` lets another
-    family through with the warning.
+    family through with the warning. With ``model_folder``, the recorded model is the folder that
+    :func:`~thinkdiff.models.bundle.recorded_model` finds (the one loaded without ``flag``).
     """
+    from thinkdiff.models.bundle import recorded_model
+
     trained, given = str(info.source_model), str(source)
+    if model_folder is not None:
+        with contextlib.suppress(FileNotFoundError):  # found nowhere: compared as recorded
+            trained = recorded_model(model_folder, info, "source_model")
     if _same_model(trained, given):
         return
     trained_family, given_family = _model_family(trained), _model_family(given)
@@ -536,7 +550,9 @@ def run(args: argparse.Namespace) -> int:
     pipe.decoder.check_size(args.height, args.width, "", names=("--height", "--width"))
     if pipe.info is not None:
         flag = "--lvlm" if pipe.mode == "lvlm" else "--vision"
-        check_aligner_source(pipe.info, pipe.source_model, flag=flag, allow_other=args.allow_other_source)
+        check_aligner_source(
+            pipe.info, pipe.source_model, flag=flag, allow_other=args.allow_other_source, model_folder=args.model
+        )
     steps = [(r.num_inference_steps, r.metadata.get("where", "")) for r in requests]
     check_pipeline_bounds(pipe, steps)
     if args.transformer_file is not None:

@@ -53,6 +53,12 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def can_be_hub_id(name: str) -> bool:
+    """Whether ``name`` has the shape of a hub id (``org/name``), not of a path (``./x``, ``/x``,
+    ``~/x``, ``a/b/c``)."""
+    return not name.startswith((".", "/", "~")) and name.count("/") == 1
+
+
 TOKENIZER_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 """Hub files enough to build a tokenizer or processor, for when the weights are not needed."""
 
@@ -84,7 +90,7 @@ def resolve_model_dir(
     if path.exists():
         raise FileNotFoundError(f"{kind} {path} is a file, expected a model folder or a hub id")
     text = str(name_or_path)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if not can_be_hub_id(text):
         raise FileNotFoundError(f"{kind} {text!r} is neither an existing folder nor a hub id like 'org/name'")
     from huggingface_hub import snapshot_download
 

@@ -15,7 +15,12 @@ INFO_FILE = "thinkdiff.json"
 
 @dataclass
 class ThinkDiffInfo:
-    """What a trained aligner connects; stored as ``thinkdiff.json`` beside the weights."""
+    """What a trained aligner connects; stored as ``thinkdiff.json`` beside the weights.
+
+    Models are named as ``train`` was given them (a hub id, ``tiny:`` name, or folder, perhaps
+    relative to where it ran); :func:`thinkdiff.models.bundle.recorded_model` finds a recorded
+    folder again from wherever the model is run.
+    """
 
     variant: str
     """'lvlm' or 'clip'."""

@@ -202,9 +202,11 @@ class ThinkDiffPipeline:
         ``mode`` defaults to the folder's variant (``text-bridge`` without a folder); ``decoder``
         to the decoder the model was trained for (FLUX.1-dev without a folder); ``lvlm`` /
         ``vision`` to the folder's source model (``Qwen/Qwen2-VL-7B-Instruct`` for text-bridge
-        without a folder). Every mismatch is a ``ValueError`` raised here, before heavy loads.
+        without a folder). The folder's recorded models are found as
+        :func:`~thinkdiff.models.bundle.recorded_model` says. Every mismatch is a ``ValueError``
+        raised here, before heavy loads.
         """
-        from thinkdiff.models.bundle import load_model
+        from thinkdiff.models.bundle import load_model, recorded_model
 
         aligner = info = None
         if model is not None:
@@ -221,12 +223,15 @@ class ThinkDiffPipeline:
             raise ValueError("mode clip uses no LVLM: --lvlm applies to lvlm and text-bridge (use --vision)")
         if mode != "clip" and vision is not None:
             raise ValueError(f"mode {mode} uses no vision tower: --vision applies to clip mode")
-        spec = DecoderSpec.inspect(
-            decoder or (info.diffusion_decoder if info is not None else DEFAULT_DECODER)
-        )
         source = lvlm if mode != "clip" else vision
-        if source is None and mode == "text-bridge" and info is not None and info.variant == "lvlm":
-            source = info.source_model  # compare the bridge with the LVLM the aligner was trained on
+        if model is not None and info is not None:  # the models the folder records, found from here
+            if decoder is None:
+                decoder = recorded_model(model, info, "diffusion_decoder")
+            if source is None and info.variant == ("clip" if mode == "clip" else "lvlm"):
+                # The folder's own source model; in text-bridge mode, the LVLM the aligner was
+                # trained on (to compare the bridge with). A variant mismatch is refused by __init__.
+                source = recorded_model(model, info, "source_model")
+        spec = DecoderSpec.inspect(decoder or DEFAULT_DECODER)
         pipe = cls(
             mode,
             spec,
