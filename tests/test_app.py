@@ -349,6 +349,18 @@ def test_backend_on_models_given_by_flags(tmp_path) -> None:
     assert Image.open(lvlm.path).size == (32, 32) and lvlm.sidecar_path.is_file()
 
 
+def test_a_models_decoder_defaults_show_from_any_working_folder(tmp_path, monkeypatch) -> None:
+    """A model folder records its decoder as train was given it (relative to the repository here):
+    run from elsewhere, the page still finds it (as generate does) and shows its own defaults."""
+    monkeypatch.chdir(tmp_path)
+    recorded = json.loads((WEIGHTS / "thinkdiff" / "lvlm" / "thinkdiff.json").read_text())["diffusion_decoder"]
+    assert not Path(recorded).is_absolute() and not Path(recorded).exists()  # not found as given here
+    backend = Backend(AppConfig(models=[str(WEIGHTS / "thinkdiff" / "lvlm")], device="cpu", out_dir=tmp_path / "out"))
+    defaults = backend.decoder_defaults("lvlm")
+    flux = json.loads((WEIGHTS / "flux" / "thinkdiff_decoder.json").read_text())["defaults"]
+    assert (defaults["steps"], defaults["true_cfg"]) == (flux["num_inference_steps"], flux["true_cfg_scale"])
+
+
 def test_the_worlds_calibrated_aligner_comes_first_when_it_has_one(tmp_path) -> None:
     from thinkdiff.miniworld.build import DEMO_CALIBRATED, calibrated_dir
 

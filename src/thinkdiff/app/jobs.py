@@ -227,12 +227,14 @@ class Backend:
         if self.world is None:
             # Only local folders are read here: a hub id's configs are fetched when a job loads
             # it, never while the page is drawn.
-            from thinkdiff.models.bundle import load_info
+            from thinkdiff.models.bundle import load_info, recorded_model
 
             folder = Path(self._models[model])
             try:
+                # The recorded decoder is found as generate finds it (working folder, folders above
+                # the model, the installed package), so the page reads it from any working folder.
                 named = (
-                    load_info(folder).diffusion_decoder
+                    recorded_model(folder, load_info(folder), "diffusion_decoder")
                     if decoder == MODEL_DEFAULT
                     else self._decoder_paths[decoder]
                 )
