@@ -92,6 +92,24 @@ def test_built_components_load_with_the_project_loaders(quick_world):
     assert torch.count_nonzero(pooled) == 0
 
 
+def test_built_aligner_folders_carry_the_worlds_decoding(quick_world):
+    """Every aligner folder a build writes (LVLM, CLIP, calibrated) records in its thinkdiff.json
+    how the world runs it, so a bare ``generate --model`` on a rebuilt world draws as the app does."""
+    from thinkdiff.miniworld.models import MiniWorld
+    from thinkdiff.models.bundle import load_info
+
+    root, _ = quick_world
+    expected = MiniWorld(root).inference_settings()
+    folders = sorted((root / "thinkdiff").iterdir())
+    assert {load_info(f).variant for f in folders} == {"lvlm", "clip"}
+    for folder in folders:
+        assert load_info(folder).inference == {
+            "num_tokens": expected.num_tokens,
+            "stop_at_eos": True,
+            "greedy": True,
+        }, folder.name
+
+
 # What a build writes that records its own run (wall times, the folder it was built in).
 # An aligner's model card (README.md) renders its thinkdiff.json (a calibrated one names its start's path).
 _RUN_RECORDS = {"build.json", "training.json", "thinkdiff.json", "README.md"}

@@ -62,6 +62,7 @@ __all__ = [
     "train_clip_aligner",
     "train_clip_calibrated",
     "train_lvlm_aligner",
+    "world_inference",
     "write_image_caption_folder",
     "write_lvlm_features",
     "write_task_features",
@@ -153,9 +154,34 @@ def aligner_config(world_root: Path, work: Path, config: BuildConfig, name: str,
     return TrainConfig(**values)
 
 
+WORLD_DECODING = ("num_tokens", "stop_at_eos", "greedy")
+"""The :class:`~thinkdiff.pipelines.InferenceSettings` fields a mini-world model folder records."""
+
+
+def world_inference(world_root: Path) -> dict[str, Any]:
+    """The ``inference`` every aligner folder of the world at ``world_root`` records in its
+    ``thinkdiff.json``: the world's VLM decoding (:meth:`MiniWorld.inference_settings
+    <thinkdiff.miniworld.models.MiniWorld.inference_settings>`: greedy, EOS-terminated answers, as
+    its aligners were trained on). A ThinkDiff-CLIP folder records it too: clip mode runs no LVLM,
+    but the same folder in text-bridge mode (the comparison beside it) reads with the world's VLM."""
+    from thinkdiff.miniworld.models import MiniWorld
+
+    settings = MiniWorld(Path(world_root)).inference_settings()
+    return {name: getattr(settings, name) for name in WORLD_DECODING}
+
+
 def run_training(train_config, target: Path | None) -> Path:
-    """Run the project's trainer afresh; copy the exported model folder to ``target`` if given."""
+    """Run the project's trainer afresh; copy the exported model folder to ``target`` if given.
+
+    The exported folder records :func:`world_inference` of the world whose VLM the run names (every
+    mini-world run names ``<world>/vlm``, see :func:`aligner_config`), so a bare ``thinkdiff generate
+    --model`` on it runs as the world does."""
+    import dataclasses
+    import json
+
+    from thinkdiff.models.bundle import INFO_FILE, load_info
     from thinkdiff.training.trainer import train
+    from thinkdiff.utils import atomic_write_text
 
     run_dir = Path(train_config.output_dir)
     if run_dir.exists():
@@ -163,6 +189,9 @@ def run_training(train_config, target: Path | None) -> Path:
     result = train(train_config, resume="never")
     if result.model_dir is None:
         raise RuntimeError(f"training in {run_dir} stopped before its last step")
+    info = load_info(result.model_dir)
+    info.inference = world_inference(Path(train_config.lvlm).parent)
+    atomic_write_text(result.model_dir / INFO_FILE, json.dumps(dataclasses.asdict(info), indent=2) + "\n")
     if target is not None:
         if target.exists():
             shutil.rmtree(target)
