@@ -10,6 +10,7 @@ import sys
 import warnings
 
 import pytest
+import torch
 
 from thinkdiff.cli import main
 from thinkdiff.console import HARMLESS_LOG_LINES, quiet_console
@@ -85,6 +86,37 @@ def test_known_log_lines_are_hidden_unless_verbose() -> None:
         logger.removeHandler(handler)
         logger.filters[:] = before
     assert seen == [f"`X` {text} to `XPil`", "another line"]
+
+
+def test_the_t5_untied_head_line_is_hidden_and_the_head_loads_as_stored() -> None:
+    """Loading the mini T5 says its config ties the LM head to the embedding; the head stays the
+    trained one (as for Flan-T5), so the line is noise and is hidden unless verbose."""
+    from safetensors.torch import load_file
+
+    from thinkdiff.miniworld.components.t5 import load_t5
+    from thinkdiff.miniworld.models import default_weights_dir
+
+    folder = default_weights_dir() / "t5"
+    logger = logging.getLogger("transformers.modeling_utils")
+    before, logger.filters[:] = list(logger.filters), []
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        quiet_console(verbose=True)
+        model, _ = load_t5(folder)
+        shown = [line for line in seen if "NOT tie" in line]
+        seen.clear()
+        quiet_console(verbose=False)
+        load_t5(folder)
+    finally:
+        logger.removeHandler(handler)
+        logger.filters[:] = before
+    assert len(shown) == 1 and not [line for line in seen if "NOT tie" in line]
+    stored = load_file(folder / "model.safetensors")
+    assert torch.equal(model.lm_head.weight, stored["lm_head.weight"])
+    assert not torch.equal(model.lm_head.weight, model.shared.weight)
 
 
 @pytest.mark.parametrize(("verbose", "library_bar"), [(False, "True"), (True, "False")])

@@ -30,6 +30,10 @@ HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
 HARMLESS_LOG_LINES: tuple[tuple[str, str], ...] = (
     # The PIL image processors are the ones this package uses; torchvision is not a dependency.
     ("transformers.utils.import_utils", "requires torchvision (not installed); falling back"),
+    # transformers 5 writes tie_word_embeddings=True into every T5 config, whatever it is given; a
+    # T5 with its own LM head (Flan-T5, the mini world's and the tiny kit's T5) is then loaded
+    # with that head kept untied, exactly as stored, and this line says so on every load.
+    ("transformers.modeling_utils", "but both are present in the checkpoints with different values, so we will NOT tie"),
 )
 
 
