@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 gradio = pytest.importorskip("gradio", reason="the app extra: pip install -e '.[app]'")
@@ -359,6 +360,31 @@ def test_a_models_decoder_defaults_show_from_any_working_folder(tmp_path, monkey
     defaults = backend.decoder_defaults("lvlm")
     flux = json.loads((WEIGHTS / "flux" / "thinkdiff_decoder.json").read_text())["defaults"]
     assert (defaults["steps"], defaults["true_cfg"]) == (flux["num_inference_steps"], flux["true_cfg_scale"])
+
+
+def test_the_clip_example_runs_thinkdiff_clip_on_one_image_and_says_what_was_measured(tmp_path) -> None:
+    from thinkdiff.miniworld.demo import clip_example_scene, run_clip_example
+
+    backend = Backend(AppConfig(out_dir=tmp_path / "out"))
+    example = backend.clip_example()
+    assert example["model"] in backend.model_choices() and backend.variant(example["model"]) == "clip"
+    (image,) = example["items"]
+    assert Path(backend.served(image)).is_file()  # written inside --out, served from there
+    scene = clip_example_scene()
+    assert example["target"] == {k: getattr(scene, k) for k in ("shape", "color", "background", "texture")}
+    report = json.loads((WEIGHTS.parent / "measured" / "report.json").read_text())["clip_calibrated"]
+    assert f"all four attributes kept {report['image']['all']:.3f}" in example["caption"]
+    options = GenerateOptions(model=example["model"], seed=example["seed"], target=example["target"], text_bridge=True)
+    clip, bridge = backend.generate(example["items"], options)
+    assert (clip.mode, bridge.mode) == ("clip", "text-bridge")
+    # The page's job is the demo's example: the same picture, the same reading.
+    threads = torch.get_num_threads()
+    try:
+        shown = run_clip_example(out_dir=tmp_path / "demo")
+    finally:
+        torch.set_num_threads(threads)  # the demo sets its own thread count
+    assert clip.verdict == shown["verdict"].to_dict() and clip.correct == all(shown["kept"].values())
+    assert Backend(AppConfig(models=[str(WEIGHTS / "thinkdiff" / "clip")], out_dir=tmp_path / "o2")).clip_example() is None
 
 
 def test_the_worlds_calibrated_aligner_comes_first_when_it_has_one(tmp_path) -> None:

@@ -65,8 +65,39 @@ def test_make_demo_says_what_each_part_shows(tiny_env, tmp_path, capsys) -> None
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "the grid shows 6 mini-CoBSAT prompt(s)" in out and (tmp_path / "demo" / "miniworld" / "demo.png").is_file()
+    # ThinkDiff-CLIP beside it, before the tiny kit.
+    assert out.index("ThinkDiff-CLIP (clip-calibrated): one image in") < out.index("Part 2: the tiny random kit")
+    assert (tmp_path / "demo" / "miniworld" / "clip.png").is_file()
     # The tiny kit's part says, in its own output, that its text is random and its image noise.
     part2 = out[out.index("Part 2: the tiny random kit") :]
     assert "Its text is random tokens and its image is noise" in part2
     assert "LVLM text for the generation (random weights: random tokens)" in part2
     assert "generated image (random weights: noise)" in part2
+
+
+def test_the_clip_example_says_what_the_judge_reads_and_what_was_measured(tmp_path) -> None:
+    import json
+
+    import numpy as np
+
+    from thinkdiff.miniworld.demo import clip_example_scene, run_clip_example
+    from thinkdiff.miniworld.models import MiniWorld
+    from thinkdiff.miniworld.world import ATTRIBUTES
+
+    threads = torch.get_num_threads()
+    try:
+        result = run_clip_example(out_dir=tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    scene, verdict, summary = clip_example_scene(), result["verdict"], result["summary"]
+    for name in ATTRIBUTES:
+        assert result["kept"][name] == (verdict.value(name) == getattr(scene, name))
+        assert f"{name} {verdict.value(name)} ({'kept' if result['kept'][name] else 'lost'})" in summary
+    # The verdict is the judge's reading of the picture written (its right half, at 1/4 size).
+    with Image.open(result["path"]) as image:
+        pair = np.asarray(image.resize((image.width // 4, image.height // 4), Image.NEAREST))
+    drawn = pair[:, pair.shape[1] // 2 :]
+    assert MiniWorld(default_weights_dir()).judge.read([drawn])[0] == verdict
+    # The measured line is the committed report's.
+    report = json.loads((ROOT / "src/thinkdiff/miniworld/measured/report.json").read_text())["clip_calibrated"]
+    assert f"measured over {report['n']} renders: all four attributes kept {report['image']['all']:.3f}" in summary

@@ -1,4 +1,5 @@
-"""Examples the page loads in one click: mini-CoBSAT prompts rendered by the miniature world."""
+"""Examples the page loads in one click: mini-CoBSAT prompts rendered by the miniature world, and
+ThinkDiff-CLIP's one image in, one image out."""
 
 import random
 from pathlib import Path
@@ -39,6 +40,32 @@ def mini_cobsat_example(
         "target_caption": prompt.target_caption,
         "caption": f"{task}, {shot}-shot, prompt {index}: the answer should show {prompt.target_caption}",
         "seed": prompt_seed(prompt),
+    }
+
+
+CLIP_EXAMPLE_MODEL = "clip-calibrated"
+"""The mini world's aligner the ThinkDiff-CLIP example runs with (its folder under ``thinkdiff/``)."""
+
+
+def clip_example(folder: Path) -> dict[str, Any]:
+    """ThinkDiff-CLIP's example (:data:`thinkdiff.miniworld.demo.CLIP_RULE`): one render as the only
+    row, the input's four attributes as the target (the judge checks what was kept), ``caption``
+    one honest line on what the committed report measured; like :func:`mini_cobsat_example`."""
+    from thinkdiff.miniworld.demo import CLIP_SEED, clip_example_scene, clip_measured_line
+    from thinkdiff.miniworld.world import ATTRIBUTES, full_caption, render, to_pil
+
+    scene = clip_example_scene()
+    path = folder / "clip-example.png"
+    if not path.is_file():
+        to_pil(render(scene)).save(path)
+    measured = clip_measured_line()
+    return {
+        "items": [path],
+        "target": {k: getattr(scene, k) for k in ATTRIBUTES},
+        "target_caption": full_caption(scene),
+        "caption": "ThinkDiff-CLIP: one image in, an image out (the judge checks which of its four attributes "
+        "are kept)" + (f"; {measured}" if measured else ""),
+        "seed": CLIP_SEED,
     }
 
 

@@ -307,6 +307,17 @@ class Backend:
 
         return mini_cobsat_example(self.examples_dir(), task, shot, index)
 
+    def clip_example(self) -> dict[str, Any] | None:
+        """Mini world with its calibrated CLIP aligner: ThinkDiff-CLIP's example (see
+        :func:`thinkdiff.app.examples.clip_example`) plus ``model``, the page's name of that
+        aligner; ``None`` elsewhere."""
+        from thinkdiff.app.examples import CLIP_EXAMPLE_MODEL, clip_example
+
+        label = f"mini world: {CLIP_EXAMPLE_MODEL}"
+        if self.world is None or label not in self._models:
+            return None
+        return {**clip_example(self.examples_dir()), "model": label}
+
     def examples_dir(self) -> Path:
         """``out_dir/examples``, where the page's example images are written: created as, or checked
         to be, a real folder inside ``out_dir`` before anything is written into it."""

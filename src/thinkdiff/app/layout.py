@@ -145,6 +145,10 @@ def build_app(backend: Backend) -> "gr.Blocks":
                 # The examples need only the world's renderer: real models get them too.
                 shot = gr.Dropdown([1, 2, 3, 4], value=2, label="shots")
                 load_example = gr.Button("a random one", size="sm", elem_id="load-example")
+                clip_example = backend.clip_example()
+                load_clip = gr.Button(
+                    "ThinkDiff-CLIP: one image", size="sm", elem_id="clip-example", visible=clip_example is not None
+                )
         with gr.Row():
             with gr.Column(scale=3):
                 gr.Markdown("### Sequence")
@@ -362,6 +366,17 @@ def build_app(backend: Backend) -> "gr.Blocks":
             return show_example(task_name, shots, index)
 
         examples.select(on_thumbnail, [shot], example_outputs, **ui)
+
+        def show_clip_example() -> list[Any]:
+            example = backend.clip_example()
+            if example is None:
+                return [*[gr.update()] * (len(shown) + 3), gr.update()]
+            out = layout([{"kind": "image", "image": backend.served(example["items"][0]), "text": ""}])
+            out[2] = {"target": example["target"], "caption": example["target_caption"]}
+            # The model's change event sets the mode (clip) and its note.
+            return [*out, example["seed"], example["caption"], True, example["model"]]
+
+        load_clip.click(show_clip_example, None, [*shown, seed, status, bridge, model], **ui)
         reseed.click(lambda: random.randrange(2**31), None, seed, **ui)
 
         def on_model(m: str) -> list[Any]:

@@ -109,6 +109,12 @@ def run(args: argparse.Namespace) -> int:
     if (default_weights_dir() / "build.json").is_file():
         print("Part 1: the method in the miniature world (models trained on a CPU; the grid is demo.png)")
         stage("miniworld", ["miniworld", "demo", "--out", str(out / "miniworld")])
+        from thinkdiff.miniworld.demo import run_clip_example
+
+        print("\n== ThinkDiff-CLIP beside it: one image in, an image out", flush=True)
+        start = time.perf_counter()
+        print(run_clip_example(out_dir=out / "miniworld")["summary"], flush=True)
+        timings["clip example"] = time.perf_counter() - start
     else:
         print(
             f"(no miniature-world weights in {default_weights_dir()}: run `thinkdiff miniworld build` for part 1)"
