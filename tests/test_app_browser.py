@@ -213,3 +213,22 @@ def test_a_session_in_the_browser(browser, app, tmp_path, capfd) -> None:
     print(
         f"first job (models loading) {first_job:.1f} s; browser session {time.perf_counter() - started:.1f} s"
     )
+
+
+def test_the_clip_example_in_the_browser(browser, app) -> None:
+    """One click loads ThinkDiff-CLIP's example (one image, the calibrated CLIP aligner, its mode),
+    with its one line on what was measured; Generate draws it and the judge reads it."""
+    url, backend = app
+    driver = browser
+    driver.get(url)
+    wait(driver, lambda d: shown(d, "#clip-example"))
+    click(driver, "clip-example")
+    wait(driver, lambda d: "ThinkDiff-CLIP: one image in" in d.find_element(By.ID, "status").text)
+    assert "all four attributes kept" in driver.find_element(By.ID, "status").text
+    wait(driver, lambda d: "clip-calibrated" in d.find_element(By.CSS_SELECTOR, "#model input").get_attribute("value"))
+    wait(driver, lambda d: shown(d, "#row-0-image img") and not shown(d, "#row-1"))
+    click(driver, "generate")
+    wait(driver, lambda d: "(target: " in d.find_element(By.ID, "details").text, timeout=60)
+    details = driver.find_element(By.ID, "details").text
+    assert "clip" in details and ("CORRECT" in details or "WRONG" in details)
+    assert next(Path(backend.out_dir).glob("*/thinkdiff-clip-*.png")).is_file()
