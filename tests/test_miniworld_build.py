@@ -154,8 +154,8 @@ def test_judge_training_is_deterministic():
 def test_report_numbers_come_from_the_evaluation(quick_world, tmp_path, monkeypatch):
     """Every accuracy is computed from judged outcomes: make the judge accept everything and the
     image rows read 1.0, while the text answers (parsed, not judged) keep their own value."""
-    from thinkdiff.miniworld.experiments import TRANSFER_CEILING, TRANSFER_MAPPED, TRANSFER_SOURCES
     from thinkdiff.miniworld.judge import Verdict
+    from thinkdiff.miniworld.premise import TRANSFER_CEILING, TRANSFER_MAPPED, TRANSFER_SOURCES
     from thinkdiff.miniworld.report import ReportConfig, write_report
 
     root, _ = quick_world
@@ -184,7 +184,7 @@ def test_report_numbers_come_from_the_evaluation(quick_world, tmp_path, monkeypa
     assert report["premise"]["n"] == 4
     rows = report["premise"]["rows"]
     mapped = [TRANSFER_MAPPED.format(source=source) for source in TRANSFER_SOURCES]
-    from thinkdiff.miniworld.experiments import TRANSFER_CALIBRATED
+    from thinkdiff.miniworld.premise import TRANSFER_CALIBRATED
 
     calibrated = TRANSFER_CALIBRATED.format(source=TRANSFER_SOURCES[0])
     assert set(rows) == {TRANSFER_CEILING, *TRANSFER_SOURCES, *mapped, calibrated}

@@ -151,7 +151,7 @@ def run_report(args: argparse.Namespace) -> int:
     if not 1 <= config.num_prompts <= 1000:
         raise ValueError(f"--num-prompts must be in 1..1000, got {config.num_prompts}")
     report = write_report(args.models_dir, args.out_dir, config, redo=args.redo)
-    from thinkdiff.miniworld.experiments import TRANSFER_CEILING, TRANSFER_SOURCES
+    from thinkdiff.miniworld.premise import TRANSFER_CEILING, TRANSFER_SOURCES
 
     rows = report["premise"]["rows"]
     print(

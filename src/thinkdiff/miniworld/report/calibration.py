@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from thinkdiff.miniworld.build import CALIBRATION_RUNS
-from thinkdiff.miniworld.experiments import TRANSFER_CALIBRATED, TRANSFER_CEILING, TRANSFER_SOURCES
+from thinkdiff.miniworld.premise import TRANSFER_CALIBRATED, TRANSFER_CEILING, TRANSFER_SOURCES
 from thinkdiff.miniworld.report.common import pct
 from thinkdiff.miniworld.world import ATTRIBUTES
 

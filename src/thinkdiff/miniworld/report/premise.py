@@ -2,14 +2,14 @@
 
 An aligner learns the proxy loss from perfect features of a caption (its own T5 states; its T5
 word embeddings), and FLUX draws held-out captions from the aligned features
-(:func:`~thinkdiff.miniworld.experiments.proxy_transfer`).
+(:func:`~thinkdiff.miniworld.premise.proxy_transfer`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from thinkdiff.miniworld.experiments import (
+from thinkdiff.miniworld.premise import (
     TRANSFER_CEILING,
     TRANSFER_MAPPED,
     TRANSFER_SOURCES,
