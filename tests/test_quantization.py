@@ -194,3 +194,28 @@ def test_gguf_transformer_file(clip_model, items, tmp_path) -> None:
     decoder = both._loaded["decoder"]
     assert "GGUFParameter" in linear_weight_types(decoder.transformer)
     assert "Int8Tensor" in linear_weight_types(decoder.text_encoder_2)
+
+
+def test_a_gguf_of_another_model_is_refused_in_one_line(clip_model, tmp_path, capsys) -> None:
+    # A whole, valid GGUF (it passes the header check) of a FLUX transformer of another shape:
+    # diffusers' key converter used to fail with an IndexError traceback.
+    pytest.importorskip("gguf")
+    from diffusers import FluxTransformer2DModel
+
+    other = FluxTransformer2DModel(
+        attention_head_dim=16, axes_dims_rope=(4, 4, 8), in_channels=16, joint_attention_dim=64,
+        num_attention_heads=4, num_layers=2, num_single_layers=1, pooled_projection_dim=32, guidance_embeds=True,
+    )  # fmt: skip
+    path = write_gguf_q8(other, tmp_path / "other.gguf")
+    white = tmp_path / "white.png"
+    image((230, 230, 230)).save(white)
+    args = ["generate", "--model", str(clip_model), "--image", str(white), "--device", "cpu"]
+    code = main([*args, "--transformer-file", str(path), "--steps", "1", "--out", str(tmp_path / "out.png")])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    # One clear line, no traceback (the libraries' loading bars before it are on in a test process).
+    assert "Traceback" not in stderr and stderr.count("thinkdiff generate: error:") == 1
+    assert f"--transformer-file {path} is not a GGUF of decoder tiny:flux's transformer" in stderr
+    assert "are not in the transformer (e.g. transformer_blocks.1." in stderr
+    assert "in the file, (32, 256) in the config" in stderr
+    assert not (tmp_path / "out.png").exists()

@@ -40,6 +40,7 @@ __all__ = [
     "check_gguf_file",
     "check_quantize",
     "diffusers_quantization",
+    "gguf_mismatch",
     "gguf_quantization",
     "offload_conflict",
     "pipeline_quantization",
@@ -198,6 +199,33 @@ def check_gguf_file(path: str | Path) -> None:
         raise ValueError(f"{flag} is damaged or cut off ({size} bytes; its tables do not read: {detail})") from exc
     if end > size:
         raise ValueError(f"{flag} is cut off: its tensors end at byte {end}, the file has {size}")
+
+
+def gguf_mismatch(path: str | Path, expected: dict[str, tuple[int, ...]], model: str) -> str:
+    """One line saying how the GGUF file at ``path`` differs from ``model``, whose tensors are
+    ``expected`` (name -> shape, from its config): tensors it lacks, tensors the model has no
+    place for, and shapes that differ, each counted with a first example. Used when
+    ``from_single_file`` fails on a whole GGUF file, which is then a GGUF of another model (its
+    errors are an ``IndexError`` in a key converter or a shape mismatch deep in loading)."""
+    from gguf import GGUFReader
+
+    found = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in GGUFReader(path, "r").tensors}
+    extra = [name for name in found if name not in expected]
+    missing = [name for name in expected if name not in found]
+    shapes = [name for name in found if name in expected and found[name] != expected[name]]
+    parts = []
+    if extra:
+        parts.append(f"{len(extra)} of its {len(found)} tensors are not in the transformer (e.g. {extra[0]})")
+    if missing:
+        parts.append(f"{len(missing)} of the transformer's {len(expected)} tensors are not in it (e.g. {missing[0]})")
+    if shapes:
+        name = shapes[0]
+        parts.append(
+            f"{len(shapes)} tensors have other shapes (e.g. {name}: {found[name]} in the file, {expected[name]} "
+            "in the config)"
+        )
+    differences = "; ".join(parts) or "its tensors have the config's names and shapes, but diffusers cannot load it"
+    return f"--transformer-file {path} is not a GGUF of {model}: {differences}"
 
 
 def gguf_quantization(compute_dtype: torch.dtype) -> Any:

@@ -36,6 +36,7 @@ from thinkdiff.models.loading import diffusers_files, resolve_model_dir
 from thinkdiff.models.quantization import (
     Quantize,
     check_quantize,
+    gguf_mismatch,
     gguf_quantization,
     offload_conflict,
     pipeline_quantization,
@@ -206,13 +207,18 @@ class DiffusionDecoder:
             import diffusers
 
             name = json.loads((folder / "transformer" / "config.json").read_text())["_class_name"]
-            kwargs["transformer"] = getattr(diffusers, name).from_single_file(
-                str(self.transformer_file),
-                config=str(folder),
-                subfolder="transformer",
-                quantization_config=gguf_quantization(self.dtype),
-                **{_dtype_kwarg(): self.dtype},
-            )
+            model_cls = getattr(diffusers, name)
+            try:
+                kwargs["transformer"] = model_cls.from_single_file(
+                    str(self.transformer_file),
+                    config=str(folder),
+                    subfolder="transformer",
+                    quantization_config=gguf_quantization(self.dtype),
+                    **{_dtype_kwarg(): self.dtype},
+                )
+            except (IndexError, KeyError, ValueError, RuntimeError) as exc:
+                # A whole GGUF (checked before loading) that diffusers cannot map: another model's.
+                raise ValueError(self._gguf_mismatch(model_cls, folder)) from exc
         t5 = [c for c in self.text_encoder_components.get("t5", ())[:1] if c in components]
         config = pipeline_quantization(
             self.quantize,
@@ -223,6 +229,16 @@ class DiffusionDecoder:
         if config is not None:
             kwargs["quantization_config"] = config
         return kwargs
+
+    def _gguf_mismatch(self, model_cls: type, folder: Path) -> str:
+        """How :attr:`transformer_file` differs from the transformer the folder's config builds
+        (built without weights, on the meta device)."""
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            model = model_cls.from_config(model_cls.load_config(folder, subfolder="transformer"))
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        return gguf_mismatch(self.transformer_file, expected, f"decoder {self.spec.name}'s transformer ({model_cls.__name__})")
 
     def place(self, pipe: DiffusionPipeline) -> None:
         """Put the pipeline on the device, or install diffusers' offload hooks."""
