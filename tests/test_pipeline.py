@@ -556,3 +556,40 @@ def test_bad_models_and_modes_fail_before_models_load(models, tmp_path, no_heavy
         ThinkDiffPipeline.from_pretrained(models["lvlm"], lvlm="tiny:blip2-vision")
     with pytest.raises(FileNotFoundError, match=r"ThinkDiff model folder .* does not exist"):
         ThinkDiffPipeline.from_pretrained(tmp_path / "nowhere")
+
+
+# ---- the library's bounds are the command line's -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "request_kwargs", "call_kwargs", "message"),
+    [
+        ({}, {"num_inference_steps": 99999999999}, {}, r"^request 0: num_inference_steps 99999999999 is above 1000, "),
+        ({}, {}, {"num_inference_steps": 99999999999}, r"^call: num_inference_steps 99999999999 is above 1000, "),
+        ({"num_tokens": 100000000}, {}, {}, r"^num_tokens 100000000 is above 4096, the most tokens LVLM tiny:qwen2-vl"),
+        ({"text_max_length": 100000000}, {}, {}, r"^text_max_length 100000000 is above 512, the most T5 tokens"),
+        ({"temperature": float("nan")}, {}, {}, r"^temperature nan is not a finite number"),
+        ({}, {"guidance_scale": float("inf")}, {}, r"^request 0: guidance_scale inf is not a finite number"),
+        ({}, {}, {"guidance_scale": float("nan")}, r"^call: guidance_scale nan is not a finite number"),
+        ({}, {"seed": -1}, {}, r"^request 0: seed -1 is not a seed: seeds run from 0 to 9223372036854775807"),
+        ({}, {"seed": 2**64}, {}, r"^request 0: seed 18446744073709551616 is not a seed"),
+    ],
+)
+def test_the_python_api_checks_the_command_lines_bounds(
+    tiny_env, items, no_heavy_loads, settings, request_kwargs, call_kwargs, message
+) -> None:
+    pipe = ThinkDiffPipeline.from_pretrained(
+        None, decoder="tiny:flux", lvlm="tiny:qwen2-vl", device="cpu", settings=InferenceSettings(**settings)
+    )
+    with pytest.raises(ValueError, match=message):
+        pipe(Request(items, **request_kwargs), **call_kwargs)
+    if not call_kwargs:  # the input check alone refuses it too (as diffusers' check_inputs does)
+        with pytest.raises(ValueError, match=message):
+            pipe.check(Request(items, **request_kwargs))
+
+
+def test_the_python_api_checks_a_gguf_files_header(tiny_env, tmp_path) -> None:
+    text = tmp_path / "notes.gguf"
+    text.write_text("just some notes")
+    with pytest.raises(ValueError, match=r"notes.gguf is not a GGUF file \(it starts with b'just', not b'GGUF'\)"):
+        ThinkDiffPipeline.from_pretrained(None, decoder="tiny:flux", lvlm="tiny:qwen2-vl", transformer_file=text)

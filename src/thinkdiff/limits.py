@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from thinkdiff.pipelines import ThinkDiffPipeline
     from thinkdiff.pipelines.decoders.spec import DecoderSpec
+    from thinkdiff.pipelines.requests import Request
 
 logger = logging.getLogger(__name__)
 
@@ -134,15 +135,30 @@ def text_length_bound(decoder: DecoderSpec) -> Bound:
     )
 
 
-def check_pipeline_bounds(pipe: ThinkDiffPipeline, steps: Iterable[tuple[int | None, str]]) -> None:
-    """The pipeline's settings and each request's steps within what its models take: ``--num-tokens``
-    within the LVLM's context (lvlm and text-bridge modes), ``--text-max-length`` within the decoder's
-    T5 length, and each ``(steps, where)`` within the decoder's schedule (``where`` names a job, ""
-    for the command line). Reads configs only: call it after ``ThinkDiffPipeline.from_pretrained``,
-    before the first request."""
+def check_pipeline_bounds(
+    pipe: ThinkDiffPipeline, steps: Iterable[tuple[int | None, str]], *, flags: bool = True
+) -> None:
+    """The pipeline's settings and each request's steps within what its models take: ``num_tokens``
+    within the LVLM's context (lvlm and text-bridge modes), ``text_max_length`` within the decoder's
+    T5 length, the sampling floats finite, and each ``(steps, where)`` within the decoder's schedule
+    (``where`` names a job or request, "" for the command line). ``flags``: name the settings as the
+    command line spells them (``--num-tokens``), else as the Python API does (``num_tokens``).
+    Reads configs only: :meth:`ThinkDiffPipeline.check` calls it before the first request, so the
+    library and every command share it."""
     bound = denoising_steps_bound(pipe.decoder_spec.name)
     for value, where in steps:
-        bound.check("steps" if where else "--steps", value, where)
+        step_name = ("steps" if where else "--steps") if flags else "num_inference_steps"
+        bound.check(step_name, value, where)
     if pipe.mode != "clip":
-        lvlm_context_bound(pipe.source_model).check("--num-tokens", pipe.settings.num_tokens)
-    text_length_bound(pipe.decoder_spec).check("--text-max-length", pipe.settings.text_max_length)
+        lvlm_context_bound(pipe.source_model).check("--num-tokens" if flags else "num_tokens", pipe.settings.num_tokens)
+    text_length = "--text-max-length" if flags else "text_max_length"
+    text_length_bound(pipe.decoder_spec).check(text_length, pipe.settings.text_max_length)
+    for name in ("temperature", "top_p", "qcd_alpha"):  # a model folder's thinkdiff.json may hold NaN
+        check_finite(name, getattr(pipe.settings, name))
+
+
+def check_request_numbers(request: Request, where: str) -> None:
+    """A request's seed within :data:`LARGEST_SEED` and its float settings finite, named by ``where``."""
+    check_seed("seed", request.seed, where)
+    for name in ("guidance_scale", "true_cfg_scale", "qcd_alpha"):
+        check_finite(name, getattr(request, name), where)

@@ -491,7 +491,6 @@ def run(args: argparse.Namespace) -> int:
 
     from thinkdiff.limits import check_pipeline_bounds
     from thinkdiff.models.bundle import load_info
-    from thinkdiff.models.quantization import check_gguf_file
     from thinkdiff.pipelines import InferenceSettings, ThinkDiffPipeline
     from thinkdiff.pipelines.inference_defaults import resolve_settings
     from thinkdiff.pipelines.outputs import write_output
@@ -554,9 +553,7 @@ def run(args: argparse.Namespace) -> int:
             pipe.info, pipe.source_model, flag=flag, allow_other=args.allow_other_source, model_folder=args.model
         )
     steps = [(r.num_inference_steps, r.metadata.get("where", "")) for r in requests]
-    check_pipeline_bounds(pipe, steps)
-    if args.transformer_file is not None:
-        check_gguf_file(args.transformer_file)
+    check_pipeline_bounds(pipe, steps)  # named as flags and job lines; pipe.check repeats it for the API
     if pipe.mode == "clip":  # the mode may come from the model folder: known only now
         for flag, given, applies in (
             ("--stop-at-eos", args.stop_at_eos, "lvlm mode"),

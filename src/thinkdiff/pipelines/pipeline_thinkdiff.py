@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from thinkdiff.limits import check_finite, check_pipeline_bounds, check_request_numbers, denoising_steps_bound
 from thinkdiff.models.loading import default_dtype, resolve_model_dir
 from thinkdiff.models.quantization import Quantize
 from thinkdiff.pipelines.constants import (
@@ -292,11 +293,18 @@ class ThinkDiffPipeline:
     def check(self, requests: Request | Sequence[Request]) -> list[PreparedRequest]:
         """Load the images and check every request against this pipeline; no model loads.
 
-        Raises ``FileNotFoundError`` / ``ValueError`` naming the bad request.
+        Raises ``FileNotFoundError`` / ``ValueError`` naming the bad request. The numbers are
+        bounded first, by :mod:`thinkdiff.limits` (what the command line checks too): steps within
+        the decoder's schedule, ``num_tokens`` within the LVLM's context, ``text_max_length``
+        within the decoder's T5 length, finite floats and 64-bit seeds.
         """
-        prepared = prepare_requests(
-            [requests] if isinstance(requests, Request) else list(requests), self.settings.max_images
+        requests = [requests] if isinstance(requests, Request) else list(requests)
+        check_pipeline_bounds(
+            self, [(r.num_inference_steps, f"request {i}") for i, r in enumerate(requests)], flags=False
         )
+        for index, request in enumerate(requests):
+            check_request_numbers(request, f"request {index}")
+        prepared = prepare_requests(requests, self.settings.max_images)
         # CogVideoX's fixed length or the masked decoders' and SD3's limit, text included.
         required = self.decoder_spec.required_length or self.decoder_spec.max_length
         if self.mode == "clip" and required is not None and self.aligner is not None:
@@ -696,6 +704,9 @@ class ThinkDiffPipeline:
                 "true_cfg_scale applies to FLUX decoders only (CogVideoX's guidance is already CFG)"
             )
         self.decoder.check_size(height, width, "call")
+        denoising_steps_bound(self.decoder_spec.name).check("num_inference_steps", num_inference_steps, "call")
+        for name, value in (("guidance_scale", guidance_scale), ("true_cfg_scale", true_cfg_scale)):
+            check_finite(name, value, "call")
         prepared = self.check(requests)
         defaults = self._call_settings(
             {

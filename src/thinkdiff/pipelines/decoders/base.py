@@ -35,6 +35,7 @@ import torch
 from thinkdiff.models.loading import diffusers_files, resolve_model_dir
 from thinkdiff.models.quantization import (
     Quantize,
+    check_gguf_file,
     check_quantize,
     gguf_mismatch,
     gguf_quantization,
@@ -148,6 +149,7 @@ class DiffusionDecoder:
                 raise ValueError(f"--transformer-file {transformer_file}: expected a .gguf file")
             if not transformer_file.is_file():
                 raise FileNotFoundError(f"--transformer-file {transformer_file}: no such file")
+            check_gguf_file(transformer_file)  # its header and tables, before diffusers reads it
         self.spec = spec
         self.device = device
         self.dtype = dtype
