@@ -193,6 +193,8 @@ def no_heavy_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         ("text-bridge tokens", "--num-tokens 5000 is above 4096, the most tokens LVLM tiny:qwen2-vl reads"),
         ("T5 text past FLUX's length", "--text-max-length 100000000 is above 512, the most T5 tokens decoder tiny:flux"),
         ("T5 text past SD3's length", "--text-max-length 300 is above 256, the most T5 tokens decoder tiny:sd3 reads"),
+        ("frames past the cap", "--num-frames 100000 is above 1025, the most frames a video is bounded by here"),
+        ("frames in a job", "line 1: num_frames 2000 is above 1025, the most frames"),
         ("a text file as GGUF", "--transformer-file"),
         ("a cut-off GGUF", "is damaged or cut off"),
         ("an LVLM of another family", "--lvlm tiny:qwen2.5-vl is a qwen2_5_vl model, but this aligner was trained"),
@@ -206,7 +208,8 @@ def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, ca
     broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(
-        {"bad job": '{"items": [{"video": "a.mp4"}]}\n', "steps in a job": '{"items": ["a"], "steps": 5000}\n'}.get(
+        {"bad job": '{"items": [{"video": "a.mp4"}]}\n', "steps in a job": '{"items": ["a"], "steps": 5000}\n',
+         "frames in a job": '{"items": ["a"], "num_frames": 2000}\n'}.get(
             case, "{not json\n"
         )
     )
@@ -215,6 +218,7 @@ def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, ca
     if case == "a cut-off GGUF":
         whole = write_gguf(tmp_path / "whole.gguf").read_bytes()
         cut_gguf.write_bytes(whole[: len(whole) - 100])
+    cog = str(make_model(tmp_path / "cog", "clip", decoder="tiny:cogvideox"))
     args = {
         "missing image": ["--model", model, "--image", str(tmp_path / "nope.png")],
         "unreadable image": ["--model", model, "--text", "a", "--image", str(broken)],
@@ -241,7 +245,7 @@ def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, ca
         "smaller than a latent": ["--model", model, "--image", image, "--height", "8"],
         "too wide": ["--model", model, "--image", image, "--width", "100000"],
         "width off the latent grid": ["--model", model, "--image", image, "--width", "1000"],
-        "video height off the patch grid": ["--model", str(make_model(tmp_path / "cog", "clip", decoder="tiny:cogvideox")),
+        "video height off the patch grid": ["--model", cog,
                                             "--image", image, "--height", "24", "--out", str(out_dir / "x.mp4")],
         "beyond sd3's position table": ["--mode", "text-bridge", "--lvlm", "tiny:qwen2-vl", "--decoder", "tiny:sd3",
                                         "--image", image, "--height", "1024"],
@@ -253,6 +257,9 @@ def test_bad_input_is_reported_before_loading(case, message, files, tmp_path, ca
         "T5 text past FLUX's length": ["--model", model, "--image", image, "--text-max-length", "100000000"],
         "T5 text past SD3's length": ["--mode", "text-bridge", "--lvlm", "tiny:qwen2-vl", "--decoder", "tiny:sd3",
                                       "--image", image, "--text-max-length", "300"],
+        "frames past the cap": ["--model", cog,
+                                "--image", image, "--num-frames", "100000", "--out", str(out_dir / "x.mp4")],
+        "frames in a job": ["--model", cog, "--jobs", str(jobs)],
         "a text file as GGUF": ["--model", model, "--image", image, "--transformer-file", str(not_gguf)],
         "a cut-off GGUF": ["--model", model, "--image", image, "--transformer-file", str(cut_gguf)],
         "an LVLM of another family": ["--model", model, "--image", image, "--lvlm", "tiny:qwen2.5-vl"],

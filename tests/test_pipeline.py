@@ -593,3 +593,30 @@ def test_the_python_api_checks_a_gguf_files_header(tiny_env, tmp_path) -> None:
     text.write_text("just some notes")
     with pytest.raises(ValueError, match=r"notes.gguf is not a GGUF file \(it starts with b'just', not b'GGUF'\)"):
         ThinkDiffPipeline.from_pretrained(None, decoder="tiny:flux", lvlm="tiny:qwen2-vl", transformer_file=text)
+
+
+def test_frames_are_bounded_by_the_decoders_config(tiny_env, items, tmp_path, no_heavy_loads) -> None:
+    import json
+    import shutil
+
+    from thinkdiff.limits import LARGEST_FRAMES
+    from thinkdiff.models.loading import resolve_model_dir
+
+    # sincos positions (tiny:cogvideox, like CogVideoX-2B): any count runs, bounded by memory.
+    pipe = ThinkDiffPipeline.from_pretrained(None, decoder="tiny:cogvideox", lvlm="tiny:qwen2-vl", device="cpu")
+    with pytest.raises(ValueError, match=rf"^request 0: num_frames 100000 is above {LARGEST_FRAMES}, the most frames"):
+        pipe(Request(items, num_frames=100000))
+    with pytest.raises(ValueError, match=rf"^call: num_frames 100000 is above {LARGEST_FRAMES}, "):
+        pipe(Request(items), num_frames=100000)
+    # Learned positions (CogVideoX-5B-I2V): the table's sample_frames frames.
+    learned = tmp_path / "cog-learned"
+    shutil.copytree(resolve_model_dir("tiny:cogvideox"), learned)
+    config_file = learned / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["use_learned_positional_embeddings"] = True
+    config_file.write_text(json.dumps(config))
+    pipe = ThinkDiffPipeline.from_pretrained(None, decoder=str(learned), lvlm="tiny:qwen2-vl", device="cpu")
+    frames = config["sample_frames"]
+    with pytest.raises(ValueError, match=rf"num_frames {frames + 4} is above {frames}, the most frames decoder .* has learned"):
+        pipe.check(Request(items, num_frames=frames + 4))
+    pipe.check(Request(items, num_frames=frames))  # the table's own count passes

@@ -30,6 +30,11 @@ logger = logging.getLogger(__name__)
 FALLBACK_STEPS = 1000
 FALLBACK_CONTEXT = 131072
 FLUX_T5_TOKENS = 512
+# Video decoders without a frame table (CogVideoX's sincos or RoPE positions, LTX-Video's RoPE) take
+# any frame count, each costing memory: 1025 frames at CogVideoX's stock 480 x 720 are 4.2 GB as the
+# float32 video its VAE decodes, before the latents, the attention and the written file. 1025 is
+# 4k+1 and 8k+1, a count CogVideoX and LTX-Video both take; about 6x LTX-Video's stock 161 frames.
+LARGEST_FRAMES = 1025
 # torch.manual_seed takes -2**63 .. 2**64-1 (a negative seed wraps around to a large one); the
 # signed 64-bit range without negatives is a seed every consumer (torch, vLLM, JSON readers) takes.
 LARGEST_SEED = 2**63 - 1
@@ -122,6 +127,31 @@ def lvlm_context_bound(lvlm: str | Path) -> Bound:
     return Bound(context, f"tokens LVLM {lvlm} reads, its prompt included (max_position_embeddings)")
 
 
+def frames_bound(decoder: DecoderSpec) -> Bound:
+    """Frames of a video decoder: ``sample_frames`` where its transformer has learned positional
+    embeddings for that many (CogVideoX-5B-I2V; diffusers silently swaps the learned table for
+    sincos positions at any other count), else :data:`LARGEST_FRAMES`, a cap set by memory."""
+    from thinkdiff.models.loading import resolve_model_dir
+    from thinkdiff.pipelines.decoders.spec import CONFIG_FILES
+
+    try:
+        folder = resolve_model_dir(decoder.name, kind="diffusion decoder", files=CONFIG_FILES)
+        config = json.loads((folder / "transformer" / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        logger.debug("no transformer config for %s (%s): frames bounded by %d", decoder.name, exc, LARGEST_FRAMES)
+        config = {}
+    if config.get("use_learned_positional_embeddings") and isinstance(config.get("sample_frames"), int):
+        return Bound(
+            config["sample_frames"],
+            f"frames decoder {decoder.name} has learned positions for (its transformer's sample_frames)",
+        )
+    return Bound(
+        LARGEST_FRAMES,
+        f"frames a video is bounded by here (decoder {decoder.name}; {LARGEST_FRAMES} frames at 480 x 720 are "
+        "4.2 GB as the float32 video its VAE decodes)",
+    )
+
+
 def text_length_bound(decoder: DecoderSpec) -> Bound:
     """T5 tokens of text for a decoder: the most its stock pipeline reads (``max_sequence_length``
     or CogVideoX's fixed length); FLUX.1 has no such field, and its stock pipeline refuses more
@@ -136,12 +166,17 @@ def text_length_bound(decoder: DecoderSpec) -> Bound:
 
 
 def check_pipeline_bounds(
-    pipe: ThinkDiffPipeline, steps: Iterable[tuple[int | None, str]], *, flags: bool = True
+    pipe: ThinkDiffPipeline,
+    steps: Iterable[tuple[int | None, str]],
+    *,
+    frames: Iterable[tuple[int | None, str]] = (),
+    flags: bool = True,
 ) -> None:
     """The pipeline's settings and each request's steps within what its models take: ``num_tokens``
     within the LVLM's context (lvlm and text-bridge modes), ``text_max_length`` within the decoder's
     T5 length, the sampling floats finite, and each ``(steps, where)`` within the decoder's schedule
-    (``where`` names a job or request, "" for the command line). ``flags``: name the settings as the
+    (``where`` names a job or request, "" for the command line), and each ``(frames, where)`` within
+    :func:`frames_bound` (video decoders; others refuse frames themselves). ``flags``: name the settings as the
     command line spells them (``--num-tokens``), else as the Python API does (``num_tokens``).
     Reads configs only: :meth:`ThinkDiffPipeline.check` calls it before the first request, so the
     library and every command share it."""
@@ -149,6 +184,11 @@ def check_pipeline_bounds(
     for value, where in steps:
         step_name = ("steps" if where else "--steps") if flags else "num_inference_steps"
         bound.check(step_name, value, where)
+    if pipe.decoder_spec.kind == "video":
+        frame_bound = frames_bound(pipe.decoder_spec)
+        for value, where in frames:
+            frame_name = ("num_frames" if where else "--num-frames") if flags else "num_frames"
+            frame_bound.check(frame_name, value, where)
     if pipe.mode != "clip":
         lvlm_context_bound(pipe.source_model).check("--num-tokens" if flags else "num_tokens", pipe.settings.num_tokens)
     text_length = "--text-max-length" if flags else "text_max_length"

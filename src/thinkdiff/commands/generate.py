@@ -553,7 +553,8 @@ def run(args: argparse.Namespace) -> int:
             pipe.info, pipe.source_model, flag=flag, allow_other=args.allow_other_source, model_folder=args.model
         )
     steps = [(r.num_inference_steps, r.metadata.get("where", "")) for r in requests]
-    check_pipeline_bounds(pipe, steps)  # named as flags and job lines; pipe.check repeats it for the API
+    frames = [(r.num_frames, r.metadata.get("where", "")) for r in requests]
+    check_pipeline_bounds(pipe, steps, frames=frames)  # named as flags and job lines; pipe.check repeats it for the API
     if pipe.mode == "clip":  # the mode may come from the model folder: known only now
         for flag, given, applies in (
             ("--stop-at-eos", args.stop_at_eos, "lvlm mode"),

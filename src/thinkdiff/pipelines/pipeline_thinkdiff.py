@@ -45,7 +45,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from thinkdiff.limits import check_finite, check_pipeline_bounds, check_request_numbers, denoising_steps_bound
+from thinkdiff.limits import (
+    check_finite,
+    check_pipeline_bounds,
+    check_request_numbers,
+    denoising_steps_bound,
+    frames_bound,
+)
 from thinkdiff.models.loading import default_dtype, resolve_model_dir
 from thinkdiff.models.quantization import Quantize
 from thinkdiff.pipelines.constants import (
@@ -300,7 +306,10 @@ class ThinkDiffPipeline:
         """
         requests = [requests] if isinstance(requests, Request) else list(requests)
         check_pipeline_bounds(
-            self, [(r.num_inference_steps, f"request {i}") for i, r in enumerate(requests)], flags=False
+            self,
+            [(r.num_inference_steps, f"request {i}") for i, r in enumerate(requests)],
+            frames=[(r.num_frames, f"request {i}") for i, r in enumerate(requests)],
+            flags=False,
         )
         for index, request in enumerate(requests):
             check_request_numbers(request, f"request {index}")
@@ -705,6 +714,8 @@ class ThinkDiffPipeline:
             )
         self.decoder.check_size(height, width, "call")
         denoising_steps_bound(self.decoder_spec.name).check("num_inference_steps", num_inference_steps, "call")
+        if num_frames is not None:
+            frames_bound(self.decoder_spec).check("num_frames", num_frames, "call")
         for name, value in (("guidance_scale", guidance_scale), ("true_cfg_scale", true_cfg_scale)):
             check_finite(name, value, "call")
         prepared = self.check(requests)
