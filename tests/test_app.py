@@ -491,3 +491,11 @@ def test_a_symlink_in_out_is_refused_before_anything_is_written(tmp_path: Path) 
     assert backend.example("Color-I", 2, 0)["items"]
     assert not (out / "examples").is_symlink() and any((out / "examples").iterdir())
     assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 10**30])
+def test_the_seed_box_takes_the_command_lines_seeds_only(tmp_path, seed) -> None:
+    backend = Backend(AppConfig(out_dir=tmp_path / "out"))
+    with pytest.raises(ValueError, match=rf"^seed {seed} is not a seed: seeds run from 0 to 9223372036854775807$"):
+        backend.generate(["Word 1: red, "], GenerateOptions(seed=seed, steps=2))
+    assert not (tmp_path / "out").exists()  # refused before a job folder was made

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thinkdiff.app.outputs import JobResult, check_out_dir
+from thinkdiff.limits import check_seed
 from thinkdiff.paths import confined_folder
 
 if TYPE_CHECKING:
@@ -411,6 +412,7 @@ class Backend:
             value = getattr(options, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        check_seed("seed", int(options.seed))  # the command line's bound: torch's seeds, no negatives
         modes = [mode, "text-bridge"] if options.text_bridge and mode != "text-bridge" else [mode]
 
         report(0.0, "waiting for the device")
