@@ -59,6 +59,21 @@ def test_quick_build_trains_every_component(quick_world):
             budget = quick.calib_lever_steps  # each lever beside the default recipe at this budget
         assert info.extra["steps"] == budget, name
     assert set(record["calibration_seconds"]) >= {f"calibrate {n}" for n in CALIBRATION_RUNS}
+    # The split lever: proxy and calibrated at the default's budgets, the lever recorded in each.
+    from thinkdiff.miniworld.build import CLIP_EMPTY_FIRST, CLIP_LEVER, clip_lever_dir
+
+    lever_budgets = {
+        clip_lever_dir(root): quick.clip_steps,
+        calibrated_dir(root, CLIP_LEVER): quick.clip_calib_steps,
+    }
+    for folder, budget in lever_budgets.items():
+        _, info = load_model(folder)
+        assert info.variant == "clip" and info.extra["steps"] == budget, folder
+        assert info.extra["clip_empty_first"] == CLIP_EMPTY_FIRST, folder
+        assert info.inference, folder
+    assert "clip_empty_first" not in load_model(root / "thinkdiff" / "clip")[1].extra
+    assert record["seconds"]["clip_lever_aligner"] > 0
+    assert f"calibrate {CLIP_LEVER}" in record["calibration_seconds"]
     task = FeatureShards(root / "work" / "features" / "task")
     assert {m["shots"] for m in task.metadata(0)} == {2, 4}
     words = (root / "work" / "task-source").glob("*.txt")
@@ -393,3 +408,15 @@ def test_drawn_images_are_reused_not_sampled_again(quick_world):
     assert np.array_equal(again[0], first[1]) and np.array_equal(again[1], first[0])
     drawn.draw(world, [a], [0], steps=3, cfg=3.0)
     assert asked == [2, 1, 1]  # other sampler settings are another image
+
+
+def test_the_catalogue_names_the_split_lever(quick_world):
+    from thinkdiff.miniworld.build import CLIP_EMPTY_FIRST
+    from thinkdiff.miniworld.catalogue import world_models
+
+    root, _ = quick_world
+    summaries = {m.name: m.summary for m in world_models(root)}
+    for name in ("clip-empty-first", "clip-empty-first-calibrated"):
+        assert "split lever" in summaries[name], summaries[name]
+        assert f"clip_empty_first {CLIP_EMPTY_FIRST}" in summaries[name], summaries[name]
+    assert "split lever" not in summaries["clip"] + summaries["clip-calibrated"]

@@ -37,15 +37,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CALIBRATION_RUNS",
+    "CLIP_EMPTY_FIRST",
+    "CLIP_LEVER",
     "DEMO_CALIBRATED",
     "BuildConfig",
     "CalibrationRun",
     "build",
     "build_calibration",
+    "build_clip_lever",
     "calibrated_dir",
+    "clip_lever_dir",
     "full_config",
     "quick_config",
     "rebuild_clip",
+    "train_clip_lever",
 ]
 
 logger = logging.getLogger(__name__)
@@ -152,6 +157,8 @@ def build(out_dir: Path, config: BuildConfig, *, progress: bool = True) -> dict[
         train_lvlm_aligner(out_dir, work, config, name="lvlm", target=out_dir / "thinkdiff" / "lvlm")
     with _Timer("clip_aligner", record["seconds"]):
         train_clip_aligner(out_dir, work, config, target=out_dir / "thinkdiff" / "clip")
+    with _Timer("clip_lever_aligner", record["seconds"]):
+        train_clip_lever(out_dir, config)
     record["seconds"]["total"] = round(time.perf_counter() - started, 1)
     _write_json(out_dir / "build.json", record)
     logger.info("built the miniature world in %.0f s into %s", record["seconds"]["total"], out_dir)
@@ -186,6 +193,15 @@ CALIBRATION_RUNS: dict[str, CalibrationRun] = {
 dashes); the levers compare with ``no split, lever budget``, the default recipe at their budget."""
 
 
+CLIP_LEVER = "clip, empty first"
+"""The ThinkDiff-CLIP split lever: proxy aligner ``thinkdiff/clip-empty-first`` and its calibrated
+version, each at the default's budget with :data:`CLIP_EMPTY_FIRST` of the captions cut before
+their first word, so that every attribute is asked of the image tokens."""
+
+CLIP_EMPTY_FIRST = 0.5
+"""``clip_empty_first`` of the split lever's training and calibration."""
+
+
 DEMO_CALIBRATED = "no split"
 """The calibrated aligner ``make demo`` draws with (the distillation recipe from the no-split start)."""
 
@@ -205,6 +221,11 @@ def _calibrate_one(out_dir: Path, config: BuildConfig, name: str, threads: int) 
         train_clip_calibrated(
             out_dir, work, config, init=out_dir / "thinkdiff" / "clip", target=calibrated_dir(out_dir, "clip")
         )
+    elif name == CLIP_LEVER:
+        train_clip_calibrated(
+            out_dir, work, config, name=clip_lever_dir(out_dir).name, init=clip_lever_dir(out_dir),
+            target=calibrated_dir(out_dir, CLIP_LEVER), clip_empty_first=CLIP_EMPTY_FIRST,
+        )  # fmt: skip
     else:
         start, lever, overrides = CALIBRATION_RUNS[name]
         overrides = {**overrides, "max_steps": config.calib_lever_steps if lever else config.calib_steps}
@@ -244,7 +265,7 @@ def build_calibration(out_dir: Path, config: BuildConfig | None = None, *, progr
     with _Timer("task_features", seconds):
         write_task_features(out_dir, work, config, progress=progress)
     # Longest first, so that the two processes finish together.
-    names = [*list(CALIBRATION_RUNS)[:2], "clip", *list(CALIBRATION_RUNS)[2:]]
+    names = [*list(CALIBRATION_RUNS)[:2], "clip", CLIP_LEVER, *list(CALIBRATION_RUNS)[2:]]
     if config.threads >= 2:
         with two_processes() as ex:
             half = max(1, config.threads // 2)
@@ -284,6 +305,40 @@ def rebuild_clip(out_dir: Path, config: BuildConfig | None = None, *, progress: 
     with _Timer("clip_aligner", seconds):
         train_clip_aligner(out_dir, out_dir / "work", config, target=out_dir / "thinkdiff" / "clip")
     _, record.setdefault("calibration_seconds", {})["calibrate clip"] = _calibrate_one(out_dir, config, "clip", 1)
+    _write_json(out_dir / "build.json", record)
+    return build_clip_lever(out_dir, config)
+
+
+def clip_lever_dir(out_dir: Path) -> Path:
+    """Model folder of the split lever's proxy aligner (:data:`CLIP_LEVER`)."""
+    return Path(out_dir) / "thinkdiff" / "clip-empty-first"
+
+
+def train_clip_lever(out_dir: Path, config: BuildConfig) -> Path:
+    """The split lever's proxy aligner: :func:`~thinkdiff.miniworld.experiments.train_clip_aligner`
+    with :data:`CLIP_EMPTY_FIRST`, on the same data, seed and budget as the default."""
+    from thinkdiff.miniworld.experiments import train_clip_aligner
+
+    return train_clip_aligner(
+        out_dir, Path(out_dir) / "work", config, name="clip-empty-first", target=clip_lever_dir(out_dir),
+        clip_empty_first=CLIP_EMPTY_FIRST,
+    )  # fmt: skip
+
+
+def build_clip_lever(out_dir: Path, config: BuildConfig | None = None) -> dict[str, Any]:
+    """Train, in a built world, the split lever (:data:`CLIP_LEVER`) exactly as :func:`build` and
+    :func:`build_calibration` do: its proxy aligner and its calibrated version. Nothing else is
+    touched. Updates ``build.json`` (``clip_lever_aligner`` and ``calibrate clip, empty first``
+    seconds)."""
+    out_dir = Path(out_dir)
+    record = json.loads((out_dir / "build.json").read_text())
+    if config is None:
+        config = BuildConfig(**record["config"])
+    torch.set_num_threads(1)  # as the build's last stages run
+    with _Timer("clip_lever_aligner", record["seconds"]):
+        train_clip_lever(out_dir, config)
+    name, seconds = _calibrate_one(out_dir, config, CLIP_LEVER, 1)
+    record.setdefault("calibration_seconds", {})[f"calibrate {name}"] = seconds
     _write_json(out_dir / "build.json", record)
     return record
 

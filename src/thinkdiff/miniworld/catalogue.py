@@ -63,7 +63,13 @@ def world_models(root: Path) -> list[WorldModel]:
     """Every model folder under ``root/thinkdiff``: the method (the calibrated aligner ``make demo``
     draws with, or the proxy-only ``lvlm`` in a world without it) first, then the ablations, best
     measured score first."""
-    from thinkdiff.miniworld.build import CALIBRATION_RUNS, DEMO_CALIBRATED, calibrated_dir
+    from thinkdiff.miniworld.build import (
+        CALIBRATION_RUNS,
+        CLIP_LEVER,
+        DEMO_CALIBRATED,
+        calibrated_dir,
+        clip_lever_dir,
+    )
 
     root = Path(root)
     report = measured_report(root)
@@ -97,6 +103,18 @@ def world_models(root: Path) -> list[WorldModel]:
         elif folder.name == "clip-calibrated":
             summary = "ThinkDiff-CLIP calibrated with the decoder in the loop" + (
                 f", {steps} steps" if steps else ""
+            )
+            table = None
+        elif folder.name == clip_lever_dir(root).name:
+            summary = (
+                "ThinkDiff-CLIP trained against the proxy T5 only, split lever: "
+                f"clip_empty_first {extra.get('clip_empty_first')}"
+            )
+            table = None
+        elif folder.name == calibrated_dir(root, CLIP_LEVER).name:
+            summary = (
+                f"ThinkDiff-CLIP calibrated with the decoder in the loop from the split lever "
+                f"(clip_empty_first {extra.get('clip_empty_first')})" + (f", {steps} steps" if steps else "")
             )
             table = None
         else:

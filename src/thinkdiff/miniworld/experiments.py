@@ -186,6 +186,9 @@ def run_training(train_config, target: Path | None) -> Path:
         raise RuntimeError(f"training in {run_dir} stopped before its last step")
     info = load_info(result.model_dir)
     info.inference = world_inference(Path(train_config.lvlm).parent)
+    if train_config.clip_empty_first:
+        # Recorded only where set, so a default folder's thinkdiff.json stays as released.
+        info.extra["clip_empty_first"] = train_config.clip_empty_first
     atomic_write_text(result.model_dir / INFO_FILE, json.dumps(dataclasses.asdict(info), indent=2) + "\n")
     if target is not None:
         if target.exists():
@@ -337,11 +340,12 @@ def train_clip_calibrated(
     *,
     init: Path,
     target: Path | None = None,
+    name: str = "clip",
     **overrides: Any,
 ) -> Path:
     """Calibrate the ThinkDiff-CLIP aligner: FLUX on its aligned image tokens (+ T5 of the caption's
     first part) must act as on the whole caption (:func:`calibration_config`'s recipe, CLIP's data
-    and budgets)."""
+    and budgets; ``name`` names its run)."""
     folder = work / "clip-data"
     if not folder.is_dir():
         write_image_caption_folder(folder, config.clip_train, f"{config.seed}:clip")
@@ -355,7 +359,7 @@ def train_clip_calibrated(
         "noise_source": config.clip_calib_noise,
     }
     values.update(overrides)
-    return run_training(calibration_config(world_root, work, config, "clip", init, **values), target)
+    return run_training(calibration_config(world_root, work, config, name, init, **values), target)
 
 
 # ----------------------------------------------------------------------------------- inference

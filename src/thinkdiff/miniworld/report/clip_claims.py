@@ -1,6 +1,6 @@
 """The paper's ThinkDiff-CLIP claims, each task from the same inputs and seeds by the ground-truth
-caption (the ceiling), the captioning text bridge and ThinkDiff-CLIP (proxy-only and calibrated),
-with the vision tower's linear probe (:mod:`thinkdiff.miniworld.clip_claims`)."""
+caption (the ceiling), the captioning text bridge and ThinkDiff-CLIP (proxy-only and calibrated, the
+default and the split lever at the same budgets), with the vision tower's linear probe (:mod:`thinkdiff.miniworld.clip_claims`)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,25 @@ from typing import Any
 
 from thinkdiff.miniworld.report.common import SectionContext, pct
 
-__all__ = ["CALIBRATED", "PROXY_ONLY", "clip_claims_markdown", "run_clip_claims"]
+__all__ = [
+    "CALIBRATED",
+    "LEVER_CALIBRATED",
+    "LEVER_PROXY_ONLY",
+    "PROXY_ONLY",
+    "clip_claims_markdown",
+    "run_clip_claims",
+]
 
 PROXY_ONLY = "ThinkDiff-CLIP proxy-only"
 CALIBRATED = "ThinkDiff-CLIP calibrated"
+LEVER_PROXY_ONLY = "ThinkDiff-CLIP proxy-only, split lever"
+LEVER_CALIBRATED = "ThinkDiff-CLIP calibrated, split lever"
 
 
 def run_clip_claims(ctx: SectionContext) -> dict[str, Any]:
     """``{"clip_claims": {"vision_probe", "n", "tasks", "paired"}}`` (n = ``clip_n`` inputs)."""
     from thinkdiff.miniworld import clip_claims as cc
-    from thinkdiff.miniworld.build import calibrated_dir
+    from thinkdiff.miniworld.build import CLIP_LEVER, calibrated_dir, clip_lever_dir
     from thinkdiff.miniworld.components.vision import vision_probe
 
     world, n, seed = ctx.world, ctx.config.clip_n, ctx.build_config.seed
@@ -32,7 +41,20 @@ def run_clip_claims(ctx: SectionContext) -> dict[str, Any]:
     rows[PROXY_ONLY] = cc.aligner_source(world, world.aligner("clip")[0])
     if calibrated_dir(world.root, "clip").is_dir():
         rows[CALIBRATED] = cc.aligner_source(world, world.aligner(str(calibrated_dir(world.root, "clip")))[0])
-    compare = [(CALIBRATED, cc.TEXT_BRIDGE), (CALIBRATED, PROXY_ONLY), (cc.CEILING, CALIBRATED)]
+    # The split lever (a world built before it has none): beside the default at the same budgets.
+    if clip_lever_dir(world.root).is_dir():
+        rows[LEVER_PROXY_ONLY] = cc.aligner_source(world, world.aligner(str(clip_lever_dir(world.root)))[0])
+    if calibrated_dir(world.root, CLIP_LEVER).is_dir():
+        lever = world.aligner(str(calibrated_dir(world.root, CLIP_LEVER)))[0]
+        rows[LEVER_CALIBRATED] = cc.aligner_source(world, lever)
+    compare = [
+        (CALIBRATED, cc.TEXT_BRIDGE),
+        (CALIBRATED, PROXY_ONLY),
+        (cc.CEILING, CALIBRATED),
+        (LEVER_CALIBRATED, CALIBRATED),
+        (LEVER_PROXY_ONLY, PROXY_ONLY),
+        (LEVER_CALIBRATED, cc.TEXT_BRIDGE),
+    ]
     result = cc.clip_claims(world, rows, n, seed, compare=compare, **ctx.config.sampling)
     result.pop("outcomes")
     return {"clip_claims": {"vision_probe": probe, "n": n, **result}}
