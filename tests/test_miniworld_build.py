@@ -212,6 +212,24 @@ def test_report_numbers_come_from_the_evaluation(quick_world, tmp_path, monkeypa
     ):
         assert tables[name]["2"]["average"]["accuracy"] == 1.0, name
     assert report["clip_calibrated"]["image"]["all"] == 1.0
+    # The split lever's rows beside the default's, on the same inputs, per attribute too.
+    from thinkdiff.miniworld.report.clip_claims import CALIBRATED, LEVER_CALIBRATED, LEVER_PROXY_ONLY
+
+    claims = report["clip_claims"]
+    for task in ("preservation", "image + text", "composition"):
+        if task != "composition":  # judged by `matches`; composition compares values itself
+            assert claims["tasks"][task][LEVER_CALIBRATED]["accuracy"] == 1.0, task
+        assert claims["tasks"][task][LEVER_PROXY_ONLY]["n"] == 4, task
+        assert f"{LEVER_CALIBRATED} vs {CALIBRATED}" in claims["paired"][task], task
+    by_attribute = claims["preservation_by_attribute"]
+    assert set(by_attribute) == set(claims["tasks"]["preservation"])
+    assert all(c["n"] == 4 for cells in by_attribute.values() for c in cells.values())
+    assert set(claims["preservation_by_attribute_paired"][f"{LEVER_CALIBRATED} vs {CALIBRATED}"]) == {
+        "shape",
+        "color",
+        "background",
+        "texture",
+    }
     assert "## Calibration: the decoder in the loop" in (tmp_path / "report.md").read_text()
     for source, fitted in zip(TRANSFER_SOURCES, mapped, strict=True):
         # The map is fitted to the T5 states, so it moves the features towards them.

@@ -114,9 +114,11 @@ def clip_claims(
     **sampling: Any,
 ) -> dict[str, Any]:
     """Every task of the module docstring for every row: ``{"tasks": {task: {row: {accuracy,
-    correct, n, ci95}}}, "paired": {task: {"a vs b": {a_only, b_only, p_value}}}, "outcomes":
-    {task: {row: [bool per input]}}}``, with a paired test for each pair of row names in
-    ``compare``."""
+    correct, n, ci95}}}, "paired": {task: {"a vs b": {a_only, b_only, p_value}}},
+    "preservation_by_attribute": {row: {attribute: {accuracy, ...}}},
+    "preservation_by_attribute_paired": {"a vs b": {attribute: {a_only, b_only, p_value}}},
+    "outcomes": {task: {row: [bool per input]}}}``, with a paired test for each pair of row names
+    in ``compare``."""
     from thinkdiff.miniworld.experiments import clip_test_scenes
 
     scenes = clip_test_scenes(n, seed)
@@ -133,12 +135,14 @@ def clip_claims(
     )
     seeds = [seed * 10_000 + i for i in range(len(scenes))]
     outcomes: dict[str, dict[str, list[bool]]] = {task: {} for task in TASKS}
+    kept: dict[str, dict[str, list[bool]]] = {}  # preservation, row -> attribute -> per input
     for row, source in rows.items():
         cond_a, cond_b = source(scenes, images_a), source(partners, images_b)
         read = world.judge.read(world.images_from_embeds(cond_a, seeds, **sampling))
         outcomes["preservation"][row] = [
             v.matches({k: s.value(k) for k in ATTRIBUTES}) for v, s in zip(read, scenes)
         ]
+        kept[row] = {k: [v.value(k) == s.value(k) for v, s in zip(read, scenes)] for k in ATTRIBUTES}
         read = world.judge.read(
             world.images_from_embeds(
                 [torch.cat([c, t]) for c, t in zip(cond_a, text_states)], seeds, **sampling
@@ -160,10 +164,19 @@ def clip_claims(
         }
         for task in TASKS
     }
+    pairs = [(a, b) for a, b in compare if a in rows and b in rows]
     return {
         "tasks": {
             task: {row: cell(o).to_dict() for row, o in by_row.items()} for task, by_row in outcomes.items()
         },
         "paired": paired,
+        # "All four" hides a lever that moves one attribute: preservation per attribute, paired too.
+        "preservation_by_attribute": {
+            row: {k: cell(o).to_dict() for k, o in by_attribute.items()} for row, by_attribute in kept.items()
+        },
+        "preservation_by_attribute_paired": {
+            f"{a} vs {b}": {k: vars(paired_test(kept[a][k], kept[b][k])) for k in ATTRIBUTES}
+            for a, b in pairs
+        },
         "outcomes": outcomes,
     }

@@ -24,7 +24,8 @@ LEVER_CALIBRATED = "ThinkDiff-CLIP calibrated, split lever"
 
 
 def run_clip_claims(ctx: SectionContext) -> dict[str, Any]:
-    """``{"clip_claims": {"vision_probe", "n", "tasks", "paired"}}`` (n = ``clip_n`` inputs)."""
+    """``{"clip_claims": {"vision_probe", "n", "tasks", "paired", "preservation_by_attribute",
+    "preservation_by_attribute_paired"}}`` (n = ``clip_n`` inputs)."""
     from thinkdiff.miniworld import clip_claims as cc
     from thinkdiff.miniworld.build import CLIP_LEVER, calibrated_dir, clip_lever_dir
     from thinkdiff.miniworld.components.vision import vision_probe
@@ -91,5 +92,32 @@ def clip_claims_markdown(report: dict[str, Any]) -> list[str]:
         for pair, t in tests.items():
             lines.append(
                 f"* {task}, {pair}: {t['a_only']} vs {t['b_only']} inputs only one right, p = {t['p_value']:.3g}."
+            )
+    by_attribute = cc.get("preservation_by_attribute")
+    if by_attribute:
+        attributes = list(next(iter(by_attribute.values())))
+        lines += [
+            "",
+            "Preservation per attribute (the attribute read back equal to the input's):",
+            "",
+            "| row | " + " | ".join(attributes) + " |",
+            "|---|" + "---|" * len(attributes),
+        ]
+        for row, cells in by_attribute.items():
+            lines.append(
+                f"| {row} | "
+                + " | ".join(
+                    f"{pct(c['accuracy'])} [{pct(c['ci95'][0])}, {pct(c['ci95'][1])}]" for c in cells.values()
+                )
+                + " |"
+            )
+        lines.append("")
+        for pair, tests in cc["preservation_by_attribute_paired"].items():
+            lines.append(
+                f"* preservation per attribute, {pair}: "
+                + "; ".join(
+                    f"{k} {t['a_only']} vs {t['b_only']}, p = {t['p_value']:.3g}" for k, t in tests.items()
+                )
+                + "."
             )
     return lines
