@@ -25,6 +25,8 @@ HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\."),
     # convert-official reads release checkpoints with weights_only=True, whatever their protocol.
     (UserWarning, r"Detected pickle protocol", r"torch\."),
+    # diffusers' own Chroma transformer builds FluxPosEmbed through its deprecated import path.
+    (FutureWarning, r"`FluxPosEmbed` is deprecated", r"diffusers\."),
 )
 # Library log lines of the same kind: (logger name, text in the message).
 HARMLESS_LOG_LINES: tuple[tuple[str, str], ...] = (

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
 
     def stage(name: str, argv: list[str]) -> None:
-        print(f"\n== {name}: thinkdiff {' '.join(argv)}", flush=True)
+        print(f"\n== {name}: thinkdiff {shlex.join(argv)}", flush=True)
         start = time.perf_counter()
         if main(argv) != 0:
             raise SystemExit(f"demo stage {name!r} failed")
