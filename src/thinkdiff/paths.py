@@ -120,10 +120,10 @@ def _read_link(name: str, folder: int) -> str:
         return "somewhere"
 
 
-def _symlink_error(link: Path, target: str, root: str | Path) -> UnsafePathError:
+def _symlink_error(link: Path, target: str, root: str | Path, kind: str = "files") -> UnsafePathError:
     # The target is whatever the folder's writer chose, newlines included: shown escaped.
     return UnsafePathError(
-        f"{escaped(link)} is a symlink (to {target!r}); only files that really live in {escaped(root)} are used"
+        f"{escaped(link)} is a symlink (to {target!r}); only {kind} that really live in {escaped(root)} are used"
     )
 
 
@@ -177,9 +177,7 @@ def confined_folder(root: str | Path, name: str, *, create: bool = False) -> Pat
     except FileNotFoundError:
         raise FileNotFoundError(f"{escaped(shown)} does not exist") from None
     if stat.S_ISLNK(info.st_mode):
-        raise UnsafePathError(
-            f"{escaped(shown)} is a symlink (to {os.readlink(path)!r}); only folders that really live in {escaped(root)} are used"
-        )
+        raise _symlink_error(shown, os.readlink(path), root, "folders")
     if not stat.S_ISDIR(info.st_mode):
         kind = "a file" if stat.S_ISREG(info.st_mode) else _kind(info.st_mode)
         raise UnsafePathError(f"{escaped(shown)} is not a folder ({kind})")
