@@ -489,7 +489,6 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from thinkdiff.limits import check_pipeline_bounds
     from thinkdiff.models.bundle import load_info
     from thinkdiff.pipelines import InferenceSettings, ThinkDiffPipeline
     from thinkdiff.pipelines.inference_defaults import resolve_settings
@@ -552,9 +551,6 @@ def run(args: argparse.Namespace) -> int:
         check_aligner_source(
             pipe.info, pipe.source_model, flag=flag, allow_other=args.allow_other_source, model_folder=args.model
         )
-    steps = [(r.num_inference_steps, r.metadata.get("where", "")) for r in requests]
-    frames = [(r.num_frames, r.metadata.get("where", "")) for r in requests]
-    check_pipeline_bounds(pipe, steps, frames=frames)  # named as flags and job lines; pipe.check repeats it for the API
     if pipe.mode == "clip":  # the mode may come from the model folder: known only now
         for flag, given, applies in (
             ("--stop-at-eos", args.stop_at_eos, "lvlm mode"),
@@ -565,7 +561,7 @@ def run(args: argparse.Namespace) -> int:
             if given:
                 raise ValueError(f"{flag} applies to {applies}; mode clip uses no LVLM")
     paths = _output_paths(args, requests, pipe.decoder_spec.kind, pipe.mode)
-    pipe.check(requests)
+    pipe.check(requests, flags=True)  # bounds named as flags and job lines
 
     # 3. Generate and write, a chunk of jobs at a time (each chunk runs every stage once), where
     #    the temporary files of killed runs are cleared first (only the host-tagged names: an

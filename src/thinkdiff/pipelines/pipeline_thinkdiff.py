@@ -296,20 +296,22 @@ class ThinkDiffPipeline:
 
     # ---- checks ------------------------------------------------------------------------------
 
-    def check(self, requests: Request | Sequence[Request]) -> list[PreparedRequest]:
+    def check(self, requests: Request | Sequence[Request], *, flags: bool = False) -> list[PreparedRequest]:
         """Load the images and check every request against this pipeline; no model loads.
 
         Raises ``FileNotFoundError`` / ``ValueError`` naming the bad request. The numbers are
-        bounded first, by :mod:`thinkdiff.limits` (what the command line checks too): steps within
-        the decoder's schedule, ``num_tokens`` within the LVLM's context, ``text_max_length``
-        within the decoder's T5 length, finite floats and 64-bit seeds.
+        bounded first, by :mod:`thinkdiff.limits`: steps within the decoder's schedule,
+        ``num_tokens`` within the LVLM's context, ``text_max_length`` within the decoder's T5
+        length, finite floats and 64-bit seeds. ``flags``: name the bounded settings as the command
+        line spells them, each request by its ``metadata["where"]`` (its job line), not its index.
         """
         requests = [requests] if isinstance(requests, Request) else list(requests)
+        wheres = [r.metadata.get("where", "") if flags else f"request {i}" for i, r in enumerate(requests)]
         check_pipeline_bounds(
             self,
-            [(r.num_inference_steps, f"request {i}") for i, r in enumerate(requests)],
-            frames=[(r.num_frames, f"request {i}") for i, r in enumerate(requests)],
-            flags=False,
+            [(r.num_inference_steps, where) for r, where in zip(requests, wheres)],
+            frames=[(r.num_frames, where) for r, where in zip(requests, wheres)],
+            flags=flags,
         )
         for index, request in enumerate(requests):
             check_request_numbers(request, f"request {index}")
