@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["SCORE_SHOT", "WorldModel", "measured_report", "text_bridge_score", "world_models"]
+__all__ = ["SCORE_SHOT", "WorldModel", "committed_report", "measured_report", "text_bridge_score", "world_models"]
 
 SCORE_SHOT = 2
 """The mini-CoBSAT shot count whose average accuracy is each model's score."""
@@ -39,14 +39,19 @@ class WorldModel:
         return self.folder.name
 
 
+def committed_report() -> dict[str, Any] | None:
+    """The committed measured report (``measured/report.json``), or ``None`` when it is absent."""
+    path = Path(__file__).resolve().parent / "measured" / "report.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def measured_report(root: Path) -> dict[str, Any] | None:
     """The committed measured report when ``root`` holds the committed weights, else ``None``."""
     from thinkdiff.miniworld.models import default_weights_dir
 
-    path = Path(__file__).resolve().parent / "measured" / "report.json"
-    if Path(root).resolve() != default_weights_dir().resolve() or not path.is_file():
+    if Path(root).resolve() != default_weights_dir().resolve():
         return None
-    return json.loads(path.read_text())
+    return committed_report()
 
 
 def text_bridge_score(root: Path) -> float | None:

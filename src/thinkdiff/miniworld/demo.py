@@ -164,12 +164,12 @@ def clip_example_scene() -> Any:
 def clip_measured_line() -> str:
     """One line on what calibrated ThinkDiff-CLIP keeps of an input image, read from the committed
     report (attribute preservation: one render in, each attribute read back; ``""`` without it)."""
-    import json
+    from thinkdiff.miniworld.catalogue import committed_report
 
-    path = Path(__file__).resolve().parent / "measured" / "report.json"
-    if not path.is_file():
+    report = committed_report()
+    if report is None:
         return ""
-    section = json.loads(path.read_text()).get("clip_calibrated") or {}
+    section = report.get("clip_calibrated") or {}
     row = section.get("image")
     if not row:
         return ""
@@ -226,12 +226,12 @@ def _read(verdict: Any, target: dict[str, str]) -> str:
 
 def _measured_context(shot: int, method: str) -> str:
     """One line on how the committed weights score over mini-CoBSAT, read from the committed report."""
-    import json
+    from thinkdiff.miniworld.catalogue import committed_report
 
-    path = Path(__file__).resolve().parent / "measured" / "report.json"
-    if not path.is_file():
+    report = committed_report()
+    if report is None:
         return ""
-    tables = json.loads(path.read_text())["lvlm"]["tables"]
+    tables = report["lvlm"]["tables"]
     if method not in tables:
         method = "lvlm"
     row = str(shot) if str(shot) in tables[method] else next(iter(tables[method]))
