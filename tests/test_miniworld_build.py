@@ -438,3 +438,27 @@ def test_the_catalogue_names_the_split_lever(quick_world):
         assert "split lever" in summaries[name], summaries[name]
         assert f"clip_empty_first {CLIP_EMPTY_FIRST}" in summaries[name], summaries[name]
     assert "split lever" not in summaries["clip"] + summaries["clip-calibrated"]
+
+
+def test_the_catalogue_scores_every_clip_folder_from_its_clip_claims_row():
+    """Each committed ThinkDiff-CLIP folder, the split lever's included, reads its preservation row
+    of the committed report's clip_claims (all four attributes, then each one)."""
+    from thinkdiff.miniworld.catalogue import committed_report, world_models
+    from thinkdiff.miniworld.models import default_weights_dir
+
+    claims = committed_report()["clip_claims"]
+    rows = {
+        "clip": "ThinkDiff-CLIP proxy-only",
+        "clip-calibrated": "ThinkDiff-CLIP calibrated",
+        "clip-empty-first": "ThinkDiff-CLIP proxy-only, split lever",
+        "clip-empty-first-calibrated": "ThinkDiff-CLIP calibrated, split lever",
+    }
+    texts = {m.name: m.score_text for m in world_models(default_weights_dir()) if m.variant == "clip"}
+    assert set(texts) == set(rows)
+    for name, row in rows.items():
+        kept = claims["tasks"]["preservation"][row]
+        assert texts[name].startswith(
+            f"image in: all four attributes kept {kept['accuracy']:.2f} ({kept['n']} images); "
+        ), texts[name]
+        colour = claims["preservation_by_attribute"][row]["color"]["accuracy"]
+        assert f"color {colour:.2f}" in texts[name], texts[name]

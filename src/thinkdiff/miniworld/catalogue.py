@@ -140,6 +140,15 @@ def world_models(root: Path) -> list[WorldModel]:
     )
 
 
+_CLIP_ROWS = {
+    "clip": "ThinkDiff-CLIP proxy-only",
+    "clip-calibrated": "ThinkDiff-CLIP calibrated",
+    "clip-empty-first": "ThinkDiff-CLIP proxy-only, split lever",
+    "clip-empty-first-calibrated": "ThinkDiff-CLIP calibrated, split lever",
+}
+"""The report's ``clip_claims`` row of each ThinkDiff-CLIP folder (its preservation task scores it)."""
+
+
 def _score(
     report: dict[str, Any] | None, tables: dict[str, Any], table: str | None, name: str
 ) -> tuple[float | None, str]:
@@ -147,8 +156,14 @@ def _score(
     if table is not None and shot in tables.get(table, {}):
         accuracy = tables[table][shot]["average"]["accuracy"]
         return accuracy, f"mini-CoBSAT {shot}-shot {accuracy:.3f}"
-    key = {"clip": "clip", "clip-calibrated": "clip_calibrated"}.get(name)
-    if report is not None and key in report:
-        kept = report[key]["image"]["all"]
-        return None, f"image in: all four attributes kept {kept:.2f} ({report[key]['n']} images)"
+    row = _CLIP_ROWS.get(name)
+    claims = (report or {}).get("clip_claims", {})
+    if row is not None and row in claims.get("tasks", {}).get("preservation", {}):
+        kept = claims["tasks"]["preservation"][row]
+        per = claims.get("preservation_by_attribute", {}).get(row, {})
+        attributes = ", ".join(f"{a} {cell['accuracy']:.2f}" for a, cell in per.items())
+        return None, (
+            f"image in: all four attributes kept {kept['accuracy']:.2f} ({kept['n']} images)"
+            + (f"; {attributes}" if attributes else "")
+        )
     return None, ""
