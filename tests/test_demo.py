@@ -60,10 +60,13 @@ def test_the_figure_command_refuses_a_non_png_in_one_line(tmp_path, capsys) -> N
 def test_make_demo_says_what_each_part_shows(tiny_env, tmp_path, capsys) -> None:
     threads = torch.get_num_threads()
     try:
-        assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+        assert main(["-v", "demo", "--out", str(tmp_path / "demo")]) == 0
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
+    # -v reaches every stage: each is a whole command line that sets up its own logging.
+    stages = [line for line in out.splitlines() if line.startswith("== ") and ": thinkdiff " in line]
+    assert len(stages) >= 3 and all(": thinkdiff -v " in line for line in stages), stages
     assert "the grid shows 6 mini-CoBSAT prompt(s)" in out and (tmp_path / "demo" / "miniworld" / "demo.png").is_file()
     # ThinkDiff-CLIP beside it, before the tiny kit.
     assert out.index("ThinkDiff-CLIP (clip-calibrated): one image in") < out.index("Part 2: the tiny random kit")

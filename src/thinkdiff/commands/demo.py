@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
 
     def stage(name: str, argv: list[str]) -> None:
+        # Each stage is a whole command line that sets up its own logging: pass -v on.
+        argv = ["-v", *argv] if getattr(args, "verbose", False) else argv
         print(f"\n== {name}: thinkdiff {shlex.join(argv)}", flush=True)
         start = time.perf_counter()
         if main(argv) != 0:
