@@ -75,9 +75,12 @@ def world_models(root: Path) -> list[WorldModel]:
         calibrated_dir,
         clip_lever_dir,
     )
+    from thinkdiff.miniworld.report.clip_claims import aligner_folders
 
     root = Path(root)
     report = measured_report(root)
+    # The report's clip_claims row of each ThinkDiff-CLIP folder: its preservation task scores it.
+    clip_rows = {folder.name: row for row, folder in aligner_folders(root).items()}
     tables = report["lvlm"]["tables"] if report else {}
     runs = {calibrated_dir(root, name).name: name for name in CALIBRATION_RUNS}
     method = calibrated_dir(root, DEMO_CALIBRATED).name
@@ -125,7 +128,7 @@ def world_models(root: Path) -> list[WorldModel]:
         else:
             summary = "a ThinkDiff model folder of this world"
             table = None
-        score, score_text = _score(report, tables, table, folder.name)
+        score, score_text = _score(report, tables, table, clip_rows.get(folder.name))
         role: Literal["method", "ablation"] = "method" if folder.name == method else "ablation"
         models.append(WorldModel(folder, info.get("variant", "lvlm"), role, summary, score, score_text))
     # Unscored (another world's) folders: ThinkDiff-LVLM before ThinkDiff-CLIP, then by name.
@@ -140,23 +143,13 @@ def world_models(root: Path) -> list[WorldModel]:
     )
 
 
-_CLIP_ROWS = {
-    "clip": "ThinkDiff-CLIP proxy-only",
-    "clip-calibrated": "ThinkDiff-CLIP calibrated",
-    "clip-empty-first": "ThinkDiff-CLIP proxy-only, split lever",
-    "clip-empty-first-calibrated": "ThinkDiff-CLIP calibrated, split lever",
-}
-"""The report's ``clip_claims`` row of each ThinkDiff-CLIP folder (its preservation task scores it)."""
-
-
 def _score(
-    report: dict[str, Any] | None, tables: dict[str, Any], table: str | None, name: str
+    report: dict[str, Any] | None, tables: dict[str, Any], table: str | None, row: str | None
 ) -> tuple[float | None, str]:
     shot = str(SCORE_SHOT)
     if table is not None and shot in tables.get(table, {}):
         accuracy = tables[table][shot]["average"]["accuracy"]
         return accuracy, f"mini-CoBSAT {shot}-shot {accuracy:.3f}"
-    row = _CLIP_ROWS.get(name)
     claims = (report or {}).get("clip_claims", {})
     if row is not None and row in claims.get("tasks", {}).get("preservation", {}):
         kept = claims["tasks"]["preservation"][row]

@@ -4,6 +4,7 @@ default and the split lever at the same budgets), with the vision tower's linear
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from thinkdiff.miniworld.report.common import SectionContext, pct
@@ -13,6 +14,7 @@ __all__ = [
     "LEVER_CALIBRATED",
     "LEVER_PROXY_ONLY",
     "PROXY_ONLY",
+    "aligner_folders",
     "clip_claims_markdown",
     "run_clip_claims",
 ]
@@ -23,11 +25,25 @@ LEVER_PROXY_ONLY = "ThinkDiff-CLIP proxy-only, split lever"
 LEVER_CALIBRATED = "ThinkDiff-CLIP calibrated, split lever"
 
 
+def aligner_folders(root: Path) -> dict[str, Path]:
+    """The ThinkDiff-CLIP model folders of the world in ``root`` that the section measures, by row
+    name: the default and the split lever, proxy-only and calibrated (a world built before the
+    lever, or before calibration, has fewer)."""
+    from thinkdiff.miniworld.build import CLIP_LEVER, calibrated_dir, clip_lever_dir
+
+    folders = {
+        PROXY_ONLY: Path(root) / "thinkdiff" / "clip",
+        CALIBRATED: calibrated_dir(root, "clip"),
+        LEVER_PROXY_ONLY: clip_lever_dir(root),
+        LEVER_CALIBRATED: calibrated_dir(root, CLIP_LEVER),
+    }
+    return {row: folder for row, folder in folders.items() if folder.is_dir()}
+
+
 def run_clip_claims(ctx: SectionContext) -> dict[str, Any]:
     """``{"clip_claims": {"vision_probe", "n", "tasks", "paired", "preservation_by_attribute",
     "preservation_by_attribute_paired"}}`` (n = ``clip_n`` inputs)."""
     from thinkdiff.miniworld import clip_claims as cc
-    from thinkdiff.miniworld.build import CLIP_LEVER, calibrated_dir, clip_lever_dir
     from thinkdiff.miniworld.components.vision import vision_probe
 
     world, n, seed = ctx.world, ctx.config.clip_n, ctx.build_config.seed
@@ -39,15 +55,8 @@ def run_clip_claims(ctx: SectionContext) -> dict[str, Any]:
         seed=seed + 1234,
     )
     rows = {cc.CEILING: cc.ceiling_source(world), cc.TEXT_BRIDGE: cc.text_bridge_source(world)}
-    rows[PROXY_ONLY] = cc.aligner_source(world, world.aligner("clip")[0])
-    if calibrated_dir(world.root, "clip").is_dir():
-        rows[CALIBRATED] = cc.aligner_source(world, world.aligner(str(calibrated_dir(world.root, "clip")))[0])
-    # The split lever (a world built before it has none): beside the default at the same budgets.
-    if clip_lever_dir(world.root).is_dir():
-        rows[LEVER_PROXY_ONLY] = cc.aligner_source(world, world.aligner(str(clip_lever_dir(world.root)))[0])
-    if calibrated_dir(world.root, CLIP_LEVER).is_dir():
-        lever = world.aligner(str(calibrated_dir(world.root, CLIP_LEVER)))[0]
-        rows[LEVER_CALIBRATED] = cc.aligner_source(world, lever)
+    for row, folder in aligner_folders(world.root).items():
+        rows[row] = cc.aligner_source(world, world.aligner(str(folder))[0])
     compare = [
         (CALIBRATED, cc.TEXT_BRIDGE),
         (CALIBRATED, PROXY_ONLY),
