@@ -57,6 +57,22 @@ def test_norm_copy_misuse(tiny_models) -> None:
         Aligner(64, proxy.d_model, norm="none").init_norm_from_t5(proxy)
 
 
+def test_the_proxy_decoder_follows_the_trainer_only_when_checkpointing(tiny_models) -> None:
+    """Dropout is removed at load, so the frozen T5 stays in eval mode unless activation
+    checkpointing needs train mode; asking which uses no deprecated transformers property."""
+    import warnings
+
+    proxy = ProxyT5Decoder.from_pretrained(tiny_models / "t5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        proxy.train(True)
+        assert not proxy.t5.training
+        proxy.enable_activation_checkpointing()
+        assert proxy.t5.training and any(getattr(m, "gradient_checkpointing", False) for m in proxy.t5.modules())
+        proxy.train(False)
+        assert not proxy.t5.training
+
+
 def test_feature_width_mismatch_is_clear() -> None:
     with pytest.raises(ValueError, match="feature width 7 does not match the aligner's input width 12"):
         Aligner(12, 8)(torch.randn(1, 2, 7))

@@ -54,11 +54,11 @@ def test_a_choice_with_no_close_match_lists_the_choices(capsys: pytest.CaptureFi
 
 
 def test_only_the_known_harmless_warnings_are_hidden() -> None:
-    deprecated = "`is_gradient_checkpointing` is deprecated and will be removed in v6."
+    deprecated = "`FluxPosEmbed` is deprecated and will be removed in a later version."
     cases = [
-        (deprecated, "transformers.modeling_utils"),  # hidden
+        (deprecated, "diffusers.models.embeddings"),  # hidden
         (deprecated, "mypackage.core"),  # the same words from elsewhere: shown
-        ("something else is deprecated", "transformers.modeling_utils"),  # shown
+        ("something else is deprecated", "diffusers.models.embeddings"),  # shown
     ]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

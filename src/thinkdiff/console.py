@@ -21,8 +21,6 @@ _INVALID_CHOICE = re.compile(r"^(?P<argument>.*)invalid choice: (?P<value>.+?) \
 # Third-party warnings that say nothing a user of this package can act on, each matched by its
 # category, the start of its message and the module that issues it (never a blanket filter).
 HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
-    # transformers' own gradient-checkpointing code reads its deprecated property (once a step).
-    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\."),
     # convert-official reads release checkpoints with weights_only=True, whatever their protocol.
     (UserWarning, r"Detected pickle protocol", r"torch\."),
     # diffusers' own Chroma transformer builds FluxPosEmbed through its deprecated import path.

@@ -58,6 +58,8 @@ class ProxyT5Decoder(nn.Module):
         self.t5 = t5
         self.tokenizer = tokenizer
         self.dropout = dropout
+        self.checkpointing = False
+        """Activation checkpointing on (:meth:`enable_activation_checkpointing`)."""
         self.has_encoder = t5.encoder.config.num_layers > 0
         self.t5.requires_grad_(False)
         self.train(False)
@@ -139,12 +141,17 @@ class ProxyT5Decoder(nn.Module):
         # eval mode would also disable HF activation checkpointing, so dropout is removed at load
         # time (p=0) rather than by eval mode.
         super().train(mode)
-        self.t5.train(mode and (self.dropout or self.t5.is_gradient_checkpointing))
+        self.t5.train(mode and (self.dropout or self.checkpointing))
         return self
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute decoder activations in the backward pass (less memory, ~1/3 more compute)."""
-        self.t5.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(self.t5, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # the older transformers 5 releases know only the name they later deprecated
+            self.t5.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.checkpointing = True
         self.train(self.training)
 
     # -------------------------------------------------------------- compute
