@@ -30,7 +30,7 @@ app: $(STAMP)
 	$(VENV)/bin/thinkdiff app
 
 # Two worker processes, each test file whole in one of them (its module fixtures built once): on
-# the 2-core machine 425 s against about 680 s in one process (docs/development.md).
+# the 2-core machine 425-550 s against 642-782 s in one process (docs/development.md).
 test: $(STAMP)
 	$(PY) -m pytest -n auto --maxprocesses 2 --dist loadfile
 
