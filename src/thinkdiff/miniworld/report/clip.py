@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from thinkdiff.miniworld.experiments import score_clip
+from thinkdiff.miniworld.report.clip_claims import CALIBRATED, PROXY_ONLY, aligner_folders
 from thinkdiff.miniworld.report.common import SectionContext, pct
 from thinkdiff.miniworld.report.plots import plot_clip_examples
 from thinkdiff.miniworld.world import ATTRIBUTES
@@ -15,14 +16,13 @@ __all__ = ["clip_markdown", "run_clip"]
 def run_clip(ctx: SectionContext) -> dict[str, Any]:
     """The CLIP section: ``{"clip": ...}`` and, where the build calibrated it, ``{"clip_calibrated": ...}``;
     draws ``examples_clip.png``."""
-    from thinkdiff.miniworld.build import calibrated_dir
-
     world, n, seed = ctx.world, ctx.config.clip_n, ctx.build_config.seed
-    clip_aligner, _ = world.aligner("clip")
+    folders = aligner_folders(world.root)
+    clip_aligner, _ = world.aligner(str(folders[PROXY_ONLY]))
     out: dict[str, Any] = {"clip": score_clip(world, clip_aligner, n, seed, **ctx.config.sampling)}
     plot_clip_examples(out["clip"].pop("examples"), ctx.out_dir / "examples_clip.png")
-    if calibrated_dir(world.root, "clip").is_dir():
-        clip_calibrated, _ = world.aligner(str(calibrated_dir(world.root, "clip")))
+    if CALIBRATED in folders:
+        clip_calibrated, _ = world.aligner(str(folders[CALIBRATED]))
         out["clip_calibrated"] = score_clip(world, clip_calibrated, n, seed, **ctx.config.sampling)
         out["clip_calibrated"].pop("examples")
     return out
