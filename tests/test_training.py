@@ -40,6 +40,16 @@ def test_debug_lvlm_trains_and_exports(feature_dir, tmp_path) -> None:
     assert json.loads((run / "config.json").read_text())["max_steps"] == 40
 
 
+def test_progress_false_draws_no_step_bar(feature_dir, tmp_path, capfd) -> None:
+    """``--no-progress`` commands (a mini-world report's ablations, its build's calibrations) pass
+    ``progress=False`` down to the loop: no step bar, while the default still draws one."""
+    for progress in (True, False):
+        config = lvlm_config(feature_dir, tmp_path / str(progress), max_steps=3, save_every=3)
+        train(config, resume="never", progress=progress)
+        drawn = "%|" in capfd.readouterr().err
+        assert drawn == progress
+
+
 def test_train_step_puts_the_proxy_in_training_mode(feature_dir, tmp_path) -> None:
     """activation_checkpointing and proxy_dropout act only in training mode: the trainer must set it."""
     for overrides, recompute in (({}, False), ({"activation_checkpointing": True}, True)):

@@ -154,11 +154,13 @@ def build(out_dir: Path, config: BuildConfig, *, progress: bool = True) -> dict[
     with _Timer("lvlm_features", record["seconds"]):
         write_lvlm_features(out_dir, work, config, progress=progress)
     with _Timer("lvlm_aligner", record["seconds"]):
-        train_lvlm_aligner(out_dir, work, config, name="lvlm", target=out_dir / "thinkdiff" / "lvlm")
+        train_lvlm_aligner(
+            out_dir, work, config, name="lvlm", target=out_dir / "thinkdiff" / "lvlm", progress=progress
+        )
     with _Timer("clip_aligner", record["seconds"]):
-        train_clip_aligner(out_dir, work, config, target=out_dir / "thinkdiff" / "clip")
+        train_clip_aligner(out_dir, work, config, target=out_dir / "thinkdiff" / "clip", progress=progress)
     with _Timer("clip_lever_aligner", record["seconds"]):
-        train_clip_lever(out_dir, config)
+        train_clip_lever(out_dir, config, progress=progress)
     record["seconds"]["total"] = round(time.perf_counter() - started, 1)
     _write_json(out_dir / "build.json", record)
     logger.info("built the miniature world in %.0f s into %s", record["seconds"]["total"], out_dir)
@@ -211,7 +213,9 @@ def calibrated_dir(out_dir: Path, name: str) -> Path:
     return Path(out_dir) / "thinkdiff" / f"{name.replace(', ', '-').replace(' ', '-')}-calibrated"
 
 
-def _calibrate_one(out_dir: Path, config: BuildConfig, name: str, threads: int) -> tuple[str, float]:
+def _calibrate_one(
+    out_dir: Path, config: BuildConfig, name: str, threads: int, progress: bool = True
+) -> tuple[str, float]:
     from thinkdiff.miniworld.experiments import calibration_config, run_training, train_clip_calibrated
 
     torch.set_num_threads(threads)
@@ -219,12 +223,13 @@ def _calibrate_one(out_dir: Path, config: BuildConfig, name: str, threads: int) 
     started = time.perf_counter()
     if name == "clip":
         train_clip_calibrated(
-            out_dir, work, config, init=out_dir / "thinkdiff" / "clip", target=calibrated_dir(out_dir, "clip")
-        )
+            out_dir, work, config, init=out_dir / "thinkdiff" / "clip", target=calibrated_dir(out_dir, "clip"),
+            progress=progress,
+        )  # fmt: skip
     elif name == CLIP_LEVER:
         train_clip_calibrated(
             out_dir, work, config, name=clip_lever_dir(out_dir).name, init=clip_lever_dir(out_dir),
-            target=calibrated_dir(out_dir, CLIP_LEVER), clip_empty_first=CLIP_EMPTY_FIRST,
+            target=calibrated_dir(out_dir, CLIP_LEVER), clip_empty_first=CLIP_EMPTY_FIRST, progress=progress,
         )  # fmt: skip
     else:
         start, lever, overrides = CALIBRATION_RUNS[name]
@@ -232,7 +237,11 @@ def _calibrate_one(out_dir: Path, config: BuildConfig, name: str, threads: int) 
         # Flow matching and 'source' noise read the target images: the task source's last images.
         overrides["target_images"] = str(work / "task-source")
         init = out_dir / "thinkdiff" / "lvlm" if start == "lvlm" else work / "runs" / start.replace(" ", "-") / "model"
-        run_training(calibration_config(out_dir, work, config, name, init, **overrides), calibrated_dir(out_dir, name))
+        run_training(
+            calibration_config(out_dir, work, config, name, init, **overrides),
+            calibrated_dir(out_dir, name),
+            progress=progress,
+        )
     return name, round(time.perf_counter() - started, 1)
 
 
@@ -260,8 +269,8 @@ def build_calibration(out_dir: Path, config: BuildConfig | None = None, *, progr
         if not all((work / "features" / split / "index.json").is_file() for split in ("train", "val")):
             write_lvlm_features(out_dir, work, config, progress=progress)
     with _Timer("proxy_starts", seconds):
-        train_lvlm_aligner(out_dir, work, config, name="no-split", split=False)
-        train_lvlm_aligner(out_dir, work, config, name="input-tokens", features="prompt")
+        train_lvlm_aligner(out_dir, work, config, name="no-split", split=False, progress=progress)
+        train_lvlm_aligner(out_dir, work, config, name="input-tokens", features="prompt", progress=progress)
     with _Timer("task_features", seconds):
         write_task_features(out_dir, work, config, progress=progress)
     # Longest first, so that the two processes finish together.
@@ -269,9 +278,9 @@ def build_calibration(out_dir: Path, config: BuildConfig | None = None, *, progr
     if config.threads >= 2:
         with two_processes() as ex:
             half = max(1, config.threads // 2)
-            done = list(ex.map(_calibrate_one, *zip(*[(out_dir, config, n, half) for n in names])))
+            done = list(ex.map(_calibrate_one, *zip(*[(out_dir, config, n, half, progress) for n in names])))
     else:
-        done = [_calibrate_one(out_dir, config, n, config.threads) for n in names]
+        done = [_calibrate_one(out_dir, config, n, config.threads, progress) for n in names]
     seconds.update({f"calibrate {n}": s for n, s in done})
     seconds["wall"] = round(time.perf_counter() - started, 1)
     record["calibration_seconds"] = seconds
@@ -303,10 +312,13 @@ def rebuild_clip(out_dir: Path, config: BuildConfig | None = None, *, progress: 
         )  # fmt: skip
     del pool
     with _Timer("clip_aligner", seconds):
-        train_clip_aligner(out_dir, out_dir / "work", config, target=out_dir / "thinkdiff" / "clip")
-    _, record.setdefault("calibration_seconds", {})["calibrate clip"] = _calibrate_one(out_dir, config, "clip", 1)
+        train_clip_aligner(
+            out_dir, out_dir / "work", config, target=out_dir / "thinkdiff" / "clip", progress=progress
+        )
+    calibration = record.setdefault("calibration_seconds", {})
+    _, calibration["calibrate clip"] = _calibrate_one(out_dir, config, "clip", 1, progress)
     _write_json(out_dir / "build.json", record)
-    return build_clip_lever(out_dir, config)
+    return build_clip_lever(out_dir, config, progress=progress)
 
 
 def clip_lever_dir(out_dir: Path) -> Path:
@@ -314,18 +326,18 @@ def clip_lever_dir(out_dir: Path) -> Path:
     return Path(out_dir) / "thinkdiff" / "clip-empty-first"
 
 
-def train_clip_lever(out_dir: Path, config: BuildConfig) -> Path:
+def train_clip_lever(out_dir: Path, config: BuildConfig, *, progress: bool = True) -> Path:
     """The split lever's proxy aligner: :func:`~thinkdiff.miniworld.experiments.train_clip_aligner`
     with :data:`CLIP_EMPTY_FIRST`, on the same data, seed and budget as the default."""
     from thinkdiff.miniworld.experiments import train_clip_aligner
 
     return train_clip_aligner(
         out_dir, Path(out_dir) / "work", config, name="clip-empty-first", target=clip_lever_dir(out_dir),
-        clip_empty_first=CLIP_EMPTY_FIRST,
+        clip_empty_first=CLIP_EMPTY_FIRST, progress=progress,
     )  # fmt: skip
 
 
-def build_clip_lever(out_dir: Path, config: BuildConfig | None = None) -> dict[str, Any]:
+def build_clip_lever(out_dir: Path, config: BuildConfig | None = None, *, progress: bool = True) -> dict[str, Any]:
     """Train, in a built world, the split lever (:data:`CLIP_LEVER`) exactly as :func:`build` and
     :func:`build_calibration` do: its proxy aligner and its calibrated version. Nothing else is
     touched. Updates ``build.json`` (``clip_lever_aligner`` and ``calibrate clip, empty first``
@@ -336,8 +348,8 @@ def build_clip_lever(out_dir: Path, config: BuildConfig | None = None) -> dict[s
         config = BuildConfig(**record["config"])
     torch.set_num_threads(1)  # as the build's last stages run
     with _Timer("clip_lever_aligner", record["seconds"]):
-        train_clip_lever(out_dir, config)
-    name, seconds = _calibrate_one(out_dir, config, CLIP_LEVER, 1)
+        train_clip_lever(out_dir, config, progress=progress)
+    name, seconds = _calibrate_one(out_dir, config, CLIP_LEVER, 1, progress)
     record.setdefault("calibration_seconds", {})[f"calibrate {name}"] = seconds
     _write_json(out_dir / "build.json", record)
     return record

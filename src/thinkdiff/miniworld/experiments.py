@@ -165,7 +165,7 @@ def world_inference(world_root: Path) -> dict[str, Any]:
     return {name: getattr(settings, name) for name in WORLD_DECODING}
 
 
-def run_training(train_config, target: Path | None) -> Path:
+def run_training(train_config, target: Path | None, *, progress: bool = True) -> Path:
     """Run the project's trainer afresh; copy the exported model folder to ``target`` if given.
 
     The exported folder records :func:`world_inference` of the world whose VLM the run names (every
@@ -181,7 +181,7 @@ def run_training(train_config, target: Path | None) -> Path:
     run_dir = Path(train_config.output_dir)
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run every time: the build is deterministic from its seed
-    result = train(train_config, resume="never")
+    result = train(train_config, resume="never", progress=progress)
     if result.model_dir is None:
         raise RuntimeError(f"training in {run_dir} stopped before its last step")
     info = load_info(result.model_dir)
@@ -205,10 +205,13 @@ def train_lvlm_aligner(
     *,
     name: str,
     target: Path | None = None,
+    progress: bool = True,
     **overrides: Any,
 ) -> Path:
     """Train one ThinkDiff-LVLM aligner (``overrides``: ``split``, ``features``, ``aligner_norm`` ...)."""
-    return run_training(aligner_config(world_root, work, config, name, **overrides), target)
+    return run_training(
+        aligner_config(world_root, work, config, name, **overrides), target, progress=progress
+    )
 
 
 def train_clip_aligner(
@@ -218,6 +221,7 @@ def train_clip_aligner(
     *,
     target: Path | None = None,
     name: str = "clip",
+    progress: bool = True,
     **overrides: Any,
 ) -> Path:
     """Train the ThinkDiff-CLIP aligner on an image-caption folder of fresh renders (``overrides``:
@@ -242,7 +246,7 @@ def train_clip_aligner(
         save_every=steps,
         **overrides,
     )
-    return run_training(train_config, target)
+    return run_training(train_config, target, progress=progress)
 
 
 # ----------------------------------------------------------------------------------- calibration
@@ -341,6 +345,7 @@ def train_clip_calibrated(
     init: Path,
     target: Path | None = None,
     name: str = "clip",
+    progress: bool = True,
     **overrides: Any,
 ) -> Path:
     """Calibrate the ThinkDiff-CLIP aligner: FLUX on its aligned image tokens (+ T5 of the caption's
@@ -359,7 +364,9 @@ def train_clip_calibrated(
         "noise_source": config.clip_calib_noise,
     }
     values.update(overrides)
-    return run_training(calibration_config(world_root, work, config, name, init, **values), target)
+    return run_training(
+        calibration_config(world_root, work, config, name, init, **values), target, progress=progress
+    )
 
 
 # ----------------------------------------------------------------------------------- inference

@@ -288,6 +288,7 @@ class Trainer:
         resume: str | Path | None = "auto",
         stop_after: int | None = None,
         allow_change: tuple[str, ...] = (),
+        progress: bool = True,
     ) -> TrainResult:
         """Train to ``max_steps`` (or until ``stop_after`` steps, to simulate an interruption).
 
@@ -316,7 +317,7 @@ class Trainer:
                 # it is a whole run (an auto resume of it continues from here, not from step 0).
                 self.save()
             log = RunLog(self.output_dir, enabled=self.is_main, start_step=self.step)
-            losses = self._loop(log, stop_after)
+            losses = self._loop(log, stop_after, progress)
         except BaseException:
             if log is not None:
                 log.close()
@@ -332,10 +333,10 @@ class Trainer:
         log.close()
         return result
 
-    def _loop(self, log: RunLog, stop_after: int | None) -> list[float]:
+    def _loop(self, log: RunLog, stop_after: int | None, show_progress: bool) -> list[float]:
         """The optimiser steps from ``self.step`` to ``max_steps`` (or ``stop_after``); their losses."""
         config = self.config
-        progress = _progress(self.is_main, config.max_steps, self.step)
+        progress = _progress(self.is_main and show_progress, config.max_steps, self.step)
         losses: list[float] = []
         samples_per_step = config.global_batch_size
         window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
@@ -450,11 +451,13 @@ def train(
     resume: str | Path | None = "auto",
     stop_after: int | None = None,
     allow_change: tuple[str, ...] = (),
+    progress: bool = True,
 ) -> TrainResult:
-    """Build a :class:`Trainer` for ``config`` and run it; the process group is closed at the end."""
+    """Build a :class:`Trainer` for ``config`` and run it (``progress``: a step bar on the main
+    rank); the process group is closed at the end."""
     trainer = Trainer(config)
     try:
-        return trainer.fit(resume=resume, stop_after=stop_after, allow_change=allow_change)
+        return trainer.fit(resume=resume, stop_after=stop_after, allow_change=allow_change, progress=progress)
     finally:
         trainer.accelerator.end_training()
 

@@ -58,7 +58,7 @@ def run_ablation(ctx: SectionContext) -> dict[str, Any]:
             # The runs write into the report's work folder; the feature folders are only read.
             train_config = aligner_config(world.root, features, ctx.build_config, slug, **overrides)
             train_config.output_dir = str(work / "runs" / slug)
-            run_training(train_config, None)
+            run_training(train_config, None, progress=ctx.config.progress)
     curves = norm_curves(aligner_folders(world, work, retrain=ctx.config.retrain))
     plot_norm(curves, ctx.out_dir / "norm_ablation.png")
     return {"norm_ablation": curves}
