@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -396,6 +397,16 @@ def test_a_killed_report_resumes_with_the_same_numbers(quick_world, tmp_path):
         {"sections": ["clip"], "build_changed": False}
     ]
     _same_numbers(reference, again)
+
+    # A report folder copied without its work folder (as the committed one is): measuring a section
+    # again keeps the LVLM example figure, whose drawn images are gone, instead of redrawing it empty.
+    figure = (killed / "examples_lvlm.png").read_bytes()
+    shutil.rmtree(killed / "work")
+    subprocess.run(
+        _report_command(root, killed, "--threads", "1", "--redo", "clip"), check=True, env=env, capture_output=True
+    )
+    assert (killed / "examples_lvlm.png").read_bytes() == figure
+
     unknown = subprocess.run(
         _report_command(root, killed, "--redo", "nonsense"), env=env, capture_output=True, text=True
     )

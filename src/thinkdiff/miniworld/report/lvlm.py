@@ -8,6 +8,7 @@ and the judge reads every image.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from thinkdiff.miniworld.report.plots import plot_examples, plot_lvlm
 from thinkdiff.miniworld.stats import cell
 
 __all__ = ["METHODS", "finish_lvlm", "lvlm_markdown", "measure_lvlm", "run_lvlm", "run_lvlm_calibrated"]
+
+logger = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = (
     "ground-truth caption",
@@ -80,10 +83,17 @@ def finish_lvlm(report: dict[str, Any], out_dir: Path) -> None:
     config = report["config"]
     prompts = list(build_prompts(TASK_COLUMN_ORDER, config["shots"], range(config["num_prompts"])))
     picks = _example_picks(prompts)
+    figure = out_dir / "examples_lvlm.png"
+    parts = [part for part in ("proxy", "calibrated") if _examples_file(out_dir, part).is_file()]
+    if figure.is_file() and len(parts) < 2:
+        # A report folder copied without its work folder, then resumed to measure other sections
+        # again: the drawn images are gone, and a figure redrawn without them would lose its columns.
+        logger.info("keeping %s: the LVLM sections' example images are not in %s", figure, out_dir / "work")
+        return
     images: dict[str, np.ndarray] = {}
-    for part in ("proxy", "calibrated"):
+    for part in parts:
         images.update(_load_examples(out_dir, part))
-    plot_examples([prompts[i] for i in picks], images, out_dir / "examples_lvlm.png")
+    plot_examples([prompts[i] for i in picks], images, figure)
 
 
 def _example_picks(prompts) -> list[int]:
