@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     b = sub.add_parser(
         "build",
-        help="train every component (measured on an idle 2-core CPU: 1940 s; --quick: 22 s)",
+        help="train every component (1940 s on an idle 2-core CPU before the vision encoder's steps doubled; --quick: 22 s)",
     )
     b.add_argument("out_dir", type=Path, help="models folder to write")
     b.add_argument("--seed", type=int, default=0, help="seed of everything (scenes, inits, data order)")

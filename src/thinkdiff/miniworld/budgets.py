@@ -35,10 +35,12 @@ class BuildConfig:
     vlm_batch: int = 32
     vlm_pool: int = 24_000
     """Pool images the VLM trains on (the first ``vlm_pool`` of the pool)."""
-    vision_steps: int = 6000
-    """Steps of the mini EVA ViT. Its probe's shape reading grows with steps, not with batch: at
-    batch 64, 2000 steps read shape 0.315 and 6000 read 0.532 (3000 x 128: 0.330; 12000 x 32:
-    0.343); texture 0.62 -> 0.94."""
+    vision_steps: int = 12000
+    """Steps of the mini EVA ViT (its position embedding started at the sine-cosine table of
+    :func:`~thinkdiff.miniworld.components.vision.build_vision`). Its probe's shape reading grows
+    with steps: 0.533 at 3000, 0.827 at 6000, 0.928 at 9000 and 0.933 at 12000 steps of 64, with
+    texture 0.85 -> 0.96 (one run, probed on the way). From a random start, 6000 steps read shape
+    0.532, and more batch did not help (3000 x 128: 0.330; 12000 x 32: 0.343)."""
     vision_batch: int = 64
     lvlm_train: int = 3000
     """Images the VLM describes for ThinkDiff-LVLM's training features."""
@@ -86,8 +88,9 @@ class BuildConfig:
 
 
 def full_config(seed: int = 0) -> BuildConfig:
-    """The committed world (its ``build.json`` records each step's seconds: 1352 s for the components
-    and aligners and 588 s for the calibration, 1940 s in all, on an idle 2-core CPU)."""
+    """The committed world (its ``build.json`` records each step's seconds: its last full build took
+    1352 s for the components and aligners and 588 s for the calibration, 1940 s in all, on an idle
+    2-core CPU, with a 6000-step vision encoder; the encoder now trains 12000 steps)."""
     return BuildConfig(seed=seed)
 
 

