@@ -84,9 +84,9 @@ def build_vision() -> Blip2VisionModel:
 
     Why the sine-cosine start: a from-scratch ViT must first learn where its patches are before it
     can tell shapes apart, and a random start (std 0.02) leaves that to the data. Measured on the
-    build's recipe at 12000 steps (one run each, a linear probe on held-out renders), after 3000
-    steps: shape 0.343 from the random start, 0.533 from the sine-cosine one; the latter reads
-    0.827 at 6000 steps and 0.933 at 12000 (the random start's 6000-step tower: 0.532).
+    build's recipe (one run each, a linear probe on held-out renders), after 3000 steps: shape
+    0.343 from the random start, 0.533 from the sine-cosine one. How it grows from there is on
+    :attr:`~thinkdiff.miniworld.budgets.BuildConfig.vision_steps`.
     """
     config = Blip2VisionConfig(
         hidden_size=VISION_HIDDEN,
@@ -100,9 +100,9 @@ def build_vision() -> Blip2VisionModel:
         initializer_range=0.02,
     )
     model = Blip2VisionModel(config)
-    grid = VISION_IMAGE_SIZE // VISION_PATCH
+    grid = config.image_size // config.patch_size
     with torch.no_grad():  # after the random init, so the seed's other draws stay as they were
-        model.embeddings.position_embedding.copy_(sincos_position_embedding(grid, VISION_HIDDEN)[None])
+        model.embeddings.position_embedding.copy_(sincos_position_embedding(grid, config.hidden_size)[None])
     return model
 
 
